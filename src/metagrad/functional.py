@@ -1,0 +1,180 @@
+"""Convolution and linear layers whose backward pass runs on a quantized error.
+
+For ``y = f(x, W)`` the backward pass receives ``e = dL/dy``. It is quantized once, ``q = Q(e)``,
+and that one tensor feeds both products: ``dL/dx = f_x^T(q, W)`` and ``dL/dW = f_W^T(x, q)`` (and
+the bias gradient, the sum of ``q``). Forward quantization of weights and activations (QAT with a
+straight-through estimator) is a separate, optional setting of the same :class:`QuantConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metagrad.quant import QuantSpec, fake_quantize, fake_quantize_ste
+
+Backend = Literal["simulate", "int8"]
+BACKENDS: tuple[str, ...] = ("simulate", "int8")
+
+IntPair = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Every low-precision setting of a quantized layer.
+
+    Args:
+        grad: quantizer of the backward error ``dL/dy`` (32 bits: full-precision backward).
+        weight: forward quantizer of the weight, one scale per output channel by default.
+        activation: forward quantizer of the layer input.
+        backend: ``"simulate"`` (quantize, then compute in float) or ``"int8"`` (integer
+            products; see :mod:`metagrad.int8`).
+    """
+
+    grad: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="channel"))
+    activation: QuantSpec = field(default_factory=QuantSpec)
+    backend: Backend = "simulate"
+
+    def __post_init__(self) -> None:
+        for name in ("grad", "weight", "activation"):
+            if not isinstance(getattr(self, name), QuantSpec):
+                raise TypeError(f"QuantConfig.{name} must be a QuantSpec")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "int8" and not self.grad.enabled:
+            raise ValueError("backend 'int8' needs quantized gradients (grad bits 2..8)")
+
+    def __str__(self) -> str:
+        return (
+            f"grad={self.grad}, weight={self.weight}, activation={self.activation}, "
+            f"backend={self.backend}"
+        )
+
+
+def _pair(v: int | tuple[int, ...]) -> IntPair:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def resolve_padding(
+    padding: str | int | tuple[int, ...], kernel_size: IntPair, dilation: IntPair
+) -> IntPair:
+    """Numeric padding for ``"valid"``, ``"same"`` (odd receptive field) or an int/pair."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        span = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        if any(s % 2 for s in span):
+            raise ValueError(
+                "padding='same' needs a symmetric padding (odd kernel size with this dilation); "
+                f"got kernel_size={kernel_size}, dilation={dilation}"
+            )
+        return (span[0] // 2, span[1] // 2)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be 'valid', 'same' or integers, got {padding!r}")
+    return _pair(padding)
+
+
+def _quantized_error(e: Tensor, config: QuantConfig, channel_dim: int) -> Tensor:
+    return fake_quantize(e, config.grad, channel_dim)
+
+
+class _QuantConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config):  # noqa: PLR0913
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        ctx.config = config
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, e: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        config: QuantConfig = ctx.config
+        if config.backend == "int8":
+            from metagrad import int8
+
+            grad_x, grad_w, grad_b = int8.conv2d_backward(
+                e, x, weight, stride, padding, dilation, groups, config, (need_x, need_w, need_b)
+            )
+        else:
+            q = _quantized_error(e, config, channel_dim=1)
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                q,
+                x,
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                stride,
+                padding,
+                dilation,
+                False,
+                (0, 0),
+                groups,
+                (need_x, need_w, need_b and ctx.has_bias),
+            )
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, config):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.config = config
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, e: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        config: QuantConfig = ctx.config
+        if config.backend == "int8":
+            from metagrad import int8
+
+            grad_x, grad_w, grad_b = int8.linear_backward(
+                e, x, weight, config, (need_x, need_w, need_b and ctx.has_bias)
+            )
+            return grad_x, grad_w, grad_b, None
+        q = _quantized_error(e, config, channel_dim=-1)
+        q2d = q.reshape(-1, q.shape[-1])
+        grad_x = q.matmul(weight) if need_x else None
+        grad_w = q2d.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_b = q2d.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+def conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | IntPair = 1,
+    padding: str | int | IntPair = 0,
+    dilation: int | IntPair = 1,
+    groups: int = 1,
+    *,
+    config: QuantConfig,
+) -> Tensor:
+    """``F.conv2d`` with forward and backward quantization as ``config`` says."""
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = resolve_padding(padding, (weight.shape[2], weight.shape[3]), dilation)
+    weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
+    input = fake_quantize_ste(input, config.activation, channel_dim=1)
+    if not config.grad.enabled:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, config: QuantConfig):
+    """``F.linear`` with forward and backward quantization as ``config`` says."""
+    weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
+    input = fake_quantize_ste(input, config.activation, channel_dim=-1)
+    if not config.grad.enabled:
+        return F.linear(input, weight, bias)
+    return _QuantLinearFn.apply(input, weight, bias, config)

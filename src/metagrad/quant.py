@@ -1,0 +1,149 @@
+"""Symmetric uniform quantizers with k bits, as used for gradients and (optionally) the forward pass.
+
+A tensor is split into groups (the whole tensor, one per channel, or one per sample); each group
+gets the scale ``absmax / qmax`` with ``qmax = 2**(bits-1) - 1``, so its codes are integers in
+``[-qmax, qmax]``. Rounding is to nearest or stochastic (``floor(x/scale + u)``, ``u ~ U[0, 1)``,
+which is unbiased: ``E[Q(x)] = x``).
+
+Special values, by design:
+- an all-zero group quantizes to zeros (its scale is taken as 1, never 0);
+- a group holding NaN or +/-inf comes out entirely NaN, so that divergence stays visible to
+  whatever checks for it downstream (e.g. ``torch.amp.GradScaler`` skips such steps) instead of
+  being silently rounded away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Rounding = Literal["nearest", "stochastic"]
+Granularity = Literal["tensor", "channel", "sample"]
+
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
+FULL_PRECISION_BITS = 32
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one kind of tensor.
+
+    Args:
+        bits: 2 to 8, or 32 meaning "leave in full precision".
+        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased).
+        granularity: one scale for the whole ``"tensor"``, one per ``"channel"`` (the axis is
+            given when quantizing: dim 1 for a convolution's error, the last dim for a linear
+            layer's) or one per ``"sample"`` (dim 0).
+    """
+
+    bits: int = FULL_PRECISION_BITS
+    rounding: Rounding = "nearest"
+    granularity: Granularity = "tensor"
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise ValueError(f"bits must be an integer, got {bits!r}")
+        if bits != FULL_PRECISION_BITS and not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(
+                f"bits must be {MIN_BITS}..{MAX_BITS}, or {FULL_PRECISION_BITS} for full "
+                f"precision; got {bits}"
+            )
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this spec quantizes at all (``bits < 32``)."""
+        return self.bits != FULL_PRECISION_BITS
+
+    @property
+    def qmax(self) -> int:
+        """Largest code magnitude: codes lie in ``[-qmax, qmax]``."""
+        return 2 ** (self.bits - 1) - 1
+
+    def __str__(self) -> str:
+        if not self.enabled:
+            return "fp32"
+        return f"int{self.bits}-{self.rounding}-{self.granularity}"
+
+
+def _reduce_dims(x: Tensor, granularity: str, channel_dim: int) -> tuple[int, ...]:
+    """The dims reduced over when computing one scale per group."""
+    if granularity == "tensor" or x.dim() == 0:
+        return tuple(range(x.dim()))
+    keep = 0 if granularity == "sample" else channel_dim % x.dim()
+    return tuple(d for d in range(x.dim()) if d != keep)
+
+
+def absmax(x: Tensor, granularity: str = "tensor", channel_dim: int = 1) -> Tensor:
+    """Largest magnitude per group, shaped to broadcast against ``x`` (NaN if a group has one)."""
+    dims = _reduce_dims(x, granularity, channel_dim)
+    if len(dims) == x.dim():
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(-lo, hi).reshape([1] * x.dim())
+    if not dims:
+        return x.abs()
+    return x.abs().amax(dim=dims, keepdim=True)
+
+
+def quantize_codes(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to integer codes (held in ``x``'s float dtype) and their scale.
+
+    Returns ``(codes, scale)`` with ``codes * scale`` the quantized value; ``scale`` broadcasts
+    against ``x`` (size 1 along reduced dims). ``spec`` must be enabled.
+    """
+    if not spec.enabled:
+        raise ValueError("quantize_codes needs a spec with bits < 32")
+    qmax = spec.qmax
+    amax = absmax(x, spec.granularity, channel_dim)
+    scale = amax / qmax
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    codes = x / scale
+    if spec.rounding == "stochastic":
+        noise = torch.rand(codes.shape, generator=generator, dtype=codes.dtype, device=codes.device)
+        codes.add_(noise).floor_()
+    else:
+        codes.round_()
+    codes.clamp_(-qmax, qmax)
+    return codes, scale
+
+
+def fake_quantize(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Quantize and dequantize ``x`` (same shape and dtype); the identity when ``spec`` is off."""
+    if not spec.enabled:
+        return x
+    codes, scale = quantize_codes(x, spec, channel_dim, generator=generator)
+    return codes.mul_(scale)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Forward quantization with a straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: QuantSpec, channel_dim: int) -> Tensor:
+        return fake_quantize(x, spec, channel_dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+def fake_quantize_ste(x: Tensor, spec: QuantSpec, channel_dim: int = 1) -> Tensor:
+    """``fake_quantize`` in the forward pass, identity in the backward pass (QAT)."""
+    if not spec.enabled:
+        return x
+    return _FakeQuantizeSTE.apply(x, spec, channel_dim)
