@@ -51,7 +51,7 @@ def test_conv_at_32_bits_is_bit_identical_to_pytorch(case, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     e = torch.randn_like(ref(x))
     assert torch.equal(ref(x), q(x))
-    for a, b in zip(_grads(ref, x, e), _grads(q, x, e)):
+    for a, b in zip(_grads(ref, x, e), _grads(q, x, e), strict=True):
         assert torch.equal(a, b)
 
 
@@ -63,13 +63,13 @@ def test_linear_at_32_bits_is_bit_identical_to_pytorch(shape):
     q.load_state_dict(ref.state_dict())
     x = torch.randn(shape)
     e = torch.randn(*shape[:-1], 6)
-    for a, b in zip(_grads(ref, x, e), _grads(q, x, e)):
+    for a, b in zip(_grads(ref, x, e), _grads(q, x, e), strict=True):
         assert torch.equal(a, b)
 
 
 def _reference_conv_grads(case, ref, x, q_error):
     """dL/dx, dL/dW, dL/db in float64 for a given (already quantized) error."""
-    cin, cout, k, stride, padding, dilation, groups, _ = case
+    stride, padding, dilation, groups = case[3:7]
     x64 = x.double().requires_grad_()
     w64 = ref.weight.detach().double().requires_grad_()
     b64 = ref.bias.detach().double().requires_grad_()
@@ -92,7 +92,7 @@ def test_conv_backward_uses_one_quantized_error_for_every_product(case, granular
     q_error = fake_quantize(e, config.grad, channel_dim=1)
     assert not torch.equal(q_error, e)
     expected = _reference_conv_grads(case, ref, x, q_error)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     # The full-precision gradient is measurably different: quantization really happened.
     fp = _reference_conv_grads(case, ref, x, e)
@@ -116,7 +116,7 @@ def test_linear_backward_matches_float64_reference(granularity, rounding, shape)
     w64 = layer.weight.detach().double().requires_grad_()
     b64 = layer.bias.detach().double().requires_grad_()
     expected = torch.autograd.grad(F.linear(x64, w64, b64), (x64, w64, b64), q_error)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
@@ -130,7 +130,9 @@ def test_forward_is_unchanged_when_only_gradients_are_quantized():
 def test_forward_quantization_uses_straight_through_gradients():
     torch.manual_seed(0)
     fwd = QuantSpec(4)
-    config = QuantConfig(grad=QuantSpec(), weight=QuantSpec(4, granularity="channel"), activation=fwd)
+    config = QuantConfig(
+        grad=QuantSpec(), weight=QuantSpec(4, granularity="channel"), activation=fwd
+    )
     layer = QuantConv2d(3, 5, 3, padding=1, config=config)
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     y = layer(x)
@@ -179,7 +181,7 @@ def test_quantize_in_place_keeps_parameters_so_existing_optimizers_work():
     assert isinstance(model[0], QuantConv2d)
     assert isinstance(model[3][0], QuantConv2d)
     assert isinstance(model[6], QuantLinear)
-    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
     before = model[0].weight.detach().clone()
     F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()

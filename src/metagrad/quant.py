@@ -1,4 +1,4 @@
-"""Symmetric uniform quantizers with k bits, as used for gradients and (optionally) the forward pass.
+"""Symmetric uniform k-bit quantizers, for gradients and (optionally) the forward pass.
 
 A tensor is split into groups (the whole tensor, one per channel, or one per sample); each group
 gets the scale ``absmax / qmax`` with ``qmax = 2**(bits-1) - 1``, so its codes are integers in

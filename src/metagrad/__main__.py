@@ -1,0 +1,5 @@
+import sys
+
+from metagrad.cli import main
+
+sys.exit(main())

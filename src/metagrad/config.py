@@ -1,0 +1,202 @@
+"""The training run's settings: one dataclass, validated once, loadable from YAML/TOML and flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metagrad.functional import BACKENDS, QuantConfig
+from metagrad.models import list_models
+from metagrad.quant import GRANULARITIES, ROUNDINGS, QuantSpec
+
+METHODS = ("plain", "metagrad")
+OPTIMIZERS = ("sgd", "adam")
+HYPERNETS = ("grad", "grad+weight", "lstm")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (each field is also a command-line flag)."""
+
+    model: str = "vgg16"
+    width: float = 1.0
+    data: str | None = None
+    download: bool = False
+    epochs: int = 4
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    grad_bits: int = 32
+    grad_rounding: str = "nearest"
+    grad_granularity: str = "tensor"
+    weight_bits: int = 32
+    act_bits: int = 32
+    backend: str = "simulate"
+    fp_first_last: bool = False
+    method: str = "plain"
+    hyper: str = "grad+weight"
+    hyper_hidden: int = 32
+    hyper_lr: float = 1e-3
+    diag_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    max_steps: int = 0
+    out: str = "runs/default"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _require(self.width > 0 and math.isfinite(self.width), "width must be a positive number")
+        for name in ("epochs", "batch_size", "hyper_hidden"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        for name in ("threads", "max_steps", "diag_every", "warmup_epochs", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number")
+        _require(self.hyper_lr >= 0, "hyper_lr must be >= 0")
+        _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        _choice("model", self.model, tuple(list_models()))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("method", self.method, METHODS)
+        _choice("hyper", self.hyper, HYPERNETS)
+        _choice("device", self.device, DEVICES)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
+        _choice("grad_granularity", self.grad_granularity, GRANULARITIES)
+        try:
+            self.quant_config()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.method == "metagrad" and self.grad_bits == 32:
+            raise ConfigError("method 'metagrad' corrects quantized gradients: set grad_bits 2..8")
+
+    def quant_config(self) -> QuantConfig:
+        """The layers' quantization settings."""
+        return QuantConfig(
+            grad=QuantSpec(self.grad_bits, self.grad_rounding, self.grad_granularity),
+            weight=QuantSpec(self.weight_bits, "nearest", "channel"),
+            activation=QuantSpec(self.act_bits, "nearest", "tensor"),
+            backend=self.backend,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_KEYS = frozenset({"epochs", "max_steps", "resume", "progress", "out", "threads", "data"})
+
+HELP = {
+    "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn)",
+    "width": "width multiplier of the model's channels",
+    "data": "CIFAR-10 (python release .tar.gz or folder, image-folder dir or .zip) or 'digits'",
+    "download": "download the CIFAR-10 python release into --data if it is not there",
+    "warmup_epochs": "linear learning-rate warm-up, then cosine decay to zero",
+    "grad_bits": "bits of the backward error (2..8, or 32 for full precision)",
+    "weight_bits": "forward (QAT) bits of weights, 32 = off",
+    "act_bits": "forward (QAT) bits of activations, 32 = off",
+    "backend": "simulate (float products) or int8 (integer products)",
+    "fp_first_last": "keep the first conv and the classifier unquantized",
+    "method": "plain quantized gradients or MetaGrad's hypernetwork correction",
+    "hyper": "hypernetwork kind (MetaGrad)",
+    "hyper_hidden": "hypernetwork hidden width (MetaGrad)",
+    "hyper_lr": "hypernetwork learning rate, Adam (MetaGrad)",
+    "diag_every": "every N steps, compare used and full-precision gradients (gradients.jsonl)",
+    "threads": "torch CPU threads (0: torch's default)",
+    "max_steps": "stop after this many steps in total (0: no limit)",
+    "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
+    "resume": "continue from the run directory's checkpoint",
+    "progress": "show a progress bar",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are suppressed so that only given flags override a file."""
+    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": HELP.get(f.name, "")}
+        default = f.default
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(default) if default is not None else str
+            kwargs["metavar"] = f.name.upper()
+        if kwargs["help"] is not None:
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML or TOML file (keys with - or _), checked against the known fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def build_config(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then ``base`` (a config file), then ``overrides`` (flags); types are checked."""
+    values = {**(base or {}), **overrides}
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    for name, value in values.items():
+        values[name] = _coerce(name, value, known[name].default)
+    return TrainConfig(**values)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if default is None or value is None:
+        return value if value is None else str(value)
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,345 @@
+"""The training loop behind ``metagrad train``: metrics, summary, atomic checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from metagrad.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_jsonl,
+)
+from metagrad.config import RESUMABLE_KEYS, ConfigError, TrainConfig
+from metagrad.data import BatchLoader, ImageDataset, download_cifar10, load_cifar10, normalize
+from metagrad.data import load_digits_dataset as _load_digits
+from metagrad.layers import quantize_, quantized_layers
+from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+EVAL_BATCH = 1000
+CROP_PADDING = 4
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_dataset(cfg: TrainConfig) -> ImageDataset:
+    """``digits`` (built in) or CIFAR-10 from ``cfg.data``, downloading it if asked to."""
+    if cfg.data is None:
+        raise ConfigError("no dataset: pass --data PATH (CIFAR-10) or --data digits (built in)")
+    if cfg.data == "digits":
+        return _load_digits(seed=cfg.seed)
+    path = Path(cfg.data)
+    if cfg.download and not path.exists():
+        path = download_cifar10(path)
+    return load_cifar10(path)
+
+
+def build_model(cfg: TrainConfig, dataset: ImageDataset, device: torch.device) -> nn.Module:
+    """The registry's model, quantized as ``cfg`` says, checked against the data's image size."""
+    channels, height, width = dataset.train_images.shape[1:]
+    model = create_model(
+        cfg.model, num_classes=len(dataset.classes), width=cfg.width, in_channels=channels
+    )
+    skip = {FIRST_CONV_NAME, CLASSIFIER_NAME} if cfg.fp_first_last else set()
+    quantize_(model, cfg.quant_config(), filter_fn=lambda m, name: name not in skip)
+    model = model.to(device, memory_format=torch.channels_last)
+    probe = torch.zeros(2, channels, height, width, device=device)
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"model {cfg.model!r} does not accept {channels}x{height}x{width} images "
+            f"(from {cfg.data}): {str(err).splitlines()[0]}"
+        ) from None
+    return model.train()
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.method == "metagrad":
+        from metagrad.hyper import create_hypernet
+        from metagrad.optim import MetaGrad
+
+        return MetaGrad(
+            model,
+            lr=cfg.lr,
+            base=cfg.optimizer,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden),
+            hyper_lr=cfg.hyper_lr,
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, mean, std) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) over a whole split."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(images), EVAL_BATCH):
+        x = normalize(images[i : i + EVAL_BATCH].to(device), mean, std)
+        y = labels[i : i + EVAL_BATCH].to(device)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+    model.train(was_training)
+    return loss_sum / len(images), 100.0 * correct / len(images)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far: CUDA's allocator peak, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+class Trainer:
+    """One training run in ``cfg.out``; ``fit()`` runs it (or resumes it) to the end."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self._check_out_dir()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.data = load_dataset(cfg)
+        self.model = build_model(cfg, self.data, self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.loader = BatchLoader(
+            self.data.train_images,
+            self.data.train_labels,
+            cfg.batch_size,
+            mean=self.data.mean,
+            std=self.data.std,
+            shuffle=True,
+            augment=self.data.train_images.shape[-1] >= 4 * CROP_PADDING,
+            seed=cfg.seed,
+        )
+        steps_per_epoch = len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            warmup_cosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)),
+        )
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.step_seconds: list[float] = []
+        self.partial_record: dict[str, Any] | None = None
+        if cfg.resume:
+            self._resume()
+
+    def _check_out_dir(self) -> None:
+        has_run = (self.out / CHECKPOINT).exists()
+        if has_run and not self.cfg.resume:
+            raise ConfigError(
+                f"{self.out} already holds a run; pass --resume to continue it, or another --out"
+            )
+        if not has_run and self.cfg.resume:
+            raise CheckpointError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "history": self.history,
+            "partial": self.partial,
+            "step_seconds": self.step_seconds,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.out / CHECKPOINT)
+        saved, now = state["config"], self.cfg.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise CheckpointError(f"cannot resume {self.out}: settings differ ({diffs})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        pos = state["position"]
+        self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
+        self.history = list(state["history"])
+        self.partial = dict(state["partial"])
+        self.step_seconds = list(state["step_seconds"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def _save(self, partial_record: dict[str, Any] | None = None) -> None:
+        save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
+        records = self.history + ([partial_record] if partial_record else [])
+        write_jsonl(records, self.out / METRICS)
+
+    # -- training ------------------------------------------------------------------------------
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
+        """One optimizer step; returns the batch's loss and number of correct predictions."""
+        outputs: list[Tensor] = []
+
+        def closure() -> Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            outputs.append(out.detach())
+            return loss
+
+        loss = self.optimizer.step(closure)
+        self.scheduler.step()
+        correct = int((outputs[-1].argmax(1) == y).sum())
+        return float(loss.detach()), correct
+
+    def _epoch_record(self, seconds: float, complete: bool) -> dict[str, Any]:
+        test_loss, test_acc = evaluate(
+            self.model, self.data.test_images, self.data.test_labels, self.data.mean, self.data.std
+        )
+        seen = max(1, self.partial["seen"])
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": self.partial["loss_sum"] / seen,
+            "train_acc": 100.0 * self.partial["correct"] / seen,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "seconds": seconds,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if not complete:
+            record["partial"] = True
+        return record
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns the summary it writes."""
+        cfg = self.cfg
+        stopped_early = False
+        while self.epoch < cfg.epochs and not stopped_early:
+            stopped_early = self._run_epoch()
+        summary = self._summary(stopped_early)
+        write_json(summary, self.out / SUMMARY)
+        return summary
+
+    def _run_epoch(self) -> bool:
+        """Train the rest of the current epoch; True if ``max_steps`` stopped it early."""
+        cfg = self.cfg
+        bar = tqdm(
+            total=len(self.loader),
+            initial=self.batch,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        started = time.perf_counter() - self.partial["seconds"]
+        for x, y in self.loader.epoch(self.epoch, start=self.batch):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            t0 = time.perf_counter()
+            loss, correct = self.train_step(x, y)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.step_seconds.append(time.perf_counter() - t0)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {self.step}; stopping")
+            self.batch += 1
+            self.step += 1
+            self.partial["loss_sum"] += loss * len(y)
+            self.partial["correct"] += correct
+            self.partial["seen"] += len(y)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+            if cfg.max_steps and self.step >= cfg.max_steps and self.batch < len(self.loader):
+                self.partial["seconds"] = time.perf_counter() - started
+                bar.close()
+                self.partial_record = self._epoch_record(self.partial["seconds"], complete=False)
+                self._save(self.partial_record)
+                return True
+        bar.close()
+        record = self._epoch_record(time.perf_counter() - started, complete=True)
+        self.history.append(record)
+        tqdm.write(
+            f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.2f}% | test acc {record['test_acc']:.2f}% "
+            f"| {record['seconds']:.1f}s"
+        )
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self._save()
+        return bool(cfg.max_steps and self.step >= cfg.max_steps)
+
+    def _summary(self, stopped_early: bool) -> dict[str, Any]:
+        records = self.history + ([self.partial_record] if self.partial_record else [])
+        accs = [r["test_acc"] for r in records]
+        final = accs[-1] if accs else None
+        steps = self.step_seconds[1:] or self.step_seconds
+        memory, memory_kind = peak_memory_mb(self.device)
+        return {
+            "config": self.cfg.to_dict(),
+            "quantization": str(self.cfg.quant_config()),
+            "quantized_layers": len(quantized_layers(self.model)),
+            "epochs_completed": len(self.history),
+            "steps": self.step,
+            "stopped_early": stopped_early,
+            "final_test_acc": final,
+            "final_train_loss": records[-1]["train_loss"] if records else None,
+            "best_test_acc": max(accs) if accs else None,
+            "mean_step_seconds": sum(steps) / len(steps) if steps else None,
+            "peak_memory_mb": memory,
+            "peak_memory_kind": memory_kind,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) the training run that ``cfg`` describes; returns its summary."""
+    return Trainer(cfg).fit()

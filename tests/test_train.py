@@ -1,0 +1,164 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad.checkpoint import CheckpointError, load_checkpoint
+from metagrad.cli import main
+from metagrad.config import ConfigError, build_config, read_config_file
+from metagrad.train import train
+
+SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
+DIGITS = {"model": "small_cnn", "data": "digits", "batch_size": 64, "progress": False}
+
+
+def _cfg(out: Path, **overrides):
+    return build_config({**DIGITS, "out": str(out), **overrides})
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_flags_override_a_yaml_or_toml_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: resnet20\ngrad-bits: 4\nlr: 1\n")
+    (tmp_path / "c.toml").write_text('model = "resnet20"\ngrad_bits = 4\n')
+    for name in ("c.yaml", "c.toml"):
+        cfg = build_config({"grad_bits": 8}, read_config_file(tmp_path / name))
+        assert (cfg.model, cfg.grad_bits) == ("resnet20", 8)
+    assert build_config({}, read_config_file(tmp_path / "c.yaml")).lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"grad_bits": 33}, "bits must be 2..8"),
+        ({"grad_rounding": "up"}, "rounding must be one of"),
+        ({"grad_granularity": "row"}, "grad_granularity must be one of"),
+        ({"model": "vgg99"}, "model must be one of"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"lr": "fast"}, "lr must be a float"),
+        ({"learning_rate": 0.1}, "unknown setting"),
+        ({"method": "metagrad"}, "set grad_bits 2..8"),
+    ],
+)
+def test_bad_settings_are_rejected_by_name(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
+
+
+def test_a_broken_config_file_names_itself(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = [")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        read_config_file(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        read_config_file(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    code = main(["train", "--data", "digits", "--grad-bits", "0", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("metagrad: error: bits must be 2..8")
+    assert len(err.strip().splitlines()) == 1
+    code = main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(out, epochs=2, grad_bits=4, grad_rounding="stochastic"))
+    history = _records(out / "metrics.jsonl")
+    assert [r["epoch"] for r in history] == [1, 2]
+    for key in ("train_loss", "train_acc", "test_acc", "seconds", "lr"):
+        assert all(key in r for r in history)
+    written = json.loads((out / "summary.json").read_text())
+    assert written == summary
+    assert summary["config"]["grad_bits"] == 4
+    assert summary["quantized_layers"] == 4
+    assert summary["final_test_acc"] == history[-1]["test_acc"]
+    assert summary["best_test_acc"] >= summary["final_test_acc"]
+    assert summary["mean_step_seconds"] > 0 and summary["peak_memory_mb"] > 0
+    assert load_checkpoint(out / "checkpoint.pt")["position"]["epoch"] == 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_training_learns_the_digits(tmp_path):
+    summary = train(_cfg(tmp_path / "run", epochs=3, lr=0.05, batch_size=32))
+    assert summary["final_test_acc"] > 80
+
+
+def test_resume_after_max_steps_reproduces_an_uninterrupted_run(tmp_path):
+    settings = {"epochs": 2, "grad_bits": 4, "grad_rounding": "stochastic"}
+    straight_summary = train(_cfg(tmp_path / "straight", **settings))
+    first = train(_cfg(tmp_path / "split", max_steps=30, **settings))  # stops inside epoch 2
+    assert first["stopped_early"] and first["steps"] == 30
+    partial = _records(tmp_path / "split" / "metrics.jsonl")
+    assert partial[-1]["partial"] is True
+    resumed = train(_cfg(tmp_path / "split", resume=True, **settings))
+    assert resumed["steps"] == straight_summary["steps"] > 30
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    drop = {"seconds"}
+    straight = [{k: v for k, v in r.items() if k not in drop} for r in a["history"]]
+    split = [{k: v for k, v in r.items() if k not in drop} for r in b["history"]]
+    assert straight == split
+
+
+def test_existing_runs_are_never_overwritten_and_resume_checks_settings(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, epochs=1, max_steps=3))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(out, epochs=1))
+    with pytest.raises(CheckpointError, match=r"settings differ.*lr"):
+        train(_cfg(out, epochs=1, lr=0.5, resume=True))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(_cfg(tmp_path / "empty", resume=True))
+
+
+def test_cli_train_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+    assert main([*args, "--grad-bits", "8", "--no-progress"]) == 0
+    assert "final test acc" in capsys.readouterr().out
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(out), "-o", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+
+def test_demo_runs_every_setting_side_by_side(tmp_path, capsys):
+    from metagrad.demo import DEMO_RUNS, run_demo
+
+    results = run_demo(out=str(tmp_path / "demo"), epochs=1, seeds=1)
+    assert [r["run"] for r in results] == [label for label, _ in DEMO_RUNS]
+    assert (tmp_path / "demo" / "demo.json").is_file()
+    assert (tmp_path / "demo" / "demo.png").is_file()
+    assert "vs fp32" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_command_on_the_shared_cifar10_zip(tmp_path, monkeypatch):
+    if not SHARED_ZIP.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs the shared CIFAR-10 zip at {SHARED_ZIP}")
+        pytest.skip(f"shared CIFAR-10 zip not found at {SHARED_ZIP}")
+    monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cifar"
+    # The command contract, shortened to 20 steps.
+    args = ["train", "--model", "vgg16", "--width", "0.25", "--data", str(SHARED_ZIP)]
+    args += ["--grad-bits", "4", "--grad-rounding", "stochastic", "--grad-granularity", "tensor"]
+    args += ["--epochs", "4", "--batch-size", "128", "--lr", "0.1", "--seed", "0"]
+    args += ["--out", str(out), "--no-progress"]
+    assert main([*args, "--max-steps", "20"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["stopped_early"]
+    assert (out / "metrics.jsonl").is_file() and (out / "checkpoint.pt").is_file()
+    assert main([*args, "--max-steps", "25", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 25
