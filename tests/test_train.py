@@ -162,3 +162,34 @@ def test_train_command_on_the_shared_cifar10_zip(tmp_path, monkeypatch):
     assert (out / "metrics.jsonl").is_file() and (out / "checkpoint.pt").is_file()
     assert main([*args, "--max-steps", "25", "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 25
+
+
+def test_metagrad_runs_from_the_command_line_and_records_its_settings(tmp_path):
+    out = tmp_path / "mg"
+    args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+    args += ["--grad-bits", "3", "--method", "metagrad", "--hyper", "grad+weight"]
+    args += ["--hyper-hidden", "4", "--hyper-lr", "1e-3", "--diag-every", "5", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hypernet"]["kind"] == "grad+weight" and summary["hypernet"]["hidden"] == 4
+    assert 0 < summary["hyper_share_of_step_time"] < 1
+    records = _records(out / "gradients.jsonl")
+    assert [r["step"] for r in records] == [5, 10]
+    layer = next(iter(records[-1]["layers"].values()))
+    assert set(layer) == {"quantized", "used"}
+    assert records[-1]["layers"] != {}
+
+
+def test_gradient_diagnostics_measure_quantization_without_changing_the_run(tmp_path):
+    settings = {"epochs": 1, "grad_bits": 4, "grad_rounding": "stochastic", "max_steps": 12}
+    train(_cfg(tmp_path / "plain", **settings))
+    train(_cfg(tmp_path / "diag", diag_every=4, **settings))
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "diag" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = _records(tmp_path / "diag" / "gradients.jsonl")
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r in records:
+        assert r["mean_used"] == r["mean_quantized"]  # plain training uses the quantized gradient
+        assert 0.5 < r["mean_quantized"]["cosine"] < 1.0
+        assert 0 < r["mean_quantized"]["rel_error"] < 1.0

@@ -51,7 +51,7 @@ class TrainConfig:
     fp_first_last: bool = False
     method: str = "plain"
     hyper: str = "grad+weight"
-    hyper_hidden: int = 32
+    hyper_hidden: int = 8
     hyper_lr: float = 1e-3
     diag_every: int = 0
     seed: int = 0

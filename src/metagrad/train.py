@@ -25,11 +25,13 @@ from metagrad.checkpoint import (
 from metagrad.config import RESUMABLE_KEYS, ConfigError, TrainConfig
 from metagrad.data import BatchLoader, ImageDataset, download_cifar10, load_cifar10, normalize
 from metagrad.data import load_digits_dataset as _load_digits
+from metagrad.diagnostics import gradient_report
 from metagrad.layers import quantize_, quantized_layers
 from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+GRADIENTS = "gradients.jsonl"
 SUMMARY = "summary.json"
 EVAL_BATCH = 1000
 CROP_PADDING = 4
@@ -171,6 +173,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self.step_seconds: list[float] = []
+        self.hyper_seconds = 0.0
+        self.gradient_records: list[dict[str, Any]] = []
         self.partial_record: dict[str, Any] | None = None
         if cfg.resume:
             self._resume()
@@ -195,6 +199,8 @@ class Trainer:
             "history": self.history,
             "partial": self.partial,
             "step_seconds": self.step_seconds,
+            "hyper_seconds": self.hyper_seconds,
+            "gradient_records": self.gradient_records,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -213,12 +219,16 @@ class Trainer:
         self.history = list(state["history"])
         self.partial = dict(state["partial"])
         self.step_seconds = list(state["step_seconds"])
+        self.hyper_seconds = state["hyper_seconds"]
+        self.gradient_records = list(state["gradient_records"])
         torch.set_rng_state(state["torch_rng"])
 
     def _save(self, partial_record: dict[str, Any] | None = None) -> None:
         save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
         records = self.history + ([partial_record] if partial_record else [])
         write_jsonl(records, self.out / METRICS)
+        if self.gradient_records:
+            write_jsonl(self.gradient_records, self.out / GRADIENTS)
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
@@ -233,7 +243,9 @@ class Trainer:
             outputs.append(out.detach())
             return loss
 
+        hyper_before = getattr(self.optimizer, "hyper_time", 0.0)
         loss = self.optimizer.step(closure)
+        self.hyper_seconds += getattr(self.optimizer, "hyper_time", 0.0) - hyper_before
         self.scheduler.step()
         correct = int((outputs[-1].argmax(1) == y).sum())
         return float(loss.detach()), correct
@@ -290,6 +302,9 @@ class Trainer:
                 raise FloatingPointError(f"loss became {loss} at step {self.step}; stopping")
             self.batch += 1
             self.step += 1
+            if cfg.diag_every and self.step % cfg.diag_every == 0:
+                report = gradient_report(self.model, x, y, self.optimizer)
+                self.gradient_records.append({"step": self.step, **report})
             self.partial["loss_sum"] += loss * len(y)
             self.partial["correct"] += correct
             self.partial["seen"] += len(y)
@@ -314,6 +329,17 @@ class Trainer:
         self._save()
         return bool(cfg.max_steps and self.step >= cfg.max_steps)
 
+    def _hypernet_summary(self) -> dict[str, Any] | None:
+        hypernet = getattr(self.optimizer, "hypernet", None)
+        if hypernet is None:
+            return None
+        return {
+            "kind": self.cfg.hyper,
+            "hidden": self.cfg.hyper_hidden,
+            "lr": self.cfg.hyper_lr,
+            "parameters": sum(p.numel() for p in hypernet.parameters()),
+        }
+
     def _summary(self, stopped_early: bool) -> dict[str, Any]:
         records = self.history + ([self.partial_record] if self.partial_record else [])
         accs = [r["test_acc"] for r in records]
@@ -323,6 +349,7 @@ class Trainer:
         return {
             "config": self.cfg.to_dict(),
             "quantization": str(self.cfg.quant_config()),
+            "hypernet": self._hypernet_summary(),
             "quantized_layers": len(quantized_layers(self.model)),
             "epochs_completed": len(self.history),
             "steps": self.step,
@@ -331,6 +358,11 @@ class Trainer:
             "final_train_loss": records[-1]["train_loss"] if records else None,
             "best_test_acc": max(accs) if accs else None,
             "mean_step_seconds": sum(steps) / len(steps) if steps else None,
+            "hyper_share_of_step_time": (
+                self.hyper_seconds / sum(self.step_seconds) if self.step_seconds else None
+            )
+            if self.cfg.method == "metagrad"
+            else None,
             "peak_memory_mb": memory,
             "peak_memory_kind": memory_kind,
             "device": str(self.device),

@@ -1,0 +1,136 @@
+"""Plain quantized-gradient baselines on CIFAR-10: vgg16 at width 0.25, 4 epochs, seed 0.
+
+    python benchmarks/quantized_baselines.py --data ../shared/data/cifar10-jpeg.zip
+
+Trains full-precision gradients, INT8 nearest, INT4 nearest, INT4 stochastic (per tensor) and
+INT4 stochastic per sample, each in its own process (so peak memory is per run), and writes one
+record per run to ``benchmarks/results/quantized-baselines.json``. It then times the training
+steps of every setting side by side, interleaved on the same batches, and reports each quantized
+step's cost relative to the full-precision one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steptime import time_steps
+
+from metagrad.data import load_cifar10
+
+RUNS: dict[str, dict[str, Any]] = {
+    "fp32": {"grad_bits": 32},
+    "int8-nearest-tensor": {"grad_bits": 8, "grad_rounding": "nearest"},
+    "int4-nearest-tensor": {"grad_bits": 4, "grad_rounding": "nearest"},
+    "int4-stochastic-tensor": {"grad_bits": 4, "grad_rounding": "stochastic"},
+    "int4-stochastic-sample": {
+        "grad_bits": 4,
+        "grad_rounding": "stochastic",
+        "grad_granularity": "sample",
+    },
+}
+BASE: dict[str, Any] = {
+    "model": "vgg16",
+    "width": 0.25,
+    "epochs": 4,
+    "batch_size": 128,
+    "lr": 0.1,
+    "seed": 0,
+}
+
+
+def flags(settings: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in settings.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg = summary["config"]
+    return {
+        "run": name,
+        "method": cfg["method"] if cfg["grad_bits"] < 32 else "full-precision",
+        "bits": cfg["grad_bits"],
+        "rounding": cfg["grad_rounding"] if cfg["grad_bits"] < 32 else None,
+        "granularity": cfg["grad_granularity"] if cfg["grad_bits"] < 32 else None,
+        "seed": cfg["seed"],
+        "epochs": summary["epochs_completed"],
+        "final_test_acc": summary["final_test_acc"],
+        "best_test_acc": summary["best_test_acc"],
+        "mean_step_seconds": summary["mean_step_seconds"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "peak_memory_kind": summary["peak_memory_kind"],
+        "test_acc_per_epoch": [r["test_acc"] for r in history],
+    }
+
+
+def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) -> dict[str, Any]:
+    out = runs_dir / name
+    resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+    cmd = [sys.executable, "-m", "metagrad", "train", *flags(settings)]
+    cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
+    print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return record(name, summary, history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--runs-dir", default="runs/quantized-baselines")
+    parser.add_argument("--output", default="benchmarks/results/quantized-baselines.json")
+    parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--timing-steps", type=int, default=30)
+    args = parser.parse_args()
+
+    base = {**BASE, "epochs": args.epochs}
+    records = [
+        train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
+        for name, settings in RUNS.items()
+    ]
+    print("== side-by-side step timing", flush=True)
+    medians = time_steps(
+        RUNS, load_cifar10(args.data), {**base, "data": args.data}, steps=args.timing_steps
+    )
+    reference = medians["fp32"]
+    timing = {
+        name: {"median_step_seconds": t, "ratio_to_fp32": t / reference}
+        for name, t in medians.items()
+    }
+    result = {
+        "benchmark": "quantized-baselines",
+        "command": " ".join(["python", *sys.argv]),
+        "settings": base,
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "runs": records,
+        "side_by_side_step_time": timing,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'run':<24} {'test acc':>9} {'step s':>8} {'x fp32':>7} {'peak MB':>8}")
+    for r in records:
+        ratio = timing[r["run"]]["ratio_to_fp32"]
+        print(
+            f"{r['run']:<24} {r['final_test_acc']:>8.2f}% {r['mean_step_seconds']:>8.3f} "
+            f"{ratio:>7.3f} {r['peak_memory_mb']:>8.0f}"
+        )
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

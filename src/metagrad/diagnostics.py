@@ -1,0 +1,97 @@
+"""How close is the gradient that updates the weights to the full-precision one?
+
+On one batch, per quantized layer: the full-precision weight gradient, the quantized one (what
+plain low-precision training uses) and, under MetaGrad, the hypernetwork's correction of it;
+cosine similarity and relative error of the latter two against the first. The model's buffers
+(batch-norm statistics) and the random-number state are restored, so diagnostics never change
+the training run they observe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagrad.layers import quantized_layers
+from metagrad.quant import QuantSpec
+
+
+@contextmanager
+def _untouched(model: nn.Module):
+    """Restore buffers and the torch RNG afterwards."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        torch.set_rng_state(rng)
+
+
+@contextmanager
+def _full_precision_backward(layers: list[nn.Module]):
+    configs = [layer.config for layer in layers]
+    for layer, config in zip(layers, configs, strict=True):
+        layer.config = dataclasses.replace(config, grad=QuantSpec(), backend="simulate")
+    try:
+        yield
+    finally:
+        for layer, config in zip(layers, configs, strict=True):
+            layer.config = config
+
+
+def _weight_grads(model: nn.Module, weights: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    loss = F.cross_entropy(model(x), y)
+    return list(torch.autograd.grad(loss, weights))
+
+
+def _compare(g: Tensor, reference: Tensor) -> dict[str, float]:
+    g, reference = g.double().flatten(), reference.double().flatten()
+    ref_norm = reference.norm()
+    return {
+        "cosine": float(F.cosine_similarity(g, reference, dim=0, eps=1e-30)),
+        "rel_error": float((g - reference).norm() / ref_norm) if ref_norm > 0 else float("nan"),
+    }
+
+
+def gradient_report(
+    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Per-layer cosine similarity and relative error of the used gradients against fp32.
+
+    ``quantized`` is the plain quantized gradient; ``used`` is what updates the weights: the
+    quantized gradient, or its hypernetwork correction when ``optimizer`` is a MetaGrad.
+    """
+    named = quantized_layers(model)
+    names = [name for name, _ in named]
+    layers = [layer for _, layer in named]
+    weights = [layer.weight for layer in layers]
+    with _untouched(model):
+        with _full_precision_backward(layers):
+            reference = _weight_grads(model, weights, x, y)
+        quantized = _weight_grads(model, weights, x, y)
+    used = quantized
+    corrected = getattr(optimizer, "corrected_gradients", None)
+    if corrected is not None:
+        fixed = corrected(dict(zip(weights, quantized, strict=True)))
+        used = [fixed[w] for w in weights]
+    report: dict[str, Any] = {"layers": {}}
+    for name, ref, q, u in zip(names, reference, quantized, used, strict=True):
+        report["layers"][name] = {
+            "quantized": _compare(q, ref),
+            "used": _compare(u, ref),
+        }
+    for kind in ("quantized", "used"):
+        per_layer = [r[kind] for r in report["layers"].values()]
+        report[f"mean_{kind}"] = {
+            key: sum(r[key] for r in per_layer) / max(1, len(per_layer))
+            for key in ("cosine", "rel_error")
+        }
+    return report

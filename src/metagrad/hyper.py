@@ -1,0 +1,245 @@
+"""Hypernetworks that correct quantized weight gradients (MetaGrad; after MetaQuant's meta-nets).
+
+One hypernetwork is shared by all quantized layers and applied coordinate-wise: every element of a
+layer's weight is one sample. For a layer with gradient ``g`` and weight ``W`` it computes
+
+    H(g, W) = g + rms(g) * net(g / rms(g), W / rms(W))
+
+so the network sees inputs of order one whatever the layer's scale, and its output is a residual
+correction on the gradient's own scale. The network's last layer starts at zero, so a fresh
+hypernetwork is exactly the identity on the quantized gradient. An all-zero gradient stays zero.
+
+Large layers are processed in chunks of ``chunk_size`` elements, each under activation
+recomputation (``torch.utils.checkpoint``), so the memory held for the backward pass is the inputs
+and outputs plus one chunk's activations at a time. Chunked and unchunked results are equal.
+
+Variants (:func:`create_hypernet`): ``"grad"`` (an MLP of the gradient), ``"grad+weight"`` (an MLP
+of gradient and weight, the default) and ``"lstm"`` (a coordinate-wise ``nn.LSTMCell`` whose
+``(h, c)`` per weight element is carried across iterations by the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+HyperState = tuple[Tensor, ...]
+"""Per-layer recurrent state of a hypernetwork, one column per weight element (``()`` if none)."""
+
+HYPERNET_KINDS: tuple[str, ...] = ("grad", "grad+weight", "lstm")
+DEFAULT_KIND = "grad+weight"
+DEFAULT_HIDDEN = 8
+"""Hidden width. The cost is memory-bound, about ``numel * hidden`` per pass: on a CPU, a MetaGrad
+step of VGG-16 at width 0.25 (0.9M weights, batch 128, INT4 gradients) measured ~1.08x a plain
+quantized step with 8, ~1.15x with 16 and ~2x with the 8-wide LSTM; MetaQuant's width 100 would
+cost more than the model's own step."""
+DEFAULT_EPS = 1e-12
+"""Floor on ``rms`` when normalising inputs (an all-zero tensor then gives zero features)."""
+
+
+def rms(x: Tensor) -> Tensor:
+    """Root mean square of all elements, as a 0-dim tensor (computed in at least float32)."""
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.square().mean().sqrt()
+
+
+def apply_chunked(
+    fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...], chunk_size: int | None
+) -> tuple[Tensor, ...]:
+    """``fn(*inputs)`` for a column-wise ``fn``, over chunks of ``chunk_size`` columns when larger.
+
+    With gradients enabled each chunk runs under ``checkpoint`` (its activations are recomputed in
+    the backward pass); without, chunks just bound the peak memory. Inputs of at most
+    ``chunk_size`` columns (or ``chunk_size=None``) run in one piece without recomputation.
+    """
+    n = inputs[0].shape[-1]
+    if chunk_size is None or n <= chunk_size:
+        return fn(*inputs)
+    grad = torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, n, chunk_size):
+        chunk = tuple(x[..., start : start + chunk_size] for x in inputs)
+        pieces.append(checkpoint(fn, *chunk, use_reentrant=False) if grad else fn(*chunk))
+    return tuple(torch.cat(parts, dim=-1) for parts in zip(*pieces, strict=True))
+
+
+class Hypernet(nn.Module):
+    """Base class: normalise inputs, apply :meth:`core` coordinate-wise, rescale the residual.
+
+    Subclasses define :meth:`core` on an ``(in_features, n)`` feature matrix (plus state columns)
+    and, if recurrent, :meth:`initial_state`. Elements are columns ("feature-major") because the
+    small dense layers then run as ``(out, in) @ (in, n)`` products with contiguous results, about
+    twice as fast on a CPU as the row-major ``(n, in) @ (in, out)``.
+
+    Args:
+        use_weight: feed ``W / rms(W)`` as a second feature besides ``g / rms(g)``.
+        eps: floor on ``rms`` when normalising inputs.
+    """
+
+    def __init__(self, *, use_weight: bool = True, eps: float = DEFAULT_EPS) -> None:
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.use_weight = use_weight
+        self.eps = eps
+
+    @property
+    def in_features(self) -> int:
+        """Features per weight element: the gradient, and the weight if ``use_weight``."""
+        return 2 if self.use_weight else 1
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the hypernetwork carries a state across iterations."""
+        return False
+
+    def initial_state(self, numel: int, like: Tensor) -> HyperState:
+        """The state before the first iteration for a layer of ``numel`` weights."""
+        return ()
+
+    def core(self, features: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        """``(delta, *new_state)``: the correction per column of ``features``, shape ``(n,)``."""
+        raise NotImplementedError
+
+    def features(self, grad: Tensor, weight: Tensor) -> Tensor:
+        """The normalised inputs, ``(in_features, numel)``: one column per weight element."""
+        cols = [grad / rms(grad).clamp_min(self.eps)]
+        if self.use_weight:
+            cols.append(weight / rms(weight).clamp_min(self.eps))
+        dtype = self._dtype()
+        return torch.stack([c.reshape(-1).to(dtype) for c in cols])
+
+    def forward(
+        self,
+        grad: Tensor,
+        weight: Tensor,
+        state: HyperState | None = None,
+        *,
+        chunk_size: int | None = None,
+    ) -> tuple[Tensor, HyperState]:
+        """Corrected gradient ``H(g, W)`` (shaped like ``grad``) and the layer's new state.
+
+        ``grad`` and ``weight`` are treated as data: pass them detached. ``state`` is this layer's
+        state from the previous iteration (``None`` at the start).
+        """
+        if grad.shape != weight.shape:
+            raise ValueError(f"grad {tuple(grad.shape)} and weight {tuple(weight.shape)} differ")
+        features = self.features(grad, weight)
+        if not state:
+            state = self.initial_state(features.shape[1], features)
+        state = tuple(s.to(features.dtype) for s in state)
+        delta, *new_state = apply_chunked(self.core, (features, *state), chunk_size)
+        corrected = grad + rms(grad).to(grad.dtype) * delta.view_as(grad).to(grad.dtype)
+        return corrected, tuple(new_state)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def _zero_init(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer`` applied to the columns of ``x``: ``W @ x + b``."""
+    return torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
+
+
+class MLPHypernet(Hypernet):
+    """Coordinate-wise MLP (``Linear``/``ReLU`` ``layers`` times, then ``Linear`` to one output).
+
+    MetaQuant's "FC-Grad" with ``use_weight=False``; with the weight as a second input it can
+    learn weight-dependent corrections (the role of MetaQuant's "MultiFC").
+    """
+
+    def __init__(
+        self,
+        *,
+        use_weight: bool = True,
+        hidden: int = DEFAULT_HIDDEN,
+        layers: int = 1,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(use_weight=use_weight, eps=eps)
+        _check_positive("hidden", hidden)
+        _check_positive("layers", layers)
+        widths = [self.in_features] + [hidden] * layers
+        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(widths))
+        self.head = _zero_init(nn.Linear(hidden, 1))
+
+    def core(self, features: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        x = features
+        for layer in self.body:
+            x = _linear(layer, x).relu_()
+        return (_linear(self.head, x).squeeze(0),)
+
+
+class LSTMHypernet(Hypernet):
+    """Coordinate-wise ``nn.LSTMCell`` with a linear head (MetaQuant's "LSTMFC").
+
+    The state ``(h, c)`` has one column of ``hidden`` values per weight element; the caller
+    carries it from one iteration to the next (detached), as :class:`metagrad.optim.MetaGrad` does.
+    The cell's parameters are those of an ``nn.LSTMCell``, applied to columns.
+    """
+
+    def __init__(
+        self, *, use_weight: bool = True, hidden: int = DEFAULT_HIDDEN, eps: float = DEFAULT_EPS
+    ) -> None:
+        super().__init__(use_weight=use_weight, eps=eps)
+        _check_positive("hidden", hidden)
+        self.hidden = hidden
+        self.cell = nn.LSTMCell(self.in_features, hidden)
+        self.head = _zero_init(nn.Linear(hidden, 1))
+
+    @property
+    def stateful(self) -> bool:
+        return True
+
+    def initial_state(self, numel: int, like: Tensor) -> HyperState:
+        zeros = like.new_zeros(self.hidden, numel)
+        return (zeros, zeros.clone())
+
+    def core(self, features: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        h, c = state
+        cell = self.cell
+        bias = (cell.bias_ih + cell.bias_hh).unsqueeze(1)
+        gates = torch.addmm(bias, cell.weight_ih, features).addmm_(cell.weight_hh, h)
+        i, f, g, o = gates.chunk(4)  # nn.LSTMCell's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return _linear(self.head, h).squeeze(0), h, c
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def create_hypernet(
+    kind: str = DEFAULT_KIND,
+    *,
+    hidden: int = DEFAULT_HIDDEN,
+    layers: int = 1,
+    eps: float = DEFAULT_EPS,
+) -> Hypernet:
+    """Build a hypernetwork by name: ``"grad"``, ``"grad+weight"`` or ``"lstm"``.
+
+    Args:
+        kind: the variant (see the module docs).
+        hidden: hidden width.
+        layers: hidden layers of the MLP variants (the LSTM has one cell: only 1 is accepted).
+        eps: floor on ``rms`` when normalising inputs.
+    """
+    if kind in ("grad", "grad+weight"):
+        return MLPHypernet(use_weight=kind == "grad+weight", hidden=hidden, layers=layers, eps=eps)
+    if kind == "lstm":
+        if layers != 1:
+            raise ValueError(f"the lstm hypernetwork has a single cell; got layers={layers!r}")
+        return LSTMHypernet(hidden=hidden, eps=eps)
+    raise ValueError(f"unknown hypernetwork kind {kind!r}; available: {', '.join(HYPERNET_KINDS)}")

@@ -1,0 +1,446 @@
+"""The MetaGrad optimizer: quantized gradients corrected by a hypernetwork trained on the task loss.
+
+For the weights of the model's quantized layers ("meta" weights), iteration ``t`` runs
+
+    W_t = W_{t-1} - lr * refine(H_phi(g_{t-1}, W_{t-1}))
+    L_t = loss(f(x_t; W_t)),   backward -> dL_t/dphi (through W_t) and g_t = dL_t/dW_t
+
+with ``W_{t-1}``, ``g_{t-1}`` and the base rule's state held constant, ``refine`` the base rule
+(SGD with momentum/Nesterov/weight decay, or Adam) written with differentiable ops, and ``g_t``
+the gradient of the quantized backward pass. ``phi`` then takes a step of its own optimizer and
+``W_t`` is committed. Every other trainable parameter (biases, batch norm, full-precision layers)
+takes a plain base-rule step on its ``.grad``.
+
+The meta weights lag one step: the first ``step`` only records ``g_0``, so after ``n`` steps they
+have taken ``n - 1`` updates while the other parameters have taken ``n``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.optim import Optimizer
+
+from metagrad.hyper import DEFAULT_KIND, Hypernet, create_hypernet
+from metagrad.layers import quantized_layers
+
+BASES: tuple[str, ...] = ("sgd", "adam")
+DEFAULT_CHUNK_SIZE = 1 << 18
+"""Weight elements per hypernetwork chunk. Layers up to this size keep their hypernetwork
+activations (``numel * hidden`` values) for the backward pass; larger ones are processed in chunks
+with activation recomputation, holding one chunk's activations at a time. 2**18 leaves VGG-16 at
+width 0.25 unchunked (largest layer 147k weights) and chunks its 0.3-2.4M-weight layers at width
+1."""
+
+Closure = Callable[[], Tensor]
+BaseState = dict[str, Any]
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient at 0 is 0 instead of ``inf`` (no ``inf * 0``)."""
+    if not x.requires_grad:
+        return x.sqrt()
+    positive = x > 0
+    root = torch.where(positive, x, torch.ones_like(x)).sqrt()
+    return torch.where(positive, root, torch.zeros_like(x))
+
+
+def sgd_update(
+    param: Tensor, grad: Tensor, state: BaseState, group: Mapping[str, Any]
+) -> tuple[Tensor, BaseState]:
+    """One ``torch.optim.SGD`` step (no dampening) out of place: ``(new_param, new_state)``.
+
+    Differentiable in ``grad``; the same arithmetic as ``torch.optim.SGD``'s single-tensor path.
+    """
+    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    new_state: BaseState = {}
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        buf = grad.clone() if buf is None else buf.mul(momentum).add(grad)
+        new_state["momentum_buffer"] = buf
+        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+    return param.add(grad, alpha=-lr), new_state
+
+
+def adam_update(
+    param: Tensor, grad: Tensor, state: BaseState, group: Mapping[str, Any]
+) -> tuple[Tensor, BaseState]:
+    """One ``torch.optim.Adam`` step (L2 weight decay, no amsgrad) out of place.
+
+    Differentiable in ``grad``; the same arithmetic as ``torch.optim.Adam``'s single-tensor path.
+    """
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    if group["weight_decay"] != 0:
+        grad = grad.add(param, alpha=group["weight_decay"])
+    step = state.get("step", 0) + 1
+    exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
+    if exp_avg is None or exp_avg_sq is None:
+        exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = torch.addcmul(exp_avg_sq.mul(beta2), grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (_safe_sqrt(exp_avg_sq) / (1 - beta2**step) ** 0.5).add(eps)
+    new_param = torch.addcdiv(param, exp_avg, denom, value=-step_size)
+    return new_param, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+_UPDATES = {"sgd": sgd_update, "adam": adam_update}
+_BASE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
+
+
+class _ClosureModule(nn.Module):
+    """Holds the model so that ``functional_call`` can run the user's closure on it."""
+
+    def __init__(self, model: nn.Module, closure: Closure) -> None:
+        super().__init__()
+        self.model = model
+        self.closure = closure
+
+    def forward(self) -> Tensor:
+        return self.closure()
+
+
+def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable weights of the model's quantized layers (each once)."""
+    seen: set[int] = set()
+    params = []
+    for _, layer in quantized_layers(model):
+        w = layer.weight
+        if w.requires_grad and id(w) not in seen:
+            seen.add(id(w))
+            params.append(w)
+    return params
+
+
+class MetaGrad(Optimizer):
+    """MetaGrad: a base rule (SGD or Adam) whose quantized-layer updates pass through a hypernet.
+
+    Args:
+        model: the model; the weights of its ``QuantConv2d``/``QuantLinear`` layers are the meta
+            weights, every other trainable parameter takes plain base-rule steps.
+        lr: learning rate (read from the param groups at every step, so schedulers work).
+        base: ``"sgd"`` or ``"adam"``.
+        momentum, nesterov, weight_decay: as ``torch.optim.SGD`` (``weight_decay`` also for Adam,
+            as L2 added to the gradient like ``torch.optim.Adam``).
+        betas, eps: as ``torch.optim.Adam``.
+        hypernet: a :class:`~metagrad.hyper.Hypernet` or any module with its ``forward``
+            signature (default ``create_hypernet("grad+weight")``, in float64 for a float64
+            model); moved to the meta weights' device.
+        hyper_optimizer: optimizer of the hypernetwork's parameters (default ``Adam`` with
+            ``hyper_lr``).
+        hyper_lr: learning rate of the default hyper optimizer.
+        chunk_size: weight elements per hypernetwork chunk (``None``: no chunking).
+
+    ``step(closure)`` needs a closure that calls ``zero_grad()``, runs ``model(x)``, calls
+    ``loss.backward()`` and returns the loss. Inside the closure the meta weights are replaced by
+    ``W_t``; batch-norm statistics and other buffers update in place as usual. After ``step`` the
+    meta weights' ``.grad`` hold the quantized gradient ``g_t`` of that step (inside the closure
+    they are not visible on ``.grad``, so gradient clipping there does not reach them).
+
+    Param groups: ``param_groups[0]`` holds the meta weights (``"meta": True``), ``[1]`` the rest.
+    ``hyper_time`` accumulates seconds spent on the hypernetwork: its forward and the refined
+    update, its backward (timed from autograd hooks) and its optimizer's step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        *,
+        base: str = "sgd",
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        hypernet: Hypernet | nn.Module | None = None,
+        hyper_optimizer: Optimizer | None = None,
+        hyper_lr: float = 1e-3,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_args(base, lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr, chunk_size)
+        meta = meta_parameters(model)
+        meta_ids = {id(p) for p in meta}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in meta_ids]
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            eps=eps,
+        )
+        groups = [{"params": meta, "meta": True}, {"params": rest, "meta": False}]
+        super().__init__(groups, defaults)
+        self.model = model
+        self.base = base
+        self.chunk_size = chunk_size
+        if hypernet is None:
+            hypernet = create_hypernet(DEFAULT_KIND)
+            if meta and meta[0].dtype == torch.float64:
+                hypernet = hypernet.double()
+        if meta:
+            hypernet = hypernet.to(meta[0].device)
+        self.hypernet = hypernet
+        if hyper_optimizer is None:
+            hyper_optimizer = torch.optim.Adam(hypernet.parameters(), lr=hyper_lr)
+        self.hyper_optimizer = hyper_optimizer
+        self.hyper_time = 0.0
+        names = {id(p): name for name, p in model.named_parameters()}
+        self._names = {p: names[id(p)] for p in meta}
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    @property
+    def meta_params(self) -> list[Tensor]:
+        """The meta weights (``param_groups[0]``)."""
+        return self.param_groups[0]["params"]
+
+    def pending_gradients(self) -> dict[Tensor, Tensor]:
+        """The quantized gradient ``g_t`` each meta weight will be updated with at the next step."""
+        return {p: self.state[p]["pending_grad"] for p in self.meta_params if p in self.state}
+
+    @torch.no_grad()
+    def corrected_gradients(
+        self, grads: Mapping[Tensor, Tensor] | None = None
+    ) -> dict[Tensor, Tensor]:
+        """``H(g, W)`` per parameter, without graph or state change (for diagnostics).
+
+        ``grads`` maps parameters to gradients (default: :meth:`pending_gradients`, giving the
+        corrected gradients the next step will refine). Recurrent hypernetworks use each layer's
+        current state. Parameters that are not meta weights are returned unchanged.
+        """
+        grads = self.pending_gradients() if grads is None else grads
+        meta = set(self.meta_params)
+        out = {}
+        for p, g in grads.items():
+            if p in meta:
+                hyper_state = self.state[p].get("hyper_state") if p in self.state else None
+                out[p], _ = self.hypernet(
+                    g.detach(), p.detach(), hyper_state, chunk_size=self.chunk_size
+                )
+            else:
+                out[p] = g
+        return out
+
+    # -- step ---------------------------------------------------------------------------------
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One MetaGrad iteration with the required ``closure`` (see the class docs); its loss."""
+        if closure is None:
+            raise TypeError(
+                "MetaGrad.step() requires a closure that calls zero_grad(), computes the loss "
+                "with model(x), calls loss.backward() and returns the loss"
+            )
+        meta_group, rest_group = self.param_groups
+        timer = _HyperTimer(self.hypernet)
+        with torch.enable_grad():
+            start = time.perf_counter()
+            proposals = self._propose(meta_group)
+            timer.elapsed += time.perf_counter() - start
+            loss, new_grads = self._run_closure(closure, proposals, timer)
+        with torch.no_grad():
+            start = time.perf_counter()
+            if proposals:
+                self.hyper_optimizer.step()
+            timer.elapsed += time.perf_counter() - start
+            self._commit(meta_group, proposals, new_grads)
+            self._plain_steps(rest_group)
+        self.hyper_time += timer.total()
+        return loss
+
+    def _propose(self, group: dict[str, Any]) -> dict[Tensor, tuple[Tensor, BaseState, tuple]]:
+        """``W_t``, the base state and the hypernet state for each meta weight with a pending g."""
+        update = _UPDATES[self.base]
+        proposals = {}
+        for p in group["params"]:
+            state = self.state[p]
+            if "pending_grad" not in state:
+                continue
+            w = p.detach()
+            corrected, hyper_state = self.hypernet(
+                state["pending_grad"], w, state.get("hyper_state"), chunk_size=self.chunk_size
+            )
+            new_w, base_state = update(w, corrected, state, group)
+            if not new_w.requires_grad:  # a frozen hypernet: still collect g_t
+                new_w = new_w.detach().requires_grad_()
+            proposals[p] = (new_w, base_state, hyper_state)
+        return proposals
+
+    def _run_closure(
+        self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: _HyperTimer
+    ) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        """Run the closure with the meta weights replaced by ``W_t``; collect ``dL/dW_t``."""
+        if not proposals:
+            return closure(), {}
+        grads: dict[Tensor, Tensor] = {}
+        for p, (new_w, _, _) in proposals.items():
+            new_w.register_hook(timer.capture(p, grads))
+        runner = _ClosureModule(self.model, closure)
+        params = {f"model.{self._names[p]}": new_w for p, (new_w, _, _) in proposals.items()}
+        with timer.watch_backward():
+            loss = functional_call(runner, params, (), strict=False)
+        return loss, grads
+
+    def _commit(
+        self,
+        group: dict[str, Any],
+        proposals: Mapping[Tensor, tuple],
+        new_grads: Mapping[Tensor, Tensor],
+    ) -> None:
+        """Write ``W_t`` and the new states; keep ``g_t`` as the pending gradient."""
+        for p in group["params"]:
+            state = self.state[p]
+            if p in proposals:
+                new_w, base_state, hyper_state = proposals[p]
+                p.copy_(new_w)
+                state.update({k: _detach(v) for k, v in base_state.items()})
+                if hyper_state:
+                    state["hyper_state"] = tuple(s.detach() for s in hyper_state)
+                grad = new_grads.get(p)
+                if grad is not None:
+                    p.grad = grad.detach()
+            else:
+                grad = p.grad
+            if grad is None:
+                state.pop("pending_grad", None)
+            else:
+                state["pending_grad"] = grad.detach().clone()
+
+    def _plain_steps(self, group: dict[str, Any]) -> None:
+        update = _UPDATES[self.base]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            new_p, base_state = update(p, p.grad, state, group)
+            p.copy_(new_p)
+            state.update(base_state)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the model's parameters and of the hypernetwork."""
+        super().zero_grad(set_to_none)
+        self.hypernet.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base-rule state, pending gradients, hypernet states, the hypernet and its optimizer."""
+        state = super().state_dict()
+        state["base"] = self.base
+        state["hypernet"] = self.hypernet.state_dict()
+        state["hyper_optimizer"] = self.hyper_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        base = state_dict.pop("base", self.base)
+        if base != self.base:
+            raise ValueError(f"state_dict is from a {base!r} MetaGrad, this one is {self.base!r}")
+        hypernet = state_dict.pop("hypernet", None)
+        hyper_optimizer = state_dict.pop("hyper_optimizer", None)
+        super().load_state_dict(state_dict)
+        if hypernet is not None:
+            self.hypernet.load_state_dict(hypernet)
+        if hyper_optimizer is not None:
+            self.hyper_optimizer.load_state_dict(hyper_optimizer)
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+class _HyperTimer:
+    """Seconds spent on the hypernetwork in one step, its backward pass included.
+
+    Autograd runs the hypernetwork's backward after the whole model's (its nodes were created
+    first), so it spans from the first ``W_t`` gradient hook to the last gradient accumulated into
+    the hypernetwork's parameters.
+    """
+
+    def __init__(self, hypernet: nn.Module) -> None:
+        self.hypernet = hypernet
+        self.elapsed = 0.0
+        self.backward_start: float | None = None
+        self.backward_end: float | None = None
+
+    def capture(self, param: Tensor, grads: dict[Tensor, Tensor]) -> Callable[[Tensor], None]:
+        """A tensor hook on ``W_t`` storing (accumulating) its gradient into ``grads[param]``."""
+
+        def hook(grad: Tensor) -> None:
+            if self.backward_start is None:
+                self.backward_start = time.perf_counter()
+            grads[param] = grad if param not in grads else grads[param] + grad
+
+        return hook
+
+    def watch_backward(self) -> _HookScope:
+        def mark_end(_: Tensor) -> None:
+            self.backward_end = time.perf_counter()
+
+        return _HookScope(
+            p.register_post_accumulate_grad_hook(mark_end)
+            for p in self.hypernet.parameters()
+            if p.requires_grad
+        )
+
+    def total(self) -> float:
+        backward = 0.0
+        if self.backward_start is not None and self.backward_end is not None:
+            backward = max(0.0, self.backward_end - self.backward_start)
+        return self.elapsed + backward
+
+
+class _HookScope:
+    """Removes the given hook handles on exit."""
+
+    def __init__(self, handles: Iterable[Any]) -> None:
+        self.handles = list(handles)
+
+    def __enter__(self) -> _HookScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _check_args(
+    base: str,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    hyper_lr: float,
+    chunk_size: int | None,
+) -> None:
+    if base not in BASES:
+        raise ValueError(f"unknown base rule {base!r}; available: {', '.join(BASES)}")
+    for name, value in (
+        ("lr", lr),
+        ("momentum", momentum),
+        ("weight_decay", weight_decay),
+        ("eps", eps),
+        ("hyper_lr", hyper_lr),
+    ):
+        if isinstance(value, Tensor) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov needs momentum > 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")

@@ -1,0 +1,316 @@
+"""Tests for the MetaGrad optimizer (metagrad.optim)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metagrad import QuantConfig, QuantSpec, quantize_
+from metagrad.hyper import create_hypernet
+from metagrad.models import create_model
+from metagrad.optim import MetaGrad, meta_parameters
+
+FP32_GRADS = QuantConfig(grad=QuantSpec(bits=32))
+INT4_GRADS = QuantConfig(grad=QuantSpec(bits=4, rounding="stochastic"))
+
+
+def _small_cnn(config: QuantConfig, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return quantize_(create_model("small_cnn", width=0.5), config)
+
+
+def _mlp(config: QuantConfig, seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    return quantize_(model, config).to(dtype)
+
+
+def _batch(step: int, image: bool = True, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    shape = (16, 3, 8, 8) if image else (8, 4)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, 3, (shape[0],), generator=gen)
+    return x, y
+
+
+def _closure(model: nn.Module, opt: torch.optim.Optimizer, batch) -> Callable[[], torch.Tensor]:
+    x, y = batch
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _split(model: nn.Module) -> tuple[dict, dict]:
+    """Meta weights and everything else (other parameters and buffers), by name."""
+    meta = {id(p) for p in meta_parameters(model)}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in meta}
+    rest = {n: t.detach().clone() for n, t in model.state_dict().items() if n not in weights}
+    return weights, rest
+
+
+BASE_CASES = {
+    "sgd": ("sgd", dict(lr=0.1), torch.optim.SGD),
+    "sgd-momentum": ("sgd", dict(lr=0.1, momentum=0.9), torch.optim.SGD),
+    "sgd-nesterov-wd": (
+        "sgd",
+        dict(lr=0.1, momentum=0.8, nesterov=True, weight_decay=1e-2),
+        torch.optim.SGD,
+    ),
+    "adam": ("adam", dict(lr=1e-2, betas=(0.8, 0.99)), torch.optim.Adam),
+    "adam-wd": ("adam", dict(lr=1e-2, weight_decay=1e-2, eps=1e-6), torch.optim.Adam),
+}
+
+
+@pytest.mark.parametrize("case", list(BASE_CASES))
+def test_identity_hypernet_follows_torch_trajectory_with_one_step_lag(case: str) -> None:
+    base, kwargs, torch_cls = BASE_CASES[case]
+    steps = 5
+    model = _small_cnn(FP32_GRADS)
+    reference = copy.deepcopy(model)
+    opt = MetaGrad(model, base=base, hyper_lr=0.0, **kwargs)
+    ref_opt = torch_cls(reference.parameters(), **kwargs)
+    snapshots = [_split(reference)]
+    for step in range(steps):
+        batch = _batch(step)
+        loss = opt.step(_closure(model, opt, batch))
+        ref_loss = ref_opt.step(_closure(reference, ref_opt, batch))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        snapshots.append(_split(reference))
+        weights, rest = _split(model)
+        # meta weights lag one update; everything else (biases, BN, stats) is in step
+        torch.testing.assert_close(weights, snapshots[step][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rest, snapshots[step + 1][1], rtol=1e-6, atol=1e-6)
+
+
+def test_without_quantized_layers_it_is_the_plain_base_rule() -> None:
+    torch.manual_seed(0)
+    model = create_model("small_cnn", width=0.5)
+    reference = copy.deepcopy(model)
+    opt = MetaGrad(model, 0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    assert opt.meta_params == []
+    for step in range(3):
+        batch = _batch(step)
+        opt.step(_closure(model, opt, batch))
+        ref_opt.step(_closure(reference, ref_opt, batch))
+    torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=1e-6, atol=1e-6)
+
+
+def test_first_step_only_records_the_gradient() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1)
+    before, _ = _split(model)
+    opt.step(_closure(model, opt, _batch(0)))
+    after, _ = _split(model)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    pending = opt.pending_gradients()
+    assert len(pending) == len(opt.meta_params) == 4
+    for p in opt.meta_params:
+        assert torch.equal(pending[p], p.grad)
+    opt.step(_closure(model, opt, _batch(1)))
+    moved, _ = _split(model)
+    assert all(not torch.equal(moved[n], before[n]) for n in before)
+
+
+def test_param_groups_split_meta_weights_from_the_rest() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1)
+    meta, rest = opt.param_groups
+    assert meta["meta"] and not rest["meta"]
+    assert {id(p) for p in meta["params"]} == {id(p) for p in meta_parameters(model)}
+    assert len(meta["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def _hypernet_grads_by_finite_differences(
+    base: str, kind: str, kwargs: dict, n_checks: int = 3
+) -> None:
+    model = _mlp(FP32_GRADS)
+    torch.manual_seed(1)
+    hypernet = create_hypernet(kind, hidden=3).double()
+    with torch.no_grad():
+        for p in hypernet.parameters():
+            p.normal_(0.0, 0.5)  # leave the identity so every parameter matters
+    opt = MetaGrad(model, base=base, hypernet=hypernet, hyper_lr=0.0, **kwargs)
+    for step in range(2):  # non-trivial base state (momentum, moments, LSTM state)
+        opt.step(_closure(model, opt, _batch(step, image=False, dtype=torch.float64)))
+    snapshot = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    batch = _batch(2, image=False, dtype=torch.float64)
+
+    def loss_at(param_index: int | None = None, element: int = 0, delta: float = 0.0) -> float:
+        model_state, opt_state = copy.deepcopy(snapshot)
+        model.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        if param_index is not None:
+            with torch.no_grad():
+                list(hypernet.parameters())[param_index].view(-1)[element] += delta
+        return opt.step(_closure(model, opt, batch)).item()
+
+    loss_at()
+    analytic = [p.grad.clone() for p in hypernet.parameters()]
+    eps = 1e-6
+    gen = torch.Generator().manual_seed(0)
+    for i, grad in enumerate(analytic):
+        assert grad.abs().sum() > 0
+        for element in torch.randint(0, grad.numel(), (n_checks,), generator=gen).tolist():
+            numeric = (loss_at(i, element, eps) - loss_at(i, element, -eps)) / (2 * eps)
+            assert grad.view(-1)[element].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("base", "kind", "kwargs"),
+    [
+        ("sgd", "grad+weight", dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+        ("adam", "grad+weight", dict(lr=0.05, weight_decay=1e-2)),
+        ("sgd", "lstm", dict(lr=0.5, momentum=0.5)),
+        ("adam", "grad", dict(lr=0.05)),
+    ],
+)
+def test_hypernet_gradient_matches_finite_differences(base: str, kind: str, kwargs) -> None:
+    _hypernet_grads_by_finite_differences(base, kind, kwargs)
+
+
+def test_chunked_and_unchunked_steps_agree() -> None:
+    results = []
+    for chunk_size in (None, 100):
+        model = _small_cnn(INT4_GRADS)
+        torch.manual_seed(1)
+        opt = MetaGrad(model, 0.1, momentum=0.9, hyper_lr=1e-2, chunk_size=chunk_size)
+        for step in range(4):
+            opt.step(_closure(model, opt, _batch(step)))
+        results.append((model.state_dict(), opt.hypernet.state_dict()))
+    (model_a, hyper_a), (model_b, hyper_b) = results
+    torch.testing.assert_close(model_a, model_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hyper_a, hyper_b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, hyper_a[k]) for k, v in create_hypernet().state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("base", "kind", "kwargs"),
+    [
+        ("sgd", "grad+weight", dict(lr=0.1, momentum=0.9)),
+        ("adam", "lstm", dict(lr=1e-2)),
+    ],
+)
+def test_resuming_from_state_dict_continues_exactly(base: str, kind: str, kwargs) -> None:
+    def make() -> tuple[nn.Module, MetaGrad]:
+        model = _small_cnn(INT4_GRADS)
+        hypernet = create_hypernet(kind, hidden=4)
+        return model, MetaGrad(model, base=base, hypernet=hypernet, hyper_lr=1e-2, **kwargs)
+
+    steps, stop = 6, 3
+    model, opt = make()
+    for step in range(steps):
+        if step == stop:
+            saved = copy.deepcopy((model.state_dict(), opt.state_dict(), torch.get_rng_state()))
+        opt.step(_closure(model, opt, _batch(step)))
+    model2, opt2 = make()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    torch.set_rng_state(saved[2])
+    for step in range(stop, steps):
+        opt2.step(_closure(model2, opt2, _batch(step)))
+    torch.testing.assert_close(model2.state_dict(), model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(opt2.hypernet.state_dict(), opt.hypernet.state_dict())
+    if kind == "lstm":
+        assert all(len(opt.state[p]["hyper_state"]) == 2 for p in opt.meta_params)
+
+
+def test_hypernet_learns_with_int4_gradients() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1, momentum=0.9, hyper_lr=1e-2)
+    initial = copy.deepcopy(opt.hypernet.state_dict())
+    losses = [opt.step(_closure(model, opt, _batch(step))).item() for step in range(6)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    changed = [k for k, v in opt.hypernet.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed
+    pending = opt.pending_gradients()
+    corrected = opt.corrected_gradients()
+    assert corrected.keys() == pending.keys()
+    for p, g in pending.items():
+        assert not torch.equal(corrected[p], g)
+        assert torch.isfinite(corrected[p]).all()
+    assert opt.hyper_time > 0
+
+
+def test_corrected_gradients_changes_no_state_and_passes_other_params_through() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1, hypernet=create_hypernet("lstm", hidden=4))
+    for step in range(2):
+        opt.step(_closure(model, opt, _batch(step)))
+    before = copy.deepcopy(opt.state_dict())
+    bias = model.classifier.bias
+    out = opt.corrected_gradients({bias: torch.ones_like(bias), **opt.pending_gradients()})
+    assert torch.equal(out[bias], torch.ones_like(bias))
+    torch.testing.assert_close(opt.state_dict()["state"], before["state"], rtol=0, atol=0)
+
+
+def test_scheduled_learning_rate_is_used() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1, hyper_lr=0.0)  # identity hypernet: update = -lr * g_{t-1}
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    for step in range(5):
+        pending = {p: g.clone() for p, g in opt.pending_gradients().items()}
+        before = [p.detach().clone() for p in opt.meta_params]
+        lr = opt.param_groups[0]["lr"]
+        opt.step(_closure(model, opt, _batch(step)))
+        scheduler.step()
+        for p, old in zip(opt.meta_params, before, strict=True):
+            expected = old - lr * pending[p] if pending else old
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_zero_gradient_elements_give_finite_hypernet_gradients_with_adam() -> None:
+    model = _small_cnn(FP32_GRADS)
+    opt = MetaGrad(model, 1e-2, base="adam", hyper_lr=1e-2)
+    x, y = _batch(0)
+    x[:, 0] = 0.0  # the first conv's weights on channel 0 get exactly zero gradient
+    opt.step(_closure(model, opt, (x, y)))
+    assert (opt.pending_gradients()[model.stem[0].weight][:, 0] == 0).all()
+    for _ in range(3):
+        opt.step(_closure(model, opt, (x, y)))
+        assert all(torch.isfinite(p.grad).all() for p in opt.hypernet.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zero_grad_clears_model_and_hypernet_grads() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1)
+    for step in range(2):
+        opt.step(_closure(model, opt, _batch(step)))
+    assert all(p.grad is not None for p in opt.hypernet.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in opt.hypernet.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    model = _small_cnn(INT4_GRADS)
+    with pytest.raises(ValueError, match="unknown base rule 'rmsprop'"):
+        MetaGrad(model, 0.1, base="rmsprop")
+    with pytest.raises(ValueError, match="lr must be a number >= 0"):
+        MetaGrad(model, -0.1)
+    with pytest.raises(ValueError, match="nesterov"):
+        MetaGrad(model, 0.1, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        MetaGrad(model, 0.1, base="adam", betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="chunk_size"):
+        MetaGrad(model, 0.1, chunk_size=0)
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        MetaGrad(list(model.parameters()), 0.1)
+    opt = MetaGrad(model, 0.1)
+    with pytest.raises(TypeError, match="requires a closure"):
+        opt.step()
+    adam = MetaGrad(model, 0.1, base="adam")
+    with pytest.raises(ValueError, match="'sgd' MetaGrad"):
+        adam.load_state_dict(opt.state_dict())
