@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steptime import time_steps
+from runner import time_steps, train_run
 
 from metagrad.data import load_cifar10
 
@@ -47,44 +46,6 @@ BASE: dict[str, Any] = {
 }
 
 
-def flags(settings: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
-
-
-def record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
-    cfg = summary["config"]
-    return {
-        "run": name,
-        "method": cfg["method"] if cfg["grad_bits"] < 32 else "full-precision",
-        "bits": cfg["grad_bits"],
-        "rounding": cfg["grad_rounding"] if cfg["grad_bits"] < 32 else None,
-        "granularity": cfg["grad_granularity"] if cfg["grad_bits"] < 32 else None,
-        "seed": cfg["seed"],
-        "epochs": summary["epochs_completed"],
-        "final_test_acc": summary["final_test_acc"],
-        "best_test_acc": summary["best_test_acc"],
-        "mean_step_seconds": summary["mean_step_seconds"],
-        "peak_memory_mb": summary["peak_memory_mb"],
-        "peak_memory_kind": summary["peak_memory_kind"],
-        "test_acc_per_epoch": [r["test_acc"] for r in history],
-    }
-
-
-def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) -> dict[str, Any]:
-    out = runs_dir / name
-    resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    cmd = [sys.executable, "-m", "metagrad", "train", *flags(settings)]
-    cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
-    print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, check=True)
-    summary = json.loads((out / "summary.json").read_text())
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return record(name, summary, history)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
@@ -92,9 +53,12 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/quantized-baselines.json")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"])
     parser.add_argument("--timing-steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     args = parser.parse_args()
 
-    base = {**BASE, "epochs": args.epochs}
+    base = {**BASE, "epochs": args.epochs, "threads": args.threads}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = [
         train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
         for name, settings in RUNS.items()

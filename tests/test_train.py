@@ -193,3 +193,25 @@ def test_gradient_diagnostics_measure_quantization_without_changing_the_run(tmp_
         assert r["mean_used"] == r["mean_quantized"]  # plain training uses the quantized gradient
         assert 0.5 < r["mean_quantized"]["cosine"] < 1.0
         assert 0 < r["mean_quantized"]["rel_error"] < 1.0
+
+
+def test_int8_backend_trains_and_reports_its_fallbacks(tmp_path):
+    summary = train(_cfg(tmp_path / "int8", epochs=1, grad_bits=4, backend="int8", max_steps=5))
+    assert summary["backend"] == "int8"
+    assert summary["int8_fallbacks"] == {}  # small_cnn has no grouped convolutions
+    summary = train(
+        build_config(
+            {
+                "model": "mobilenetv2",
+                "width": 0.25,
+                "data": "digits",
+                "grad_bits": 4,
+                "backend": "int8",
+                "max_steps": 1,
+                "progress": False,
+                "out": str(tmp_path / "mnv2"),
+            }
+        )
+    )
+    assert summary["int8_fallbacks"]
+    assert all("group" in reason for reason in summary["int8_fallbacks"].values())

@@ -114,6 +114,8 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = frozenset({"epochs", "max_steps", "resume", "progress", "out", "threads", "data"})
+# Keys that only matter with method "metagrad".
+HYPER_KEYS = frozenset({"hyper", "hyper_hidden", "hyper_lr"})
 
 HELP = {
     "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn)",

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagrad.quant import QuantSpec, fake_quantize, fake_quantize_ste
+from metagrad import int8
+from metagrad.quant import FULL_PRECISION_BITS, QuantSpec, fake_quantize, fake_quantize_ste
 
 Backend = Literal["simulate", "int8"]
 BACKENDS: tuple[str, ...] = ("simulate", "int8")
+OPERAND_BITS_CHOICES: tuple[int, ...] = (int8.OPERAND_BITS, FULL_PRECISION_BITS)
 
 IntPair = tuple[int, int]
 
@@ -33,12 +35,18 @@ class QuantConfig:
         activation: forward quantizer of the layer input.
         backend: ``"simulate"`` (quantize, then compute in float) or ``"int8"`` (integer
             products; see :mod:`metagrad.int8`).
+        backward_operand_bits: bits of the other operand of each backward product (the weight
+            for ``dL/dx``, the layer input for ``dL/dW``) under ``"simulate"``: 32 keeps it in
+            full precision; 8 quantizes it exactly as the ``"int8"`` backend does (same folding
+            of the error's scale, same codes and scales) but computes in float, so simulate
+            reproduces int8's numbers. The ``"int8"`` backend always uses 8-bit operands.
     """
 
     grad: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="channel"))
     activation: QuantSpec = field(default_factory=QuantSpec)
     backend: Backend = "simulate"
+    backward_operand_bits: int = FULL_PRECISION_BITS
 
     def __post_init__(self) -> None:
         for name in ("grad", "weight", "activation"):
@@ -48,12 +56,29 @@ class QuantConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "int8" and not self.grad.enabled:
             raise ValueError("backend 'int8' needs quantized gradients (grad bits 2..8)")
+        if self.backward_operand_bits not in OPERAND_BITS_CHOICES:
+            raise ValueError(
+                f"backward_operand_bits must be one of {OPERAND_BITS_CHOICES}, "
+                f"got {self.backward_operand_bits!r}"
+            )
+
+    @property
+    def quantizes_operands(self) -> bool:
+        """Whether the backward products use 8-bit operands (backend int8, or operand bits 8).
+
+        Never without quantized gradients (``backward_operand_bits`` is then ignored).
+        """
+        eight = self.backend == "int8" or self.backward_operand_bits != FULL_PRECISION_BITS
+        return self.grad.enabled and eight
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"grad={self.grad}, weight={self.weight}, activation={self.activation}, "
             f"backend={self.backend}"
         )
+        if self.backward_operand_bits != FULL_PRECISION_BITS:
+            text += f", backward_operands=int{self.backward_operand_bits}"
+        return text
 
 
 def _pair(v: int | tuple[int, ...]) -> IntPair:
@@ -67,7 +92,7 @@ def resolve_padding(
     if padding == "valid":
         return (0, 0)
     if padding == "same":
-        span = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        span = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
         if any(s % 2 for s in span):
             raise ValueError(
                 "padding='same' needs a symmetric padding (odd kernel size with this dilation); "
@@ -84,25 +109,42 @@ def _quantized_error(e: Tensor, config: QuantConfig, channel_dim: int) -> Tensor
 
 
 class _QuantConv2dFn(torch.autograd.Function):
+    """Convolution with a quantized backward.
+
+    When ``config.quantizes_operands``, ``x`` and ``weight`` arrive unquantized and the forward
+    quantization (as ``config.weight`` / ``config.activation`` say) happens here, in
+    :func:`metagrad.int8.conv2d_forward`, which keeps the codes for the backward pass; otherwise
+    they arrive already fake-quantized.
+    """
+
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config):  # noqa: PLR0913
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.config = config
+        if config.quantizes_operands:
+            y, state = int8.conv2d_forward(
+                x, weight, bias, stride, padding, dilation, groups, config
+            )
+            ctx.save_for_backward(x, weight, *state.pack())
+            return y
+        ctx.save_for_backward(x, weight)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, e: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, *packed = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = (need_x, need_w, need_b and ctx.has_bias)
         config: QuantConfig = ctx.config
-        if config.backend == "int8":
-            from metagrad import int8
-
-            grad_x, grad_w, grad_b = int8.conv2d_backward(
-                e, x, weight, stride, padding, dilation, groups, config, (need_x, need_w, need_b)
+        if config.quantizes_operands:
+            backward = (
+                int8.conv2d_backward if config.backend == "int8" else int8.conv2d_backward_simulated
+            )
+            state = int8.ForwardState.unpack(packed)
+            grad_x, grad_w, grad_b = backward(
+                e, x, weight, stride, padding, dilation, groups, config, mask, state=state
             )
         else:
             q = _quantized_error(e, config, channel_dim=1)
@@ -117,30 +159,37 @@ class _QuantConv2dFn(torch.autograd.Function):
                 False,
                 (0, 0),
                 groups,
-                (need_x, need_w, need_b and ctx.has_bias),
+                mask,
             )
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class _QuantLinearFn(torch.autograd.Function):
+    """Linear layer with a quantized backward (forward quantization as in the conv Function)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, config):
-        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.config = config
+        if config.quantizes_operands:
+            y, state = int8.linear_forward(x, weight, bias, config)
+            ctx.save_for_backward(x, weight, *state.pack())
+            return y
+        ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, e: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, *packed = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         config: QuantConfig = ctx.config
-        if config.backend == "int8":
-            from metagrad import int8
-
-            grad_x, grad_w, grad_b = int8.linear_backward(
-                e, x, weight, config, (need_x, need_w, need_b and ctx.has_bias)
+        if config.quantizes_operands:
+            backward = (
+                int8.linear_backward if config.backend == "int8" else int8.linear_backward_simulated
             )
+            mask = (need_x, need_w, need_b and ctx.has_bias)
+            state = int8.ForwardState.unpack(packed)
+            grad_x, grad_w, grad_b = backward(e, x, weight, config, mask, state=state)
             return grad_x, grad_w, grad_b, None
         q = _quantized_error(e, config, channel_dim=-1)
         q2d = q.reshape(-1, q.shape[-1])
@@ -164,6 +213,8 @@ def conv2d(
     """``F.conv2d`` with forward and backward quantization as ``config`` says."""
     stride, dilation = _pair(stride), _pair(dilation)
     padding = resolve_padding(padding, (weight.shape[2], weight.shape[3]), dilation)
+    if config.quantizes_operands:  # forward quantization happens inside the Function
+        return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
     weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
     input = fake_quantize_ste(input, config.activation, channel_dim=1)
     if not config.grad.enabled:
@@ -173,6 +224,8 @@ def conv2d(
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, config: QuantConfig):
     """``F.linear`` with forward and backward quantization as ``config`` says."""
+    if config.quantizes_operands:  # forward quantization happens inside the Function
+        return _QuantLinearFn.apply(input, weight, bias, config)
     weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
     input = fake_quantize_ste(input, config.activation, channel_dim=-1)
     if not config.grad.enabled:

@@ -22,10 +22,11 @@ from metagrad.checkpoint import (
     write_json,
     write_jsonl,
 )
-from metagrad.config import RESUMABLE_KEYS, ConfigError, TrainConfig
+from metagrad.config import HYPER_KEYS, RESUMABLE_KEYS, ConfigError, TrainConfig
 from metagrad.data import BatchLoader, ImageDataset, download_cifar10, load_cifar10, normalize
 from metagrad.data import load_digits_dataset as _load_digits
 from metagrad.diagnostics import gradient_report
+from metagrad.int8 import fallback_report
 from metagrad.layers import quantize_, quantized_layers
 from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
 
@@ -206,8 +207,19 @@ class Trainer:
 
     def _resume(self) -> None:
         state = load_checkpoint(self.out / CHECKPOINT)
+        try:
+            self._load_state(state)
+        except KeyError as err:
+            raise CheckpointError(
+                f"{self.out / CHECKPOINT} lacks {err}; not a metagrad run"
+            ) from None
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         saved, now = state["config"], self.cfg.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k])
+        inert = HYPER_KEYS if now["method"] == "plain" else frozenset()
+        changed = sorted(
+            k for k in now if k not in RESUMABLE_KEYS | inert and saved.get(k) != now[k]
+        )
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
             raise CheckpointError(f"cannot resume {self.out}: settings differ ({diffs})")
@@ -219,8 +231,8 @@ class Trainer:
         self.history = list(state["history"])
         self.partial = dict(state["partial"])
         self.step_seconds = list(state["step_seconds"])
-        self.hyper_seconds = state["hyper_seconds"]
-        self.gradient_records = list(state["gradient_records"])
+        self.hyper_seconds = state.get("hyper_seconds", 0.0)
+        self.gradient_records = list(state.get("gradient_records", []))
         torch.set_rng_state(state["torch_rng"])
 
     def _save(self, partial_record: dict[str, Any] | None = None) -> None:
@@ -351,6 +363,8 @@ class Trainer:
             "quantization": str(self.cfg.quant_config()),
             "hypernet": self._hypernet_summary(),
             "quantized_layers": len(quantized_layers(self.model)),
+            "backend": self.cfg.backend,
+            "int8_fallbacks": fallback_report(self.model) if self.cfg.backend == "int8" else {},
             "epochs_completed": len(self.history),
             "steps": self.step,
             "stopped_early": stopped_early,

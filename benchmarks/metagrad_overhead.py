@@ -1,0 +1,129 @@
+"""MetaGrad's cost next to a plain quantized step: time and peak memory, side by side.
+
+    python benchmarks/metagrad_overhead.py --data ../shared/data/cifar10-jpeg.zip
+
+vgg16 at width 0.25, batch 128, INT4 stochastic per-tensor gradients. Step time: every setting's
+steps interleaved in one process on the same CIFAR-10 batches (median). Memory: each setting in a
+fresh process on synthetic CIFAR-shaped data; the figure is the growth of the process's peak
+resident memory over its resident memory just before training (weights, optimizer state,
+activations, hypernetwork). Writes ``benchmarks/results/metagrad-overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import time_steps
+
+from metagrad.config import build_config
+from metagrad.data import ImageDataset, load_cifar10
+from metagrad.train import build_model, build_optimizer
+
+BASE: dict[str, Any] = {
+    "model": "vgg16",
+    "width": 0.25,
+    "batch_size": 128,
+    "grad_bits": 4,
+    "grad_rounding": "stochastic",
+}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "plain": {"method": "plain"},
+    "metagrad grad+weight h8": {"method": "metagrad", "hyper": "grad+weight", "hyper_hidden": 8},
+    "metagrad grad+weight h16": {"method": "metagrad", "hyper": "grad+weight", "hyper_hidden": 16},
+    "metagrad grad h8": {"method": "metagrad", "hyper": "grad", "hyper_hidden": 8},
+    "metagrad lstm h8": {"method": "metagrad", "hyper": "lstm", "hyper_hidden": 8},
+}
+PROBE_STEPS = 8
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def probe_memory(settings: dict[str, Any]) -> float:
+    """Peak resident-memory growth (MB) over ``PROBE_STEPS`` training steps, in this process."""
+    torch.manual_seed(0)
+    n = settings["batch_size"] * 2
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(n) % 10
+    half = (0.5, 0.5, 0.5)
+    data = ImageDataset(
+        images, labels, images[:2], labels[:2], [str(i) for i in range(10)], half, half
+    )
+    cfg = build_config({**settings, "out": "unused"})
+    model = build_model(cfg, data, torch.device("cpu"))
+    optimizer = build_optimizer(cfg, model)
+    x = ((images[: cfg.batch_size].float() / 255 - 0.5) / 0.5).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = labels[: cfg.batch_size]
+    before = _rss_mb()
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(PROBE_STEPS):
+        optimizer.step(closure)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--output", default="benchmarks/results/metagrad-overhead.json")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(probe_memory(json.loads(args.probe)))
+        return
+
+    settings = {name: {**BASE, **s} for name, s in SETTINGS.items()}
+    memory = {}
+    for name, s in settings.items():
+        cmd = [sys.executable, __file__, "--probe", json.dumps(s)]
+        memory[name] = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    data = load_cifar10(args.data)
+    seconds = time_steps(settings, data, {**BASE, "data": args.data}, steps=args.steps)
+    rows = {
+        name: {
+            "median_step_seconds": seconds[name],
+            "time_ratio_to_plain": seconds[name] / seconds["plain"],
+            "step_memory_mb": memory[name],
+            "memory_ratio_to_plain": memory[name] / memory["plain"],
+        }
+        for name in settings
+    }
+    result = {
+        "benchmark": "metagrad-overhead",
+        "command": " ".join(["python", *sys.argv]),
+        "settings": BASE,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'setting':<26} {'step s':>8} {'x plain':>8} {'mem MB':>8} {'x plain':>8}")
+    for name, r in rows.items():
+        print(
+            f"{name:<26} {r['median_step_seconds']:>8.3f} {r['time_ratio_to_plain']:>8.2f} "
+            f"{r['step_memory_mb']:>8.0f} {r['memory_ratio_to_plain']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""What the training benchmarks share: running ``metagrad train`` per setting, and step timing.
+
+Each training run is its own process (so peak memory is per run) and resumes from its checkpoint
+if the benchmark is started again. Step timing interleaves the settings (one step of each in turn,
+on the same batches), which keeps the ratios robust to the machine's background load.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metagrad.config import build_config
+from metagrad.data import BatchLoader, ImageDataset
+from metagrad.train import build_model, build_optimizer, resolve_device
+
+
+def cli_flags(settings: dict[str, Any]) -> list[str]:
+    """``{"grad_bits": 4}`` -> ``["--grad-bits", "4"]``."""
+    out = []
+    for key, value in settings.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) -> dict[str, Any]:
+    """Train (or finish) one setting in its own process; its benchmark record."""
+    out = runs_dir / name
+    resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+    cmd = [sys.executable, "-m", "metagrad", "train", *cli_flags(settings)]
+    cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
+    print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return run_record(name, summary, history)
+
+
+def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict:
+    """One line of a results file: the setting and what it reached."""
+    cfg = summary["config"]
+    quantized = cfg["grad_bits"] < 32
+    record = {
+        "run": name,
+        "method": cfg["method"] if quantized else "full-precision",
+        "bits": cfg["grad_bits"],
+        "rounding": cfg["grad_rounding"] if quantized else None,
+        "granularity": cfg["grad_granularity"] if quantized else None,
+        "seed": cfg["seed"],
+        "epochs": summary["epochs_completed"],
+        "final_test_acc": summary["final_test_acc"],
+        "best_test_acc": summary["best_test_acc"],
+        "mean_step_seconds": summary["mean_step_seconds"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "peak_memory_kind": summary["peak_memory_kind"],
+        "test_acc_per_epoch": [r["test_acc"] for r in history],
+    }
+    if cfg["method"] == "metagrad":
+        record["hypernet"] = summary["hypernet"]
+        record["hyper_share_of_step_time"] = summary["hyper_share_of_step_time"]
+    return record
+
+
+def time_steps(
+    settings: dict[str, dict[str, Any]],
+    data: ImageDataset,
+    base: dict[str, Any],
+    steps: int = 30,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Median seconds per training step for each named setting (``base`` plus its overrides)."""
+    loader = BatchLoader(
+        data.train_images,
+        data.train_labels,
+        base["batch_size"],
+        mean=data.mean,
+        std=data.std,
+        shuffle=True,
+        augment=True,
+        seed=0,
+    )
+    batches = list(zip(range(warmup + steps), loader.epoch(0), strict=False))
+    runs = {}
+    for name, overrides in settings.items():
+        cfg = build_config({**base, **overrides, "out": "unused"})
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, data, resolve_device(cfg.device))
+        runs[name] = (model, build_optimizer(cfg, model))
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for i, (x, y) in batches:
+        for name, (model, optimizer) in runs.items():
+
+            def closure(model=model, optimizer=optimizer, x=x, y=y):
+                optimizer.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            t0 = time.perf_counter()
+            optimizer.step(closure)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
