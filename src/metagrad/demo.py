@@ -23,6 +23,10 @@ DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("int3 nearest", {"grad_bits": 3}),
     ("int3 nearest + MetaGrad", {"grad_bits": 3, "method": "metagrad"}),
     ("int3 stochastic", {"grad_bits": 3, "grad_rounding": "stochastic"}),
+    (
+        "int3 stochastic + MetaGrad",
+        {"grad_bits": 3, "grad_rounding": "stochastic", "method": "metagrad"},
+    ),
     ("int2 stochastic", {"grad_bits": 2, "grad_rounding": "stochastic"}),
 ]
 DEMO_SETTINGS: dict[str, Any] = {

@@ -3,11 +3,15 @@
 One hypernetwork is shared by all quantized layers and applied coordinate-wise: every element of a
 layer's weight is one sample. For a layer with gradient ``g`` and weight ``W`` it computes
 
-    H(g, W) = g + rms(g) * net(g / rms(g), W / rms(W))
+    c = g + rms(g) * net(g / rms(g), W / rms(W)),     H(g, W) = c * rms(g) / rms(c)
 
 so the network sees inputs of order one whatever the layer's scale, and its output is a residual
-correction on the gradient's own scale. The network's last layer starts at zero, so a fresh
-hypernetwork is exactly the identity on the quantized gradient. An all-zero gradient stays zero.
+correction on the gradient's own scale. The final rescaling keeps each layer's gradient norm: the
+hypernetwork corrects the direction of the update, the learning rate keeps its size. Without it,
+the one-step-ahead training signal teaches the network to inflate the gradient (a larger step
+lowers the next loss), which on CIFAR-10 made MetaGrad diverge within a few hundred steps. The
+network's last layer starts at zero, so a fresh hypernetwork is exactly the identity on the
+quantized gradient. An all-zero gradient stays zero.
 
 Large layers are processed in chunks of ``chunk_size`` elements, each under activation
 recomputation (``torch.utils.checkpoint``), so the memory held for the backward pass is the inputs
@@ -133,7 +137,9 @@ class Hypernet(nn.Module):
             state = self.initial_state(features.shape[1], features)
         state = tuple(s.to(features.dtype) for s in state)
         delta, *new_state = apply_chunked(self.core, (features, *state), chunk_size)
-        corrected = grad + rms(grad).to(grad.dtype) * delta.view_as(grad).to(grad.dtype)
+        scale = rms(grad)
+        corrected = grad + scale.to(grad.dtype) * delta.view_as(grad).to(grad.dtype)
+        corrected = corrected * (scale / rms(corrected).clamp_min(self.eps)).to(grad.dtype)
         return corrected, tuple(new_state)
 
     def _dtype(self) -> torch.dtype:

@@ -16,7 +16,10 @@ Convolutions use channels-last int8 im2col. The layer input is quantized straigh
 zero-bordered ``N×Hp×Wp×C`` int8 buffer, viewed with ``as_strided`` as ``N×Ho×Wo×kh×kw×C``
 patches and copied once into a 2-D matrix: ``dL/dW = patches^T @ c_e``. ``dL/dx`` is the
 transposed convolution: the error codes are laid (zero-dilated for stride > 1) into a
-zero-bordered buffer and convolved the same way with the flipped weight. Grouped convolutions
+zero-bordered buffer and convolved the same way with the flipped weight. With stride 1 and an
+output as large as the input ("same" padding), the error is quantized straight into that buffer
+and its patch matrix serves both products (``dL/dW = error_patches^T @ x_codes``, taps flipped),
+so the input needs no patch matrix at all. Grouped convolutions
 fall back to :func:`conv2d_backward_simulated` (float products on the same quantized operands);
 :func:`fallback_reason` / :func:`fallback_report` say which layers do.
 
@@ -685,22 +688,79 @@ def _flipped_weight_rows(codes: Tensor, rows: int) -> Tensor:
     return mat
 
 
+def _error_placement(g: _Conv):
+    """Where the error lands in the buffer of the transposed convolution (see _error_canvas)."""
+    hb, wb = g.h + g.dilation[0] * (g.kh - 1), g.w + g.dilation[1] * (g.kw - 1)
+    rows = _placement(g.dilation[0] * (g.kh - 1) - g.padding[0], g.stride[0], g.ho, hb)
+    cols = _placement(g.dilation[1] * (g.kw - 1) - g.padding[1], g.stride[1], g.wo, wb)
+    return hb, wb, rows, cols
+
+
 def _error_canvas(err_inner: Tensor, g: _Conv) -> Tensor:
     """The error codes placed (stride-dilated) in a zero buffer for the transposed convolution.
 
     Output ``h`` of ``dL/dx`` reads rows ``h + i'·d`` (``i' = k-1-i``) of an
     ``(H + d(k-1))``-row buffer that holds ``e[ho]`` at row ``d(k-1) - p + ho·s``.
     """
-    hb, wb = g.h + g.dilation[0] * (g.kh - 1), g.w + g.dilation[1] * (g.kw - 1)
+    hb, wb, rows, cols = _error_placement(g)
     flat = _scratch("canvas", g.n * hb * wb * g.c_out, err_inner.device, torch.int8)
     canvas = flat.view(g.n, hb, wb, g.c_out)
     canvas.zero_()
-    rows = _placement(g.dilation[0] * (g.kh - 1) - g.padding[0], g.stride[0], g.ho, hb)
-    cols = _placement(g.dilation[1] * (g.kw - 1) - g.padding[1], g.stride[1], g.wo, wb)
     if rows and cols:
         (r0, r1, rs, h0, h1), (c0, c1, cs, w0, w1) = rows, cols
         canvas[:, r0:r1:rs, c0:c1:cs] = err_inner[:, h0:h1, w0:w1]
     return canvas
+
+
+def _shared_error_canvas(g: _Conv, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """A zero-bordered error buffer whose inside takes all the error codes directly, or None.
+
+    Only for stride 1 with an output no smaller than the input (e.g. "same" padding), where the
+    error's patch matrix (``N·H·W`` rows) can serve both products: ``dL/dx`` and ``dL/dW``
+    (:func:`_conv_grad_weight_shared`), which saves the input's patch matrix, unless the
+    padding to ``_int_mm``'s sizes makes that ``dL/dW`` product larger than the usual one.
+    Returns the buffer and its inside (N×Ho×Wo×Cout).
+    """
+    if g.pointwise or g.stride != (1, 1) or g.ho * g.wo < g.h * g.w:
+        return None
+    taps = g.kh * g.kw
+    if _round_up(taps * g.c_out) * _round_up(g.c_in) > _padded(g.c_out) * _round_up(taps * g.c_in):
+        return None  # padding makes this dL/dW product larger (e.g. an RGB input layer)
+    hb, wb, rows, cols = _error_placement(g)
+    if not (rows and cols) or (rows[3], rows[4], cols[3], cols[4]) != (0, g.ho, 0, g.wo):
+        return None
+    (r0, r1, _, _, _), (c0, c1, _, _, _) = rows, cols
+    flat = _scratch("canvas", g.n * hb * wb * g.c_out, device, torch.int8)
+    canvas = flat.view(g.n, hb, wb, g.c_out)
+    canvas[:, :r0].zero_()
+    canvas[:, r1:].zero_()
+    canvas[:, r0:r1, :c0].zero_()
+    canvas[:, r0:r1, c1:].zero_()
+    return canvas, canvas[:, r0:r1, c0:c1]
+
+
+def _conv_grad_weight_shared(patches: Tensor, xmat: Tensor, g: _Conv, e_max: int) -> Tensor:
+    """Exact ``dL/dW`` from the error's patch matrix of ``dL/dx``: ``patches^T @ x_codes``.
+
+    Row ``(i', j', co)`` of the int result holds ``W[co, :, kh-1-i', kw-1-j']``; returned as an
+    int kh×kw×Cout×Cin view (workspace), taps flipped.
+    """
+    acc = int_mm(patches.t(), xmat, a_max=e_max, b_max=OPERAND_QMAX, out_name="acc")
+    return acc[: g.kh * g.kw * g.c_out, : g.c_in].view(g.kh, g.kw, g.c_out, g.c_in)
+
+
+def _rescale_flipped_taps(acc: Tensor, scale: Tensor) -> Tensor:
+    """``dL/dW`` (Cout×Cin×kh×kw, stored Cout×kh×kw×Cin) from the flipped-tap int result.
+
+    ``acc``: kh×kw×Cout×Cin (tap ``(i', j')``); ``scale``: broadcasts on Cout×Cin.
+    """
+    kh, kw, c_out, c_in = acc.shape
+    out = torch.empty(c_out, kh, kw, c_in, dtype=scale.dtype, device=acc.device)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, i, j].copy_(acc[kh - 1 - i, kw - 1 - j])
+    out.mul_(scale[:, None, None, :])
+    return out.permute(0, 3, 1, 2)
 
 
 def _placement(offset: int, step: int, count: int, size: int):
@@ -725,6 +785,27 @@ def _conv_grad_weight_int(err: Tensor, canvas: Tensor, g: _Conv, e_max: int) -> 
         patches = _im2col(canvas, (g.kh, g.kw), (g.ho, g.wo), g.stride, g.dilation)
     acc = int_mm(err.t(), patches, a_max=e_max, b_max=OPERAND_QMAX, out_name="acc")
     return acc[: g.c_out, : g.kh * g.kw * g.c_in].view(g.c_out, g.kh, g.kw, g.c_in)
+
+
+def _x_matrix(
+    x: Tensor, g: _Conv, state: ForwardState | None, fold: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The layer input's int8 operand for :func:`_conv_grad_weight_shared`, and its scale.
+
+    A padded ``N·H·W × Cin`` matrix (NHWC order) in the workspace; the forward's codes are
+    copied in from their padded buffer when they can be reused.
+    """
+    rows = g.n * g.h * g.w
+    mat = _matrix(_padded(rows), _round_up(g.c_in), rows, g.c_in, device=x.device, name="xcanvas")
+    inside = mat[:rows, : g.c_in].view(g.n, g.h, g.w, g.c_in)
+    pre = state.x if state is not None else None
+    reuse = state is not None and state.x_buffer is not None and fold is None
+    if reuse and _scale_along(pre.scale, 1):
+        ph, pw = g.padding
+        inside.copy_(state.x_buffer[:, ph : ph + g.h, pw : pw + g.w])
+        return mat, pre.scale
+    op = backward_operand(x, pre, 1, fold, out=inside.permute(0, 3, 1, 2))
+    return mat, op.scale
 
 
 def _x_canvas(
@@ -766,6 +847,9 @@ def conv2d_backward(
     need_x, need_w, need_b = output_mask
     g = _Conv.of(x.shape, weight.shape, stride, padding, dilation)
     spec = config.grad
+    shared = _shared_error_canvas(g, e.device) if need_x else None
+    if shared is not None:
+        return _conv2d_backward_shared(e, x, weight, g, config, output_mask, state, *shared)
     err, inner, s_e = _error_matrix(e, spec, g.n * g.ho * g.wo, conv=True)
     es = _error_scales(s_e, spec.granularity, 4)
     grad_x = grad_w = grad_b = None
@@ -782,6 +866,48 @@ def conv2d_backward(
         grad_w = _rescale(acc, scale.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(weight.dtype)
     if need_b:
         grad_b = _bias_grad(err, inner, s_e, spec).to(e.dtype)
+    return grad_x, grad_w, grad_b
+
+
+def _conv2d_backward_shared(
+    e: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    g: _Conv,
+    config: QuantConfig,
+    output_mask: Mask,
+    state: ForwardState | None,
+    canvas: Tensor,
+    inner: Tensor,
+) -> Grads:
+    """:func:`conv2d_backward` with one patch matrix (the error's) for both products.
+
+    The error is quantized straight into ``inner`` (the inside of the zero-bordered ``canvas``).
+    """
+    _, need_w, need_b = output_mask
+    spec = config.grad
+    _, s_e = quantize_codes_int8(e, spec, 1, out=inner.permute(0, 3, 1, 2))
+    es = _error_scales(s_e, spec.granularity, 4)
+    patches = _im2col(canvas, (g.kh, g.kw), (g.h, g.w), (1, 1), g.dilation)
+    w_pre = state.weight if state is not None else None
+    wq = backward_operand(weight, w_pre, 1, es.input_fold)
+    wmat = _flipped_weight_rows(wq.codes, patches.shape[1])
+    acc = int_mm(patches, wmat, a_max=spec.qmax, b_max=OPERAND_QMAX, out_name="acc")
+    acc = acc[: g.n * g.h * g.w, : g.c_in].view(g.n, g.h, g.w, g.c_in)
+    scale = es.input_factor * wq.scale
+    grad_x = _rescale(acc, scale.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(x.dtype)
+    grad_w = grad_b = None
+    if need_w:
+        xmat, s_x = _x_matrix(x, g, state, es.weight_fold)
+        acc = _conv_grad_weight_shared(patches, xmat, g, spec.qmax)
+        scale = (es.weight_factor * s_x.reshape(1, -1, 1, 1))[:, :, 0, 0]
+        grad_w = _rescale_flipped_taps(acc, scale).to(weight.dtype)
+    if need_b:
+        rows = g.n * g.ho * g.wo
+        err = _matrix(_padded(rows), _padded(g.c_out), rows, g.c_out, device=e.device, name="error")
+        err_inner = err[:rows, : g.c_out].view(inner.shape)
+        err_inner.copy_(inner)
+        grad_b = _bias_grad(err, err_inner, s_e, spec).to(e.dtype)
     return grad_x, grad_w, grad_b
 
 

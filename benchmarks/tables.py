@@ -1,0 +1,113 @@
+"""Markdown tables of the committed benchmark results (the README's Results section).
+
+python benchmarks/tables.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+START, END = "<!-- tables:start -->", "<!-- tables:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _quantizer(r: dict) -> str:
+    if r["bits"] == 32:
+        return "fp32"
+    return f"INT{r['bits']} {r['rounding']}, per {r['granularity']}"
+
+
+def training_table(data: dict) -> str:
+    rows = [
+        "| gradients | method | seed | test acc (final) | best | mean step s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        rows.append(
+            f"| {_quantizer(r)} | {r['method']} | {r['seed']} | {r['final_test_acc']:.2f} "
+            f"| {r['best_test_acc']:.2f} | {r['mean_step_seconds']:.3f} "
+            f"| {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def step_ratio_table(data: dict) -> str:
+    rows = ["| gradients | median step s | x fp32 |", "|---|---|---|"]
+    for name, t in data["side_by_side_step_time"].items():
+        rows.append(f"| {name} | {t['median_step_seconds']:.3f} | {t['ratio_to_fp32']:.3f} |")
+    return "\n".join(rows)
+
+
+def overhead_table(data: dict) -> str:
+    rows = [
+        "| setting | median step s | x plain | step memory MB | x plain |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in data["results"].items():
+        rows.append(
+            f"| {name} | {r['median_step_seconds']:.3f} | {r['time_ratio_to_plain']:.2f} "
+            f"| {r['step_memory_mb']:.0f} | {r['memory_ratio_to_plain']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def speed_table(data: dict) -> str:
+    rows = [
+        "| layer | float32 ms | simulate ms | int8 ms | float32/int8 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["layers"]:
+        ms = r["ms"]
+        rows.append(
+            f"| {r['name']} | {ms['float32']:.1f} | {ms['simulate']:.1f} | {ms['int8']:.1f} "
+            f"| {ms['float32'] / ms['int8']:.2f}x |"
+        )
+    rows += ["", "| training step (vgg16, width 1, batch 128) | s | speed-up |", "|---|---|---|"]
+    for r in data["steps"]:
+        rows.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['speedup_vs_float32']:.2f}x |")
+    median = data["summary"]["median_conv_speedup_float32_over_int8"]
+    rows.append(f"\nMedian float32/int8 over the VGG-16 conv layers: **{median:.2f}x**")
+    return "\n".join(rows)
+
+
+def render() -> str:
+    sections = [
+        ("quantized-baselines.json", "Plain quantized gradients", training_table),
+        ("quantized-baselines.json", "Step time side by side", step_ratio_table),
+        ("metagrad-cifar10.json", "MetaGrad on CIFAR-10", training_table),
+        ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
+        ("backward-speed.json", "Integer backward speed", speed_table),
+    ]
+    out = []
+    for name, title, table in sections:
+        data = _load(name)
+        if data is not None:
+            out.append(f"#### {title} (`benchmarks/results/{name}`)\n\n{table(data)}\n")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, help="rewrite this file between its markers")
+    args = parser.parse_args()
+    tables = render()
+    if args.readme is None:
+        print(tables)
+        return
+    text = args.readme.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
+    args.readme.write_text(pattern.sub(lambda _: f"{START}\n{tables}\n{END}", text))
+
+
+if __name__ == "__main__":
+    main()
