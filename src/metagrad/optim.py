@@ -30,12 +30,13 @@ from metagrad.hyper import DEFAULT_KIND, Hypernet, create_hypernet
 from metagrad.layers import quantized_layers
 
 BASES: tuple[str, ...] = ("sgd", "adam")
-DEFAULT_CHUNK_SIZE = 1 << 18
+DEFAULT_CHUNK_SIZE = 1 << 17
 """Weight elements per hypernetwork chunk. Layers up to this size keep their hypernetwork
 activations (``numel * hidden`` values) for the backward pass; larger ones are processed in chunks
-with activation recomputation, holding one chunk's activations at a time. 2**18 leaves VGG-16 at
-width 0.25 unchunked (largest layer 147k weights) and chunks its 0.3-2.4M-weight layers at width
-1."""
+with activation recomputation, holding one chunk's activations at a time. On VGG-16 at width 0.25
+(batch 128, INT4) 2**17 measured 1.18x a plain step's time and 1.25x its memory growth; 2**18
+(nothing chunked there) 1.17x and 1.53x; 2**15 1.40x and 1.30x
+(``benchmarks/metagrad_overhead.py``)."""
 
 Closure = Callable[[], Tensor]
 BaseState = dict[str, Any]
