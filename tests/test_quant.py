@@ -75,8 +75,9 @@ def test_stochastic_rounding_is_unbiased(bits, granularity):
         total += fake_quantize(x, spec)
     mean = total / draws
     _, scale = quantize_codes(x, QuantSpec(bits, "nearest", granularity))
-    # Each draw is off by at most one step; its std is at most scale/2.
-    bound = 5 * (scale / 2) / math.sqrt(draws)
+    # Each draw is off by at most one step (std at most scale/2); the 8-bit dither adds at
+    # most scale/512 of bias.
+    bound = 5 * (scale / 2) / math.sqrt(draws) + scale / 512
     assert torch.all((mean - x).abs() <= bound)
     # Nearest rounding is biased on the same data: the test is able to see bias.
     nearest_bias = (fake_quantize(x, QuantSpec(bits, "nearest", granularity)) - x).abs()
@@ -179,3 +180,15 @@ def test_straight_through_estimator_passes_the_gradient_unchanged():
     g = torch.randn_like(x)
     y.backward(g)
     assert torch.equal(x.grad, g)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.999])
+def test_stochastic_rounding_bias_is_within_the_dither_resolution(fraction):
+    torch.manual_seed(0)
+    spec = QuantSpec(8, "stochastic")
+    x = torch.full((1_000_000,), 10 + fraction)
+    x[0] = 127  # scale = 1: codes are floor(x + u)
+    codes, scale = quantize_codes(x, spec)
+    assert scale.item() == 1
+    mean = codes[1:].mean().item()
+    assert abs(mean - (10 + fraction)) <= 1 / 512 + 5 * 0.5 / 1000
