@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import time_steps
+from runner import probe_memory, step_memory, time_steps
 
-from metagrad.config import build_config
-from metagrad.data import ImageDataset, load_cifar10
-from metagrad.train import build_model, build_optimizer
+from metagrad.data import load_cifar10
 
 BASE: dict[str, Any] = {
     "model": "vgg16",
@@ -42,42 +38,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "metagrad grad h8": {"method": "metagrad", "hyper": "grad", "hyper_hidden": 8},
     "metagrad lstm h8": {"method": "metagrad", "hyper": "lstm", "hyper_hidden": 8},
 }
-PROBE_STEPS = 8
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def probe_memory(settings: dict[str, Any]) -> float:
-    """Peak resident-memory growth (MB) over ``PROBE_STEPS`` training steps, in this process."""
-    torch.manual_seed(0)
-    n = settings["batch_size"] * 2
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.arange(n) % 10
-    half = (0.5, 0.5, 0.5)
-    data = ImageDataset(
-        images, labels, images[:2], labels[:2], [str(i) for i in range(10)], half, half
-    )
-    cfg = build_config({**settings, "out": "unused"})
-    model = build_model(cfg, data, torch.device("cpu"))
-    optimizer = build_optimizer(cfg, model)
-    x = ((images[: cfg.batch_size].float() / 255 - 0.5) / 0.5).contiguous(
-        memory_format=torch.channels_last
-    )
-    y = labels[: cfg.batch_size]
-    before = _rss_mb()
-
-    def closure():
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    for _ in range(PROBE_STEPS):
-        optimizer.step(closure)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
 
 
 def main() -> None:
@@ -92,10 +52,7 @@ def main() -> None:
         return
 
     settings = {name: {**BASE, **s} for name, s in SETTINGS.items()}
-    memory = {}
-    for name, s in settings.items():
-        cmd = [sys.executable, __file__, "--probe", json.dumps(s)]
-        memory[name] = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    memory = {name: step_memory(__file__, s) for name, s in settings.items()}
     data = load_cifar10(args.data)
     seconds = time_steps(settings, data, {**BASE, "data": args.data}, steps=args.steps)
     rows = {

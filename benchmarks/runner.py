@@ -19,7 +19,9 @@ import torch
 
 from metagrad.config import build_config
 from metagrad.data import BatchLoader, ImageDataset
-from metagrad.train import build_model, build_optimizer, resolve_device
+from metagrad.train import build_model, build_optimizer, peak_memory_mb, resolve_device
+
+PROBE_STEPS = 8
 
 
 def cli_flags(settings: dict[str, Any]) -> list[str]:
@@ -66,6 +68,51 @@ def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]
         record["hypernet"] = summary["hypernet"]
         record["hyper_share_of_step_time"] = summary["hyper_share_of_step_time"]
     return record
+
+
+def _rss_mb() -> float:
+    """Current resident memory (Linux ``VmRSS``), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("memory probes need Linux's /proc/self/status")
+
+
+def probe_memory(settings: dict[str, Any]) -> float:
+    """Peak resident-memory growth (MB) over ``PROBE_STEPS`` training steps, in this process."""
+    torch.manual_seed(0)
+    n = settings["batch_size"] * 2
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(n) % 10
+    half = (0.5, 0.5, 0.5)
+    data = ImageDataset(
+        images, labels, images[:2], labels[:2], [str(i) for i in range(10)], half, half
+    )
+    cfg = build_config({**settings, "out": "unused"})
+    model = build_model(cfg, data, torch.device("cpu"))
+    optimizer = build_optimizer(cfg, model)
+    x = ((images[: cfg.batch_size].float() / 255 - 0.5) / 0.5).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = labels[: cfg.batch_size]
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
+    before = _rss_mb()
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(PROBE_STEPS):
+        optimizer.step(closure)
+    return peak_memory_mb(torch.device("cpu"))[0] - before
+
+
+def step_memory(script: str, settings: dict[str, Any]) -> float:
+    """:func:`probe_memory` of ``settings`` in a fresh process (``script --probe JSON``)."""
+    cmd = [sys.executable, script, "--probe", json.dumps(settings)]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def time_steps(

@@ -30,6 +30,7 @@ GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
 FULL_PRECISION_BITS = 32
 MIN_BITS, MAX_BITS = 2, 8
 DITHER_LEVELS = 256  # resolution of stochastic rounding's noise (one byte per element)
+EXACT_ENOUGH = (torch.float32, torch.float64)  # dtypes whose codes never need clamping
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,17 @@ def quantize_codes(
     amax = absmax(x, spec.granularity, channel_dim)
     scale = amax / qmax
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-    codes = x / scale
     if spec.rounding == "stochastic":
-        codes.add_(_dither(codes, generator), alpha=1 / DITHER_LEVELS)
-        codes.add_(0.5 / DITHER_LEVELS).floor_()
+        # floor(x/scale + (byte + 0.5)/256), the half-level offset folded into the division.
+        offset = torch.tensor(0.5 / DITHER_LEVELS, dtype=x.dtype, device=x.device)
+        codes = torch.addcdiv(offset, x, scale)
+        codes.add_(_dither(codes, generator), alpha=1 / DITHER_LEVELS).floor_()
     else:
-        codes.round_()
-    codes.clamp_(-qmax, qmax)
+        codes = (x / scale).round_()
+    if x.dtype not in EXACT_ENOUGH:
+        # |x / scale| <= qmax holds to float32 rounding, which cannot push a code past qmax;
+        # coarser float formats can.
+        codes.clamp_(-qmax, qmax)
     return codes, scale
 
 

@@ -135,9 +135,18 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, mean, std) -> tup
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: CUDA's allocator peak, or the process's peak resident set on CPU."""
+    """Peak memory so far: CUDA's allocator peak, or the process's peak resident set on CPU.
+
+    On Linux the peak is ``VmHWM`` of ``/proc/self/status``: unlike ``getrusage``'s maxrss, it
+    does not inherit the peak of the parent process that started this one.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process_max_rss"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
@@ -175,6 +184,7 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self.step_seconds: list[float] = []
         self.hyper_seconds = 0.0
+        self.earlier_peak_memory_mb = 0.0
         self.gradient_records: list[dict[str, Any]] = []
         self.partial_record: dict[str, Any] | None = None
         if cfg.resume:
@@ -201,6 +211,7 @@ class Trainer:
             "partial": self.partial,
             "step_seconds": self.step_seconds,
             "hyper_seconds": self.hyper_seconds,
+            "peak_memory_mb": peak_memory_mb(self.device)[0],
             "gradient_records": self.gradient_records,
             "torch_rng": torch.get_rng_state(),
         }
@@ -232,6 +243,7 @@ class Trainer:
         self.partial = dict(state["partial"])
         self.step_seconds = list(state["step_seconds"])
         self.hyper_seconds = state.get("hyper_seconds", 0.0)
+        self.earlier_peak_memory_mb = state.get("peak_memory_mb", 0.0)
         self.gradient_records = list(state.get("gradient_records", []))
         torch.set_rng_state(state["torch_rng"])
 
@@ -358,6 +370,7 @@ class Trainer:
         final = accs[-1] if accs else None
         steps = self.step_seconds[1:] or self.step_seconds
         memory, memory_kind = peak_memory_mb(self.device)
+        memory = max(memory, self.earlier_peak_memory_mb)  # earlier processes of a resumed run
         return {
             "config": self.cfg.to_dict(),
             "quantization": str(self.cfg.quant_config()),
