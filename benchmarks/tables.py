@@ -27,7 +27,7 @@ def _quantizer(r: dict) -> str:
 
 def training_table(data: dict) -> str:
     rows = [
-        "| gradients | method | seed | test acc (final) | best | mean step s | peak RSS MB |",
+        "| gradients | method | seed | test acc (final) | best | mean step s | peak MB |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in data["runs"]:

@@ -9,7 +9,8 @@ so the network sees inputs of order one whatever the layer's scale, and its outp
 correction on the gradient's own scale. The final rescaling keeps each layer's gradient norm: the
 hypernetwork corrects the direction of the update, the learning rate keeps its size. Without it,
 the one-step-ahead training signal teaches the network to inflate the gradient (a larger step
-lowers the next loss), which on CIFAR-10 made MetaGrad diverge within a few hundred steps. The
+lowers the next loss), and on CIFAR-10 training diverged within an epoch. (With it, MetaGrad
+still diverged there within two epochs at hypernetwork lr 1e-3: see the README's results.) The
 network's last layer starts at zero, so a fresh hypernetwork is exactly the identity on the
 quantized gradient. An all-zero gradient stays zero.
 
