@@ -30,7 +30,7 @@ BASE: dict[str, Any] = {
     "lr": 0.1,
     "hyper": "grad+weight",
     "hyper_hidden": 8,
-    "hyper_lr": 1e-3,
+    "hyper_lr": 1e-4,
 }
 INT4_STOCHASTIC = {"grad_bits": 4, "grad_rounding": "stochastic"}
 SETTINGS: dict[str, dict[str, Any]] = {

@@ -199,6 +199,9 @@ def test_int8_backend_trains_and_reports_its_fallbacks(tmp_path):
     summary = train(_cfg(tmp_path / "int8", epochs=1, grad_bits=4, backend="int8", max_steps=5))
     assert summary["backend"] == "int8"
     assert summary["int8_fallbacks"] == {}  # small_cnn has no grouped convolutions
+    settings = {"grad_bits": 4, "backend": "int8", "method": "metagrad", "max_steps": 5}
+    summary = train(_cfg(tmp_path / "int8-mg", epochs=1, weight_bits=8, act_bits=8, **settings))
+    assert summary["steps"] == 5 and summary["hypernet"]["kind"] == "grad+weight"
     summary = train(
         build_config(
             {

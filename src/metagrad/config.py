@@ -52,7 +52,7 @@ class TrainConfig:
     method: str = "plain"
     hyper: str = "grad+weight"
     hyper_hidden: int = 8
-    hyper_lr: float = 1e-3
+    hyper_lr: float = 1e-4
     diag_every: int = 0
     seed: int = 0
     device: str = "auto"
