@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -15,7 +16,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or from an incompatible run."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)`` on a temporary file beside it, then rename it over."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -31,7 +33,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -47,9 +49,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def write_json(data: Any, path: str | Path) -> None:
     text = json.dumps(data, indent=2) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
     text = "".join(json.dumps(r) + "\n" for r in records)
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()))

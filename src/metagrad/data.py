@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 import zlib
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from metagrad.checkpoint import atomic_write
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -502,20 +503,6 @@ def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def _atomic_write(dest: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``dest`` through a temporary file in the same directory, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _CACHE_FIELDS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -549,7 +536,7 @@ def _write_cache(path: Path, key: str, dataset: ImageDataset) -> None:
     state.update(key=key, classes=dataset.classes, mean=dataset.mean, std=dataset.std)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda file: torch.save(state, file))
+        atomic_write(path, lambda file: torch.save(state, file))
     except (OSError, RuntimeError) as exc:  # a cache we cannot write is not fatal
         logger.warning("could not write dataset cache %s: %s", path, exc)
 
@@ -620,7 +607,7 @@ def download_cifar10(
     logger.info("downloading %s to %s", url, dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(dest, fetch)
+        atomic_write(dest, fetch)
     except OSError as exc:  # includes urllib.error.URLError
         raise _error(url, f"expected to download it to {dest}: {exc}") from exc
     return dest
