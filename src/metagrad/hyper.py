@@ -38,10 +38,10 @@ HyperState = tuple[Tensor, ...]
 HYPERNET_KINDS: tuple[str, ...] = ("grad", "grad+weight", "lstm")
 DEFAULT_KIND = "grad+weight"
 DEFAULT_HIDDEN = 8
-"""Hidden width. The cost is memory-bound, about ``numel * hidden`` per pass: on a CPU, a MetaGrad
-step of VGG-16 at width 0.25 (0.9M weights, batch 128, INT4 gradients) measured ~1.08x a plain
-quantized step with 8, ~1.15x with 16 and ~2x with the 8-wide LSTM; MetaQuant's width 100 would
-cost more than the model's own step."""
+"""Hidden width. The cost is memory-bound, about ``numel * hidden`` per pass: on VGG-16 at width
+0.25 (batch 128, INT4 gradients) a MetaGrad step took 1.27x a plain quantized step with 8, 1.39x
+with 16 and 2.58x with the 8-wide LSTM (``benchmarks/results/metagrad-overhead.json``);
+MetaQuant's width 100 would cost more than the model's own step."""
 DEFAULT_EPS = 1e-12
 """Floor on ``rms`` when normalising inputs (an all-zero tensor then gives zero features)."""
 

@@ -33,10 +33,9 @@ BASES: tuple[str, ...] = ("sgd", "adam")
 DEFAULT_CHUNK_SIZE = 1 << 17
 """Weight elements per hypernetwork chunk. Layers up to this size keep their hypernetwork
 activations (``numel * hidden`` values) for the backward pass; larger ones are processed in chunks
-with activation recomputation, holding one chunk's activations at a time. On VGG-16 at width 0.25
-(batch 128, INT4) 2**17 measured 1.18x a plain step's time and 1.25x its memory growth; 2**18
-(nothing chunked there) 1.17x and 1.53x; 2**15 1.40x and 1.30x
-(``benchmarks/metagrad_overhead.py``)."""
+with activation recomputation, holding one chunk's activations at a time. 2**17 chunks VGG-16's
+largest layers at width 0.25, which kept a MetaGrad step within 1.3x a plain step's time and 1.5x
+its memory (``benchmarks/results/metagrad-overhead.json``); smaller chunks cost more time."""
 
 Closure = Callable[[], Tensor]
 BaseState = dict[str, Any]

@@ -4,8 +4,8 @@ A tensor is split into groups (the whole tensor, one per channel, or one per sam
 gets the scale ``absmax / qmax`` with ``qmax = 2**(bits-1) - 1``, so its codes are integers in
 ``[-qmax, qmax]``. Rounding is to nearest or stochastic: ``floor(x/scale + u)`` with ``u`` uniform
 on the 256 levels ``(k + 0.5) / 256``, so ``E[Q(x)]`` is within ``scale / 512`` of ``x``
-(unbiased up to that dither resolution). One 32-bit random draw serves four elements, which makes
-stochastic rounding about 40% cheaper than drawing a float per element.
+(unbiased up to that dither resolution). One 32-bit random draw serves four elements, which is
+cheaper than drawing a float per element.
 
 Special values, by design:
 - an all-zero group quantizes to zeros (its scale is taken as 1, never 0);
