@@ -85,7 +85,8 @@ def main() -> None:
         }
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"   {name}: final test acc {done[name]['final_test_acc']:.2f}%", flush=True)
+        acc = done[name]["final_test_acc"]
+        print(f"   {name}: " + (f"final test acc {acc:.2f}%" if acc is not None else "diverged"))
     print(f"wrote {output}")
 
 

@@ -33,16 +33,31 @@ def cli_flags(settings: dict[str, Any]) -> list[str]:
 
 
 def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) -> dict[str, Any]:
-    """Train (or finish) one setting in its own process; its benchmark record."""
+    """Train (or finish) one setting in its own process; its benchmark record.
+
+    A run that diverged (non-finite loss) is recorded as such, and not started again.
+    """
     out = runs_dir / name
-    resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    cmd = [sys.executable, "-m", "metagrad", "train", *cli_flags(settings)]
-    cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
-    print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, check=True)
-    summary = json.loads((out / "summary.json").read_text())
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return run_record(name, summary, history)
+    summary_path = out / "summary.json"
+    if not _diverged(summary_path):
+        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+        cmd = [sys.executable, "-m", "metagrad", "train", *cli_flags(settings)]
+        cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
+        print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
+        code = subprocess.run(cmd).returncode
+        if code != 0 and not _diverged(summary_path):
+            raise RuntimeError(f"{name}: metagrad train exited with status {code}")
+    summary = json.loads(summary_path.read_text())
+    metrics = out / "metrics.jsonl"  # absent if the run diverged in its first epoch
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return run_record(name, summary, [json.loads(line) for line in lines])
+
+
+def _diverged(summary_path: Path) -> bool:
+    """Whether the run's summary says its loss became non-finite."""
+    if not summary_path.is_file():
+        return False
+    return json.loads(summary_path.read_text()).get("diverged_at_step") is not None
 
 
 def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict:
@@ -51,13 +66,15 @@ def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]
     quantized = cfg["grad_bits"] < 32
     record = {
         "run": name,
-        "method": cfg["method"] if quantized else "full-precision",
+        "method": "full-precision" if cfg["method"] == "plain" and not quantized else cfg["method"],
         "bits": cfg["grad_bits"],
         "rounding": cfg["grad_rounding"] if quantized else None,
         "granularity": cfg["grad_granularity"] if quantized else None,
         "seed": cfg["seed"],
         "epochs": summary["epochs_completed"],
+        "steps": summary["steps"],
         "final_test_acc": summary["final_test_acc"],
+        "diverged_at_step": summary.get("diverged_at_step"),
         "best_test_acc": summary["best_test_acc"],
         "mean_step_seconds": summary["mean_step_seconds"],
         "peak_memory_mb": summary["peak_memory_mb"],

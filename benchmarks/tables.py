@@ -25,6 +25,17 @@ def _quantizer(r: dict) -> str:
     return f"INT{r['bits']} {r['rounding']}, per {r['granularity']}"
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _final(r: dict) -> str:
+    """The final test accuracy, or where the run diverged."""
+    if r.get("diverged_at_step") is not None:
+        return f"diverged (step {r['diverged_at_step']})"
+    return _number(r["final_test_acc"])
+
+
 def training_table(data: dict) -> str:
     rows = [
         "| gradients | method | seed | test acc (final) | best | mean step s | peak MB |",
@@ -32,9 +43,50 @@ def training_table(data: dict) -> str:
     ]
     for r in data["runs"]:
         rows.append(
-            f"| {_quantizer(r)} | {r['method']} | {r['seed']} | {r['final_test_acc']:.2f} "
-            f"| {r['best_test_acc']:.2f} | {r['mean_step_seconds']:.3f} "
+            f"| {_quantizer(r)} | {r['method']} | {r['seed']} | {_final(r)} "
+            f"| {_number(r['best_test_acc'])} | {r['mean_step_seconds']:.3f} "
             f"| {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def paired_table(data: dict) -> str:
+    """Plain against MetaGrad per quantizer and seed, with full precision of the same seed."""
+    runs = data["runs"]
+    fp32 = {r["seed"]: r["final_test_acc"] for r in runs if r["bits"] == 32}
+    pairs: dict[tuple[str, int], dict[str, float]] = {}
+    for r in runs:
+        if r["bits"] < 32:
+            pairs.setdefault((_quantizer(r), r["seed"]), {})[r["method"]] = r
+    rows = [
+        "| gradients | seed | fp32 | plain | MetaGrad | MetaGrad - plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (quantizer, seed), pair in pairs.items():
+        if {"plain", "metagrad"} <= pair.keys():
+            plain, meta = pair["plain"]["final_test_acc"], pair["metagrad"]["final_test_acc"]
+            fp = f"{fp32[seed]:.2f}" if seed in fp32 else "-"
+            diff = f"{meta - plain:+.2f}" if None not in (plain, meta) else "-"
+            rows.append(
+                f"| {quantizer} | {seed} | {fp} | {_final(pair['plain'])} "
+                f"| {_final(pair['metagrad'])} | {diff} |"
+            )
+    return "\n".join(rows)
+
+
+def ablation_table(data: dict) -> str:
+    """Each ablation's accuracy and, over its last epoch, gradient cosines and correction size."""
+    rows = [
+        "| run | changed | test acc | cosine to fp32: quantized | used | correction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        changed = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+        last = r["gradients"]["per_epoch"][-1]
+        rows.append(
+            f"| {r['run']} | {changed} | {_final(r)} "
+            f"| {last['quantized_cosine']:.3f} | {last['used_cosine']:.3f} "
+            f"| {last['correction']:.3f} |"
         )
     return "\n".join(rows)
 
@@ -83,6 +135,8 @@ def render() -> str:
         ("quantized-baselines.json", "Plain quantized gradients", training_table),
         ("quantized-baselines.json", "Step time side by side", step_ratio_table),
         ("metagrad-cifar10.json", "MetaGrad on CIFAR-10", training_table),
+        ("metagrad-cifar10.json", "MetaGrad against plain, paired", paired_table),
+        ("metagrad-ablations.json", "MetaGrad ablations", ablation_table),
         ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
         ("backward-speed.json", "Integer backward speed", speed_table),
     ]

@@ -42,7 +42,7 @@ def test_flags_override_a_yaml_or_toml_config_file(tmp_path):
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"lr": "fast"}, "lr must be a float"),
         ({"learning_rate": 0.1}, "unknown setting"),
-        ({"method": "metagrad"}, "set grad_bits 2..8"),
+        ({"method": "meta"}, "method must be one of"),
     ],
 )
 def test_bad_settings_are_rejected_by_name(values, message):
@@ -86,6 +86,19 @@ def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
     assert summary["mean_step_seconds"] > 0 and summary["peak_memory_mb"] > 0
     assert load_checkpoint(out / "checkpoint.pt")["position"]["epoch"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_a_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--model", "small_cnn", "--lr", "1e6", "--epochs", "2"]
+    assert main([*args, "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("metagrad: error: loss became") and "\n" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_at_step"] >= 1 and summary["final_test_acc"] is None
+    if (out / "checkpoint.pt").exists():  # only completed epochs are checkpointed
+        model = load_checkpoint(out / "checkpoint.pt")["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 
 
 def test_training_learns_the_digits(tmp_path):
@@ -176,8 +189,8 @@ def test_metagrad_runs_from_the_command_line_and_records_its_settings(tmp_path):
     records = _records(out / "gradients.jsonl")
     assert [r["step"] for r in records] == [5, 10]
     layer = next(iter(records[-1]["layers"].values()))
-    assert set(layer) == {"quantized", "used"}
-    assert records[-1]["layers"] != {}
+    assert set(layer) == {"quantized", "used", "correction"}
+    assert records[-1]["mean_correction"] > 0  # the hypernetwork trained away from the identity
 
 
 def test_gradient_diagnostics_measure_quantization_without_changing_the_run(tmp_path):
@@ -191,6 +204,7 @@ def test_gradient_diagnostics_measure_quantization_without_changing_the_run(tmp_
     assert [r["step"] for r in records] == [4, 8, 12]
     for r in records:
         assert r["mean_used"] == r["mean_quantized"]  # plain training uses the quantized gradient
+        assert r["mean_correction"] == 0
         assert 0.5 < r["mean_quantized"]["cosine"] < 1.0
         assert 0 < r["mean_quantized"]["rel_error"] < 1.0
 

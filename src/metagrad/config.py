@@ -86,8 +86,6 @@ class TrainConfig:
             self.quant_config()
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.method == "metagrad" and self.grad_bits == 32:
-            raise ConfigError("method 'metagrad' corrects quantized gradients: set grad_bits 2..8")
 
     def quant_config(self) -> QuantConfig:
         """The layers' quantization settings."""

@@ -2,7 +2,8 @@
 
 On one batch, per quantized layer: the full-precision weight gradient, the quantized one (what
 plain low-precision training uses) and, under MetaGrad, the hypernetwork's correction of it;
-cosine similarity and relative error of the latter two against the first. The model's buffers
+cosine similarity and relative error of the latter two against the first, and the size of the
+correction (``|used - quantized| / |quantized|``, 0 for plain training). The model's buffers
 (batch-norm statistics) and the random-number state are restored, so diagnostics never change
 the training run they observe.
 """
@@ -87,6 +88,7 @@ def gradient_report(
         report["layers"][name] = {
             "quantized": _compare(q, ref),
             "used": _compare(u, ref),
+            "correction": _compare(u, q)["rel_error"],
         }
     for kind in ("quantized", "used"):
         per_layer = [r[kind] for r in report["layers"].values()]
@@ -94,4 +96,6 @@ def gradient_report(
             key: sum(r[key] for r in per_layer) / max(1, len(per_layer))
             for key in ("cosine", "rel_error")
         }
+    corrections = [r["correction"] for r in report["layers"].values()]
+    report["mean_correction"] = sum(corrections) / max(1, len(corrections))
     return report

@@ -297,8 +297,16 @@ class Trainer:
         """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns the summary it writes."""
         cfg = self.cfg
         stopped_early = False
-        while self.epoch < cfg.epochs and not stopped_early:
-            stopped_early = self._run_epoch()
+        try:
+            while self.epoch < cfg.epochs and not stopped_early:
+                stopped_early = self._run_epoch()
+        except FloatingPointError:
+            # Record where the run diverged, and the diagnostics up to there; the checkpoint
+            # keeps the last good epoch.
+            if self.gradient_records:
+                write_jsonl(self.gradient_records, self.out / GRADIENTS)
+            write_json(self._summary(False, diverged_at_step=self.step), self.out / SUMMARY)
+            raise
         summary = self._summary(stopped_early)
         write_json(summary, self.out / SUMMARY)
         return summary
@@ -364,7 +372,7 @@ class Trainer:
             "parameters": sum(p.numel() for p in hypernet.parameters()),
         }
 
-    def _summary(self, stopped_early: bool) -> dict[str, Any]:
+    def _summary(self, stopped_early: bool, diverged_at_step: int | None = None) -> dict[str, Any]:
         records = self.history + ([self.partial_record] if self.partial_record else [])
         accs = [r["test_acc"] for r in records]
         final = accs[-1] if accs else None
@@ -381,7 +389,8 @@ class Trainer:
             "epochs_completed": len(self.history),
             "steps": self.step,
             "stopped_early": stopped_early,
-            "final_test_acc": final,
+            "diverged_at_step": diverged_at_step,
+            "final_test_acc": None if diverged_at_step is not None else final,
             "final_train_loss": records[-1]["train_loss"] if records else None,
             "best_test_acc": max(accs) if accs else None,
             "mean_step_seconds": sum(steps) / len(steps) if steps else None,
