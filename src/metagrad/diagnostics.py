@@ -53,6 +53,21 @@ def _weight_grads(model: nn.Module, weights: list[Tensor], x: Tensor, y: Tensor)
     return list(torch.autograd.grad(loss, weights))
 
 
+def paired_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per quantized layer, its weight gradient on ``(x, y)``: ``(full precision, quantized)``.
+
+    The model's buffers and the random-number state are left as they were.
+    """
+    named = quantized_layers(model)
+    layers = [layer for _, layer in named]
+    weights = [layer.weight for layer in layers]
+    with _untouched(model):
+        with _full_precision_backward(layers):
+            reference = _weight_grads(model, weights, x, y)
+        quantized = _weight_grads(model, weights, x, y)
+    return {name: (ref, q) for (name, _), ref, q in zip(named, reference, quantized, strict=True)}
+
+
 def _compare(g: Tensor, reference: Tensor) -> dict[str, float]:
     g, reference = g.double().flatten(), reference.double().flatten()
     ref_norm = reference.norm()
@@ -70,21 +85,17 @@ def gradient_report(
     ``quantized`` is the plain quantized gradient; ``used`` is what updates the weights: the
     quantized gradient, or its hypernetwork correction when ``optimizer`` is a MetaGrad.
     """
-    named = quantized_layers(model)
-    names = [name for name, _ in named]
-    layers = [layer for _, layer in named]
-    weights = [layer.weight for layer in layers]
-    with _untouched(model):
-        with _full_precision_backward(layers):
-            reference = _weight_grads(model, weights, x, y)
-        quantized = _weight_grads(model, weights, x, y)
+    pairs = paired_gradients(model, x, y)
+    reference = [ref for ref, _ in pairs.values()]
+    quantized = [q for _, q in pairs.values()]
     used = quantized
     corrected = getattr(optimizer, "corrected_gradients", None)
     if corrected is not None:
+        weights = [layer.weight for _, layer in quantized_layers(model)]
         fixed = corrected(dict(zip(weights, quantized, strict=True)))
         used = [fixed[w] for w in weights]
     report: dict[str, Any] = {"layers": {}}
-    for name, ref, q, u in zip(names, reference, quantized, used, strict=True):
+    for name, ref, q, u in zip(pairs, reference, quantized, used, strict=True):
         report["layers"][name] = {
             "quantized": _compare(q, ref),
             "used": _compare(u, ref),
