@@ -220,3 +220,32 @@ def test_quant_config_validates():
     with pytest.raises(TypeError, match="QuantSpec"):
         QuantConfig(grad=4)
     assert "grad=int4-nearest-tensor" in str(_config(4))
+
+
+def test_paired_gradients_are_fp32_and_quantized_weight_gradients_of_one_batch():
+    from metagrad.diagnostics import paired_gradients
+    from metagrad.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_channels=1)
+    spec = QuantSpec(bits=4, rounding="stochastic")
+    quantize_(model, QuantConfig(grad=spec))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    pairs = paired_gradients(model, x, y)
+
+    reference = copy.deepcopy(model)
+    quantize_(reference, QuantConfig(grad=QuantSpec()))  # 32-bit: PyTorch's own backward
+    F.cross_entropy(reference(x), y).backward()
+    layers = dict(reference.named_modules())
+    quantized_names = [
+        n for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))
+    ]
+    assert list(pairs) == quantized_names
+    for name, (full, quantized) in pairs.items():
+        torch.testing.assert_close(full, layers[name].weight.grad)
+        assert quantized.shape == full.shape and not torch.equal(quantized, full)
+        assert F.cosine_similarity(quantized.flatten(), full.flatten(), dim=0) > 0.3
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng)
