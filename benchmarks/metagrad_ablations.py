@@ -8,9 +8,11 @@ layer's gradient is compared with the full-precision one (cosine), before and af
 hypernetwork's correction, and the correction's size is recorded (``|H(g) - g| / |g|``). Runs:
 plain (seeds 0 and 1, the spread), and MetaGrad varying one thing at a time from the default
 (grad+weight, hidden 8, hypernetwork lr 1e-4): the hypernetwork lr (3e-4, 1e-3), its inputs
-(gradient only), its width (32) and its kind (LSTM); and full-precision gradients, plain and
-MetaGrad (does the hypernetwork improve even an unquantized gradient?). Each run resumes from
-its checkpoint; ``benchmarks/results/metagrad-ablations.json`` is rewritten after every run.
+(gradient only), its width (32), its kind (LSTM) and the form of its correction (a gain per
+element, at lr 1e-4 and 1e-3); full-precision gradients, plain and MetaGrad (does the
+hypernetwork improve even an unquantized gradient?); and INT4 nearest per tensor, plain and
+MetaGrad with either form. Each run resumes from its checkpoint;
+``benchmarks/results/metagrad-ablations.json`` is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ RUNS: dict[str, dict[str, Any]] = {
     "metagrad-lstm": {**METAGRAD, "hyper": "lstm"},
     "fp32": {"method": "plain", "grad_bits": 32},
     "metagrad-fp32": {**METAGRAD, "grad_bits": 32},
+    "metagrad-gain": {**METAGRAD, "hyper_form": "gain"},
+    "metagrad-gain-lr1e-3": {**METAGRAD, "hyper_form": "gain", "hyper_lr": 1e-3},
+    "nearest-plain": {"method": "plain", "grad_rounding": "nearest"},
+    "nearest-metagrad": {**METAGRAD, "grad_rounding": "nearest"},
+    "nearest-metagrad-gain": {**METAGRAD, "grad_rounding": "nearest", "hyper_form": "gain"},
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from metagrad.hyper import (
+    HYPERNET_FORMS,
     HYPERNET_KINDS,
     Hypernet,
     LSTMHypernet,
@@ -31,10 +32,11 @@ def _grad_weight(shape: tuple[int, ...], seed: int = 0, dtype=torch.float32):
     return grad, weight
 
 
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
 @pytest.mark.parametrize("kind", HYPERNET_KINDS)
-def test_fresh_hypernet_is_exactly_the_identity(kind: str) -> None:
+def test_fresh_hypernet_is_exactly_the_identity(kind: str, form: str) -> None:
     torch.manual_seed(0)
-    net = create_hypernet(kind)
+    net = create_hypernet(kind, form=form)
     grad, weight = _grad_weight((8, 4, 3, 3))
     corrected, state = net(grad, weight)
     assert torch.equal(corrected, grad)
@@ -42,9 +44,10 @@ def test_fresh_hypernet_is_exactly_the_identity(kind: str) -> None:
     assert len(state) == (2 if kind == "lstm" else 0)
 
 
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
 @pytest.mark.parametrize("kind", HYPERNET_KINDS)
-def test_all_zero_gradient_stays_zero_and_finite(kind: str) -> None:
-    net = _randomize(create_hypernet(kind, hidden=4))
+def test_all_zero_gradient_stays_zero_and_finite(kind: str, form: str) -> None:
+    net = _randomize(create_hypernet(kind, hidden=4, form=form))
     grad = torch.zeros(5, 7)
     weight = torch.zeros(5, 7)
     corrected, state = net(grad, weight)
@@ -52,10 +55,11 @@ def test_all_zero_gradient_stays_zero_and_finite(kind: str) -> None:
     assert all(torch.isfinite(s).all() for s in state)
 
 
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
 @pytest.mark.parametrize("kind", HYPERNET_KINDS)
-def test_correction_scales_with_the_gradient(kind: str) -> None:
+def test_correction_scales_with_the_gradient(kind: str, form: str) -> None:
     """Inputs are normalised per layer, so H(c g, W) = c H(g, W) and H(g, c W) = H(g, W)."""
-    net = _randomize(create_hypernet(kind, hidden=4)).double()
+    net = _randomize(create_hypernet(kind, hidden=4, form=form)).double()
     grad, weight = _grad_weight((6, 10), dtype=torch.float64)
     corrected, _ = net(grad, weight)
     assert not torch.allclose(corrected, grad)
@@ -65,9 +69,10 @@ def test_correction_scales_with_the_gradient(kind: str) -> None:
     torch.testing.assert_close(scaled_w, corrected)
 
 
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
 @pytest.mark.parametrize("kind", HYPERNET_KINDS)
-def test_chunked_equals_unchunked_values_and_gradients(kind: str) -> None:
-    net = _randomize(create_hypernet(kind, hidden=6)).double()
+def test_chunked_equals_unchunked_values_and_gradients(kind: str, form: str) -> None:
+    net = _randomize(create_hypernet(kind, hidden=6, form=form)).double()
     grad, weight = _grad_weight((9, 13), dtype=torch.float64)
     state = None
     if net.stateful:
@@ -89,6 +94,20 @@ def test_chunked_equals_unchunked_values_and_gradients(kind: str) -> None:
         for a, b in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     assert all(g.abs().sum() > 0 for g in ref_grads)
+
+
+@pytest.mark.parametrize("kind", HYPERNET_KINDS)
+def test_gain_form_is_odd_in_the_gradient_and_keeps_zeros(kind: str) -> None:
+    net = _randomize(create_hypernet(kind, hidden=4, form="gain")).double()
+    grad, weight = _grad_weight((6, 10), dtype=torch.float64)
+    grad[grad.abs() < 5e-4] = 0  # about a third of the elements
+    corrected, _ = net(grad, weight)
+    flipped, _ = net(-grad, weight)
+    torch.testing.assert_close(flipped, -corrected)
+    assert torch.equal(corrected[grad == 0], grad[grad == 0])
+    assert not torch.allclose(corrected, grad)
+    residual, _ = _randomize(create_hypernet(kind, hidden=4)).double()(grad, weight)
+    assert (residual[grad == 0] != 0).all()  # the residual form may move where g is zero
 
 
 def _saved_numel(net: Hypernet, grad: torch.Tensor, weight: torch.Tensor, chunk_size) -> int:
@@ -183,6 +202,8 @@ def test_create_hypernet_rejects_bad_arguments() -> None:
         create_hypernet("grad", hidden=0)
     with pytest.raises(ValueError, match="eps"):
         create_hypernet("grad", eps=0.0)
+    with pytest.raises(ValueError, match="form must be one of residual, gain"):
+        create_hypernet("grad", form="additive")
     with pytest.raises(ValueError, match="differ"):
         create_hypernet()(torch.zeros(3), torch.zeros(4))
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metagrad.checkpoint import CheckpointError, load_checkpoint
+from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagrad.cli import main
 from metagrad.config import ConfigError, build_config, read_config_file
 from metagrad.train import train
@@ -136,6 +136,18 @@ def test_existing_runs_are_never_overwritten_and_resume_checks_settings(tmp_path
         train(_cfg(tmp_path / "empty", resume=True))
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
+    out = tmp_path / "run"
+    settings = {"epochs": 1, "grad_bits": 4, "method": "metagrad"}
+    train(_cfg(out, max_steps=3, **settings))
+    state = load_checkpoint(out / "checkpoint.pt")
+    del state["config"]["hyper_form"]  # as written before the setting existed
+    save_checkpoint(state, out / "checkpoint.pt")
+    assert train(_cfg(out, resume=True, max_steps=5, **settings))["steps"] == 5
+    with pytest.raises(CheckpointError, match=r"hyper_form: 'residual' -> 'gain'"):
+        train(_cfg(out, resume=True, hyper_form="gain", **settings))
+
+
 def test_cli_train_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
@@ -182,9 +194,10 @@ def test_metagrad_runs_from_the_command_line_and_records_its_settings(tmp_path):
     args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
     args += ["--grad-bits", "3", "--method", "metagrad", "--hyper", "grad+weight"]
     args += ["--hyper-hidden", "4", "--hyper-lr", "1e-3", "--diag-every", "5", "--no-progress"]
-    assert main(args) == 0
+    assert main([*args, "--hyper-form", "gain"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hypernet"]["kind"] == "grad+weight" and summary["hypernet"]["hidden"] == 4
+    assert summary["hypernet"]["form"] == "gain"
     assert 0 < summary["hyper_share_of_step_time"] < 1
     records = _records(out / "gradients.jsonl")
     assert [r["step"] for r in records] == [5, 10]

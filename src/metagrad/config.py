@@ -19,6 +19,7 @@ from metagrad.quant import GRANULARITIES, ROUNDINGS, QuantSpec
 METHODS = ("plain", "metagrad")
 OPTIMIZERS = ("sgd", "adam")
 HYPERNETS = ("grad", "grad+weight", "lstm")
+HYPER_FORMS = ("residual", "gain")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -51,6 +52,7 @@ class TrainConfig:
     fp_first_last: bool = False
     method: str = "plain"
     hyper: str = "grad+weight"
+    hyper_form: str = "residual"
     hyper_hidden: int = 8
     hyper_lr: float = 1e-4
     diag_every: int = 0
@@ -78,6 +80,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("method", self.method, METHODS)
         _choice("hyper", self.hyper, HYPERNETS)
+        _choice("hyper_form", self.hyper_form, HYPER_FORMS)
         _choice("device", self.device, DEVICES)
         _choice("backend", self.backend, BACKENDS)
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
@@ -99,6 +102,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting's default value."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -113,7 +121,7 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = frozenset({"epochs", "max_steps", "resume", "progress", "out", "threads", "data"})
 # Keys that only matter with method "metagrad".
-HYPER_KEYS = frozenset({"hyper", "hyper_hidden", "hyper_lr"})
+HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr"})
 
 HELP = {
     "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn)",
@@ -128,6 +136,7 @@ HELP = {
     "fp_first_last": "keep the first conv and the classifier unquantized",
     "method": "plain quantized gradients or MetaGrad's hypernetwork correction",
     "hyper": "hypernetwork kind (MetaGrad)",
+    "hyper_form": "residual correction, or a gain per element (odd in g, keeps zeros)",
     "hyper_hidden": "hypernetwork hidden width (MetaGrad)",
     "hyper_lr": "hypernetwork learning rate, Adam (MetaGrad)",
     "diag_every": "every N steps, compare used and full-precision gradients (gradients.jsonl)",

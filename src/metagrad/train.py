@@ -91,7 +91,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
-            hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden),
+            hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden, form=cfg.hyper_form),
             hyper_lr=cfg.hyper_lr,
         )
     if cfg.optimizer == "adam":
@@ -226,7 +226,9 @@ class Trainer:
             ) from None
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        saved, now = state["config"], self.cfg.to_dict()
+        # A setting added after the checkpoint was written takes its default.
+        saved = {**TrainConfig.defaults(), **state["config"]}
+        now = self.cfg.to_dict()
         inert = HYPER_KEYS if now["method"] == "plain" else frozenset()
         changed = sorted(
             k for k in now if k not in RESUMABLE_KEYS | inert and saved.get(k) != now[k]
@@ -367,6 +369,7 @@ class Trainer:
             return None
         return {
             "kind": self.cfg.hyper,
+            "form": self.cfg.hyper_form,
             "hidden": self.cfg.hyper_hidden,
             "lr": self.cfg.hyper_lr,
             "parameters": sum(p.numel() for p in hypernet.parameters()),
