@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -61,6 +62,13 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
+def _correction(record: dict[str, Any]) -> float:
+    """Mean correction size over layers; NaN (from ``gradients.jsonl`` files written before
+    ``diagnostics`` defined it) is an all-zero quantized gradient, which stays zero: 0."""
+    values = [layer["correction"] for layer in record["layers"].values()]
+    return statistics.fmean(0.0 if math.isnan(v) else v for v in values)
+
+
 def diagnostics(path: Path, steps_per_epoch: int) -> dict[str, Any]:
     """Mean cosines (quantized and used gradient vs fp32) and correction size, per epoch."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -74,7 +82,7 @@ def diagnostics(path: Path, steps_per_epoch: int) -> dict[str, Any]:
                         r["mean_quantized"]["cosine"] for r in rows
                     ),
                     "used_cosine": statistics.fmean(r["mean_used"]["cosine"] for r in rows),
-                    "correction": statistics.fmean(r["mean_correction"] for r in rows),
+                    "correction": statistics.fmean(_correction(r) for r in rows),
                 }
             )
     return {"reports": len(records), "per_epoch": per_epoch}
