@@ -57,6 +57,21 @@ def test_all_zero_gradient_stays_zero_and_finite(kind: str, form: str) -> None:
 
 @pytest.mark.parametrize("form", HYPERNET_FORMS)
 @pytest.mark.parametrize("kind", HYPERNET_KINDS)
+def test_an_all_zero_layer_gives_the_hypernetwork_a_zero_not_nan_gradient(
+    kind: str, form: str
+) -> None:
+    net = _randomize(create_hypernet(kind, hidden=4, form=form))
+    grad, weight = _grad_weight((5, 7))
+    target = torch.randn(5, 7)
+    zero_layer, _ = net(torch.zeros(5, 7), weight)
+    other_layer, _ = net(grad, weight)
+    ((zero_layer + other_layer) * target).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
+@pytest.mark.parametrize("kind", HYPERNET_KINDS)
 def test_correction_scales_with_the_gradient(kind: str, form: str) -> None:
     """Inputs are normalised per layer, so H(c g, W) = c H(g, W) and H(g, c W) = H(g, W)."""
     net = _randomize(create_hypernet(kind, hidden=4, form=form)).double()

@@ -57,9 +57,15 @@ DEFAULT_EPS = 1e-12
 
 
 def rms(x: Tensor) -> Tensor:
-    """Root mean square of all elements, as a 0-dim tensor (computed in at least float32)."""
+    """Root mean square of all elements, as a 0-dim tensor (computed in at least float32).
+
+    Its gradient at an all-zero ``x`` is zero, not the ``0 * inf = NaN`` of ``sqrt`` at 0 (an
+    all-zero quantized gradient must not poison the hypernetwork's meta-gradient).
+    """
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return x.square().mean().sqrt()
+    mean_square = x.square().mean()
+    nonzero = mean_square > 0
+    return torch.where(nonzero, torch.where(nonzero, mean_square, 1.0).sqrt(), 0.0)
 
 
 def apply_chunked(
