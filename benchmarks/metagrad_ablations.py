@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import train_run
 
+from metagrad.hyper import create_hypernet
+
 BASE: dict[str, Any] = {
     "model": "vgg16",
     "width": 0.25,
@@ -88,6 +90,33 @@ def diagnostics(path: Path, steps_per_epoch: int) -> dict[str, Any]:
     return {"reports": len(records), "per_epoch": per_epoch}
 
 
+RESPONSE_AT = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Gradient elements, in units of the layer's rms, at which the learned correction is read."""
+
+
+def learned_response(run_dir: Path) -> dict[str, Any]:
+    """What the trained hypernetwork does to one element (weight 0): ``H / g`` before the
+    norm-preserving rescale, at ``+-RESPONSE_AT`` rms, and its output for a zero element."""
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    cfg = state["config"]
+    form = cfg.get("hyper_form", "residual")
+    net = create_hypernet(cfg["hyper"], hidden=cfg["hyper_hidden"], form=form)
+    net.load_state_dict(state["optimizer"]["hypernet"])
+    g = torch.tensor([-x for x in reversed(RESPONSE_AT)] + [0.0, *RESPONSE_AT])
+    features = torch.stack([g.abs() if form == "gain" else g, torch.zeros_like(g)])
+    features = features[: net.in_features]
+    hidden_state = net.initial_state(g.numel(), features)
+    with torch.no_grad():
+        delta = net.core(features, *hidden_state)[0]
+    corrected = g * (1 + delta) if form == "gain" else g + delta
+    nonzero = g != 0
+    return {
+        "at_rms": g[nonzero].tolist(),
+        "gain": (corrected[nonzero] / g[nonzero]).tolist(),
+        "output_for_zero": float(corrected[~nonzero]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
@@ -112,6 +141,8 @@ def main() -> None:
         steps_per_epoch = json.loads(first[0])["step"] if first else record["steps"]
         gradients = out / "gradients.jsonl"
         done[name] = {**record, "gradients": diagnostics(gradients, steps_per_epoch)}
+        if record["method"] == "metagrad":
+            done[name]["learned_response"] = learned_response(out)
         result = {
             "benchmark": "metagrad-ablations",
             "command": " ".join(["python", *sys.argv]),

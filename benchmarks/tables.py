@@ -14,6 +14,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- tables:start -->", "<!-- tables:end -->"
 
 
+METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
+"""Settings the ablation table leaves out when a run has them."""
+
+
 def _load(name: str) -> dict | None:
     path = RESULTS / name
     return json.loads(path.read_text()) if path.is_file() else None
@@ -81,12 +85,36 @@ def ablation_table(data: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in data["runs"]:
-        changed = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+        changed = ", ".join(
+            f"{k}={v}" for k, v in r["overrides"].items() if METAGRAD_DEFAULTS.get(k) != v
+        )
         last = r["gradients"]["per_epoch"][-1]
         rows.append(
             f"| {r['run']} | {changed} | {_final(r)} "
             f"| {last['quantized_cosine']:.3f} | {last['used_cosine']:.3f} "
             f"| {last['correction']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def signal_table(data: dict) -> str:
+    """Meta-gradient consistency per setting, and the best coordinate-wise correction's cosine."""
+    rows = [
+        "| gradients | meta-gradient median abs t | abs t > 2 | cosine to fp32: quantized "
+        "| best coordinate-wise correction |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in data["results"].items():
+        ceiling = r.get("coordinatewise_ceiling")
+        cosines = (
+            f"{ceiling['quantized_cosine']:.3f} | {ceiling['best_coordinatewise_cosine']:.3f}"
+            if ceiling
+            else "1 | -"
+        )
+        t = r["all"]
+        rows.append(
+            f"| {name} | {t['median_abs_t']:.2f} | {100 * t['share_abs_t_above_2']:.0f}% of "
+            f"{t['elements']} | {cosines} |"
         )
     return "\n".join(rows)
 
@@ -137,6 +165,7 @@ def render() -> str:
         ("metagrad-cifar10.json", "MetaGrad on CIFAR-10", training_table),
         ("metagrad-cifar10.json", "MetaGrad against plain, paired", paired_table),
         ("metagrad-ablations.json", "MetaGrad ablations", ablation_table),
+        ("metagrad-signal.json", "MetaGrad's learning signal and its ceiling", signal_table),
         ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
         ("backward-speed.json", "Integer backward speed", speed_table),
     ]
