@@ -17,7 +17,6 @@ MetaGrad with either form. Each run resumes from its checkpoint;
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import train_run
+from runner import training_benchmark
 
 from metagrad.hyper import create_hypernet
 
@@ -117,50 +116,24 @@ def learned_response(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    parser.add_argument("--runs-dir", default="runs/metagrad-ablations")
-    parser.add_argument("--output", default="benchmarks/results/metagrad-ablations.json")
-    parser.add_argument("--only", nargs="*", help="run names to run (default: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
-    args = parser.parse_args()
-    base = {**BASE, "threads": args.threads}
+def with_diagnostics(name: str, record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The run's record plus its settings, gradient diagnostics and learned correction."""
+    metrics = out / "metrics.jsonl"  # its first line's step: the steps in one epoch
+    first = metrics.read_text().splitlines()[:1] if metrics.is_file() else []
+    steps_per_epoch = json.loads(first[0])["step"] if first else record["steps"]
+    record = {
+        **record,
+        "gradients": diagnostics(out / "gradients.jsonl", steps_per_epoch),
+        "overrides": RUNS[name],
+    }
+    if record["method"] == "metagrad":
+        record["learned_response"] = learned_response(out)
+    return record
 
-    output = Path(args.output)
-    done: dict[str, dict[str, Any]] = {}
-    if output.is_file():
-        done = {r["run"]: r for r in json.loads(output.read_text())["runs"]}
-    for name, settings in RUNS.items():
-        if args.only and name not in args.only:
-            continue
-        record = train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
-        out = Path(args.runs_dir) / name
-        metrics = out / "metrics.jsonl"  # its first line's step: the steps in one epoch
-        first = metrics.read_text().splitlines()[:1] if metrics.is_file() else []
-        steps_per_epoch = json.loads(first[0])["step"] if first else record["steps"]
-        gradients = out / "gradients.jsonl"
-        done[name] = {**record, "gradients": diagnostics(gradients, steps_per_epoch)}
-        if record["method"] == "metagrad":
-            done[name]["learned_response"] = learned_response(out)
-        result = {
-            "benchmark": "metagrad-ablations",
-            "command": " ".join(["python", *sys.argv]),
-            "settings": base,
-            "torch": torch.__version__,
-            "runs": [{**done[n], "overrides": RUNS[n]} for n in RUNS if n in done],
-        }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
-        last = done[name]["gradients"]["per_epoch"][-1]
-        acc = record["final_test_acc"]
-        reached = f"final test acc {acc:.2f}%" if acc is not None else "diverged"
-        print(
-            f"   {name}: {reached}, last-epoch cosine {last['quantized_cosine']:.3f} -> "
-            f"{last['used_cosine']:.3f}, correction {last['correction']:.3f}",
-            flush=True,
-        )
-    print(f"wrote {output}")
+
+def main() -> None:
+    runs = list(RUNS.items())
+    training_benchmark("metagrad-ablations", __doc__.splitlines()[0], runs, BASE, with_diagnostics)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,12 @@ rewritten after every run with all the runs finished so far.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import train_run
+from runner import training_benchmark
 
 BASE: dict[str, Any] = {
     "model": "vgg16",
@@ -58,36 +54,7 @@ def plan() -> list[tuple[str, dict[str, Any]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    parser.add_argument("--runs-dir", default="runs/metagrad-cifar10")
-    parser.add_argument("--output", default="benchmarks/results/metagrad-cifar10.json")
-    parser.add_argument("--only", nargs="*", help="run names to run (default: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
-    args = parser.parse_args()
-    base = {**BASE, "threads": args.threads}
-
-    output = Path(args.output)
-    done: dict[str, dict[str, Any]] = {}
-    if output.is_file():
-        done = {r["run"]: r for r in json.loads(output.read_text())["runs"]}
-    for name, settings in plan():
-        if args.only and name not in args.only:
-            continue
-        done[name] = train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
-        result = {
-            "benchmark": "metagrad-cifar10",
-            "command": " ".join(["python", *sys.argv]),
-            "settings": base,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "runs": [done[n] for n, _ in plan() if n in done],
-        }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
-        acc = done[name]["final_test_acc"]
-        print(f"   {name}: " + (f"final test acc {acc:.2f}%" if acc is not None else "diverged"))
-    print(f"wrote {output}")
+    training_benchmark("metagrad-cifar10", __doc__.splitlines()[0], plan(), BASE)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ on the same batches), which keeps the ratios robust to the machine's background 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,54 @@ def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) ->
     metrics = out / "metrics.jsonl"  # absent if the run diverged in its first epoch
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     return run_record(name, summary, [json.loads(line) for line in lines])
+
+
+Extend = Callable[[str, dict[str, Any], Path], dict[str, Any]]
+"""``(run name, record, run directory) -> record``: what a benchmark adds to a run's record."""
+
+
+def training_benchmark(
+    benchmark: str,
+    description: str,
+    runs: list[tuple[str, dict[str, Any]]],
+    base: dict[str, Any],
+    extend: Extend | None = None,
+) -> None:
+    """The command line of a resumable training benchmark: each of ``runs`` (name, settings on
+    top of ``base``) is trained or finished by :func:`train_run`, and
+    ``benchmarks/results/<benchmark>.json`` is rewritten after every run with all finished so far
+    (records from earlier invocations kept)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--runs-dir", default=f"runs/{benchmark}")
+    parser.add_argument("--output", default=f"benchmarks/results/{benchmark}.json")
+    parser.add_argument("--only", nargs="*", help="run names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    args = parser.parse_args()
+    base = {**base, "threads": args.threads}
+
+    output = Path(args.output)
+    done: dict[str, dict[str, Any]] = {}
+    if output.is_file():
+        done = {r["run"]: r for r in json.loads(output.read_text())["runs"]}
+    for name, settings in runs:
+        if args.only and name not in args.only:
+            continue
+        record = train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
+        done[name] = extend(name, record, Path(args.runs_dir) / name) if extend else record
+        result = {
+            "benchmark": benchmark,
+            "command": " ".join(["python", *sys.argv]),
+            "settings": base,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "runs": [done[n] for n, _ in runs if n in done],
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        acc = done[name]["final_test_acc"]
+        print(f"   {name}: " + (f"final test acc {acc:.2f}%" if acc is not None else "diverged"))
+    print(f"wrote {output}")
 
 
 def _diverged(summary_path: Path) -> bool:
