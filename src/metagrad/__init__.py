@@ -1,5 +1,6 @@
 """metagrad: low-precision backward passes for PyTorch, with MetaGrad's hypernetwork correction."""
 
+from metagrad import kernels
 from metagrad.functional import QuantConfig
 from metagrad.hyper import create_hypernet
 from metagrad.layers import QuantConv2d, QuantLinear, quantize, quantize_
@@ -16,6 +17,7 @@ __all__ = [
     "create_hypernet",
     "create_model",
     "fake_quantize",
+    "kernels",
     "list_models",
     "quantize",
     "quantize_",

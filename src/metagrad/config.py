@@ -21,6 +21,8 @@ OPTIMIZERS = ("sgd", "adam")
 HYPERNETS = ("grad", "grad+weight", "lstm")
 HYPER_FORMS = ("residual", "gain")
 DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+COMPILE_MODES = ("auto", "off", "kernels", "model")
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,8 @@ class TrainConfig:
     diag_every: int = 0
     seed: int = 0
     device: str = "auto"
+    amp: str = "auto"
+    compile: str = "auto"
     threads: int = 0
     max_steps: int = 0
     out: str = "runs/default"
@@ -82,6 +86,17 @@ class TrainConfig:
         _choice("hyper", self.hyper, HYPERNETS)
         _choice("hyper_form", self.hyper_form, HYPER_FORMS)
         _choice("device", self.device, DEVICES)
+        _choice("amp", self.amp, AMP_MODES)
+        _choice("compile", self.compile, COMPILE_MODES)
+        _require(
+            not (self.compile == "model" and self.method == "metagrad"),
+            "compile 'model' is for method plain; MetaGrad runs its forward inside its own "
+            "step (use compile 'kernels')",
+        )
+        _require(
+            not (self.amp == "fp16" and self.method == "metagrad"),
+            "amp 'fp16' needs loss scaling, which MetaGrad's step does not do; use amp 'bf16'",
+        )
         _choice("backend", self.backend, BACKENDS)
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _choice("grad_granularity", self.grad_granularity, GRANULARITIES)
@@ -119,7 +134,9 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_KEYS = frozenset({"epochs", "max_steps", "resume", "progress", "out", "threads", "data"})
+RESUMABLE_KEYS = frozenset(
+    {"epochs", "max_steps", "resume", "progress", "out", "threads", "data", "compile"}
+)
 # Keys that only matter with method "metagrad".
 HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr"})
 
@@ -140,6 +157,10 @@ HELP = {
     "hyper_hidden": "hypernetwork hidden width (MetaGrad)",
     "hyper_lr": "hypernetwork learning rate, Adam (MetaGrad)",
     "diag_every": "every N steps, compare used and full-precision gradients (gradients.jsonl)",
+    "amp": "mixed precision: off, bf16 or fp16 (fp16 with loss scaling); auto: bf16 on CUDA, "
+    "off on CPU",
+    "compile": "torch.compile: off, kernels (fused quantizer and hypernetwork), model (kernels "
+    "and the model's training forward, method plain); auto: kernels where torch.compile works",
     "threads": "torch CPU threads (0: torch's default)",
     "max_steps": "stop after this many steps in total (0: no limit)",
     "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",

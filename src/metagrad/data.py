@@ -703,6 +703,10 @@ class BatchLoader:
     ``epoch(e)`` shuffles with a generator seeded from ``(seed, e)`` and augments batch ``i``
     with one seeded from ``(seed, e, i)``, so ``epoch(e, start=k)`` yields exactly the batches
     ``k, k+1, ...`` of an uninterrupted ``epoch(e)``.
+
+    ``device`` (e.g. ``"cuda"``): the uint8 images are moved there once, and batches are
+    gathered, cropped, flipped and normalized there; the random draws stay on the CPU
+    generators, so the batches are the same as on the CPU.
     """
 
     def __init__(
@@ -717,6 +721,7 @@ class BatchLoader:
         augment: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -724,8 +729,8 @@ class BatchLoader:
             raise ValueError(f"images must be uint8 N×C×H×W, got {_describe(images)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"expected {len(images)} labels, got shape {tuple(labels.shape)}")
-        self.images = images
-        self.labels = labels.to(torch.int64)
+        self.images = images if device is None else images.to(device)
+        self.labels = labels.to(device=self.images.device, dtype=torch.int64)
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
@@ -748,7 +753,7 @@ class BatchLoader:
             order = torch.randperm(len(self.images), generator=generator)
         for i in range(start, len(self)):
             lo, hi = i * self.batch_size, (i + 1) * self.batch_size
-            index = slice(lo, hi) if order is None else order[lo:hi]
+            index = slice(lo, hi) if order is None else order[lo:hi].to(self.images.device)
             x, y = self.images[index], self.labels[index]
             if self.augment:
                 x = augment_batch(x, _seeded_generator(self.seed, epoch, _AUGMENT_STREAM, i))

@@ -35,6 +35,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "batch_size": 32,
     "lr": 0.05,
     "progress": False,
+    "compile": "off",  # 8x8 images: compiling would take longer than the runs it speeds up
 }
 
 

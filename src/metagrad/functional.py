@@ -4,6 +4,11 @@ For ``y = f(x, W)`` the backward pass receives ``e = dL/dy``. It is quantized on
 and that one tensor feeds both products: ``dL/dx = f_x^T(q, W)`` and ``dL/dW = f_W^T(x, q)`` (and
 the bias gradient, the sum of ``q``). Forward quantization of weights and activations (QAT with a
 straight-through estimator) is a separate, optional setting of the same :class:`QuantConfig`.
+
+Mixed precision: under ``torch.autocast`` the layer computes its forward in the autocast dtype
+(bf16 or fp16) like PyTorch's own layers, keeps the low-precision operands for the backward pass,
+and runs both backward products in that dtype on the error's integer codes, with the scales
+applied in float32 (:mod:`metagrad.products`). Gradients come back in the dtypes of the inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metagrad import int8
-from metagrad.quant import FULL_PRECISION_BITS, QuantSpec, fake_quantize, fake_quantize_ste
+from metagrad.products import bias_grad, conv2d_grads, error_scales, float_operand, linear_grads
+from metagrad.quant import FULL_PRECISION_BITS, QuantSpec, fake_quantize_ste, quantize_codes
 
 Backend = Literal["simulate", "int8"]
 BACKENDS: tuple[str, ...] = ("simulate", "int8")
@@ -104,8 +110,23 @@ def resolve_padding(
     return _pair(padding)
 
 
-def _quantized_error(e: Tensor, config: QuantConfig, channel_dim: int) -> Tensor:
-    return fake_quantize(e, config.grad, channel_dim)
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device_type`` now, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def _dtypes(*tensors: Tensor | None) -> tuple[torch.dtype | None, ...]:
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+def _cast_grads(grads, dtypes) -> tuple[Tensor | None, ...]:
+    return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes, strict=True))
 
 
 class _QuantConv2dFn(torch.autograd.Function):
@@ -114,7 +135,7 @@ class _QuantConv2dFn(torch.autograd.Function):
     When ``config.quantizes_operands``, ``x`` and ``weight`` arrive unquantized and the forward
     quantization (as ``config.weight`` / ``config.activation`` say) happens here, in
     :func:`metagrad.int8.conv2d_forward`, which keeps the codes for the backward pass; otherwise
-    they arrive already fake-quantized.
+    they arrive already fake-quantized. Under autocast the operands are cast to its dtype first.
     """
 
     @staticmethod
@@ -122,46 +143,43 @@ class _QuantConv2dFn(torch.autograd.Function):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.config = config
+        ctx.dtypes = _dtypes(x, weight, bias)
+        low = autocast_dtype(x.device.type)
+        x, weight, bias = _cast(x, low), _cast(weight, low), _cast(bias, low)
         if config.quantizes_operands:
             y, state = int8.conv2d_forward(
                 x, weight, bias, stride, padding, dilation, groups, config
             )
             ctx.save_for_backward(x, weight, *state.pack())
-            return y
+            return y if low is None else y.to(low)
         ctx.save_for_backward(x, weight)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, e: Tensor):
         x, weight, *packed = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = (need_x, need_w, need_b and ctx.has_bias)
         config: QuantConfig = ctx.config
         if config.quantizes_operands:
-            backward = (
-                int8.conv2d_backward if config.backend == "int8" else int8.conv2d_backward_simulated
-            )
             state = int8.ForwardState.unpack(packed)
-            grad_x, grad_w, grad_b = backward(
-                e, x, weight, stride, padding, dilation, groups, config, mask, state=state
-            )
+            grads = int8.conv2d_backward_for(e, x, weight, *ctx.conv, config, mask, state=state)
         else:
-            q = _quantized_error(e, config, channel_dim=1)
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                q,
-                x,
-                weight,
-                [weight.shape[0]] if ctx.has_bias else None,
-                stride,
-                padding,
-                dilation,
-                False,
-                (0, 0),
-                groups,
+            codes, scale = quantize_codes(e, config.grad, 1, dtype=x.dtype)
+            scales = error_scales(scale, config.grad.granularity, 4)
+            grad_x, grad_w = conv2d_grads(
+                codes,
+                scales,
+                float_operand(x, x.dtype),
+                float_operand(weight, x.dtype),
+                (x.shape, weight.shape),
+                ctx.conv,
                 mask,
+                (x.dtype, weight.dtype),
             )
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+            grad_b = bias_grad(codes, scale, 1) if mask[2] else None
+            grads = (grad_x, grad_w, grad_b)
+        return (*_cast_grads(grads, ctx.dtypes), None, None, None, None, None)
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -171,10 +189,13 @@ class _QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, config):
         ctx.has_bias = bias is not None
         ctx.config = config
+        ctx.dtypes = _dtypes(x, weight, bias)
+        low = autocast_dtype(x.device.type)
+        x, weight, bias = _cast(x, low), _cast(weight, low), _cast(bias, low)
         if config.quantizes_operands:
             y, state = int8.linear_forward(x, weight, bias, config)
             ctx.save_for_backward(x, weight, *state.pack())
-            return y
+            return y if low is None else y.to(low)
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -182,21 +203,25 @@ class _QuantLinearFn(torch.autograd.Function):
     def backward(ctx, e: Tensor):
         x, weight, *packed = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = (need_x, need_w, need_b and ctx.has_bias)
         config: QuantConfig = ctx.config
         if config.quantizes_operands:
-            backward = (
-                int8.linear_backward if config.backend == "int8" else int8.linear_backward_simulated
-            )
-            mask = (need_x, need_w, need_b and ctx.has_bias)
             state = int8.ForwardState.unpack(packed)
-            grad_x, grad_w, grad_b = backward(e, x, weight, config, mask, state=state)
-            return grad_x, grad_w, grad_b, None
-        q = _quantized_error(e, config, channel_dim=-1)
-        q2d = q.reshape(-1, q.shape[-1])
-        grad_x = q.matmul(weight) if need_x else None
-        grad_w = q2d.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
-        grad_b = q2d.sum(0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None
+            grads = int8.linear_backward_for(e, x, weight, config, mask, state=state)
+        else:
+            codes, scale = quantize_codes(e, config.grad, -1, dtype=x.dtype)
+            scales = error_scales(scale, config.grad.granularity, 2)
+            grad_x, grad_w = linear_grads(
+                codes,
+                scales,
+                float_operand(x, x.dtype),
+                float_operand(weight, x.dtype),
+                mask,
+                (x.dtype, weight.dtype),
+            )
+            grad_b = bias_grad(codes, scale, -1) if mask[2] else None
+            grads = (grad_x, grad_w, grad_b)
+        return (*_cast_grads(grads, ctx.dtypes), None)
 
 
 def conv2d(

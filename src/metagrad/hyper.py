@@ -18,6 +18,12 @@ Large layers are processed in chunks of ``chunk_size`` elements, each under acti
 recomputation (``torch.utils.checkpoint``), so the memory held for the backward pass is the inputs
 and outputs plus one chunk's activations at a time. Chunked and unchunked results are equal.
 
+With compiled kernels on (:mod:`metagrad.kernels`), the default one-hidden-layer MLP runs fused
+(:class:`FusedMLP`): one generated kernel computes features, network, correction and rescaling
+element by element, and its hand-derived backward recomputes the hidden units in two passes
+instead of storing them, so no ``numel * hidden`` activation is ever held and no chunking is
+needed.
+
 Variants (:func:`create_hypernet`): ``"grad"`` (an MLP of the gradient), ``"grad+weight"`` (an MLP
 of gradient and weight, the default) and ``"lstm"`` (a coordinate-wise ``nn.LSTMCell`` whose
 ``(h, c)`` per weight element is carried across iterations by the caller).
@@ -39,6 +45,8 @@ from itertools import pairwise
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from metagrad import kernels
 
 HyperState = tuple[Tensor, ...]
 """Per-layer recurrent state of a hypernetwork, one column per weight element (``()`` if none)."""
@@ -157,6 +165,8 @@ class Hypernet(nn.Module):
         """
         if grad.shape != weight.shape:
             raise ValueError(f"grad {tuple(grad.shape)} and weight {tuple(weight.shape)} differ")
+        if self.fusable() and kernels.compile_enabled():
+            return self.fused(grad, weight), ()
         features = self.features(grad, weight)
         if not state:
             state = self.initial_state(features.shape[1], features)
@@ -170,6 +180,14 @@ class Hypernet(nn.Module):
             corrected = grad + scale.to(grad.dtype) * delta
         corrected = corrected * (scale / rms(corrected).clamp_min(self.eps)).to(grad.dtype)
         return corrected, tuple(new_state)
+
+    def fusable(self) -> bool:
+        """Whether :meth:`fused` computes this hypernetwork (see :class:`FusedMLP`)."""
+        return False
+
+    def fused(self, grad: Tensor, weight: Tensor) -> Tensor:
+        """``forward(grad, weight)[0]`` through :class:`FusedMLP` (needs :meth:`fusable`)."""
+        raise NotImplementedError
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -215,6 +233,25 @@ class MLPHypernet(Hypernet):
             x = _linear(layer, x).relu_()
         return (_linear(self.head, x).squeeze(0),)
 
+    def fusable(self) -> bool:
+        return len(self.body) == 1
+
+    def fused(self, grad: Tensor, weight: Tensor) -> Tensor:
+        hidden, head = self.body[0], self.head
+        dtype = self._dtype()
+        out = FusedMLP.apply(
+            grad.reshape(-1).to(dtype),
+            weight.reshape(-1).to(dtype),
+            hidden.weight,
+            hidden.bias,
+            head.weight,
+            head.bias,
+            self.use_weight,
+            self.form == "gain",
+            self.eps,
+        )
+        return out.view_as(grad).to(grad.dtype)
+
 
 class LSTMHypernet(Hypernet):
     """Coordinate-wise ``nn.LSTMCell`` with a linear head (MetaQuant's "LSTMFC").
@@ -255,6 +292,94 @@ class LSTMHypernet(Hypernet):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return _linear(self.head, h).squeeze(0), h, c
+
+
+# ------------------------------------------------------------------------------------------
+# The fused one-hidden-layer MLP
+# ------------------------------------------------------------------------------------------
+
+
+def _mlp_features(g, w, use_weight: bool, gain: bool, eps: float):
+    """``rms(g)`` and the two normalised features (multiplications by reciprocals: cheaper)."""
+    scale_g = g.square().mean().sqrt()
+    f0 = (g.abs() if gain else g) * scale_g.clamp_min(eps).reciprocal()
+    f1 = w * w.square().mean().sqrt().clamp_min(eps).reciprocal() if use_weight else None
+    return scale_g, f0, f1
+
+
+def _mlp_hidden(f0, f1, w1, b1, j: int) -> Tensor:
+    """Pre-activation of hidden unit ``j`` for every element."""
+    a = w1[j, 0] * f0 + b1[j]
+    return a if f1 is None else a + w1[j, 1] * f1
+
+
+def _mlp_delta(f0, f1, w1, b1, w2, b2) -> Tensor:
+    delta = b2[0]
+    for j in range(w1.shape[0]):
+        delta = delta + w2[0, j] * torch.relu(_mlp_hidden(f0, f1, w1, b1, j))
+    return delta
+
+
+@kernels.kernel(recompute=True)
+def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, gain: bool, eps: float):
+    """Corrected gradient and the layer's ``rms(g)``, ``rms(c)`` (flat ``g``, ``w``)."""
+    scale_g, f0, f1 = _mlp_features(g, w, use_weight, gain, eps)
+    delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
+    c = g + (g if gain else scale_g) * delta
+    scale_c = c.square().mean().sqrt()
+    return c * (scale_g / scale_c.clamp_min(eps)), scale_c
+
+
+@kernels.kernel(recompute=True)
+def _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, use_weight: bool, gain: bool, eps: float):
+    """Gradients of the four parameters (hidden weight/bias, head weight/bias)."""
+    scale_g, f0, f1 = _mlp_features(g, w, use_weight, gain, eps)
+    delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
+    c = g + (g if gain else scale_g) * delta
+    k = scale_g / scale_c.clamp_min(eps)
+    # d rms(c)/dc = c / (n rms(c)); zero where the clamp holds (rms(c) < eps)
+    through_rms = torch.where(
+        scale_c >= eps, scale_g * (dout * c).sum() / (c.numel() * scale_c.pow(3)), 0.0
+    )
+    d_delta = (k * dout - through_rms * c) * (g if gain else scale_g)
+    grads_w1, grads_b1, grads_w2 = [], [], []
+    for j in range(w1.shape[0]):
+        a = _mlp_hidden(f0, f1, w1, b1, j)
+        grads_w2.append((d_delta * torch.relu(a)).sum())
+        d_a = torch.where(a > 0, w2[0, j] * d_delta, 0.0)
+        grads_b1.append(d_a.sum())
+        row = [(d_a * f0).sum()] + ([(d_a * f1).sum()] if use_weight else [])
+        grads_w1.append(torch.stack(row))
+    return (
+        torch.stack(grads_w1),
+        torch.stack(grads_b1),
+        torch.stack(grads_w2).unsqueeze(0),
+        d_delta.sum().reshape(1),
+    )
+
+
+class FusedMLP(torch.autograd.Function):
+    """:class:`MLPHypernet` with one hidden layer, as one elementwise kernel per pass.
+
+    ``apply(g, w, hidden.weight, hidden.bias, head.weight, head.bias, use_weight, gain, eps)``
+    on flat ``g`` and ``w`` returns the corrected gradient. Gradients flow to the four parameters
+    only (``g`` and ``w`` are data). The backward recomputes the hidden units from ``g`` and ``w``
+    (two passes: one reduction for the rescaling's gradient, one for all parameter gradients).
+    Run compiled (:mod:`metagrad.kernels`); eagerly the same code is the reference.
+    """
+
+    @staticmethod
+    def forward(ctx, g, w, w1, b1, w2, b2, use_weight, gain, eps):
+        out, scale_c = _mlp_forward(g, w, w1, b1, w2, b2, use_weight, gain, eps)
+        ctx.save_for_backward(g, w, w1, b1, w2, b2, scale_c)
+        ctx.options = (use_weight, gain, eps)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        g, w, w1, b1, w2, b2, scale_c = ctx.saved_tensors
+        grads = _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, *ctx.options)
+        return (None, None, *grads, None, None, None)
 
 
 def _check_positive(name: str, value: object) -> None:

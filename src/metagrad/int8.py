@@ -48,7 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.quant import QuantSpec, quantize_codes
+from metagrad.products import (
+    Operand,
+    OperandFn,
+    bias_grad,
+    conv2d_grads,
+    error_scales,
+    linear_grads,
+)
+from metagrad.quant import QuantSpec, quantize_codes, scale_dtype
 
 if TYPE_CHECKING:
     from metagrad.functional import QuantConfig
@@ -313,10 +321,10 @@ def quantize_codes_int8(
     """
     out = out if out is not None else torch.empty_like(x, dtype=torch.int8)
     if spec.rounding == "stochastic":
-        codes, scale = quantize_codes(x, spec, channel_dim)
+        codes, scale = quantize_codes(x, spec, channel_dim, dtype=torch.int8)
         out.copy_(codes)
-        return out, _nan_if_nonfinite(scale)
-    amax = _absmax(x, _spec_keep(spec, x.dim(), channel_dim))
+        return out, scale
+    amax = _absmax(x, _spec_keep(spec, x.dim(), channel_dim)).to(scale_dtype(x))
     scale = amax / spec.qmax
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     # |x / scale| <= qmax up to rounding, so nearest rounding needs no clamp.
@@ -338,7 +346,7 @@ def quantize_operand(
     nd = x.dim()
     keep = [] if scale_dim is None else [scale_dim % nd]
     fold_dims = [] if fold is None else [d for d in range(nd) if fold.shape[d] != 1]
-    amax = _absmax(x, sorted(set(keep + fold_dims)))
+    amax = _absmax(x, sorted(set(keep + fold_dims))).to(scale_dtype(x))
     if fold is not None:
         amax = amax * fold  # |x| * fold is monotone in |x|: the group max is exact
         extra = [d for d in fold_dims if d not in keep]
@@ -382,27 +390,6 @@ def backward_operand(
     if src is None:
         raise ValueError("backward_operand needs a value or a forward quantization")
     return Quantized(*quantize_operand(src, scale_dim, fold, out=out))
-
-
-@dataclass
-class _ErrorScales:
-    """Where the error's scale goes in each product (folded in, or a factor of the result)."""
-
-    input_fold: Tensor | None  # into the weight (dim 0) before its quantization, for dL/dx
-    input_factor: Tensor  # multiplies dL/dx (broadcasts over the layer input's shape)
-    weight_fold: Tensor | None  # into the layer input before its quantization, for dL/dW
-    weight_factor: Tensor  # multiplies dL/dW (broadcasts over the weight's shape)
-
-
-def _error_scales(scale: Tensor, granularity: str, weight_dim: int) -> _ErrorScales:
-    one = torch.ones((1,) * scale.dim(), dtype=scale.dtype, device=scale.device)
-    w_one = one.reshape((1,) * weight_dim)
-    if granularity == "channel":
-        per_out = scale.reshape((-1,) + (1,) * (weight_dim - 1))
-        return _ErrorScales(per_out, one, None, per_out)
-    if granularity == "sample":
-        return _ErrorScales(None, scale, scale, w_one)
-    return _ErrorScales(None, scale, None, scale.reshape((1,) * weight_dim))
 
 
 def _rescale(acc: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -851,7 +838,7 @@ def conv2d_backward(
     if shared is not None:
         return _conv2d_backward_shared(e, x, weight, g, config, output_mask, state, *shared)
     err, inner, s_e = _error_matrix(e, spec, g.n * g.ho * g.wo, conv=True)
-    es = _error_scales(s_e, spec.granularity, 4)
+    es = error_scales(s_e, spec.granularity, 4)
     grad_x = grad_w = grad_b = None
     if need_x:
         w_pre = state.weight if state is not None else None
@@ -887,7 +874,7 @@ def _conv2d_backward_shared(
     _, need_w, need_b = output_mask
     spec = config.grad
     _, s_e = quantize_codes_int8(e, spec, 1, out=inner.permute(0, 3, 1, 2))
-    es = _error_scales(s_e, spec.granularity, 4)
+    es = error_scales(s_e, spec.granularity, 4)
     patches = _im2col(canvas, (g.kh, g.kw), (g.h, g.w), (1, 1), g.dilation)
     w_pre = state.weight if state is not None else None
     wq = backward_operand(weight, w_pre, 1, es.input_fold)
@@ -911,6 +898,32 @@ def _conv2d_backward_shared(
     return grad_x, grad_w, grad_b
 
 
+def exact_code_dtype(x: Tensor) -> torch.dtype:
+    """The float dtype in which products of 8-bit codes reproduce the integer products.
+
+    Codes of up to 8 bits are exact in bf16 and fp16 and the products accumulate in float32, so
+    the result is the integer one wherever partial sums stay below ``2**24``. bf16 or fp16 under
+    mixed precision, bf16 on CUDA (tensor cores), else the operand's own float dtype.
+    """
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    if x.dtype == torch.float32 and x.device.type == "cuda":
+        return torch.bfloat16
+    return x.dtype
+
+
+def _code_operand(
+    value: Tensor, pre: Quantized | None, scale_dim: int, dtype: torch.dtype
+) -> OperandFn:
+    """An :data:`~metagrad.products.OperandFn` of 8-bit codes (as ``dtype``) and their scale."""
+
+    def build(fold: Tensor | None) -> Operand:
+        q = backward_operand(value, pre, scale_dim, fold)
+        return Operand(q.codes.to(dtype), q.scale)
+
+    return build
+
+
 @torch.no_grad()
 def conv2d_backward_simulated(
     e: Tensor,
@@ -925,31 +938,29 @@ def conv2d_backward_simulated(
     *,
     state: ForwardState | None = None,
 ) -> Grads:
-    """:func:`conv2d_backward` with float products on the very same quantized operands."""
-    need_x, need_w, need_b = output_mask
+    """:func:`conv2d_backward` with float products on the very same 8-bit codes and scales.
+
+    The products run in :func:`exact_code_dtype` on the codes themselves and the scales are
+    applied afterwards, as in the integer path.
+    """
+    need_b = output_mask[2]
     spec = config.grad
-    codes, s_e = quantize_codes(e, spec, 1)
-    s_e = _nan_if_nonfinite(s_e)
-    es = _error_scales(s_e, spec.granularity, 4)
+    dtype = exact_code_dtype(x)
+    codes, s_e = quantize_codes(e, spec, 1, dtype=dtype)
+    es = error_scales(s_e, spec.granularity, 4)
     x_pre = state.x if state is not None else None
     w_pre = state.weight if state is not None else None
-    x_val = x_pre.dequantize() if x_pre is not None else x
-    args = (stride, padding, dilation, False, (0, 0), groups)
-    grad_x = grad_w = grad_b = None
-    if need_x:
-        w_op = backward_operand(weight, w_pre, 1, es.input_fold).dequantize()
-        q = codes * es.input_factor
-        grad_x = torch.ops.aten.convolution_backward(
-            q, x_val, w_op, None, *args, (True, False, False)
-        )[0]
-    if need_w:
-        x_op = backward_operand(x, x_pre, 1, es.weight_fold).dequantize()
-        q = codes * es.weight_factor.reshape(1, -1, 1, 1)
-        grad_w = torch.ops.aten.convolution_backward(
-            q, x_op, weight, None, *args, (False, True, False)
-        )[1]
-    if need_b:
-        grad_b = (codes * s_e).sum((0, 2, 3))
+    grad_x, grad_w = conv2d_grads(
+        codes,
+        es,
+        _code_operand(x, x_pre, 1, dtype),
+        _code_operand(weight, w_pre, 1, dtype),
+        (x.shape, weight.shape),
+        (stride, padding, dilation, groups),
+        output_mask,
+        (x.dtype, weight.dtype),
+    )
+    grad_b = bias_grad(codes, s_e, 1) if need_b else None
     return grad_x, grad_w, grad_b
 
 
@@ -1003,7 +1014,7 @@ def linear_backward(
     lead, c_in, c_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     rows = e.numel() // c_out if c_out else 0
     err, inner, s_e = _error_matrix(e, spec, rows, conv=False)
-    es = _error_scales(s_e, spec.granularity, 2)
+    es = error_scales(s_e, spec.granularity, 2)
     grad_x = grad_w = grad_b = None
     if need_x:
         w_pre = state.weight if state is not None else None
@@ -1046,26 +1057,80 @@ def linear_backward_simulated(
     *,
     state: ForwardState | None = None,
 ) -> Grads:
-    """:func:`linear_backward` with float products on the very same quantized operands."""
-    need_x, need_w, need_b = output_mask
+    """:func:`linear_backward` with float products on the very same 8-bit codes and scales."""
+    need_b = output_mask[2]
     spec = config.grad
-    codes, s_e = quantize_codes(e, spec, -1)
-    s_e = _nan_if_nonfinite(s_e)
-    es = _error_scales(s_e, spec.granularity, 2)
+    dtype = exact_code_dtype(x)
+    codes, s_e = quantize_codes(e, spec, -1, dtype=dtype)
+    es = error_scales(s_e, spec.granularity, 2)
     x_pre = state.x if state is not None else None
     w_pre = state.weight if state is not None else None
-    c_out = weight.shape[0]
-    grad_x = grad_w = grad_b = None
-    if need_x:
-        w_op = backward_operand(weight, w_pre, 1, es.input_fold).dequantize()
-        grad_x = (codes * es.input_factor).matmul(w_op)
-    if need_w:
-        x_op = backward_operand(x, x_pre, -1, es.weight_fold).dequantize()
-        q = (codes * es.weight_factor.reshape(-1)).reshape(-1, c_out)
-        grad_w = q.t().mm(x_op.reshape(-1, x.shape[-1]))
-    if need_b:
-        grad_b = (codes * s_e).reshape(-1, c_out).sum(0)
+    grad_x, grad_w = linear_grads(
+        codes,
+        es,
+        _code_operand(x, x_pre, -1, dtype),
+        _code_operand(weight, w_pre, 1, dtype),
+        output_mask,
+        (x.dtype, weight.dtype),
+    )
+    grad_b = bias_grad(codes, s_e, -1) if need_b else None
     return grad_x, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# Routes
+# --------------------------------------------------------------------------------------------
+
+FLOAT_ROUTES: dict[tuple[str, str], str] = {
+    ("cuda", "conv2d"): (
+        "on CUDA the integer convolution backward (im2col + torch._int_mm) is far slower than "
+        "cuDNN's: its products run in bf16 on the same 8-bit codes (exact), scales in float32"
+    ),
+}
+"""``(device type, layer kind) -> reason`` for the ``int8`` backend's products that run as float
+products on the exact 8-bit codes (:func:`conv2d_backward_simulated`): the same numbers, faster
+there (``benchmarks/speed.py`` measures both). A user may add or remove entries."""
+
+
+def float_route(device: torch.device, kind: str) -> str | None:
+    """Why the ``int8`` backend's ``kind`` layers on ``device`` use exact-code float products."""
+    return FLOAT_ROUTES.get((device.type, kind))
+
+
+def conv2d_backward_for(
+    e: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    groups: int,
+    config: QuantConfig,
+    output_mask: Mask,
+    *,
+    state: ForwardState | None = None,
+) -> Grads:
+    """The backward of a convolution with 8-bit operands, by backend and route."""
+    integer = config.backend == "int8" and float_route(x.device, "conv2d") is None
+    backward = conv2d_backward if integer else conv2d_backward_simulated
+    return backward(
+        e, x, weight, stride, padding, dilation, groups, config, output_mask, state=state
+    )
+
+
+def linear_backward_for(
+    e: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    config: QuantConfig,
+    output_mask: Mask,
+    *,
+    state: ForwardState | None = None,
+) -> Grads:
+    """The backward of a linear layer with 8-bit operands, by backend and route."""
+    integer = config.backend == "int8" and float_route(x.device, "linear") is None
+    backward = linear_backward if integer else linear_backward_simulated
+    return backward(e, x, weight, config, output_mask, state=state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1086,7 +1151,12 @@ def fallback_reason(layer: nn.Module) -> str | None:
         return None
     groups = getattr(layer, "groups", 1) if isinstance(layer, nn.Conv2d) else 1
     reasons = []
-    if groups != 1:
+    weight = getattr(layer, "weight", None)
+    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+    route = float_route(weight.device, kind) if weight is not None else None
+    if route is not None:
+        reasons.append(f"backward: {route}")
+    elif groups != 1:
         reasons.append(
             f"groups={groups} > 1: backward falls back to float products on the same 8-bit "
             "quantized operands (simulate)"

@@ -26,16 +26,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
+from metagrad import kernels
 from metagrad.hyper import DEFAULT_KIND, Hypernet, create_hypernet
 from metagrad.layers import quantized_layers
 
 BASES: tuple[str, ...] = ("sgd", "adam")
-DEFAULT_CHUNK_SIZE = 1 << 17
-"""Weight elements per hypernetwork chunk. Layers up to this size keep their hypernetwork
-activations (``numel * hidden`` values) for the backward pass; larger ones are processed in chunks
-with activation recomputation, holding one chunk's activations at a time. 2**17 chunks VGG-16's
-largest layers at width 0.25, which kept a MetaGrad step within 1.3x a plain step's time and 1.5x
-its memory (``benchmarks/results/metagrad-overhead.json``); smaller chunks cost more time."""
+CPU_CHUNK_SIZE = 1 << 17
+"""Weight elements per hypernetwork chunk on CPU under ``chunk_size="auto"``: a chunk's
+activations stay in cache, which is faster there than one pass over a whole layer."""
+ACTIVATION_MEMORY_SHARE = 0.25
+"""Share of the device's free memory the hypernetwork's activations may take before
+``chunk_size="auto"`` chunks them (CUDA)."""
 
 Closure = Callable[[], Tensor]
 BaseState = dict[str, Any]
@@ -57,16 +58,38 @@ def sgd_update(
 
     Differentiable in ``grad``; the same arithmetic as ``torch.optim.SGD``'s single-tensor path.
     """
-    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+    lr = torch.as_tensor(group["lr"], dtype=param.dtype, device=param.device)
+    new_param, buf = _sgd_arithmetic(
+        param,
+        grad,
+        state.get("momentum_buffer"),
+        lr,
+        group["momentum"],
+        group["weight_decay"],
+        group["nesterov"],
+    )
+    return new_param, ({} if buf is None else {"momentum_buffer": buf})
+
+
+@kernels.kernel
+def _sgd_arithmetic(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    lr: Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(new_param, new_momentum_buffer)``; ``lr`` a tensor, so that schedules never recompile."""
     if weight_decay != 0:
         grad = grad.add(param, alpha=weight_decay)
-    new_state: BaseState = {}
     if momentum != 0:
-        buf = state.get("momentum_buffer")
         buf = grad.clone() if buf is None else buf.mul(momentum).add(grad)
-        new_state["momentum_buffer"] = buf
-        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-    return param.add(grad, alpha=-lr), new_state
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    else:
+        buf = None
+    return param - lr * grad, buf
 
 
 def adam_update(
@@ -137,7 +160,11 @@ class MetaGrad(Optimizer):
             ``hyper_lr``).
         hyper_lr: learning rate of the default hyper optimizer (Adam). MetaQuant used 1e-3; on
             CIFAR-10 that made MetaGrad diverge within two epochs, 1e-4 did not.
-        chunk_size: weight elements per hypernetwork chunk (``None``: no chunking).
+        chunk_size: weight elements per hypernetwork chunk (``None``: no chunking);
+            ``"auto"``: on CUDA unchunked when the activations of the largest layer fit in
+            :data:`ACTIVATION_MEMORY_SHARE` of the free memory (else chunks that do), on CPU
+            :data:`CPU_CHUNK_SIZE`. A fused hypernetwork (compiled kernels, see
+            :mod:`metagrad.hyper`) holds no activations and ignores it.
 
     ``step(closure)`` needs a closure that calls ``zero_grad()``, runs ``model(x)``, calls
     ``loss.backward()`` and returns the loss. Inside the closure the meta weights are replaced by
@@ -164,7 +191,7 @@ class MetaGrad(Optimizer):
         hypernet: Hypernet | nn.Module | None = None,
         hyper_optimizer: Optimizer | None = None,
         hyper_lr: float = 1e-4,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | str | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -184,7 +211,6 @@ class MetaGrad(Optimizer):
         super().__init__(groups, defaults)
         self.model = model
         self.base = base
-        self.chunk_size = chunk_size
         if hypernet is None:
             hypernet = create_hypernet(DEFAULT_KIND)
             if meta and meta[0].dtype == torch.float64:
@@ -192,6 +218,7 @@ class MetaGrad(Optimizer):
         if meta:
             hypernet = hypernet.to(meta[0].device)
         self.hypernet = hypernet
+        self.chunk_size = _auto_chunk_size(meta, hypernet) if chunk_size == "auto" else chunk_size
         if hyper_optimizer is None:
             hyper_optimizer = torch.optim.Adam(hypernet.parameters(), lr=hyper_lr)
         self.hyper_optimizer = hyper_optimizer
@@ -244,9 +271,11 @@ class MetaGrad(Optimizer):
             )
         meta_group, rest_group = self.param_groups
         timer = _HyperTimer(self.hypernet)
+        device_type = self.meta_params[0].device.type if self.meta_params else "cpu"
         with torch.enable_grad():
             start = time.perf_counter()
-            proposals = self._propose(meta_group)
+            with torch.autocast(device_type, enabled=False):  # the hypernet runs in float32
+                proposals = self._propose(meta_group)
             timer.elapsed += time.perf_counter() - start
             loss, new_grads = self._run_closure(closure, proposals, timer)
         with torch.no_grad():
@@ -441,7 +470,30 @@ def _check_args(
         raise ValueError("nesterov needs momentum > 0")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if chunk_size is not None and (
+    if chunk_size not in (None, "auto") and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be an integer >= 1, None or 'auto', got {chunk_size!r}")
+
+
+def _auto_chunk_size(meta: list[Tensor], hypernet: nn.Module | None) -> int | None:
+    """``chunk_size="auto"`` for these meta weights (see :class:`MetaGrad`)."""
+    if not meta or meta[0].device.type == "cpu":
+        return CPU_CHUNK_SIZE
+    device = meta[0].device
+    if device.type != "cuda":
+        return None
+    hidden = getattr(hypernet, "hidden", None) or _widest_layer(hypernet)
+    per_element = 4 * 4 * max(hidden, 1)  # pre-activation, activation, mask and grad, float32
+    budget = torch.cuda.mem_get_info(device)[0] * ACTIVATION_MEMORY_SHARE
+    largest = max(p.numel() for p in meta)
+    if largest * per_element <= budget:
+        return None
+    return max(1, int(budget // per_element))
+
+
+def _widest_layer(module: nn.Module | None) -> int:
+    widths = (
+        [m.out_features for m in module.modules() if isinstance(m, nn.Linear)] if module else []
+    )
+    return max(widths, default=8)

@@ -7,11 +7,20 @@ on the 256 levels ``(k + 0.5) / 256``, so ``E[Q(x)]`` is within ``scale / 512`` 
 (unbiased up to that dither resolution). One 32-bit random draw serves four elements, which is
 cheaper than drawing a float per element.
 
+Scales are float32 (float64 for float64 inputs) and the codes are computed in that precision
+whatever the input's dtype, so bf16 and fp16 errors (mixed precision) quantize exactly like their
+float32 values; codes of up to 8 bits are exact in bf16 and fp16, so they can be handed to
+low-precision products as they are.
+
+The quantizer is a registered :mod:`metagrad.kernels` kernel: compiled, it fuses the group
+maximum, the scaling, the dither and the rounding into two passes over the tensor and returns
+the same codes (stochastic rounding included: the random bytes are drawn outside the kernel).
+
 Special values, by design:
 - an all-zero group quantizes to zeros (its scale is taken as 1, never 0);
-- a group holding NaN or +/-inf comes out entirely NaN, so that divergence stays visible to
-  whatever checks for it downstream (e.g. ``torch.amp.GradScaler`` skips such steps) instead of
-  being silently rounded away.
+- a group holding NaN or +/-inf gets a NaN scale and all-NaN codes, so that divergence stays
+  visible to whatever checks for it downstream (e.g. ``torch.amp.GradScaler`` skips such steps)
+  instead of being silently rounded away.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from metagrad.kernels import kernel
+
 Rounding = Literal["nearest", "stochastic"]
 Granularity = Literal["tensor", "channel", "sample"]
 
@@ -30,7 +41,6 @@ GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
 FULL_PRECISION_BITS = 32
 MIN_BITS, MAX_BITS = 2, 8
 DITHER_LEVELS = 256  # resolution of stochastic rounding's noise (one byte per element)
-EXACT_ENOUGH = (torch.float32, torch.float64)  # dtypes whose codes never need clamping
 
 
 @dataclass(frozen=True)
@@ -81,20 +91,28 @@ class QuantSpec:
         return f"int{self.bits}-{self.rounding}-{self.granularity}"
 
 
-def _reduce_dims(x: Tensor, granularity: str, channel_dim: int) -> tuple[int, ...]:
-    """The dims reduced over when computing one scale per group."""
+def scale_dtype(x: Tensor) -> torch.dtype:
+    """The dtype scales and codes are computed in for ``x``: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def group_dim(x: Tensor, granularity: str, channel_dim: int = 1) -> int | None:
+    """The dim that keeps one scale per index (None: one scale for the whole tensor)."""
     if granularity == "tensor" or x.dim() == 0:
-        return tuple(range(x.dim()))
-    keep = 0 if granularity == "sample" else channel_dim % x.dim()
-    return tuple(d for d in range(x.dim()) if d != keep)
+        return None
+    return 0 if granularity == "sample" else channel_dim % x.dim()
 
 
 def absmax(x: Tensor, granularity: str = "tensor", channel_dim: int = 1) -> Tensor:
     """Largest magnitude per group, shaped to broadcast against ``x`` (NaN if a group has one)."""
-    dims = _reduce_dims(x, granularity, channel_dim)
-    if len(dims) == x.dim():
+    return _absmax(x, group_dim(x, granularity, channel_dim))
+
+
+def _absmax(x: Tensor, keep: int | None) -> Tensor:
+    if keep is None:
         lo, hi = torch.aminmax(x)
         return torch.maximum(-lo, hi).reshape([1] * x.dim())
+    dims = tuple(d for d in range(x.dim()) if d != keep)
     if not dims:
         return x.abs()
     return x.abs().amax(dim=dims, keepdim=True)
@@ -114,32 +132,44 @@ def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return words.view(torch.uint8)[:n].as_strided(like.shape, like.stride())
 
 
-def quantize_codes(
-    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+@kernel
+def _codes(
+    x: Tensor, dither: Tensor | None, qmax: int, keep: int | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Quantize ``x`` to integer codes (held in ``x``'s float dtype) and their scale.
+    """Codes (as ``dtype``) and scales of ``x``; ``dither``: random bytes, None for nearest."""
+    amax = _absmax(x, keep).to(scale_dtype(x))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+    codes = x / scale  # computed in the scale's precision whatever x's dtype
+    if dither is None:
+        codes = codes.round_()
+    else:
+        # floor(x/scale + (byte + 0.5)/256): |x/scale| <= qmax holds to float32 rounding, so
+        # the codes never pass qmax and need no clamp.
+        codes = codes.add_(0.5 / DITHER_LEVELS).add_(dither, alpha=1 / DITHER_LEVELS).floor_()
+    return codes.to(dtype), scale
 
-    Returns ``(codes, scale)`` with ``codes * scale`` the quantized value; ``scale`` broadcasts
-    against ``x`` (size 1 along reduced dims). ``spec`` must be enabled.
+
+def quantize_codes(
+    x: Tensor,
+    spec: QuantSpec,
+    channel_dim: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to integer codes and their scale.
+
+    Returns ``(codes, scale)`` with ``codes * scale`` the quantized value: ``codes`` as ``dtype``
+    (default ``x``'s dtype; any float dtype holds them exactly, and ``torch.int8`` does for
+    finite groups), ``scale`` in float32 (float64 for float64 ``x``), broadcasting against ``x``
+    (size 1 along reduced dims). ``spec`` must be enabled.
     """
     if not spec.enabled:
         raise ValueError("quantize_codes needs a spec with bits < 32")
-    qmax = spec.qmax
-    amax = absmax(x, spec.granularity, channel_dim)
-    scale = amax / qmax
-    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-    if spec.rounding == "stochastic":
-        # floor(x/scale + (byte + 0.5)/256), the half-level offset folded into the division.
-        offset = torch.tensor(0.5 / DITHER_LEVELS, dtype=x.dtype, device=x.device)
-        codes = torch.addcdiv(offset, x, scale)
-        codes.add_(_dither(codes, generator), alpha=1 / DITHER_LEVELS).floor_()
-    else:
-        codes = (x / scale).round_()
-    if x.dtype not in EXACT_ENOUGH:
-        # |x / scale| <= qmax holds to float32 rounding, which cannot push a code past qmax;
-        # coarser float formats can.
-        codes.clamp_(-qmax, qmax)
-    return codes, scale
+    keep = group_dim(x, spec.granularity, channel_dim)
+    dither = _dither(x, generator) if spec.rounding == "stochastic" else None
+    return _codes(x, dither, spec.qmax, keep, dtype or x.dtype)
 
 
 def fake_quantize(
@@ -148,8 +178,8 @@ def fake_quantize(
     """Quantize and dequantize ``x`` (same shape and dtype); the identity when ``spec`` is off."""
     if not spec.enabled:
         return x
-    codes, scale = quantize_codes(x, spec, channel_dim, generator=generator)
-    return codes.mul_(scale)
+    codes, scale = quantize_codes(x, spec, channel_dim, generator=generator, dtype=scale_dtype(x))
+    return codes.mul_(scale).to(x.dtype)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from metagrad import kernels
 from metagrad.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -44,6 +46,73 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
     return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` (``auto``: bf16 on CUDA, off elsewhere)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_compile(name: str, device: torch.device) -> str:
+    """What ``--compile`` does here: ``off``, ``kernels`` or ``model``; turns kernels on or off.
+
+    ``auto`` means ``kernels`` where ``torch.compile`` works. Where it does not, an explicit
+    request falls back to ``off`` with a warning.
+    """
+    if name == "auto":
+        name = "kernels" if kernels.available(device)[0] else "off"
+    if name == "off":
+        kernels.set_compile(False)
+        return name
+    return name if kernels.set_compile(True, device) else "off"
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """What a result depends on besides its settings: code version, torch, device, threads."""
+    return {
+        "commit": _git_commit(),
+        "metagrad": _package_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from (``+dirty`` if modified), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None
+
+
+def _package_version() -> str:
+    from metagrad import __version__
+
+    return __version__
 
 
 def load_dataset(cfg: TrainConfig) -> ImageDataset:
@@ -118,20 +187,29 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, mean, std) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over a whole split."""
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean,
+    std,
+    amp: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) over a whole split (under autocast to ``amp``)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, len(images), EVAL_BATCH):
         x = normalize(images[i : i + EVAL_BATCH].to(device), mean, std)
         y = labels[i : i + EVAL_BATCH].to(device)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
     model.train(was_training)
-    return loss_sum / len(images), 100.0 * correct / len(images)
+    return loss_sum.item() / len(images), 100.0 * correct.item() / len(images)
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -161,9 +239,16 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.compile = resolve_compile(cfg.compile, self.device)
         self.data = load_dataset(cfg)
         self.model = build_model(cfg, self.data, self.device)
+        self.forward = torch.compile(self.model) if self.compile == "model" else self.model
         self.optimizer = build_optimizer(cfg, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.skipped_steps = 0
+        # On CUDA the uint8 images live on the GPU and are augmented there.
+        data_device = self.device if self.device.type == "cuda" else None
         self.loader = BatchLoader(
             self.data.train_images,
             self.data.train_labels,
@@ -173,7 +258,10 @@ class Trainer:
             shuffle=True,
             augment=self.data.train_images.shape[-1] >= 4 * CROP_PADDING,
             seed=cfg.seed,
+            device=data_device,
         )
+        self.test_images = self.data.test_images.to(self.device)
+        self.test_labels = self.data.test_labels.to(self.device)
         steps_per_epoch = len(self.loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -214,6 +302,11 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.device)[0],
             "gradient_records": self.gradient_records,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device)
+            if self.device.type == "cuda"
+            else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "skipped_steps": self.skipped_steps,
         }
 
     def _resume(self) -> None:
@@ -247,7 +340,12 @@ class Trainer:
         self.hyper_seconds = state.get("hyper_seconds", 0.0)
         self.earlier_peak_memory_mb = state.get("peak_memory_mb", 0.0)
         self.gradient_records = list(state.get("gradient_records", []))
+        self.skipped_steps = state.get("skipped_steps", 0)
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if state.get("grad_scaler") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def _save(self, partial_record: dict[str, Any] | None = None) -> None:
         save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
@@ -260,17 +358,26 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
         """One optimizer step; returns the batch's loss and number of correct predictions."""
         outputs: list[Tensor] = []
+        scaler, amp = self.scaler, self.amp
 
         def closure() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
+            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
+                out = self.forward(x)
+            loss = F.cross_entropy(out.float(), y)
+            scaler.scale(loss).backward()
             outputs.append(out.detach())
             return loss
 
         hyper_before = getattr(self.optimizer, "hyper_time", 0.0)
-        loss = self.optimizer.step(closure)
+        if scaler.is_enabled():  # fp16: loss scaling, non-finite steps skipped (plain only)
+            loss = closure()
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            self.skipped_steps += int(scaler.get_scale() < scale)
+        else:
+            loss = self.optimizer.step(closure)
         self.hyper_seconds += getattr(self.optimizer, "hyper_time", 0.0) - hyper_before
         self.scheduler.step()
         correct = int((outputs[-1].argmax(1) == y).sum())
@@ -278,7 +385,7 @@ class Trainer:
 
     def _epoch_record(self, seconds: float, complete: bool) -> dict[str, Any]:
         test_loss, test_acc = evaluate(
-            self.model, self.data.test_images, self.data.test_labels, self.data.mean, self.data.std
+            self.model, self.test_images, self.test_labels, self.data.mean, self.data.std, self.amp
         )
         seen = max(1, self.partial["seen"])
         record = {
@@ -384,6 +491,10 @@ class Trainer:
         memory = max(memory, self.earlier_peak_memory_mb)  # earlier processes of a resumed run
         return {
             "config": self.cfg.to_dict(),
+            "amp": str(self.amp).removeprefix("torch.") if self.amp else "off",
+            "compile": self.compile,
+            "amp_skipped_steps": self.skipped_steps,
+            "provenance": provenance(self.device),
             "quantization": str(self.cfg.quant_config()),
             "hypernet": self._hypernet_summary(),
             "quantized_layers": len(quantized_layers(self.model)),

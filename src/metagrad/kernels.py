@@ -1,0 +1,125 @@
+"""Compiled twins of the library's elementwise hot spots (the quantizer, the fused hypernetwork).
+
+Each kernel is a plain torch function, registered with :func:`kernel`. Run eagerly it is the
+reference; with compilation on (:func:`set_compile`), ``torch.compile`` fuses it into a few
+generated kernels (C++ with OpenMP on CPU, Triton on CUDA) that compute the same numbers in fewer
+passes over memory. Compilation is off by default in the library, on in ``metagrad train``
+(``--compile``), and falls back to eager execution, with a warning, where no compiler works.
+
+Usage::
+
+    import metagrad as mg
+    mg.kernels.set_compile(True)      # or: with mg.kernels.compiled(): ...
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_enabled = False
+_availability: dict[str, tuple[bool, str]] = {}
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).sum()
+
+
+def available(device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """Whether ``torch.compile`` works for ``device`` here, and why not (compiles a tiny probe)."""
+    kind = torch.device(device).type
+    if kind not in _availability:
+        try:
+            compiled_probe = torch.compile(_probe, dynamic=True)
+            compiled_probe(torch.ones(4, device=kind))
+            _availability[kind] = (True, "")
+        except Exception as err:  # any compiler or backend failure means "not here"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _availability[kind] = (False, f"{type(err).__name__}: {reason}")
+    return _availability[kind]
+
+
+def set_compile(enabled: bool, device: str | torch.device = "cpu") -> bool:
+    """Turn compiled kernels on or off; returns whether they are on.
+
+    Turning them on checks that ``torch.compile`` works for ``device``; where it does not, the
+    kernels stay eager and a warning says why.
+    """
+    global _enabled
+    if enabled:
+        ok, why = available(device)
+        if not ok:
+            warnings.warn(
+                f"metagrad: torch.compile does not work here ({why}); using eager kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            enabled = False
+    _enabled = bool(enabled)
+    return _enabled
+
+
+def compile_enabled() -> bool:
+    """Whether registered kernels run compiled."""
+    return _enabled
+
+
+@contextmanager
+def compiled(enabled: bool = True) -> Iterator[bool]:
+    """Run registered kernels compiled (or eager) inside the ``with`` block."""
+    before = _enabled
+    try:
+        yield set_compile(enabled)
+    finally:
+        set_compile(before)
+
+
+RECOMPUTE = {
+    "realize_reads_threshold": 1_000,
+    "realize_opcount_threshold": 10_000,
+    "realize_acc_reads_threshold": 1_000,
+    "realize_cpu_opcount_threshold": 10_000,
+    "realize_cpu_acc_reads_threshold": 1_000,
+}
+"""Inductor settings that make it recompute cheap elementwise values in every loop that reads
+them instead of storing them to memory: for kernels whose intermediates are many times larger
+than their inputs (a hypernetwork's hidden units)."""
+
+
+def _inductor_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` this torch's inductor knows (names come and go between releases)."""
+    from torch._inductor import config
+
+    return {k: v for k, v in options.items() if hasattr(config, k)}
+
+
+def kernel(fn: F | None = None, *, recompute: bool = False) -> F | Callable[[F], F]:
+    """Register ``fn`` (pure torch code) as a kernel: compiled when :func:`set_compile` is on.
+
+    The compiled twin is built on first use, with dynamic shapes, so one compilation serves all
+    layer sizes. ``recompute=True`` compiles with :data:`RECOMPUTE`. ``fn.eager`` is always the
+    uncompiled reference. Use as ``@kernel`` or ``@kernel(recompute=True)``.
+    """
+    if fn is None:
+        return functools.partial(kernel, recompute=recompute)  # type: ignore[return-value]
+    compiled_fn: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal compiled_fn
+        if not _enabled or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if compiled_fn is None:
+            options = _inductor_options(RECOMPUTE) if recompute else None
+            compiled_fn = torch.compile(fn, dynamic=True, options=options)
+        return compiled_fn(*args, **kwargs)
+
+    run.eager = fn  # type: ignore[attr-defined]
+    return run  # type: ignore[return-value]

@@ -1,0 +1,162 @@
+"""Compiled kernels (metagrad.kernels) against their eager reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize_
+from metagrad.hyper import FusedMLP, create_hypernet
+from metagrad.quant import quantize_codes
+
+GRANULARITIES = ["tensor", "channel", "sample"]
+
+
+@pytest.fixture
+def compiled():
+    if not kernels.available("cpu")[0]:
+        pytest.skip(f"torch.compile does not work here: {kernels.available('cpu')[1]}")
+    with kernels.compiled():
+        yield
+
+
+def _error(dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(6, 10, 5, 7, generator=gen) * torch.rand(6, 10, 1, 1, generator=gen)
+    e[2, 3, 1, 1] = 0.5 * e.abs().max()  # a tie for some scales
+    e = e.to(dtype)
+    return e.contiguous(memory_format=torch.channels_last) if channels_last else e
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_quantizer_gives_the_reference_codes_bit_for_bit(
+    compiled, granularity, rounding, dtype, channels_last
+):
+    e = _error(dtype, channels_last)
+    spec = QuantSpec(4, rounding, granularity)
+    torch.manual_seed(3)
+    codes, scale = quantize_codes(e, spec)
+    with kernels.compiled(False):
+        torch.manual_seed(3)
+        ref_codes, ref_scale = quantize_codes(e, spec)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    assert codes.dtype == dtype and codes.stride() == e.stride()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_nearest_codes_equal_a_float64_reference(compiled, granularity):
+    e = _error(torch.float32, False)
+    codes, _ = quantize_codes(e, QuantSpec(8, "nearest", granularity))
+    dims = {"tensor": (0, 1, 2, 3), "channel": (0, 2, 3), "sample": (1, 2, 3)}[granularity]
+    scale = e.abs().amax(dims, keepdim=True).double() / 127
+    # float64 division can differ from float32's in the last bit only at exact ties
+    expected = torch.round(e.double() / scale.float().double())
+    assert (codes.double() - expected).abs().max() <= 1
+    assert (codes.double() != expected).float().mean() < 1e-3
+
+
+def test_compiled_stochastic_rounding_is_unbiased_and_follows_the_seed(compiled):
+    x = torch.linspace(-1, 1, 1001).reshape(7, 143) * 0.9 + 0.05
+    spec = QuantSpec(3, "stochastic")
+    torch.manual_seed(0)
+    draws = torch.stack([torch.mul(*quantize_codes(x, spec)) for _ in range(2000)])
+    step = x.abs().max() / spec.qmax
+    # unbiased up to the dither resolution (step/512), beyond which 2000 draws leave noise
+    assert (draws.mean(0) - x).abs().max() < step / 512 + 4 * step / (2 * 2000**0.5)
+    torch.manual_seed(1)
+    a = quantize_codes(x, spec)[0]
+    torch.manual_seed(1)
+    assert torch.equal(a, quantize_codes(x, spec)[0])
+
+
+@pytest.mark.parametrize("kind", ["grad", "grad+weight"])
+@pytest.mark.parametrize("form", ["residual", "gain"])
+def test_fused_hypernet_equals_the_generic_one_in_float64(kind, form):
+    torch.manual_seed(0)
+    net = create_hypernet(kind, form=form).double()
+    nn.init.normal_(net.head.weight, std=0.5)
+    nn.init.normal_(net.head.bias, std=0.1)
+    g = torch.randn(16, 3, 3, 3, dtype=torch.float64)
+    w, upstream = torch.randn_like(g), torch.randn_like(g)
+    generic, _ = net(g, w)
+    torch.autograd.backward(generic, upstream)
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    fused = net.fused(g, w)
+    torch.autograd.backward(fused, upstream)
+    torch.testing.assert_close(fused, generic, rtol=1e-12, atol=1e-12)
+    for p, e in zip(net.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_hypernet_gradient_passes_gradcheck():
+    torch.manual_seed(0)
+    net = create_hypernet("grad+weight", form="residual").double()
+    nn.init.normal_(net.head.weight, std=0.5)
+    g, w = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    params = tuple(p.detach().clone().requires_grad_() for p in net.parameters())
+
+    def fn(*ps):
+        return FusedMLP.apply(g, w, *ps, True, False, 1e-12)
+
+    assert torch.autograd.gradcheck(fn, params)
+
+
+def test_compiled_fused_hypernet_matches_eager(compiled):
+    torch.manual_seed(0)
+    net = create_hypernet("grad+weight")
+    nn.init.normal_(net.head.weight, std=0.5)
+    g, w = torch.randn(64, 32, 3, 3), torch.randn(64, 32, 3, 3)
+    upstream = torch.randn_like(g)
+    out, _ = net(g, w)  # compiled kernels on: the fused path
+    torch.autograd.backward(out, upstream)
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    with kernels.compiled(False):
+        ref, _ = net(g, w)
+        torch.autograd.backward(ref, upstream)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, p in zip(got, net.parameters(), strict=True):  # sums of 18k float32 terms
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
+
+
+def test_metagrad_with_compiled_kernels_follows_the_eager_trajectory(compiled):
+    config = QuantConfig(grad=QuantSpec(4, "stochastic", "sample"))
+    runs = []
+    for compile_on in (True, False):
+        torch.manual_seed(0)
+        model = quantize_(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)), config)
+        opt = MetaGrad(model, lr=0.1, momentum=0.9, nesterov=True, hyper_lr=1e-2)
+        with kernels.compiled(compile_on):
+            for step in range(5):
+                gen = torch.Generator().manual_seed(step)
+                x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+
+                def closure(model=model, opt=opt, x=x, y=y):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                torch.manual_seed(100 + step)
+                opt.step(closure)
+        runs.append((model.state_dict(), opt.hypernet.state_dict()))
+    (model_a, hyper_a), (model_b, hyper_b) = runs
+    torch.testing.assert_close(model_a, model_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hyper_a, hyper_b, rtol=1e-3, atol=1e-5)
+
+
+def test_compiling_where_it_cannot_work_warns_and_stays_eager(monkeypatch):
+    monkeypatch.setitem(kernels._availability, "cpu", (False, "RuntimeError: no compiler"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.set_compile(True) is False
+    assert not kernels.compile_enabled()
+    assert any("no compiler" in str(w.message) for w in caught)
