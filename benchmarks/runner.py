@@ -8,6 +8,7 @@ on the same batches), which keeps the ratios robust to the machine's background 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -19,9 +20,16 @@ from typing import Any
 
 import torch
 
+from metagrad import kernels
 from metagrad.config import build_config
 from metagrad.data import BatchLoader, ImageDataset
-from metagrad.train import build_model, build_optimizer, peak_memory_mb, resolve_device
+from metagrad.train import (
+    build_model,
+    build_optimizer,
+    peak_memory_mb,
+    resolve_amp,
+    resolve_device,
+)
 
 PROBE_STEPS = 8
 
@@ -137,6 +145,56 @@ def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]
     return record
 
 
+Step = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def training_step(settings: dict[str, Any], data: ImageDataset) -> Step:
+    """One training step of ``settings`` (``metagrad train`` keys, plus ``tf32`` on CUDA), as
+    ``metagrad train`` runs it: autocast as ``amp`` says, compiled kernels as ``compile`` says.
+
+    Global switches (compiled kernels, TF32) are set at every call, so steps of settings that
+    differ in them can be interleaved in one process.
+    """
+    settings = dict(settings)
+    tf32 = bool(settings.pop("tf32", False))
+    cfg = build_config({**settings, "out": "unused"})
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data, device)
+    optimizer = build_optimizer(cfg, model)
+    amp = resolve_amp(cfg.amp, device)
+    compiled = cfg.compile in ("auto", "kernels")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        kernels.set_compile(compiled, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)):
+                out = model(x)
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    return step
+
+
+def synthetic_data(batch_size: int) -> ImageDataset:
+    """Random CIFAR-shaped images (two batches), for memory probes."""
+    n = batch_size * 2
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(n) % 10
+    half = (0.5, 0.5, 0.5)
+    return ImageDataset(
+        images, labels, images[:2], labels[:2], [str(i) for i in range(10)], half, half
+    )
+
+
 def _rss_mb() -> float:
     """Current resident memory (Linux ``VmRSS``), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -146,34 +204,32 @@ def _rss_mb() -> float:
 
 
 def probe_memory(settings: dict[str, Any]) -> float:
-    """Peak resident-memory growth (MB) over ``PROBE_STEPS`` training steps, in this process."""
-    torch.manual_seed(0)
-    n = settings["batch_size"] * 2
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.arange(n) % 10
-    half = (0.5, 0.5, 0.5)
-    data = ImageDataset(
-        images, labels, images[:2], labels[:2], [str(i) for i in range(10)], half, half
+    """Peak memory growth (MB) over ``PROBE_STEPS`` training steps of a fresh model in this
+    process, from just before its first step (so optimizer state counts): resident memory on
+    CPU, CUDA's allocator on CUDA. A twin runs first and is freed, so that compiling kernels
+    is not counted."""
+    data = synthetic_data(settings["batch_size"])
+    device = resolve_device(settings.get("device", "auto"))
+    x = ((data.train_images[: settings["batch_size"]].float() / 255 - 0.5) / 0.5).to(
+        device, memory_format=torch.channels_last
     )
-    cfg = build_config({**settings, "out": "unused"})
-    model = build_model(cfg, data, torch.device("cpu"))
-    optimizer = build_optimizer(cfg, model)
-    x = ((images[: cfg.batch_size].float() / 255 - 0.5) / 0.5).contiguous(
-        memory_format=torch.channels_last
-    )
-    y = labels[: cfg.batch_size]
-    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
-    before = _rss_mb()
-
-    def closure():
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    y = data.train_labels[: settings["batch_size"]].to(device)
+    warm = training_step(settings, data)
+    for _ in range(2):
+        warm(x, y)
+    del warm
+    gc.collect()
+    step = training_step(settings, data)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
+        before = _rss_mb()
     for _ in range(PROBE_STEPS):
-        optimizer.step(closure)
-    return peak_memory_mb(torch.device("cpu"))[0] - before
+        step(x, y)
+    return peak_memory_mb(device)[0] - before
 
 
 def step_memory(script: str, settings: dict[str, Any]) -> float:
@@ -200,25 +256,30 @@ def time_steps(
         augment=True,
         seed=0,
     )
+    device = resolve_device(base.get("device", "auto"))
     batches = list(zip(range(warmup + steps), loader.epoch(0), strict=False))
-    runs = {}
-    for name, overrides in settings.items():
-        cfg = build_config({**base, **overrides, "out": "unused"})
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data, resolve_device(cfg.device))
-        runs[name] = (model, build_optimizer(cfg, model))
+    runs = {
+        name: training_step({**base, **overrides}, data) for name, overrides in settings.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in settings}
     for i, (x, y) in batches:
-        for name, (model, optimizer) in runs.items():
-
-            def closure(model=model, optimizer=optimizer, x=x, y=y):
-                optimizer.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
+        x, y = x.to(device), y.to(device)
+        for name, step in runs.items():
+            _sync(device)
             t0 = time.perf_counter()
-            optimizer.step(closure)
+            step(x, y)
+            _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    probe = argparse.ArgumentParser(description="print probe_memory(SETTINGS) (a fresh process)")
+    probe.add_argument("--probe", required=True, metavar="SETTINGS_JSON")
+    print(probe_memory(json.loads(probe.parse_args().probe)))

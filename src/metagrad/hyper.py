@@ -239,9 +239,13 @@ class MLPHypernet(Hypernet):
     def fused(self, grad: Tensor, weight: Tensor) -> Tensor:
         hidden, head = self.body[0], self.head
         dtype = self._dtype()
+        # Coordinate-wise: any element order will do, so take the weight's memory order and
+        # flatten without copies (a reshape of a channels_last tensor would copy it).
+        order = sorted(range(weight.dim()), key=lambda d: (-weight.stride(d), d))
+        g = grad.permute(order).reshape(-1)
         out = FusedMLP.apply(
-            grad.reshape(-1).to(dtype),
-            weight.reshape(-1).to(dtype),
+            g.to(dtype),
+            weight.permute(order).reshape(-1).to(dtype),
             hidden.weight,
             hidden.bias,
             head.weight,
@@ -250,7 +254,9 @@ class MLPHypernet(Hypernet):
             self.form == "gain",
             self.eps,
         )
-        return out.view_as(grad).to(grad.dtype)
+        shape = [grad.shape[d] for d in order]
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return out.view(shape).permute(inverse).to(grad.dtype)
 
 
 class LSTMHypernet(Hypernet):

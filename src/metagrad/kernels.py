@@ -24,6 +24,10 @@ import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants allowed per kernel (dtypes, layouts, granularities, grad mode: a training
+run needs a dozen or two; dynamo's default of 8 would silently fall back to eager code)."""
+
 _enabled = False
 _availability: dict[str, tuple[bool, str]] = {}
 
@@ -63,6 +67,11 @@ def set_compile(enabled: bool, device: str | torch.device = "cpu") -> bool:
             )
             enabled = False
     _enabled = bool(enabled)
+    if _enabled:
+        from torch._dynamo import config
+
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return _enabled
 
 

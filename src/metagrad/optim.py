@@ -173,6 +173,10 @@ class MetaGrad(Optimizer):
     they are not visible on ``.grad``, so gradient clipping there does not reach them).
 
     Param groups: ``param_groups[0]`` holds the meta weights (``"meta": True``), ``[1]`` the rest.
+    After ``step`` a meta weight's ``.grad`` is the very tensor the next step will pass through
+    the hypernetwork (:meth:`pending_gradients`): changing it in place (e.g. clipping it)
+    changes that update.
+
     ``hyper_time`` accumulates seconds spent on the hypernetwork: its forward and the refined
     update, its backward (timed from autograd hooks) and its optimizer's step.
     """
@@ -344,7 +348,7 @@ class MetaGrad(Optimizer):
             if grad is None:
                 state.pop("pending_grad", None)
             else:
-                state["pending_grad"] = grad.detach().clone()
+                state["pending_grad"] = grad.detach()  # the very tensor on p.grad
 
     def _plain_steps(self, group: dict[str, Any]) -> None:
         update = _UPDATES[self.base]
@@ -359,7 +363,13 @@ class MetaGrad(Optimizer):
     # -- bookkeeping --------------------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the model's parameters and of the hypernetwork."""
+        """Clear the gradients of the model's parameters and of the hypernetwork.
+
+        A meta weight's ``.grad`` is its pending gradient (the same tensor): it is released
+        (set to None), never zeroed in place, whatever ``set_to_none`` says.
+        """
+        for p in self.meta_params:
+            p.grad = None
         super().zero_grad(set_to_none)
         self.hypernet.zero_grad(set_to_none)
 

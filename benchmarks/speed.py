@@ -1,0 +1,358 @@
+"""Training speed against the baselines users run: float32, TF32 (CUDA) and bf16 autocast.
+
+    python benchmarks/speed.py                  # CPU  -> benchmarks/results/speed-cpu.json
+    python benchmarks/speed.py --device cuda    # CUDA -> benchmarks/results/speed-cuda.json
+    python benchmarks/speed.py --quick          # few repetitions (a smoke run)
+
+Every comparison is made side by side in one process, repetitions interleaved, medians kept:
+
+1. steps: whole training steps (forward, backward, optimizer) of full-width VGG-16 at batch 128
+   on CIFAR-10 batches, channels_last, as ``metagrad train`` runs them: plain float32 (TF32 off),
+   TF32 (CUDA), bf16 autocast; quantized gradients (simulate backend, compiled or eager
+   kernels), the ``int8`` backend, and MetaGrad. Each row has its ratio to float32, to bf16 and
+   to the setting it should be compared with (the plain step of the same precision, or for
+   MetaGrad the plain quantized step).
+2. quantizer: the quantizer alone on the errors of one INT4 training step (same shapes, dtypes
+   and layouts), eager and compiled, and its share of the quantized bf16 step.
+3. memory: peak memory growth over training steps of MetaGrad against the plain quantized step,
+   each in a fresh process.
+4. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (INT8
+   nearest error, both products): float32, bf16, the ``int8`` backend's integer products, and
+   the same 8-bit codes multiplied in bf16 (the route the ``int8`` backend takes on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import synthetic_data, time_steps
+
+from metagrad import functional, int8, kernels
+from metagrad.data import load_cifar10
+from metagrad.functional import QuantConfig
+from metagrad.quant import QuantSpec, quantize_codes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}
+INT4S = {"grad_bits": 4, "grad_rounding": "stochastic"}
+BF16, FP32, COMPILED = {"amp": "bf16"}, {"amp": "off"}, {"compile": "kernels"}
+EAGER = {"compile": "off"}
+STEPS: dict[str, dict[str, Any]] = {
+    "fp32": {**FP32, **EAGER},
+    "tf32": {**FP32, **EAGER, "tf32": True},
+    "bf16": {**BF16, **EAGER},
+    "int4-stochastic bf16": {**INT4S, **BF16, **COMPILED},
+    "int4-stochastic bf16, eager kernels": {**INT4S, **BF16, **EAGER},
+    "int4-stochastic-sample bf16": {**INT4S, "grad_granularity": "sample", **BF16, **COMPILED},
+    "int8-nearest bf16": {"grad_bits": 8, **BF16, **COMPILED},
+    "int8 backend bf16": {"grad_bits": 8, "backend": "int8", **BF16, **COMPILED},
+    "metagrad int4-stochastic bf16": {**INT4S, "method": "metagrad", **BF16, **COMPILED},
+    "int4-stochastic fp32": {**INT4S, **FP32, **COMPILED},
+    "int8 backend fp32": {"grad_bits": 8, "backend": "int8", **FP32, **COMPILED},
+    "metagrad int4-stochastic fp32": {**INT4S, "method": "metagrad", **FP32, **COMPILED},
+}
+COMPARE_WITH = {
+    "int4-stochastic bf16": "bf16",
+    "int4-stochastic bf16, eager kernels": "bf16",
+    "int4-stochastic-sample bf16": "bf16",
+    "int8-nearest bf16": "bf16",
+    "int8 backend bf16": "bf16",
+    "metagrad int4-stochastic bf16": "int4-stochastic bf16",
+    "int4-stochastic fp32": "fp32",
+    "int8 backend fp32": "fp32",
+    "metagrad int4-stochastic fp32": "int4-stochastic fp32",
+}
+"""The setting each step is judged against (the goals: quantized <= 1.15x plain bf16, MetaGrad
+<= 1.3x the plain quantized step)."""
+MEMORY = ("int4-stochastic bf16", "metagrad int4-stochastic bf16")
+VGG16_CHANNELS = (3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+VGG16_SPATIAL = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)
+MLP_SHAPES = ((1024, 4096), (4096, 1024))
+LAYER_SPEC = QuantSpec(8)
+
+Fn = Callable[[], object]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Fn], reps: int, warmup: int, device: torch.device) -> dict:
+    """Median seconds of each function, timed in turn ``reps`` times after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(warmup + reps):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------- 1. steps
+
+
+def bench_steps(data, device: torch.device, reps: int, warmup: int) -> dict[str, dict]:
+    names = [n for n in STEPS if device.type == "cuda" or not STEPS[n].get("tf32")]
+    settings = {name: STEPS[name] for name in names}
+    base = {**BASE, "device": device.type}
+    seconds = time_steps(settings, data, base, steps=reps, warmup=warmup)
+    rows = {}
+    for name, s in seconds.items():
+        row = {
+            "seconds": round(s, 5),
+            "x_fp32": round(s / seconds["fp32"], 3),
+            "x_bf16": round(s / seconds["bf16"], 3),
+        }
+        if name in COMPARE_WITH:
+            ref = COMPARE_WITH[name]
+            row["compared_with"] = ref
+            row["ratio"] = round(s / seconds[ref], 3)
+        rows[name] = row
+        extra = f"  {row['ratio']:.3f}x {row['compared_with']}" if "ratio" in row else ""
+        print(
+            f"step {name:38s} {s * 1e3:9.1f} ms  {row['x_fp32']:.3f}x fp32  "
+            f"{row['x_bf16']:.3f}x bf16{extra}",
+            flush=True,
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------- 2. quantizer
+
+
+def error_shapes(data, device: torch.device) -> list[tuple]:
+    """Shape, strides and dtype of every error one INT4 bf16 training step quantizes."""
+    from runner import training_step
+
+    seen: list[tuple] = []
+    original = functional.quantize_codes
+
+    def record(e, spec, channel_dim=1, **kwargs):
+        seen.append((tuple(e.shape), e.stride(), e.dtype, channel_dim))
+        return original(e, spec, channel_dim, **kwargs)
+
+    step = training_step({**BASE, **STEPS["int4-stochastic bf16"], "device": device.type}, data)
+    x = torch.randn(BASE["batch_size"], 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (BASE["batch_size"],), device=device)
+    functional.quantize_codes = record
+    try:
+        step(x.contiguous(memory_format=torch.channels_last), y)
+    finally:
+        functional.quantize_codes = original
+    return seen
+
+
+def bench_quantizer(data, device, reps: int, warmup: int, step_seconds: float) -> dict:
+    shapes = error_shapes(data, device)
+    errors = [
+        (torch.empty_strided(s, st, dtype=dt, device=device).normal_(), cd)
+        for s, st, dt, cd in shapes
+    ]
+    spec = QuantSpec(**{"bits": 4, "rounding": "stochastic"})
+
+    def run(compiled: bool) -> Fn:
+        def quantize_all() -> None:
+            kernels.set_compile(compiled, device)
+            for e, cd in errors:
+                quantize_codes(e, spec, cd)
+
+        return quantize_all
+
+    secs = interleaved({"eager": run(False), "compiled": run(True)}, reps, warmup, device)
+    result = {
+        "errors": len(errors),
+        "elements": sum(e.numel() for e, _ in errors),
+        "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
+        "share_of_int4_bf16_step": {k: round(v / step_seconds, 4) for k, v in secs.items()},
+    }
+    print(f"quantizer: {result}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- 3. memory
+
+
+def bench_memory(device: torch.device) -> dict[str, Any]:
+    rows = {}
+    for name in MEMORY:
+        settings = {**BASE, **STEPS[name], "device": device.type}
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "runner.py")]
+        cmd += ["--probe", json.dumps(settings)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows[name] = float(out.strip().splitlines()[-1])
+    plain, meta = (rows[n] for n in MEMORY)
+    result = {"step_memory_mb": rows, "ratio": round(meta / plain, 3)}
+    print(f"memory: {result}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- 4. layers
+
+
+def conv_fns(index: int, device: torch.device) -> tuple[str, dict, dict[str, Fn]]:
+    """Backward variants of VGG-16 conv ``index``: 3x3, stride 1, padding 1, channels_last."""
+    c_in, c_out, hw = VGG16_CHANNELS[index], VGG16_CHANNELS[index + 1], VGG16_SPATIAL[index]
+    cl = torch.channels_last
+    batch = BASE["batch_size"]
+    x = torch.randn(batch, c_in, hw, hw, device=device).relu().contiguous(memory_format=cl)
+    w = (torch.randn(c_out, c_in, 3, 3, device=device) * 0.05).contiguous(memory_format=cl)
+    e = (torch.randn(batch, c_out, hw, hw, device=device) * 1e-3).contiguous(memory_format=cl)
+    xb, wb, eb = x.bfloat16(), w.bfloat16(), e.bfloat16()
+    conv = ((1, 1), (1, 1), (1, 1))
+    mask = (True, True, False)
+    config = QuantConfig(grad=LAYER_SPEC, backend="int8")
+
+    def native(err, inp, weight) -> Fn:
+        backward = torch.ops.aten.convolution_backward
+        return lambda: backward(err, inp, weight, None, *conv, False, (0, 0), 1, mask)
+
+    fns = {
+        "fp32": native(e, x, w),
+        "bf16": native(eb, xb, wb),
+        "int8": lambda: int8.conv2d_backward(e, x, w, *conv, 1, config, mask),
+        "int8 codes in bf16": lambda: int8.conv2d_backward_simulated(
+            eb, xb, w, *conv, 1, config, mask
+        ),
+    }
+    shape = {"batch": batch, "c_in": c_in, "c_out": c_out, "hw": hw, "kernel": 3}
+    return f"vgg16.conv{index + 1}", shape, fns
+
+
+def linear_fns(c_in: int, c_out: int, tokens: int, device) -> tuple[str, dict, dict[str, Fn]]:
+    """Backward variants of a transformer-MLP Linear layer over ``tokens`` tokens."""
+    x = torch.randn(tokens, c_in, device=device)
+    w = torch.randn(c_out, c_in, device=device) * 0.02
+    e = torch.randn(tokens, c_out, device=device) * 1e-3
+    xb, wb, eb = x.bfloat16(), w.bfloat16(), e.bfloat16()
+    config = QuantConfig(grad=LAYER_SPEC, backend="int8")
+    mask = (True, True, False)
+    fns = {
+        "fp32": lambda: (e @ w, e.t() @ x),
+        "bf16": lambda: (eb @ wb, eb.t() @ xb),
+        "int8": lambda: int8.linear_backward(e, x, w, config, mask),
+        "int8 codes in bf16": lambda: int8.linear_backward_simulated(eb, xb, w, config, mask),
+    }
+    return f"mlp.{tokens}tok.{c_in}x{c_out}", {"tokens": tokens, "in": c_in, "out": c_out}, fns
+
+
+def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]) -> dict:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    layers = [conv_fns(i, device) for i in range(len(VGG16_SPATIAL))]
+    layers += [linear_fns(a, b, t, device) for t in tokens for a, b in MLP_SHAPES]
+    rows = []
+    for name, shape, fns in layers:
+        secs = interleaved(fns, reps, warmup, device)
+        row = {
+            "name": name,
+            "shape": shape,
+            "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
+            "bf16/int8": round(secs["bf16"] / secs["int8"], 3),
+            "bf16/int8 codes in bf16": round(secs["bf16"] / secs["int8 codes in bf16"], 3),
+            "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
+        }
+        rows.append(row)
+        print(
+            f"{name:28s} "
+            + "  ".join(f"{k} {v:8.2f}" for k, v in row["ms"].items())
+            + f" ms  bf16/int8 {row['bf16/int8']:.2f}x",
+            flush=True,
+        )
+    conv = [r for r in rows if r["name"].startswith("vgg16")]
+    summary = {
+        key: round(statistics.median(r[key] for r in conv), 3)
+        for key in ("bf16/int8", "bf16/int8 codes in bf16", "fp32/int8")
+    }
+    print(f"conv medians: {summary}", flush=True)
+    return {"rows": rows, "conv_medians": summary}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "compile_available": kernels.available(device)[0],
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--quick", action="store_true", help="few repetitions")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--parts", nargs="*", default=["steps", "quantizer", "memory", "layers"])
+    parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 4096; CUDA 4k-16k)")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/speed-<device>.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = args.out or RESULTS / f"speed-{device.type}.json"
+    step_reps, layer_reps, warmup = (2, 2, 1) if args.quick else (8, 6, 3)
+    tokens = args.tokens or ([4096, 16384] if device.type == "cuda" else [4096])
+    data_path = Path(args.data)
+    data = load_cifar10(data_path) if data_path.exists() else synthetic_data(BASE["batch_size"])
+
+    result: dict[str, Any] = {
+        "benchmark": "speed",
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine(device),
+        "settings": {**BASE, "data": str(data_path) if data_path.exists() else "synthetic"},
+        "step_settings": STEPS,
+    }
+    if out.is_file():  # keep the parts not rerun this time
+        result = {**json.loads(out.read_text()), **result}
+    if "steps" in args.parts:
+        result["steps"] = bench_steps(data, device, step_reps, warmup)
+    if "quantizer" in args.parts:
+        step = result["steps"]["int4-stochastic bf16"]["seconds"]
+        result["quantizer"] = bench_quantizer(data, device, layer_reps, warmup, step)
+    if "memory" in args.parts:
+        result["memory"] = bench_memory(device)
+    if "layers" in args.parts:
+        result["layers"] = bench_layers(device, layer_reps, 1, tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
