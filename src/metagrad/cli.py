@@ -32,6 +32,25 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, epochs=args.epochs, seeds=args.seeds)
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from metagrad.reproduce import reproduce
+
+    reproduce(
+        profile=args.profile,
+        model=args.model,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        only=args.only,
+        data=args.data,
+        runs_dir=args.runs_dir,
+        out_dir=args.out,
+        parallel=args.parallel,
+        threads=args.threads,
+        merge=args.merge,
+        report_only=args.report_only,
+    )
+
+
 def _plot(args: argparse.Namespace) -> None:
     from metagrad.plot import plot_runs
 
@@ -57,6 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=8, help="epochs per run")
     demo.add_argument("--seeds", type=int, default=3, help="seeds per setting")
     demo.set_defaults(func=_demo)
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="the paper's CIFAR-10 table: fp32, plain and MetaGrad at INT8/INT4, several seeds",
+    )
+    rep.add_argument(
+        "--profile",
+        default="paper",
+        help="paper (full width, 200 epochs) or cpu (width 0.25, 6 epochs, float32)",
+    )
+    rep.add_argument("--model", help="vgg16 (default), resnet20, resnet56 or mobilenetv2")
+    rep.add_argument("--epochs", type=int, help="epochs per run (default: the profile's)")
+    rep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run")
+    rep.add_argument("--only", nargs="+", help="settings to run (default: all 6)")
+    rep.add_argument("--data", default="../shared/data/cifar10-jpeg.zip", help="CIFAR-10 path")
+    rep.add_argument("--runs-dir", help="run folders (default runs/reproduce/<table>)")
+    rep.add_argument("--out", help="where results.json, report.md, curves.png go (runs-dir)")
+    rep.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    rep.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: share)")
+    rep.add_argument("--merge", nargs="*", default=[], help="other results.json files to add")
+    rep.add_argument("--report-only", action="store_true", help="train nothing, only report")
+    rep.set_defaults(func=_reproduce)
 
     plot = sub.add_parser("plot", help="plot metrics.jsonl curves of one or more runs")
     plot.add_argument("runs", nargs="+", help="run directories")
