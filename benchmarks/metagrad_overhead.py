@@ -2,11 +2,12 @@
 
     python benchmarks/metagrad_overhead.py --data ../shared/data/cifar10-jpeg.zip
 
-vgg16 at width 0.25, batch 128, INT4 stochastic per-tensor gradients. Step time: every setting's
-steps interleaved in one process on the same CIFAR-10 batches (median). Memory: each setting in a
-fresh process on synthetic CIFAR-shaped data; the figure is the growth of the process's peak
-resident memory over its resident memory just before training (weights, optimizer state,
-activations, hypernetwork). Writes ``benchmarks/results/metagrad-overhead.json``.
+vgg16 at width 0.25, batch 128, INT4 stochastic per-tensor gradients, float32, compiled kernels.
+Step time: every setting's steps interleaved in one process on the same CIFAR-10 batches
+(median). Memory: each setting in a fresh process on synthetic CIFAR-shaped data; the figure is
+the growth of tensor memory over training steps (optimizer state, gradients, activations,
+hypernetwork), from :func:`runner.probe_memory`. Full width and bf16: ``benchmarks/speed.py``.
+Writes ``benchmarks/results/metagrad-overhead.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import probe_memory, step_memory, time_steps
+from runner import step_memory, time_steps
 
 from metagrad.data import load_cifar10
 
@@ -45,14 +46,10 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--output", default="benchmarks/results/metagrad-overhead.json")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.probe:
-        print(probe_memory(json.loads(args.probe)))
-        return
 
     settings = {name: {**BASE, **s} for name, s in SETTINGS.items()}
-    memory = {name: step_memory(__file__, s) for name, s in settings.items()}
+    memory = {name: step_memory(s)["growth_mb"] for name, s in settings.items()}
     data = load_cifar10(args.data)
     seconds = time_steps(settings, data, {**BASE, "data": args.data}, steps=args.steps)
     rows = {

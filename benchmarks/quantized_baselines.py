@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import probe_memory, step_memory, time_steps, train_run
+from runner import step_memory, time_steps, train_run
 
 from metagrad.data import load_cifar10
 
@@ -54,11 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=BASE["epochs"])
     parser.add_argument("--timing-steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.probe:
-        print(probe_memory(json.loads(args.probe)))
-        return
 
     base = {**BASE, "epochs": args.epochs, "threads": args.threads}
     if args.threads:
@@ -72,10 +68,10 @@ def main() -> None:
         RUNS, load_cifar10(args.data), {**base, "data": args.data}, steps=args.timing_steps
     )
     # Peak memory, comparable across settings: each in a fresh process on synthetic data, the
-    # growth of peak resident memory over the process's memory just before training.
+    # growth of tensor memory over training steps.
     for r in records:
-        r["peak_memory_mb"] = step_memory(__file__, {**base, **RUNS[r["run"]], "threads": 0})
-        r["peak_memory_kind"] = "training-step RSS growth, fresh process"
+        r["peak_memory_mb"] = step_memory({**base, **RUNS[r["run"]], "threads": 0})["growth_mb"]
+        r["peak_memory_kind"] = "training-step tensor memory growth, fresh process"
     reference = medians["fp32"]
     timing = {
         name: {"median_step_seconds": t, "ratio_to_fp32": t / reference}

@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +27,11 @@ from metagrad.data import BatchLoader, ImageDataset
 from metagrad.train import (
     build_model,
     build_optimizer,
-    peak_memory_mb,
     resolve_amp,
     resolve_device,
 )
 
-PROBE_STEPS = 8
+PROBE_STEPS = 3
 
 
 def cli_flags(settings: dict[str, Any]) -> list[str]:
@@ -195,19 +195,16 @@ def synthetic_data(batch_size: int) -> ImageDataset:
     )
 
 
-def _rss_mb() -> float:
-    """Current resident memory (Linux ``VmRSS``), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("memory probes need Linux's /proc/self/status")
+def probe_memory(settings: dict[str, Any]) -> dict[str, float]:
+    """Tensor memory (MB) of ``PROBE_STEPS`` training steps of a fresh model in this process:
+    ``peak`` (everything alive at the worst moment: weights, optimizer state, gradients,
+    activations, temporaries) and ``growth`` (peak minus what was alive before the first step).
 
-
-def probe_memory(settings: dict[str, Any]) -> float:
-    """Peak memory growth (MB) over ``PROBE_STEPS`` training steps of a fresh model in this
-    process, from just before its first step (so optimizer state counts): resident memory on
-    CPU, CUDA's allocator on CUDA. A twin runs first and is freed, so that compiling kernels
-    is not counted."""
+    CUDA: the allocator's statistics. CPU: the PyTorch profiler's memory timeline (every tensor
+    allocation and free), which, unlike the resident set size, does not depend on the C
+    allocator's caching. A twin runs first and is freed, so that compiling kernels is not
+    counted.
+    """
     data = synthetic_data(settings["batch_size"])
     device = resolve_device(settings.get("device", "auto"))
     x = ((data.train_images[: settings["batch_size"]].float() / 255 - 0.5) / 0.5).to(
@@ -223,19 +220,32 @@ def probe_memory(settings: dict[str, Any]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) / 2**20
+        before = torch.cuda.memory_allocated(device)
+        for _ in range(PROBE_STEPS):
+            step(x, y)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
-        before = _rss_mb()
-    for _ in range(PROBE_STEPS):
-        step(x, y)
-    return peak_memory_mb(device)[0] - before
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(
+            activities=activities, profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
+            for _ in range(PROBE_STEPS):
+                step(x, y)
+        with tempfile.TemporaryDirectory() as tmp:
+            timeline = Path(tmp) / "memory.json"
+            prof.export_memory_timeline(str(timeline), device="cpu")
+            _, sizes = json.loads(timeline.read_text())
+        totals = [sum(s) for s in sizes]
+        before, peak = totals[0], max(totals)
+    return {"peak_mb": peak / 2**20, "growth_mb": (peak - before) / 2**20}
 
 
-def step_memory(script: str, settings: dict[str, Any]) -> float:
-    """:func:`probe_memory` of ``settings`` in a fresh process (``script --probe JSON``)."""
-    cmd = [sys.executable, script, "--probe", json.dumps(settings)]
-    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+def step_memory(settings: dict[str, Any]) -> dict[str, float]:
+    """:func:`probe_memory` of ``settings`` in a fresh process."""
+    cmd = [sys.executable, __file__, "--probe", json.dumps(settings)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def time_steps(
@@ -282,4 +292,4 @@ def _sync(device: torch.device) -> None:
 if __name__ == "__main__":
     probe = argparse.ArgumentParser(description="print probe_memory(SETTINGS) (a fresh process)")
     probe.add_argument("--probe", required=True, metavar="SETTINGS_JSON")
-    print(probe_memory(json.loads(probe.parse_args().probe)))
+    print(json.dumps(probe_memory(json.loads(probe.parse_args().probe))))

@@ -14,8 +14,9 @@ Every comparison is made side by side in one process, repetitions interleaved, m
    MetaGrad the plain quantized step).
 2. quantizer: the quantizer alone on the errors of one INT4 training step (same shapes, dtypes
    and layouts), eager and compiled, and its share of the quantized bf16 step.
-3. memory: peak memory growth over training steps of MetaGrad against the plain quantized step,
-   each in a fresh process.
+3. memory: tensor memory of MetaGrad's training steps against the plain quantized step's, each
+   in a fresh process: the peak (weights, optimizer state, gradients, activations) and its
+   growth over what was alive before the first step.
 4. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (INT8
    nearest error, both products): float32, bf16, the ``int8`` backend's integer products, and
    the same 8-bit codes multiplied in bf16 (the route the ``int8`` backend takes on CUDA).
@@ -27,7 +28,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import synthetic_data, time_steps
+from runner import step_memory, synthetic_data, time_steps
 
 from metagrad import functional, int8, kernels
 from metagrad.data import load_cifar10
@@ -189,15 +189,13 @@ def bench_quantizer(data, device, reps: int, warmup: int, step_seconds: float) -
 
 
 def bench_memory(device: torch.device) -> dict[str, Any]:
-    rows = {}
-    for name in MEMORY:
-        settings = {**BASE, **STEPS[name], "device": device.type}
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "runner.py")]
-        cmd += ["--probe", json.dumps(settings)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[name] = float(out.strip().splitlines()[-1])
+    rows = {name: step_memory({**BASE, **STEPS[name], "device": device.type}) for name in MEMORY}
     plain, meta = (rows[n] for n in MEMORY)
-    result = {"step_memory_mb": rows, "ratio": round(meta / plain, 3)}
+    result = {
+        "tensor_memory_mb": rows,
+        "ratio_peak": round(meta["peak_mb"] / plain["peak_mb"], 3),
+        "ratio_growth": round(meta["growth_mb"] / plain["growth_mb"], 3),
+    }
     print(f"memory: {result}", flush=True)
     return result
 

@@ -81,11 +81,11 @@ def compile_enabled() -> bool:
 
 
 @contextmanager
-def compiled(enabled: bool = True) -> Iterator[bool]:
+def compiled(enabled: bool = True, device: str | torch.device = "cpu") -> Iterator[bool]:
     """Run registered kernels compiled (or eager) inside the ``with`` block."""
     before = _enabled
     try:
-        yield set_compile(enabled)
+        yield set_compile(enabled, device)
     finally:
         set_compile(before)
 

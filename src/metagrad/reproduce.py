@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from metagrad.checkpoint import atomic_write, write_json
 from metagrad.config import ConfigError
@@ -118,6 +119,8 @@ def _finished(out: Path, epochs: int) -> bool:
     if not summary.is_file():
         return False
     data = json.loads(summary.read_text())
+    if data.get("in_progress"):
+        return False
     done = data.get("epochs_completed", 0) >= epochs and not data.get("stopped_early")
     return done or data.get("diverged_at_step") is not None
 
@@ -140,35 +143,50 @@ def run_all(
     parallel: int,
     threads: int,
 ) -> dict[str, int]:
-    """Train every unfinished run, ``parallel`` processes at a time; exit status per run."""
+    """Train every unfinished run, ``parallel`` processes at a time; exit status per run (0 for
+    a run that diverged: its divergence is its result). Ctrl-C stops the runs too, each keeping
+    its last completed epoch."""
     todo = [r for r in runs if not _finished(runs_dir / r.name, base["epochs"])]
-    skipped = len(runs) - len(todo)
-    print(f"reproduce: {len(todo)} runs to train, {skipped} already finished", flush=True)
+    print(f"reproduce: {len(todo)} runs to train, {len(runs) - len(todo)} finished", flush=True)
     status: dict[str, int] = {}
-    active: list[tuple[Run, subprocess.Popen, Any]] = []
-    while todo or active:
-        while todo and len(active) < parallel:
-            run = todo.pop(0)
-            out = runs_dir / run.name
-            out.mkdir(parents=True, exist_ok=True)
-            log = (out / "log.txt").open("a")
-            cmd = _command(run, base, data, out, threads)
-            print(f"  start {run.name}", flush=True)
-            active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(1.0)
-        for item in list(active):
-            run, proc, log = item
-            code = proc.poll()
-            if code is None:
-                continue
+    active: dict[str, tuple[subprocess.Popen, IO[str]]] = {}
+    try:
+        while todo or active:
+            while todo and len(active) < parallel:
+                run = todo.pop(0)
+                active[run.name] = _start(run, base, data, runs_dir / run.name, threads)
+            time.sleep(1.0)
+            for name, (proc, log) in list(active.items()):
+                code = proc.poll()
+                if code is not None:
+                    log.close()
+                    del active[name]
+                    status[name] = _outcome(name, code, runs_dir / name, base["epochs"])
+    except KeyboardInterrupt:
+        for proc, _ in active.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, log in active.values():
+            proc.wait()
             log.close()
-            active.remove(item)
-            diverged = code != 0 and _finished(runs_dir / run.name, base["epochs"])
-            status[run.name] = 0 if diverged else code
-            note = "done" if code == 0 else f"exited with {code} (see {run.name}/log.txt)"
-            note = "diverged (recorded)" if diverged else note
-            print(f"  {run.name}: {note}", flush=True)
+        raise
     return status
+
+
+def _start(
+    run: Run, base: dict[str, Any], data: str, out: Path, threads: int
+) -> tuple[subprocess.Popen, IO[str]]:
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.txt").open("a")
+    cmd = _command(run, base, data, out, threads)
+    print(f"  start {run.name}", flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _outcome(name: str, code: int, out: Path, epochs: int) -> int:
+    diverged = code != 0 and _finished(out, epochs)
+    note = "done" if code == 0 else f"exited with {code} (see {name}/log.txt)"
+    print(f"  {name}: {'diverged (recorded)' if diverged else note}", flush=True)
+    return 0 if diverged else code
 
 
 # ------------------------------------------------------------------------------ results

@@ -353,6 +353,7 @@ class Trainer:
         write_jsonl(records, self.out / METRICS)
         if self.gradient_records:
             write_jsonl(self.gradient_records, self.out / GRADIENTS)
+        write_json(self._summary(False, in_progress=True), self.out / SUMMARY)
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
@@ -482,7 +483,9 @@ class Trainer:
             "parameters": sum(p.numel() for p in hypernet.parameters()),
         }
 
-    def _summary(self, stopped_early: bool, diverged_at_step: int | None = None) -> dict[str, Any]:
+    def _summary(
+        self, stopped_early: bool, diverged_at_step: int | None = None, in_progress: bool = False
+    ) -> dict[str, Any]:
         records = self.history + ([self.partial_record] if self.partial_record else [])
         accs = [r["test_acc"] for r in records]
         final = accs[-1] if accs else None
@@ -500,6 +503,7 @@ class Trainer:
             "quantized_layers": len(quantized_layers(self.model)),
             "backend": self.cfg.backend,
             "int8_fallbacks": fallback_report(self.model) if self.cfg.backend == "int8" else {},
+            "in_progress": in_progress,
             "epochs_completed": len(self.history),
             "steps": self.step,
             "stopped_early": stopped_early,
