@@ -163,7 +163,8 @@ def training_step(settings: dict[str, Any], data: ImageDataset) -> Step:
     model = build_model(cfg, data, device)
     optimizer = build_optimizer(cfg, model)
     amp = resolve_amp(cfg.amp, device)
-    compiled = cfg.compile in ("auto", "kernels")
+    compiled = cfg.compile in ("auto", "kernels", "model")
+    forward = torch.compile(model) if cfg.compile == "model" else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         kernels.set_compile(compiled, device)
@@ -174,7 +175,7 @@ def training_step(settings: dict[str, Any], data: ImageDataset) -> Step:
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)):
-                out = model(x)
+                out = forward(x)
             loss = torch.nn.functional.cross_entropy(out.float(), y)
             loss.backward()
             return loss

@@ -53,7 +53,9 @@ STEPS: dict[str, dict[str, Any]] = {
     "fp32": {**FP32, **EAGER},
     "tf32": {**FP32, **EAGER, "tf32": True},
     "bf16": {**BF16, **EAGER},
+    "bf16, compiled model": {**BF16, "compile": "model"},
     "int4-stochastic bf16": {**INT4S, **BF16, **COMPILED},
+    "int4-stochastic bf16, compiled model": {**INT4S, **BF16, "compile": "model"},
     "int4-stochastic bf16, eager kernels": {**INT4S, **BF16, **EAGER},
     "int4-stochastic-sample bf16": {**INT4S, "grad_granularity": "sample", **BF16, **COMPILED},
     "int8-nearest bf16": {"grad_bits": 8, **BF16, **COMPILED},
@@ -65,6 +67,8 @@ STEPS: dict[str, dict[str, Any]] = {
 }
 COMPARE_WITH = {
     "int4-stochastic bf16": "bf16",
+    "bf16, compiled model": "bf16",
+    "int4-stochastic bf16, compiled model": "bf16, compiled model",
     "int4-stochastic bf16, eager kernels": "bf16",
     "int4-stochastic-sample bf16": "bf16",
     "int8-nearest bf16": "bf16",

@@ -140,21 +140,58 @@ def overhead_table(data: dict) -> str:
 
 
 def speed_table(data: dict) -> str:
+    """Whole training steps against float32 and bf16, the quantizer's share, memory, layers."""
+    machine = data["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['threads']} threads"
     rows = [
-        "| layer | float32 ms | simulate ms | int8 ms | float32/int8 |",
+        f"Full-width VGG-16, batch 128, CIFAR-10 batches, torch {machine['torch']}, {where}.",
+        "",
+        "| training step | ms | x float32 | x bf16 | x the step it replaces |",
         "|---|---|---|---|---|",
     ]
-    for r in data["layers"]:
-        ms = r["ms"]
+    for name, r in data["steps"].items():
+        ratio = f"{r['ratio']:.3f} ({r['compared_with']})" if "ratio" in r else ""
         rows.append(
-            f"| {r['name']} | {ms['float32']:.1f} | {ms['simulate']:.1f} | {ms['int8']:.1f} "
-            f"| {ms['float32'] / ms['int8']:.2f}x |"
+            f"| {name} | {r['seconds'] * 1e3:.1f} | {r['x_fp32']:.3f} | {r['x_bf16']:.3f} "
+            f"| {ratio} |"
         )
-    rows += ["", "| training step (vgg16, width 1, batch 128) | s | speed-up |", "|---|---|---|"]
-    for r in data["steps"]:
-        rows.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['speedup_vs_float32']:.2f}x |")
-    median = data["summary"]["median_conv_speedup_float32_over_int8"]
-    rows.append(f"\nMedian float32/int8 over the VGG-16 conv layers: **{median:.2f}x**")
+    q = data.get("quantizer")
+    if q:
+        share = q["share_of_int4_bf16_step"]
+        rows.append(
+            f"\nQuantizer alone (INT4 stochastic, the {q['errors']} errors of one step, "
+            f"{q['elements'] / 1e6:.1f}M elements): {q['ms']['compiled']:.1f} ms compiled, "
+            f"{q['ms']['eager']:.1f} ms eager = {100 * share['compiled']:.1f}% / "
+            f"{100 * share['eager']:.1f}% of the INT4 bf16 step."
+        )
+    m = data.get("memory")
+    if m:
+        plain, meta = m["tensor_memory_mb"].values()
+        rows.append(
+            f"\nTensor memory of a training step, MetaGrad against plain INT4 bf16: peak "
+            f"{meta['peak_mb']:.0f} vs {plain['peak_mb']:.0f} MB (**{m['ratio_peak']:.2f}x**), "
+            f"growth over weights {meta['growth_mb']:.0f} vs {plain['growth_mb']:.0f} MB "
+            f"(**{m['ratio_growth']:.2f}x**)."
+        )
+    layers = data.get("layers")
+    if layers:
+        rows += [
+            "",
+            "| layer backward (INT8 error) | fp32 ms | bf16 ms | int8 ms | int8 codes in bf16 ms "
+            "| bf16/int8 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in layers["rows"]:
+            ms = r["ms"]
+            rows.append(
+                f"| {r['name']} | {ms['fp32']:.1f} | {ms['bf16']:.1f} | {ms['int8']:.1f} "
+                f"| {ms['int8 codes in bf16']:.1f} | {r['bf16/int8']:.2f}x |"
+            )
+        med = layers["conv_medians"]
+        rows.append(
+            f"\nMedian over the 13 convolutions: bf16/int8 **{med['bf16/int8']:.2f}x**, "
+            f"fp32/int8 {med['fp32/int8']:.2f}x."
+        )
     return "\n".join(rows)
 
 
@@ -167,7 +204,8 @@ def render() -> str:
         ("metagrad-ablations.json", "MetaGrad ablations", ablation_table),
         ("metagrad-signal.json", "MetaGrad's learning signal and its ceiling", signal_table),
         ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
-        ("backward-speed.json", "Integer backward speed", speed_table),
+        ("speed-cpu.json", "Training speed on CPU, against float32 and bf16", speed_table),
+        ("speed-cuda.json", "Training speed on CUDA, against float32, TF32 and bf16", speed_table),
     ]
     out = []
     for name, title, table in sections:

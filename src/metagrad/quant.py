@@ -121,14 +121,9 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
 def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Uniform random bytes laid out like ``like`` (dense): four per 32-bit random draw."""
     n = like.numel()
-    words = torch.randint(
-        -(2**31),
-        2**31 - 1,
-        ((n + 3) // 4,),
-        dtype=torch.int32,
-        generator=generator,
-        device=like.device,
-    )
+    words = torch.empty(((n + 3) // 4,), dtype=torch.int32, device=like.device)
+    # random_ draws what randint(-2**31, 2**31 - 1) does, and also traces with symbolic sizes
+    words.random_(-(2**31), 2**31 - 1, generator=generator)
     return words.view(torch.uint8)[:n].as_strided(like.shape, like.stride())
 
 
