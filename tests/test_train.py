@@ -5,13 +5,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from metagrad import kernels
 from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagrad.cli import main
 from metagrad.config import ConfigError, build_config, read_config_file
 from metagrad.train import train
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
-DIGITS = {"model": "small_cnn", "data": "digits", "batch_size": 64, "progress": False}
+# Compiled kernels are tested in test_kernels.py and by the CIFAR-10 run below; here they would
+# only add compile time.
+DIGITS = {
+    "model": "small_cnn",
+    "data": "digits",
+    "batch_size": 64,
+    "progress": False,
+    "compile": "off",
+}
 
 
 def _cfg(out: Path, **overrides):
@@ -151,6 +160,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
 def test_cli_train_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+    args += ["--compile", "off"]
     assert main([*args, "--grad-bits", "8", "--no-progress"]) == 0
     assert "final test acc" in capsys.readouterr().out
     png = tmp_path / "curves.png"
@@ -184,6 +194,9 @@ def test_train_command_on_the_shared_cifar10_zip(tmp_path, monkeypatch):
     assert main([*args, "--max-steps", "20"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["stopped_early"]
+    # The defaults: compiled kernels wherever torch.compile works, no autocast on the CPU.
+    assert summary["compile"] == ("kernels" if kernels.available("cpu")[0] else "off")
+    assert summary["amp"] == "off" and summary["provenance"]["device"] == "cpu"
     assert (out / "metrics.jsonl").is_file() and (out / "checkpoint.pt").is_file()
     assert main([*args, "--max-steps", "25", "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 25
@@ -192,6 +205,7 @@ def test_train_command_on_the_shared_cifar10_zip(tmp_path, monkeypatch):
 def test_metagrad_runs_from_the_command_line_and_records_its_settings(tmp_path):
     out = tmp_path / "mg"
     args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+    args += ["--compile", "off"]
     args += ["--grad-bits", "3", "--method", "metagrad", "--hyper", "grad+weight"]
     args += ["--hyper-hidden", "4", "--hyper-lr", "1e-3", "--diag-every", "5", "--no-progress"]
     assert main([*args, "--hyper-form", "gain"]) == 0
