@@ -8,7 +8,8 @@ straight-through estimator) is a separate, optional setting of the same :class:`
 Mixed precision: under ``torch.autocast`` the layer computes its forward in the autocast dtype
 (bf16 or fp16) like PyTorch's own layers, keeps the low-precision operands for the backward pass,
 and runs both backward products in that dtype on the error's integer codes, with the scales
-applied in float32 (:mod:`metagrad.products`). Gradients come back in the dtypes of the inputs.
+applied in float32 (:mod:`metagrad.products`) straight into the dtypes of the inputs (a float32
+weight gets a float32 gradient, not a rounded bf16 one).
 """
 
 from __future__ import annotations
@@ -145,13 +146,14 @@ class _QuantConv2dFn(torch.autograd.Function):
         ctx.config = config
         ctx.dtypes = _dtypes(x, weight, bias)
         low = autocast_dtype(x.device.type)
-        x, weight, bias = _cast(x, low), _cast(weight, low), _cast(bias, low)
-        if config.quantizes_operands:
+        x = _cast(x, low)
+        if config.quantizes_operands:  # the weight is quantized from its own precision
             y, state = int8.conv2d_forward(
                 x, weight, bias, stride, padding, dilation, groups, config
             )
             ctx.save_for_backward(x, weight, *state.pack())
             return y if low is None else y.to(low)
+        weight, bias = _cast(weight, low), _cast(bias, low)
         ctx.save_for_backward(x, weight)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -175,7 +177,7 @@ class _QuantConv2dFn(torch.autograd.Function):
                 (x.shape, weight.shape),
                 ctx.conv,
                 mask,
-                (x.dtype, weight.dtype),
+                ctx.dtypes[:2],  # scaled straight into the inputs' own dtypes
             )
             grad_b = bias_grad(codes, scale, 1) if mask[2] else None
             grads = (grad_x, grad_w, grad_b)
@@ -191,11 +193,12 @@ class _QuantLinearFn(torch.autograd.Function):
         ctx.config = config
         ctx.dtypes = _dtypes(x, weight, bias)
         low = autocast_dtype(x.device.type)
-        x, weight, bias = _cast(x, low), _cast(weight, low), _cast(bias, low)
-        if config.quantizes_operands:
+        x = _cast(x, low)
+        if config.quantizes_operands:  # the weight is quantized from its own precision
             y, state = int8.linear_forward(x, weight, bias, config)
             ctx.save_for_backward(x, weight, *state.pack())
             return y if low is None else y.to(low)
+        weight, bias = _cast(weight, low), _cast(bias, low)
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -217,7 +220,7 @@ class _QuantLinearFn(torch.autograd.Function):
                 float_operand(x, x.dtype),
                 float_operand(weight, x.dtype),
                 mask,
-                (x.dtype, weight.dtype),
+                ctx.dtypes[:2],  # scaled straight into the inputs' own dtypes
             )
             grad_b = bias_grad(codes, scale, -1) if mask[2] else None
             grads = (grad_x, grad_w, grad_b)
