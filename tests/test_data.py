@@ -697,3 +697,14 @@ def test_real_cifar10_jpeg_zip(tmp_path: Path) -> None:
     assert means == pytest.approx([0.4917, 0.4826, 0.4472], abs=3e-3)
     cached = load_cifar10(SHARED_ZIP, cache_dir=tmp_path)
     assert torch.equal(cached.train_images, dataset.train_images)
+
+
+def test_a_loader_on_a_device_yields_the_same_batches():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (70,), generator=gen)
+    kwargs = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), shuffle=True, augment=True, seed=3)
+    here = BatchLoader(images, labels, 16, **kwargs)
+    there = BatchLoader(images, labels, 16, device="cpu", **kwargs)  # the CUDA path, on the CPU
+    for (xa, ya), (xb, yb) in zip(here.epoch(2, start=1), there.epoch(2, start=1), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

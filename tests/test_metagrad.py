@@ -314,3 +314,27 @@ def test_bad_arguments_raise_clear_errors() -> None:
     adam = MetaGrad(model, 0.1, base="adam")
     with pytest.raises(ValueError, match="'sgd' MetaGrad"):
         adam.load_state_dict(opt.state_dict())
+
+
+def test_auto_chunk_size_follows_the_free_memory(monkeypatch) -> None:
+    from metagrad import optim
+
+    model = _small_cnn(INT4_GRADS)
+    assert MetaGrad(model, lr=0.1).chunk_size == optim.CPU_CHUNK_SIZE  # CPU: cache-sized chunks
+
+    class OnCuda:  # stands in for a CUDA meta weight: the rule needs only device and size
+        device = torch.device("cuda", 0)
+
+        def __init__(self, numel: int) -> None:
+            self.size = numel
+
+        def numel(self) -> int:
+            return self.size
+
+    net = create_hypernet(hidden=8)  # 8 hidden units: 4 * 4 * 8 = 128 bytes per element
+    free = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 2 * free))
+    budget = free * optim.ACTIVATION_MEMORY_SHARE
+    fits = int(budget // 128)
+    assert optim._auto_chunk_size([OnCuda(fits)], net) is None  # unchunked when it fits
+    assert optim._auto_chunk_size([OnCuda(fits + 1), OnCuda(10)], net) == fits
