@@ -43,6 +43,7 @@ from metagrad import functional, int8, kernels
 from metagrad.data import load_cifar10
 from metagrad.functional import QuantConfig
 from metagrad.quant import QuantSpec, quantize_codes
+from metagrad.train import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}
@@ -293,7 +294,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "platform": platform.platform(),
         "device": str(device),
         "compile_available": kernels.available(device)[0],
@@ -301,16 +302,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:

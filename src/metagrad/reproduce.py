@@ -29,16 +29,17 @@ from typing import IO, Any
 from metagrad.checkpoint import atomic_write, write_json
 from metagrad.config import ConfigError
 
+TENSOR = {"grad_granularity": "tensor"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "fp32": {"grad_bits": 32},
-    "int8-nearest-tensor": {"grad_bits": 8, "grad_rounding": "nearest"},
-    "int4-stochastic-tensor": {"grad_bits": 4, "grad_rounding": "stochastic"},
+    "int8-nearest-tensor": {"grad_bits": 8, "grad_rounding": "nearest", **TENSOR},
+    "int4-stochastic-tensor": {"grad_bits": 4, "grad_rounding": "stochastic", **TENSOR},
     "int4-stochastic-sample": {
         "grad_bits": 4,
         "grad_rounding": "stochastic",
         "grad_granularity": "sample",
     },
-    "int4-nearest-tensor": {"grad_bits": 4, "grad_rounding": "nearest"},
+    "int4-nearest-tensor": {"grad_bits": 4, "grad_rounding": "nearest", **TENSOR},
     "int4-nearest-sample": {
         "grad_bits": 4,
         "grad_rounding": "nearest",
@@ -308,10 +309,12 @@ def report(table: dict[str, Any], records: list[dict], rows: dict[str, Any]) -> 
     )
     lines = []
     for setting, row in rows.items():
-        plain = [v for _, v in row["plain"]]
-        meta = [v for _, v in row["metagrad"]]
+        plain = _mean_sd([v for _, v in row["plain"]])
+        if setting == "fp32":
+            lines.append(f"| {setting} | {plain} | | | | |")
+            continue
         lines.append(
-            f"| {setting} | {_mean_sd(plain)} | {_mean_sd(meta) if setting != 'fp32' else ''} "
+            f"| {setting} | {plain} | {_mean_sd([v for _, v in row['metagrad']])} "
             f"| {_mean_sd(row['metagrad_minus_plain'])} | {_mean_sd(row['plain_minus_fp32'])} "
             f"| {_mean_sd(row['metagrad_minus_fp32'])} |"
         )

@@ -78,12 +78,21 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
+            torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
         ),
         "threads": torch.get_num_threads(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:
