@@ -85,3 +85,22 @@ def test_runs_in_parallel_resume_skip_and_merge_into_one_table(tmp_path):
     # A table of another length refuses to merge.
     with pytest.raises(ConfigError, match="epochs"):
         write_results({**table, "epochs": 3}, runs_dir, [tmp_path / "b" / "results.json"], tmp_path)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_every_run_is_filed_under_its_own_setting(tmp_path, setting):
+    from metagrad.config import TrainConfig
+    from metagrad.reproduce import run_record
+
+    config = {**TrainConfig.defaults(), **SETTINGS[setting], "method": "plain"}
+    summary = {
+        "config": config,
+        "epochs_completed": 4,
+        "final_test_acc": 50.0,
+        "best_test_acc": 50.0,
+        "mean_step_seconds": 0.1,
+        "peak_memory_mb": 1.0,
+    }
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    assert run_record(tmp_path / "run")["setting"] == setting
