@@ -7,6 +7,8 @@ setting is repeated over a few seeds because the test split is small (450 images
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import statistics
 from pathlib import Path
@@ -54,7 +56,8 @@ def run_demo(out: str = "runs/demo", epochs: int = 8, seeds: int = 3) -> list[di
             run_dir = root / _slug(label) / f"seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             cfg = {**DEMO_SETTINGS, **overrides, "epochs": epochs, "seed": seed}
-            summary = train(build_config({**cfg, "out": str(run_dir)}))
+            with contextlib.redirect_stdout(io.StringIO()):  # the table says it all
+                summary = train(build_config({**cfg, "out": str(run_dir)}))
             accs.append(summary["final_test_acc"])
             losses.append(summary["final_train_loss"])
             step_ms.append(1000 * summary["mean_step_seconds"])
