@@ -336,27 +336,29 @@ def report(table: dict[str, Any], records: list[dict], rows: dict[str, Any]) -> 
 
 
 def plot(records: list[dict], output: Path) -> Path:
-    """Test accuracy per epoch, mean over seeds, one line per setting and method."""
+    """Test accuracy per epoch, mean over seeds: a colour per setting, MetaGrad dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[list[float]]] = {}
+    curves: dict[tuple[str, str], list[list[float]]] = {}
     for r in records:
         if r["test_acc_per_epoch"]:
-            label = r["setting"] if r["setting"] == "fp32" else f"{r['setting']} {r['method']}"
-            curves.setdefault(label, []).append(r["test_acc_per_epoch"])
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label, runs in curves.items():
+            curves.setdefault((r["setting"], r["method"]), []).append(r["test_acc_per_epoch"])
+    colours = dict(zip(SETTINGS, plt.get_cmap("tab10").colors, strict=False))
+    fig, ax = plt.subplots(figsize=(9.0, 4.5))
+    for (setting, method), runs in curves.items():
         length = min(len(c) for c in runs)
         mean = [statistics.mean(c[i] for c in runs) for i in range(length)]
-        style = "--" if label.endswith("metagrad") else "-"
-        ax.plot(range(1, length + 1), mean, style, label=f"{label} ({len(runs)})")
+        label = setting if setting == "fp32" else f"{setting} {method}"
+        style = "--" if method == "metagrad" else "-"
+        label = f"{label} ({len(runs)})"
+        ax.plot(range(1, length + 1), mean, style, color=colours[setting], label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
