@@ -56,10 +56,8 @@ DEFAULT_KIND = "grad+weight"
 HYPERNET_FORMS: tuple[str, ...] = ("residual", "gain")
 DEFAULT_FORM = "residual"
 DEFAULT_HIDDEN = 8
-"""Hidden width. The cost is memory-bound, about ``numel * hidden`` per pass: on VGG-16 at width
-0.25 (batch 128, INT4 gradients) a MetaGrad step took 1.27x a plain quantized step with 8, 1.39x
-with 16 and 2.58x with the 8-wide LSTM (``benchmarks/results/metagrad-overhead.json``);
-MetaQuant's width 100 would cost more than the model's own step."""
+"""Hidden width. The cost grows with ``numel * hidden`` (``benchmarks/metagrad_overhead.py``
+measures widths and variants); MetaQuant's width 100 would cost more than the model's own step."""
 DEFAULT_EPS = 1e-12
 """Floor on ``rms`` when normalising inputs (an all-zero tensor then gives zero features)."""
 
@@ -328,7 +326,7 @@ def _mlp_delta(f0, f1, w1, b1, w2, b2) -> Tensor:
 
 @kernels.kernel(recompute=True)
 def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, gain: bool, eps: float):
-    """Corrected gradient and the layer's ``rms(g)``, ``rms(c)`` (flat ``g``, ``w``)."""
+    """The corrected gradient and ``rms(c)`` of the uncorrected-norm ``c`` (flat ``g``, ``w``)."""
     scale_g, f0, f1 = _mlp_features(g, w, use_weight, gain, eps)
     delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
     c = g + (g if gain else scale_g) * delta
