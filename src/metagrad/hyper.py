@@ -326,7 +326,7 @@ def _mlp_delta(f0, f1, w1, b1, w2, b2) -> Tensor:
 
 @kernels.kernel(recompute=True)
 def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, gain: bool, eps: float):
-    """The corrected gradient and ``rms(c)`` of the uncorrected-norm ``c`` (flat ``g``, ``w``)."""
+    """The corrected gradient, and ``rms(c)`` of ``c`` before its rescaling (flat ``g``, ``w``)."""
     scale_g, f0, f1 = _mlp_features(g, w, use_weight, gain, eps)
     delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
     c = g + (g if gain else scale_g) * delta
