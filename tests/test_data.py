@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 import shlex
 import struct
 import tarfile
+import tracemalloc
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +34,7 @@ from metagrad.data import (
     download_cifar10,
     load_cifar10,
     load_digits_dataset,
+    needs_download,
     normalize,
 )
 
@@ -318,6 +322,18 @@ def test_cache_key_follows_file_changes(tmp_path: Path, monkeypatch: pytest.Monk
     calls = _count_calls(monkeypatch, "_decode_image")
     load_cifar10(path, cache_dir=cache)
     assert calls[0] == 9 and len(list(cache.iterdir())) == 2
+
+
+def test_an_unwritable_cache_is_only_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write_zip(tmp_path / "images.zip", _image_folder_members()[0])
+    (tmp_path / "cache").write_text("a file, not a directory")
+    with caplog.at_level(logging.WARNING, logger="metagrad.data"):
+        dataset = load_cifar10(path, cache_dir=tmp_path / "cache")
+    assert dataset.train_images.shape == (6, 3, 32, 32)
+    assert f"dataset cache not saved: could not write {tmp_path / 'cache'}/" in caplog.text
+    assert caplog.text.rstrip().endswith(": not a directory")
 
 
 # --------------------------------------------------------------------------- errors
@@ -708,3 +724,153 @@ def test_a_loader_on_a_device_yields_the_same_batches():
     there = BatchLoader(images, labels, 16, device="cpu", **kwargs)  # the CUDA path, on the CPU
     for (xa, ya), (xb, yb) in zip(here.epoch(2, start=1), there.epoch(2, start=1), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+
+@pytest.mark.parametrize("container", ["zip", "image-dir", "tar", "release-dir"])
+def test_oversized_member_or_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, container: str
+) -> None:
+    if container in ("zip", "image-dir"):
+        monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 4000)  # the test PNGs take about 3.1 KiB
+        members = _image_folder_members()[0] | {"train/cat/big.png": bytes(5000)}
+        write = _write_zip if container == "zip" else _write_dir
+        path = write(tmp_path / f"images.{container}", members)
+        name, kind = "train/cat/big.png", "4.88 KiB is larger than the 3.91 KiB limit for one image"
+    elif container == "tar":
+        monkeypatch.setattr(data, "MAX_BATCH_BYTES", 5000)  # the test batches take 9 KiB
+        path = _write_release_tar(tmp_path / "cifar-10-python.tar.gz", _release_files()[0])
+        name, kind = "(member cifar-10-batches-py/data_batch_1)", "limit for one CIFAR-10 batch"
+    else:
+        monkeypatch.setattr(data, "MAX_META_BYTES", 10)
+        path = _write_release_dir(tmp_path, _release_files()[0])
+        name, kind = "batches.meta", "is larger than the 10 bytes limit for one batches.meta"
+    message = _assert_dataset_error(path, match=kind)
+    assert name in message and "refusing to read it" in message
+
+
+def _understate_zip_member(path: Path, name: str, size: int) -> None:
+    """Patch the zip's local and central headers so that ``name`` claims ``size`` bytes."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        local = zf.getinfo(name).header_offset
+    struct.pack_into("<I", raw, local + 22, size)  # local file header: uncompressed size
+    central = raw.find(b"PK\x01\x02")
+    while raw[central + 46 : central + 46 + len(name)] != name.encode():
+        central = raw.find(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", raw, central + 24, size)  # central directory: uncompressed size
+    path.write_bytes(bytes(raw))
+
+
+def test_a_zip_member_that_understates_its_size_is_read_bounded(tmp_path: Path) -> None:
+    """A member holding 32 MiB of zeros that claims 1000 bytes must not be inflated whole."""
+    path = tmp_path / "forged.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, raw in _image_folder_members()[0].items():
+            zf.writestr(name, raw)
+        zf.writestr("train/ant/big.png", bytes(32 << 20))
+    _understate_zip_member(path, "train/ant/big.png", 1000)
+    tracemalloc.start()
+    try:
+        message = _assert_dataset_error(path, match="train/ant/big.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak} bytes traced while reading {message}"
+
+
+def test_bounded_read_stops_at_the_limit() -> None:
+    stream = io.BytesIO(bytes(100))
+    with pytest.raises(DatasetError, match=r"holds more than the 50 bytes limit .* given as 10"):
+        data._read_bounded(stream, 10, 50, "where", "image file")
+    assert stream.tell() == 51
+    assert data._read_bounded(io.BytesIO(bytes(50)), 10, 50, "where", "image file") == bytes(50)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels but whose data is a stub."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    stub = zlib.compress(bytes(16))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stub) + chunk(b"IEND", b"")
+    )
+
+
+def test_image_size_is_checked_before_decoding(tmp_path: Path) -> None:
+    members = _image_folder_members()[0]
+    members["train/cat/0000.png"] = _png_header_only(8000, 8000)  # 192 MB of pixels if decoded
+    path = _write_zip(tmp_path / "images.zip", members)
+    _assert_dataset_error(path, match="expected a 32x32 image, got 8000x8000")
+
+
+# --------------------------------------------------------------------------- trainable content
+
+
+def test_a_single_class_image_folder_is_refused(tmp_path: Path) -> None:
+    members = {k: v for k, v in _image_folder_members()[0].items() if "/cat/" in k}
+    for container in ("dir", "zip"):
+        path = (
+            _write_dir(tmp_path / "images", members)
+            if container == "dir"
+            else _write_zip(tmp_path / "images.zip", members)
+        )
+        _assert_dataset_error(path, match="has only 1 class (cat); classification needs at least 2")
+
+
+def test_a_single_class_release_is_refused(tmp_path: Path) -> None:
+    files, _ = _release_files()
+    files["batches.meta"] = _dumps({b"label_names": [b"plane"]})
+    folder = _write_release_dir(tmp_path / "one-name", files)
+    _assert_dataset_error(folder / "batches.meta", lambda: load_cifar10(folder), "only 1 class")
+    files, _ = _release_files()
+    for name in TRAIN_BATCHES:  # three classes named, but every training image is a car
+        files[name] = _dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 1]})
+    folder = _write_release_dir(tmp_path / "one-label", files)
+    _assert_dataset_error(folder, match="the train split has only 1 class (car)")
+
+
+def test_an_empty_release_split_is_refused(tmp_path: Path) -> None:
+    files, _ = _release_files()
+    files["test_batch"] = _dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []})
+    folder = _write_release_dir(tmp_path, files)
+    _assert_dataset_error(folder, match="the test split is empty")
+
+
+# --------------------------------------------------------------------------- needs_download
+
+
+def test_needs_download(tmp_path: Path) -> None:
+    assert needs_download(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert needs_download(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("no dataset here")
+    assert needs_download(tmp_path / "other")
+    folder = _write_release_dir(tmp_path / "release", _release_files()[0])
+    assert not needs_download(folder) and not needs_download(folder.parent)
+    assert not needs_download(_write_zip(tmp_path / "images.zip", _image_folder_members()[0]))
+
+
+def test_download_into_an_existing_empty_directory(tmp_path: Path) -> None:
+    url, md5, raw = _served_release(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert needs_download(root)
+    path = download_cifar10(root, url=url, md5=md5)
+    assert path.read_bytes() == raw and not needs_download(root)
+    assert load_cifar10(root).train_images.shape == (15, 3, 32, 32)
+
+
+def test_download_to_an_unwritable_place_is_a_dataset_error(tmp_path: Path) -> None:
+    url, md5, _ = _served_release(tmp_path)
+    (tmp_path / "file").write_text("a file where the directory should be")
+    with pytest.raises(DatasetError, match="could not write") as info:
+        download_cifar10(tmp_path / "file", url=url, md5=md5)
+    assert str(tmp_path / "file") in str(info.value) and "\n" not in str(info.value)

@@ -24,6 +24,11 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
 
+MAX_SEED = 2**32 - 1  # the digits split (scikit-learn) takes seeds in [0, 2**32)
+MAX_WIDTH = 16.0  # a sanity bound: parameter counts grow with the square of the width
+MAX_THREADS = 4096  # torch.set_num_threads takes a C int; no machine has more cores
+MAX_HYPER_HIDDEN = 4096  # a sanity bound on the hypernetwork's hidden width
+
 
 class ConfigError(ValueError):
     """A setting is missing, unknown or out of range."""
@@ -72,14 +77,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        _require(self.width > 0 and math.isfinite(self.width), "width must be a positive number")
-        for name in ("epochs", "batch_size", "hyper_hidden"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        for name in ("threads", "max_steps", "diag_every", "warmup_epochs", "weight_decay"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0")
-        _require(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number")
-        _require(self.hyper_lr >= 0, "hyper_lr must be >= 0")
-        _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        self._validate_numbers()
         _choice("model", self.model, tuple(list_models()))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("method", self.method, METHODS)
@@ -104,6 +102,28 @@ class TrainConfig:
             self.quant_config()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _validate_numbers(self) -> None:
+        """Ranges of the numeric settings; NaN and infinities fail every check."""
+        _require(
+            0 < self.width <= MAX_WIDTH,
+            f"width must be a positive number <= {MAX_WIDTH:g}, got {self.width!r}",
+        )
+        for name in ("epochs", "batch_size", "hyper_hidden"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        for name in ("threads", "max_steps", "diag_every"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0")
+        for name, limit in (("threads", MAX_THREADS), ("hyper_hidden", MAX_HYPER_HIDDEN)):
+            _require(getattr(self, name) <= limit, f"{name} must be <= {limit}")
+        for name in ("warmup_epochs", "weight_decay", "hyper_lr"):
+            value = getattr(self, name)
+            _require(
+                value >= 0 and math.isfinite(value),
+                f"{name} must be a finite number >= 0, got {value!r}",
+            )
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number")
+        _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
+        _require(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
     def quant_config(self) -> QuantConfig:
         """The layers' quantization settings."""

@@ -10,15 +10,18 @@
   tensors (no per-image Python), reproducibly and resumably.
 
 Safety: archives are read in memory, member by member, and never extracted (members with absolute
-paths or ``..`` are refused anyway); pickled batches go through an unpickler that only builds
-numpy arrays. Every problem with a dataset raises :class:`DatasetError` with one line that names
-the path and what was expected.
+paths or ``..`` are refused anyway); a member or file larger than its format allows
+(:data:`MAX_BATCH_BYTES`, :data:`MAX_META_BYTES`, :data:`MAX_IMAGE_BYTES`) is refused before it is
+read, and reads stop at the limit whatever a header claims; pickled batches go through an
+unpickler that only builds numpy arrays. Every problem with a dataset raises :class:`DatasetError`
+with one line that names the path and what was expected.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import importlib
 import io
 import logging
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from metagrad.checkpoint import atomic_write
+from metagrad.checkpoint import CheckpointError, atomic_write
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -49,6 +52,9 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR10_URL",
+    "MAX_BATCH_BYTES",
+    "MAX_IMAGE_BYTES",
+    "MAX_META_BYTES",
     "BatchLoader",
     "DatasetError",
     "ImageDataset",
@@ -56,6 +62,7 @@ __all__ = [
     "download_cifar10",
     "load_cifar10",
     "load_digits_dataset",
+    "needs_download",
     "normalize",
 ]
 
@@ -89,6 +96,23 @@ _CHANNELS = 3
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 _SPLITS = ("train", "test")
 _CACHE_FORMAT = 1  # bump when the decoded content or the cache layout changes
+MAX_BATCH_BYTES = 64 << 20
+"""Largest CIFAR-10 python batch file read.
+
+A real batch is a pickle of 10000 images of 3072 bytes plus their labels and file names; twice
+that size leaves room for batches re-pickled with other protocols.
+"""
+MAX_META_BYTES = 1 << 20
+"""Largest ``batches.meta`` read: it holds only the class names and two counts."""
+MAX_IMAGE_BYTES = 4 << 20
+"""Largest image file of an image folder read.
+
+Images must be 32x32, whose pixels take 3 KiB; the rest of the allowance is for the metadata
+(ICC profiles, EXIF thumbnails) that cameras and editors embed. Images are read and decoded one
+at a time, so this also bounds the memory a hostile file can take. No total cap is needed: the
+python release is a fixed set of files, and an image costs 3 KiB of decoded pixels, a small
+multiple of its own entry in a directory or zip.
+"""
 _LAYOUTS = (
     f"expected {_ARCHIVE_NAME}, a {_BATCHES_DIR} folder, a directory containing one of them, "
     "or an image folder (train/<class>/*, test/<class>/*) as a directory or .zip"
@@ -130,10 +154,79 @@ class ImageDataset:
         channels = self.train_images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std need one value per channel ({channels})")
+        self._check_trainable()
+
+    def _check_trainable(self) -> None:
+        """Refuse content no classifier can learn from: fewer than 2 classes, an empty split."""
+        if self.num_classes < 2:
+            raise DatasetError(_too_few_classes(self.classes))
+        for split in _SPLITS:
+            if len(getattr(self, f"{split}_images")) == 0:
+                raise DatasetError(f"the {split} split is empty; expected at least one image")
+        present = [self.classes[i] for i in self.train_labels.unique().tolist()]
+        if len(present) < 2:
+            raise DatasetError(f"the train split {_too_few_classes(present)}")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def _too_few_classes(classes: Sequence[str]) -> str:
+    """``"has only 1 class (cat); classification needs at least 2"``."""
+    noun = "class" if len(classes) == 1 else "classes"
+    return f"has only {len(classes)} {noun} ({', '.join(classes)}); classification needs at least 2"
+
+
+def _dataset(source: object, *args: Any, **kwargs: Any) -> ImageDataset:
+    """``ImageDataset(*args, **kwargs)``, its content errors prefixed with ``source``."""
+    try:
+        return ImageDataset(*args, **kwargs)
+    except DatasetError as exc:
+        raise _error(source, str(exc)) from None
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in binary units: ``"4 MiB"``, ``"1.5 GiB"``, ``"812 bytes"``."""
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.3g} {unit}"
+
+
+def _read_bounded(stream: IO[bytes], declared: int, limit: int, where: str, kind: str) -> bytes:
+    """Read a file or member of ``declared`` size, refusing it unread when over ``limit``.
+
+    At most ``limit + 1`` bytes are read, so a header that understates the size cannot make
+    the read exceed the limit either.
+    """
+    if declared > limit:
+        raise _error(
+            where,
+            f"{_size(declared)} is larger than the {_size(limit)} limit for one {kind}; "
+            "refusing to read it",
+        )
+    raw = stream.read(limit + 1)
+    if len(raw) > limit:
+        raise _error(
+            where,
+            f"holds more than the {_size(limit)} limit for one {kind} although its size is "
+            f"given as {_size(declared)}; refusing to read it",
+        )
+    return raw
+
+
+def _read_file(path: Path, limit: int, kind: str) -> bytes:
+    """A regular file's bytes, refused when its size (or what it holds) exceeds ``limit``."""
+    try:
+        with path.open("rb") as file:
+            return _read_bounded(file, os.fstat(file.fileno()).st_size, limit, str(path), kind)
+    except OSError as exc:
+        raise _error(path, f"expected a readable {kind}: {exc.strerror or exc}") from exc
 
 
 def _describe(array: Tensor | np.ndarray | object) -> str:
@@ -230,9 +323,18 @@ def _parse_meta(obj: Any, where: str) -> list[str]:
         raise _error(where, f"expected UTF-8 label names: {exc}") from exc
 
 
-def _release_dataset(files: dict[str, tuple[str, bytes]]) -> ImageDataset:
+def _batch_limit(name: str) -> tuple[int, str]:
+    """(byte limit, kind) of the release file ``name``."""
+    if name == _META:
+        return MAX_META_BYTES, f"{_META} file"
+    return MAX_BATCH_BYTES, "CIFAR-10 batch file"
+
+
+def _release_dataset(source: Path, files: dict[str, tuple[str, bytes]]) -> ImageDataset:
     """Assemble the dataset from ``{batch file name: (display path, raw bytes)}``."""
     classes = _parse_meta(_load_pickle(files[_META][1], files[_META][0]), files[_META][0])
+    if len(classes) < 2:
+        raise _error(files[_META][0], _too_few_classes(classes))
     splits: dict[str, tuple[Tensor, Tensor]] = {}
     for split, names in (("train", _TRAIN_BATCHES), ("test", (_TEST_BATCH,))):
         images, labels = [], []
@@ -247,8 +349,8 @@ def _release_dataset(files: dict[str, tuple[str, bytes]]) -> ImageDataset:
             torch.from_numpy(np.concatenate(images)),
             torch.from_numpy(np.concatenate(labels)),
         )
-    return ImageDataset(
-        *splits["train"], *splits["test"], classes, mean=CIFAR10_MEAN, std=CIFAR10_STD
+    return _dataset(
+        source, *splits["train"], *splits["test"], classes, mean=CIFAR10_MEAN, std=CIFAR10_STD
     )
 
 
@@ -270,11 +372,8 @@ def _release_from_dir(folder: Path) -> ImageDataset:
     files = {}
     for name in _BATCH_FILES:
         path = folder / name
-        try:
-            files[name] = (str(path), path.read_bytes())
-        except OSError as exc:
-            raise _error(path, f"expected a readable file: {exc.strerror}") from exc
-    return _release_dataset(files)
+        files[name] = (str(path), _read_file(path, *_batch_limit(name)))
+    return _release_dataset(folder, files)
 
 
 def _release_from_tar(archive: Path) -> ImageDataset:
@@ -290,29 +389,37 @@ def _release_from_tar(archive: Path) -> ImageDataset:
                     raise _error(archive, f"expected one {name}, found a second at {member.name}")
                 stream = tar.extractfile(member)
                 assert stream is not None  # regular files always have a stream
-                files[name] = (f"{archive} (member {member.name})", stream.read())
+                where = f"{archive} (member {member.name})"
+                limit, kind = _batch_limit(name)
+                files[name] = (where, _read_bounded(stream, member.size, limit, where, kind))
     except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise _error(archive, f"expected a readable {_ARCHIVE_NAME} (tar) archive: {exc}") from exc
     missing = [name for name in _BATCH_FILES if name not in files]
     if missing:
         raise _missing(archive, missing)
-    return _release_dataset(files)
+    return _release_dataset(archive, files)
 
 
 # --------------------------------------------------------------------------- image folders
 
 
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def _decode_image(raw: bytes, where: str) -> np.ndarray:
-    """One encoded image -> 32×32×3 uint8 (RGB)."""
+    """One encoded image -> 32×32×3 uint8 (RGB); the size is checked before any pixel is decoded."""
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            size = image.size
-            pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+    except _DECODE_ERRORS as exc:
         raise _error(where, f"expected a JPEG or PNG image, cannot decode: {exc}") from exc
-    if size != (_SIDE, _SIDE):
-        raise _error(where, f"expected a {_SIDE}x{_SIDE} image, got {size[0]}x{size[1]}")
-    return pixels
+    with image:
+        if image.size != (_SIDE, _SIDE):
+            width, height = image.size
+            raise _error(where, f"expected a {_SIDE}x{_SIDE} image, got {width}x{height}")
+        try:
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        except _DECODE_ERRORS as exc:
+            raise _error(where, f"expected a JPEG or PNG image, cannot decode: {exc}") from exc
 
 
 def _is_hidden(rel: str) -> bool:
@@ -340,6 +447,8 @@ def _image_folder_dataset(
         if not index[split]:
             raise _error(root, f"expected images (.jpg/.png) at {split}/<class>/<file>")
     train_classes, test_classes = sorted(index["train"]), sorted(index["test"])
+    if len(train_classes) < 2:
+        raise _error(root, _too_few_classes(train_classes))
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
@@ -349,7 +458,7 @@ def _image_folder_dataset(
             f"only in test: {only_test}",
         )
     arrays = [_decode_split(index[split], train_classes, read, where) for split in _SPLITS]
-    return ImageDataset(*arrays[0], *arrays[1], train_classes, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    return _dataset(root, *arrays[0], *arrays[1], train_classes, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
 def _decode_split(
@@ -370,10 +479,7 @@ def _decode_split(
 
 def _image_folder_from_dir(root: Path) -> ImageDataset:
     def read(rel: str) -> bytes:
-        try:
-            return (root / rel).read_bytes()
-        except OSError as exc:
-            raise _error(root / rel, f"expected a readable image file: {exc.strerror}") from exc
+        return _read_file(root / rel, MAX_IMAGE_BYTES, "image file")
 
     try:
         rels = [
@@ -423,7 +529,11 @@ def _image_folder_from_zip(archive: Path) -> ImageDataset:
 
             def read(rel: str) -> bytes:
                 try:
-                    return zf.read(prefix + rel)
+                    info = zf.getinfo(prefix + rel)
+                    with zf.open(info) as member:
+                        return _read_bounded(
+                            member, info.file_size, MAX_IMAGE_BYTES, where(rel), "image file"
+                        )
                 except _ZIP_ERRORS as exc:
                     raise _error(where(rel), f"expected a readable zip member: {exc}") from exc
 
@@ -535,10 +645,9 @@ def _write_cache(path: Path, key: str, dataset: ImageDataset) -> None:
     state = {field: getattr(dataset, field) for field in _CACHE_FIELDS}
     state.update(key=key, classes=dataset.classes, mean=dataset.mean, std=dataset.std)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda file: torch.save(state, file))
-    except (OSError, RuntimeError) as exc:  # a cache we cannot write is not fatal
-        logger.warning("could not write dataset cache %s: %s", path, exc)
+    except CheckpointError as exc:  # a cache we cannot write is not fatal
+        logger.warning("dataset cache not saved: %s", exc)
 
 
 def load_cifar10(
@@ -580,13 +689,42 @@ def _file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def needs_download(path: str | os.PathLike[str]) -> bool:
+    """Whether ``--download`` should fetch the release into ``path``.
+
+    True when ``path`` does not exist or is a directory in which :func:`load_cifar10` finds no
+    dataset (an empty one, say); False for a file or a directory holding a dataset.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    try:
+        _find_source(path)
+    except DatasetError:
+        return True
+    return False
+
+
+def _url_chunks(url: str, dest: Path) -> Iterator[bytes]:
+    """The body of ``url`` in chunks; network failures raise DatasetError."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                yield chunk
+    except (OSError, http.client.HTTPException) as exc:  # OSError includes URLError
+        raise _error(url, f"expected to download it to {dest}: {exc}") from exc
+
+
 def download_cifar10(
     root: str | os.PathLike[str], url: str = CIFAR10_URL, md5: str = CIFAR10_MD5
 ) -> Path:
     """Download the official release to ``root/cifar-10-python.tar.gz`` and check its md5.
 
-    Skipped when a file with the right checksum is already there. The file is written
-    atomically; on a checksum mismatch nothing is left behind and DatasetError is raised.
+    Skipped when a file with the right checksum is already there; an existing empty ``root``
+    is fine. The file is written atomically: on any failure (network, checksum, disk) nothing
+    is left behind and DatasetError is raised. :func:`needs_download` says whether to call it.
     """
     dest = Path(root).expanduser() / _ARCHIVE_NAME
     if dest.is_file():
@@ -597,19 +735,17 @@ def download_cifar10(
 
     def fetch(file: IO[bytes]) -> None:
         digest = hashlib.md5(usedforsecurity=False)
-        with urllib.request.urlopen(url, timeout=60) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                file.write(chunk)
+        for chunk in _url_chunks(url, dest):
+            digest.update(chunk)
+            file.write(chunk)
         if digest.hexdigest() != md5:
             raise _error(url, f"expected md5 {md5}, downloaded {digest.hexdigest()}")
 
     logger.info("downloading %s to %s", url, dest)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, fetch)
-    except OSError as exc:  # includes urllib.error.URLError
-        raise _error(url, f"expected to download it to {dest}: {exc}") from exc
+    except CheckpointError as exc:  # the disk side: "could not write <dest>: <reason>"
+        raise DatasetError(str(exc)) from exc
     return dest
 
 
