@@ -338,3 +338,100 @@ def test_auto_chunk_size_follows_the_free_memory(monkeypatch) -> None:
     fits = int(budget // 128)
     assert optim._auto_chunk_size([OnCuda(fits)], net) is None  # unchunked when it fits
     assert optim._auto_chunk_size([OnCuda(fits + 1), OnCuda(10)], net) == fits
+
+
+# -- torch.optim behaviours ---------------------------------------------------------------------
+
+
+def _params_snapshot(opt: MetaGrad) -> list[torch.Tensor]:
+    return [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+
+def test_a_weight_frozen_after_construction_is_left_alone() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1, momentum=0.9, hyper_lr=1e-2)
+    frozen = model.features[0][0].weight
+    for step in range(2):
+        opt.step(_closure(model, opt, _batch(step)))
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    for step in range(2, 5):
+        opt.step(_closure(model, opt, _batch(step)))
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.pending_gradients()
+    frozen.requires_grad_(True)  # unfrozen: it records a gradient, then moves again
+    for step in range(5, 7):
+        opt.step(_closure(model, opt, _batch(step)))
+    assert not torch.equal(frozen, before)
+
+
+def test_add_param_group_sorts_meta_weights_and_honours_group_settings() -> None:
+    model = _small_cnn(INT4_GRADS)
+    late = model.classifier.weight
+    late.requires_grad_(False)  # not trained when the optimizer is built
+    opt = MetaGrad(model, 0.1, hyper_lr=1e-2)
+    assert all(p is not late for p in opt.meta_params)
+    late.requires_grad_(True)
+    opt.add_param_group({"params": [late], "lr": 0.5})
+    assert opt.param_groups[-1]["meta"] is True and opt.param_groups[-1]["lr"] == 0.5
+    assert any(p is late for p in opt.meta_params)
+    before = late.detach().clone()
+    for step in range(3):
+        opt.step(_closure(model, opt, _batch(step)))
+    assert not torch.equal(late, before)
+    state = opt.state_dict()  # a group added later round-trips too
+    late.requires_grad_(False)
+    clone = MetaGrad(model, 0.1, hyper_lr=1e-2)
+    late.requires_grad_(True)
+    clone.add_param_group({"params": [late], "lr": 0.5})
+    clone.load_state_dict(state)
+    with pytest.raises(ValueError, match="parameters of the model"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "meta": True})
+
+
+def test_clip_grad_norm_inside_the_closure_reaches_the_quantized_weights() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1, hyper_lr=1e-2)
+    max_norm = 1e-3
+    x, y = _batch(0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        assert norm > 10 * max_norm  # there was something to clip
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert len(grads) == len(list(model.parameters()))  # meta weights included
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        assert total <= max_norm * (1 + 1e-5)
+        pending = opt.pending_gradients()
+        assert all(pending[p] is p.grad for p in opt.meta_params)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_reported() -> None:
+    model = _small_cnn(INT4_GRADS)
+    opt = MetaGrad(model, 0.1, momentum=0.9, hyper_lr=1e-2)
+    for step in range(3):
+        opt.step(_closure(model, opt, _batch(step)))
+    params, state = _params_snapshot(opt), copy.deepcopy(opt.state_dict())
+    pending = {p: g.clone() for p, g in opt.pending_gradients().items()}
+    x, y = _batch(3)
+    x[0, 0, 0, 0] = float("inf")
+    opt.step(_closure(model, opt, (x, y)))
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    for a, b in zip(params, _params_snapshot(opt), strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(opt.state_dict()["hypernet"], state["hypernet"], rtol=0, atol=0)
+    for p, g in pending.items():
+        assert torch.equal(opt.pending_gradients()[p], g) and p.grad is opt.pending_gradients()[p]
+    opt.step(_closure(model, opt, _batch(4)))  # training goes on
+    assert not opt.last_step_skipped
+    assert all(torch.isfinite(q).all() for q in opt.hypernet.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    strict = MetaGrad(_small_cnn(INT4_GRADS), 0.1, skip_nonfinite=False)
+    assert strict.skip_nonfinite is False

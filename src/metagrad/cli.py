@@ -7,18 +7,33 @@ import sys
 from collections.abc import Sequence
 
 from metagrad.checkpoint import CheckpointError
-from metagrad.config import ConfigError, add_arguments, build_config, read_config_file
+from metagrad.config import (
+    ConfigError,
+    TrainConfig,
+    add_arguments,
+    build_config,
+    read_config_file,
+    resume_config,
+)
 from metagrad.data import DatasetError
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from metagrad.train import train
+    from metagrad.train import saved_config, train
 
     flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "func"}}
     base = read_config_file(args.config) if args.config else None
-    summary = train(build_config(flags, base))
+    given = {**(base or {}), **flags}
+    if given.get("resume"):
+        out = given.get("out", TrainConfig.defaults()["out"])
+        cfg = resume_config(saved_config(out), given)
+    else:
+        cfg = build_config(flags, base)
+    summary = train(cfg)
+    if summary["rank"] != 0:
+        return
     acc = summary["final_test_acc"]
     print(
         f"done: {summary['steps']} steps, final test acc {acc:.2f}%, "

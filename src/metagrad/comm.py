@@ -61,10 +61,10 @@ ProcessGroup = dist.ProcessGroup
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise ValueError(f"bits must be an integer, got {bits!r}")
-    if bits != FULL_PRECISION_BITS and not MIN_BITS <= bits <= MAX_BITS:
+    if bits not in (FULL_PRECISION_BITS, HALF_PRECISION_BITS) and not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(
-            f"bits must be {MIN_BITS}..{MAX_BITS} (quantized) or {FULL_PRECISION_BITS} "
-            f"(full precision), got {bits}"
+            f"bits must be {MIN_BITS}..{MAX_BITS} (quantized), {HALF_PRECISION_BITS} (bfloat16) "
+            f"or {FULL_PRECISION_BITS} (full precision), got {bits}"
         )
 
 
@@ -153,6 +153,10 @@ def _all_reduce_mean(
         out = tensor.clone()
         dist.all_reduce(out, group=group)
         return out.div_(world_size), 0
+    if bits == HALF_PRECISION_BITS:
+        out = tensor.to(torch.bfloat16, copy=True)
+        dist.all_reduce(out, group=group)
+        return out.div_(world_size).to(tensor.dtype), 0
     numel = tensor.numel()
     if world_size == 1 or numel == 0:
         return tensor.clone(), 0
@@ -193,6 +197,7 @@ def quantized_all_reduce_mean(
     Every rank must call it with a tensor of the same shape. The result is a new tensor (shape
     and dtype of ``tensor``), bit-identical on every rank, unbiased (stochastic rounding) and
     computed in float32; see the module docstring for the two phases and the error bound.
+    ``bits`` 16 is a bfloat16 all-reduce (as PyTorch's ``bf16_compress_hook``).
 
     Args:
         tensor: a floating-point tensor, of any shape (treated as flat).

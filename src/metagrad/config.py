@@ -23,6 +23,8 @@ HYPER_FORMS = ("residual", "gain")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
+NONFINITE_POLICIES = ("stop", "skip")
+COMM_BITS = (32, 16, 8, 4)
 
 MAX_SEED = 2**32 - 1  # the digits split (scikit-learn) takes seeds in [0, 2**32)
 MAX_WIDTH = 16.0  # a sanity bound: parameter counts grow with the square of the width
@@ -68,6 +70,8 @@ class TrainConfig:
     amp: str = "auto"
     compile: str = "auto"
     threads: int = 0
+    nonfinite: str = "stop"
+    comm_bits: int = 32
     max_steps: int = 0
     out: str = "runs/default"
     resume: bool = False
@@ -86,6 +90,11 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile", self.compile, COMPILE_MODES)
+        _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _require(
+            self.comm_bits in COMM_BITS,
+            f"comm_bits must be one of {', '.join(map(str, COMM_BITS))}; got {self.comm_bits!r}",
+        )
         _require(
             not (self.compile == "model" and self.method == "metagrad"),
             "compile 'model' is for method plain; MetaGrad runs its forward inside its own "
@@ -155,8 +164,10 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = frozenset(
-    {"epochs", "max_steps", "resume", "progress", "out", "threads", "data", "compile"}
+    {"epochs", "max_steps", "resume", "progress", "out", "threads", "data", "compile", "nonfinite"}
 )
+# Keys of one invocation, not restored by --resume.
+PER_INVOCATION_KEYS = frozenset({"max_steps", "progress", "resume", "out"})
 # Keys that only matter with method "metagrad".
 HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr"})
 
@@ -182,9 +193,14 @@ HELP = {
     "compile": "torch.compile: off, kernels (fused quantizer and hypernetwork), model (kernels "
     "and the model's training forward, method plain); auto: kernels where torch.compile works",
     "threads": "torch CPU threads (0: torch's default)",
+    "nonfinite": "a step with a non-finite loss or gradient: stop the run before applying it, "
+    "or skip it and count it (summary.json: nonfinite_steps)",
+    "comm_bits": "under torchrun: bits of the gradient all-reduce (32; 16: bfloat16; 8 or 4: "
+    "stochastically rounded integers with block scales)",
     "max_steps": "stop after this many steps in total (0: no limit)",
     "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
-    "resume": "continue from the run directory's checkpoint",
+    "resume": "continue the run in --out with its saved settings; only epochs, max-steps, "
+    "data, threads, progress, compile and nonfinite may be given again",
     "progress": "show a progress bar",
 }
 
@@ -233,6 +249,31 @@ def build_config(overrides: dict[str, Any], base: dict[str, Any] | None = None) 
     for name, value in values.items():
         values[name] = _coerce(name, value, known[name].default)
     return TrainConfig(**values)
+
+
+def resume_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+    """The settings of a resumed run: the saved ones, with the given ``RESUMABLE_KEYS``.
+
+    Other given keys must equal the saved values; a setting the checkpoint predates takes its
+    default, and so do the settings of one invocation (``PER_INVOCATION_KEYS``: a run stopped
+    by ``--max-steps`` and resumed without it trains to the end).
+    """
+    defaults = TrainConfig.defaults()
+    saved = {**defaults, **saved, **{k: defaults[k] for k in PER_INVOCATION_KEYS}}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    fixed = {k: v for k, v in given.items() if k not in RESUMABLE_KEYS}
+    coerced = {k: _coerce(k, v, TrainConfig.defaults()[k]) for k, v in fixed.items()}
+    changed = sorted(k for k, v in coerced.items() if saved.get(k) != v)
+    if changed:
+        diffs = ", ".join(f"{k} (saved {saved.get(k)!r}, given {coerced[k]!r})" for k in changed)
+        raise ConfigError(
+            f"--resume continues the run with its saved settings; these cannot change: {diffs}"
+        )
+    resumable = {k: v for k, v in given.items() if k in RESUMABLE_KEYS}
+    return build_config({**resumable, "resume": True}, {k: saved[k] for k in known})
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

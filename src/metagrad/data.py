@@ -45,6 +45,7 @@ from PIL import Image
 from torch import Tensor
 
 from metagrad.checkpoint import CheckpointError, atomic_write
+from metagrad.distributed import shard_bounds
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -843,6 +844,10 @@ class BatchLoader:
     ``device`` (e.g. ``"cuda"``): the uint8 images are moved there once, and batches are
     gathered, cropped, flipped and normalized there; the random draws stay on the CPU
     generators, so the batches are the same as on the CPU.
+
+    ``shard=(rank, world_size)``: each batch of ``batch_size`` (the global batch) is drawn and
+    augmented exactly as for one process, and this rank gets its ``rank``-th contiguous part
+    (``torch.tensor_split``), so N processes together see the batches of one.
     """
 
     def __init__(
@@ -858,6 +863,7 @@ class BatchLoader:
         seed: int = 0,
         drop_last: bool = False,
         device: str | torch.device | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -871,10 +877,21 @@ class BatchLoader:
         self.mean, self.std = tuple(mean), tuple(std)
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.seed = seed
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise ValueError(f"shard must be (rank, world_size), 0 <= rank < world_size: {shard}")
+        if batch_size < world_size:
+            raise ValueError(f"batch_size {batch_size} is smaller than the {world_size} shards")
+        self.shard = (rank, world_size)
+
+    def global_batch_size(self, i: int) -> int:
+        """Number of samples in batch ``i`` over all shards."""
+        return min(self.batch_size, len(self.images) - i * self.batch_size)
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.images), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        # A last batch too small to give every shard a sample is dropped.
+        return full + (1 if rest >= self.shard[1] and not self.drop_last else 0)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(x float32 normalized channels_last, y int64)`` from batch ``start`` on."""
@@ -893,4 +910,7 @@ class BatchLoader:
             x, y = self.images[index], self.labels[index]
             if self.augment:
                 x = augment_batch(x, _seeded_generator(self.seed, epoch, _AUGMENT_STREAM, i))
+            if self.shard[1] > 1:
+                lo, hi = shard_bounds(len(x), *self.shard)
+                x, y = x[lo:hi], y[lo:hi]
             yield normalize(x, self.mean, self.std), y

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from metagrad import kernels
@@ -37,6 +39,9 @@ activations stay in cache, which is faster there than one pass over a whole laye
 ACTIVATION_MEMORY_SHARE = 0.25
 """Share of the device's free memory the hypernetwork's activations may take before
 ``chunk_size="auto"`` chunks them (CUDA)."""
+
+COMM_BITS: tuple[int, ...] = (32, 16, 8, 4)
+"""Bits of the gradient all-reduce under DistributedDataParallel (16: bfloat16)."""
 
 Closure = Callable[[], Tensor]
 BaseState = dict[str, Any]
@@ -165,17 +170,35 @@ class MetaGrad(Optimizer):
             :data:`ACTIVATION_MEMORY_SHARE` of the free memory (else chunks that do), on CPU
             :data:`CPU_CHUNK_SIZE`. A fused hypernetwork (compiled kernels, see
             :mod:`metagrad.hyper`) holds no activations and ignores it.
+        skip_nonfinite: skip steps whose loss or gradients are not finite (see below).
+        comm_bits: bits of the gradient all-reduce when ``model`` is DDP-wrapped (see below).
 
     ``step(closure)`` needs a closure that calls ``zero_grad()``, runs ``model(x)``, calls
     ``loss.backward()`` and returns the loss. Inside the closure the meta weights are replaced by
-    ``W_t``; batch-norm statistics and other buffers update in place as usual. After ``step`` the
-    meta weights' ``.grad`` hold the quantized gradient ``g_t`` of that step (inside the closure
-    they are not visible on ``.grad``, so gradient clipping there does not reach them).
+    ``W_t``; batch-norm statistics and other buffers update in place as usual. The gradients
+    seen inside the closure after ``backward`` (``model.parameters()`` yields ``W_t`` there, with
+    ``g_t`` on its ``.grad``) are the ones kept, so ``clip_grad_norm_(model.parameters(), c)``
+    before returning the loss clips ``g_t`` like any other gradient.
 
-    Param groups: ``param_groups[0]`` holds the meta weights (``"meta": True``), ``[1]`` the rest.
-    After ``step`` a meta weight's ``.grad`` is the very tensor the next step will pass through
-    the hypernetwork (:meth:`pending_gradients`): changing it in place (e.g. clipping it)
-    changes that update.
+    Param groups: the meta weights are in groups with ``"meta": True`` (``param_groups[0]`` at
+    construction), every other parameter in groups with ``"meta": False``;
+    :meth:`add_param_group` works as in ``torch.optim``. A parameter whose ``requires_grad`` is
+    False at a step is left alone. After ``step`` a meta weight's ``.grad`` is the very tensor
+    the next step will pass through the hypernetwork (:meth:`pending_gradients`): changing it in
+    place (e.g. clipping it) changes that update.
+
+    Non-finite steps: with ``skip_nonfinite`` (default) a step whose loss or gradients (model or
+    hypernetwork) are not finite changes nothing: no weight, state or hypernetwork update, the
+    pending gradients are kept for the next step. ``last_step_skipped`` says whether the last
+    step was skipped, ``skipped_steps`` counts them (a ``GradScaler``-like policy).
+
+    Distributed: given a ``DistributedDataParallel`` model, MetaGrad averages the gradients over
+    the ranks itself (DDP's reducer cannot see ``W_t``): the model's gradients (``comm_bits``:
+    32, 16 for bfloat16, 8 or 4 for :func:`metagrad.comm.quantized_all_reduce_mean`), before
+    they become the pending gradients the hypernetwork sees, and the hypernetwork's own
+    gradients in float32; rank 0's buffers (batch-norm statistics) are broadcast before each
+    forward as DDP does, and rank 0's hypernetwork at construction. Every rank applies the same
+    update.
 
     ``hyper_time`` accumulates seconds spent on the hypernetwork: its forward and the refined
     update, its backward (timed from autograd hooks) and its optimizer's step.
@@ -196,10 +219,17 @@ class MetaGrad(Optimizer):
         hyper_optimizer: Optimizer | None = None,
         hyper_lr: float = 1e-4,
         chunk_size: int | str | None = "auto",
+        skip_nonfinite: bool = True,
+        comm_bits: int = 32,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_args(base, lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr, chunk_size)
+        if comm_bits not in COMM_BITS:
+            raise ValueError(f"comm_bits must be one of {COMM_BITS}, got {comm_bits!r}")
+        self.model = model
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self._names = {id(p): name for name, p in model.named_parameters()}
         meta = meta_parameters(model)
         meta_ids = {id(p) for p in meta}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in meta_ids]
@@ -213,8 +243,11 @@ class MetaGrad(Optimizer):
         )
         groups = [{"params": meta, "meta": True}, {"params": rest, "meta": False}]
         super().__init__(groups, defaults)
-        self.model = model
         self.base = base
+        self.comm_bits = comm_bits
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.last_step_skipped = False
         if hypernet is None:
             hypernet = create_hypernet(DEFAULT_KIND)
             if meta and meta[0].dtype == torch.float64:
@@ -222,24 +255,60 @@ class MetaGrad(Optimizer):
         if meta:
             hypernet = hypernet.to(meta[0].device)
         self.hypernet = hypernet
+        if self._ddp is not None:  # every rank starts from rank 0's hypernetwork
+            from metagrad.distributed import broadcast_tensors_
+
+            broadcast_tensors_(
+                [*hypernet.parameters(), *hypernet.buffers()], group=self._ddp.process_group
+            )
         self.chunk_size = _auto_chunk_size(meta, hypernet) if chunk_size == "auto" else chunk_size
         if hyper_optimizer is None:
             hyper_optimizer = torch.optim.Adam(hypernet.parameters(), lr=hyper_lr)
         self.hyper_optimizer = hyper_optimizer
         self.hyper_time = 0.0
-        names = {id(p): name for name, p in model.named_parameters()}
-        self._names = {p: names[id(p)] for p in meta}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim`` does; ``"meta"`` says how its params are updated.
+
+        Without a ``"meta"`` key, the weights of the model's quantized layers in the group form
+        a meta group and the other params a plain one (two groups if it holds both). A meta
+        group's params must be parameters of the model (the step swaps them by name).
+        """
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if "meta" not in group:
+            quantized = {id(p) for p in meta_parameters(self.model)}
+            meta = [p for p in params if id(p) in quantized]
+            rest = [p for p in params if id(p) not in quantized]
+            for flag, members in ((True, meta), (False, rest)):
+                if members or (not meta and not rest and not flag):
+                    self.add_param_group({**group, "params": members, "meta": flag})
+            return
+        group["meta"] = bool(group["meta"])
+        if group["meta"]:
+            unknown = [tuple(p.shape) for p in params if id(p) not in self._names]
+            if unknown:
+                raise ValueError(
+                    f"meta params must be parameters of the model given to MetaGrad; "
+                    f"{len(unknown)} are not (shapes {unknown[:3]})"
+                )
+        super().add_param_group({**group, "params": params})
 
     # -- parameters ---------------------------------------------------------------------------
 
     @property
     def meta_params(self) -> list[Tensor]:
-        """The meta weights (``param_groups[0]``)."""
-        return self.param_groups[0]["params"]
+        """The meta weights (the params of the groups with ``"meta": True``)."""
+        return [p for g in self.param_groups if g["meta"] for p in g["params"]]
 
     def pending_gradients(self) -> dict[Tensor, Tensor]:
         """The quantized gradient ``g_t`` each meta weight will be updated with at the next step."""
-        return {p: self.state[p]["pending_grad"] for p in self.meta_params if p in self.state}
+        return {
+            p: self.state[p]["pending_grad"]
+            for p in self.meta_params
+            if "pending_grad" in self.state.get(p, {})
+        }
 
     @torch.no_grad()
     def corrected_gradients(
@@ -273,31 +342,54 @@ class MetaGrad(Optimizer):
                 "MetaGrad.step() requires a closure that calls zero_grad(), computes the loss "
                 "with model(x), calls loss.backward() and returns the loss"
             )
-        meta_group, rest_group = self.param_groups
+        meta_groups = [g for g in self.param_groups if g["meta"]]
+        rest_groups = [g for g in self.param_groups if not g["meta"]]
         timer = _HyperTimer(self.hypernet)
         device_type = self.meta_params[0].device.type if self.meta_params else "cpu"
         with torch.enable_grad():
             start = time.perf_counter()
             with torch.autocast(device_type, enabled=False):  # the hypernet runs in float32
-                proposals = self._propose(meta_group)
+                proposals = {}
+                for group in meta_groups:
+                    proposals.update(self._propose(group))
             timer.elapsed += time.perf_counter() - start
             loss, new_grads = self._run_closure(closure, proposals, timer)
         with torch.no_grad():
+            rest = [p for g in rest_groups for p in g["params"] if p.grad is not None]
+            if self._ddp is not None:
+                self._average(new_grads, rest, bool(proposals))
+            self.last_step_skipped = self.skip_nonfinite and not self._finite(
+                loss, new_grads, rest, bool(proposals)
+            )
+            if self.last_step_skipped:
+                self._discard(rest)
+                self.skipped_steps += 1
+                self.hyper_time += timer.total()
+                return loss
             start = time.perf_counter()
             if proposals:
                 self.hyper_optimizer.step()
             timer.elapsed += time.perf_counter() - start
-            self._commit(meta_group, proposals, new_grads)
-            self._plain_steps(rest_group)
+            for group in meta_groups:
+                self._commit(group, proposals, new_grads)
+            for group in rest_groups:
+                self._plain_steps(group)
         self.hyper_time += timer.total()
         return loss
 
     def _propose(self, group: dict[str, Any]) -> dict[Tensor, tuple[Tensor, BaseState, tuple]]:
-        """``W_t``, the base state and the hypernet state for each meta weight with a pending g."""
+        """``W_t``, the base state and the hypernet state for each meta weight with a pending g.
+
+        A weight frozen since the last step (``requires_grad`` False) is left out and its
+        pending gradient dropped.
+        """
         update = _UPDATES[self.base]
         proposals = {}
         for p in group["params"]:
             state = self.state[p]
+            if not p.requires_grad:
+                state.pop("pending_grad", None)
+                continue
             if "pending_grad" not in state:
                 continue
             w = p.detach()
@@ -313,17 +405,69 @@ class MetaGrad(Optimizer):
     def _run_closure(
         self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: _HyperTimer
     ) -> tuple[Tensor, dict[Tensor, Tensor]]:
-        """Run the closure with the meta weights replaced by ``W_t``; collect ``dL/dW_t``."""
+        """Run the closure with the meta weights replaced by ``W_t``; collect ``dL/dW_t``.
+
+        ``W_t`` keeps its gradient (``retain_grad``), so that code in the closure that reads
+        or changes the model's gradients (e.g. ``clip_grad_norm_(model.parameters())``) sees
+        ``g_t`` there; what it leaves there is what is kept.
+        """
+        sync = self._ddp.no_sync() if self._ddp is not None else nullcontext()
+        if self._ddp is not None and self._ddp.broadcast_buffers:
+            from metagrad.distributed import broadcast_tensors_
+
+            broadcast_tensors_(list(self._ddp.module.buffers()), group=self._ddp.process_group)
         if not proposals:
-            return closure(), {}
-        grads: dict[Tensor, Tensor] = {}
-        for p, (new_w, _, _) in proposals.items():
-            new_w.register_hook(timer.capture(p, grads))
+            with sync:
+                return closure(), {}
+        for new_w, _, _ in proposals.values():
+            new_w.retain_grad()
+            new_w.register_hook(timer.mark_start)
         runner = _ClosureModule(self.model, closure)
-        params = {f"model.{self._names[p]}": new_w for p, (new_w, _, _) in proposals.items()}
-        with timer.watch_backward():
+        params = {f"model.{self._names[id(p)]}": new_w for p, (new_w, _, _) in proposals.items()}
+        with timer.watch_backward(), sync:
             loss = functional_call(runner, params, (), strict=False)
+        grads = {p: new_w.grad for p, (new_w, _, _) in proposals.items() if new_w.grad is not None}
         return loss, grads
+
+    def _average(self, new_grads: dict[Tensor, Tensor], rest: list[Tensor], hyper: bool) -> None:
+        """Average the step's gradients across the DDP ranks (``comm_bits`` for the model's)."""
+        from metagrad.comm import all_reduce_mean_
+
+        group = self._ddp.process_group if self._ddp is not None else None
+        meta = [p.grad for p in self.meta_params if p.grad is not None and p not in new_grads]
+        model_grads = [*new_grads.values(), *meta, *(p.grad for p in rest)]
+        all_reduce_mean_(model_grads, bits=self.comm_bits, group=group)
+        if hyper:
+            hyper_grads = [q.grad for q in self.hypernet.parameters() if q.grad is not None]
+            all_reduce_mean_(hyper_grads, bits=32, group=group)
+
+    def _finite(
+        self, loss: Tensor, new_grads: Mapping[Tensor, Tensor], rest: list[Tensor], hyper: bool
+    ) -> bool:
+        """Whether the loss and every gradient of the step are finite (on every rank)."""
+        tensors = [*new_grads.values(), *(p.grad for p in rest)]
+        tensors += [p.grad for p in self.meta_params if p.grad is not None and p not in new_grads]
+        if hyper:
+            tensors += [q.grad for q in self.hypernet.parameters() if q.grad is not None]
+        if isinstance(loss, Tensor):
+            tensors.append(loss.detach())
+        device = tensors[0].device if tensors else torch.device("cpu")
+        flags = [torch.isfinite(t).all().to(device) for t in tensors]
+        finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
+        if self._ddp is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._ddp.process_group)
+        return bool(finite.item())
+
+    def _discard(self, rest: list[Tensor]) -> None:
+        """Forget a skipped step: no update, pending gradients kept, gradients released."""
+        for p in rest:
+            p.grad = None
+        self.hypernet.zero_grad(set_to_none=True)
+        for p in self.meta_params:
+            pending = self.state[p].get("pending_grad") if p in self.state else None
+            p.grad = pending
 
     def _commit(
         self,
@@ -341,19 +485,17 @@ class MetaGrad(Optimizer):
                 if hyper_state:
                     state["hyper_state"] = tuple(s.detach() for s in hyper_state)
                 grad = new_grads.get(p)
-                if grad is not None:
-                    p.grad = grad.detach()
-            else:
-                grad = p.grad
+                p.grad = None if grad is None else grad.detach()
+            grad = p.grad if p.requires_grad else None
             if grad is None:
                 state.pop("pending_grad", None)
             else:
-                state["pending_grad"] = grad.detach()  # the very tensor on p.grad
+                state["pending_grad"] = grad  # the very tensor on p.grad
 
     def _plain_steps(self, group: dict[str, Any]) -> None:
         update = _UPDATES[self.base]
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or not p.requires_grad:
                 continue
             state = self.state[p]
             new_p, base_state = update(p, p.grad, state, group)
@@ -413,15 +555,10 @@ class _HyperTimer:
         self.backward_start: float | None = None
         self.backward_end: float | None = None
 
-    def capture(self, param: Tensor, grads: dict[Tensor, Tensor]) -> Callable[[Tensor], None]:
-        """A tensor hook on ``W_t`` storing (accumulating) its gradient into ``grads[param]``."""
-
-        def hook(grad: Tensor) -> None:
-            if self.backward_start is None:
-                self.backward_start = time.perf_counter()
-            grads[param] = grad if param not in grads else grads[param] + grad
-
-        return hook
+    def mark_start(self, grad: Tensor) -> None:
+        """A tensor hook on ``W_t``: the model's backward has reached the meta weights."""
+        if self.backward_start is None:
+            self.backward_start = time.perf_counter()
 
     def watch_backward(self) -> _HookScope:
         def mark_end(_: Tensor) -> None:

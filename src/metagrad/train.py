@@ -16,16 +16,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from metagrad import kernels
+from metagrad import distributed, kernels
 from metagrad.checkpoint import (
     CheckpointError,
+    RunLock,
+    check_writable_dir,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     write_json,
     write_jsonl,
 )
 from metagrad.config import HYPER_KEYS, RESUMABLE_KEYS, ConfigError, TrainConfig
-from metagrad.data import BatchLoader, ImageDataset, download_cifar10, load_cifar10, normalize
+from metagrad.data import (
+    BatchLoader,
+    ImageDataset,
+    download_cifar10,
+    load_cifar10,
+    needs_download,
+    normalize,
+)
 from metagrad.data import load_digits_dataset as _load_digits
 from metagrad.diagnostics import gradient_report
 from metagrad.int8 import fallback_report
@@ -36,6 +46,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 GRADIENTS = "gradients.jsonl"
 SUMMARY = "summary.json"
+OUTPUT_FILES = (CHECKPOINT, METRICS, GRADIENTS, SUMMARY)
 EVAL_BATCH = 1000
 CROP_PADDING = 4
 
@@ -131,7 +142,7 @@ def load_dataset(cfg: TrainConfig) -> ImageDataset:
     if cfg.data == "digits":
         return _load_digits(seed=cfg.seed)
     path = Path(cfg.data)
-    if cfg.download and not path.exists():
+    if cfg.download and needs_download(path):
         path = download_cifar10(path)
     return load_cifar10(path)
 
@@ -158,6 +169,7 @@ def build_model(cfg: TrainConfig, dataset: ImageDataset, device: torch.device) -
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer; ``model`` may be DDP-wrapped (MetaGrad then averages gradients)."""
     if cfg.method == "metagrad":
         from metagrad.hyper import create_hypernet
         from metagrad.optim import MetaGrad
@@ -171,6 +183,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
             weight_decay=cfg.weight_decay,
             hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden, form=cfg.hyper_form),
             hyper_lr=cfg.hyper_lr,
+            comm_bits=cfg.comm_bits,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -181,6 +194,43 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream (rank 0 keeps ``seed``)."""
+    return (seed + 0x9E3779B97F4A7C15 * rank) % 2**63
+
+
+def dataset_signature(data: ImageDataset) -> dict[str, Any]:
+    """What a resumed run's dataset must match: classes, image shape and split sizes."""
+    return {
+        "classes": len(data.classes),
+        "image_shape": list(data.train_images.shape[1:]),
+        "train": len(data.train_images),
+        "test": len(data.test_images),
+    }
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one synchronisation)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Paths of the floating-point tensors in a (nested) state dict that hold NaN or inf."""
+    if isinstance(state, Tensor):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return [] if finite else [prefix or "tensor"]
+    items = (
+        state.items()
+        if isinstance(state, dict)
+        else enumerate(state)
+        if isinstance(state, list | tuple)
+        else ()
+    )
+    return [bad for k, v in items for bad in nonfinite_entries(v, f"{prefix}.{k}".strip("."))]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -203,22 +253,32 @@ def evaluate(
     mean,
     std,
     amp: torch.dtype | None = None,
+    dist_run: distributed.Distributed | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over a whole split (under autocast to ``amp``)."""
+    """Mean cross-entropy and accuracy (%) over a whole split (under autocast to ``amp``).
+
+    With ``dist_run`` each rank evaluates its part of the split and the sums are all-reduced.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = len(images)
+    if dist_run is not None:
+        lo, hi = distributed.shard_bounds(total, dist_run.rank, dist_run.world_size)
+        images, labels = images[lo:hi], labels[lo:hi]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
     for i in range(0, len(images), EVAL_BATCH):
         x = normalize(images[i : i + EVAL_BATCH].to(device), mean, std)
         y = labels[i : i + EVAL_BATCH].to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+        sums[1] += (out.argmax(1) == y).sum()
+    if dist_run is not None:
+        sums = distributed.all_reduce_sum(sums)
     model.train(was_training)
-    return loss_sum.item() / len(images), 100.0 * correct.item() / len(images)
+    loss_sum, correct = sums.tolist()
+    return loss_sum / total, 100.0 * correct / total
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -238,7 +298,11 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 class Trainer:
-    """One training run in ``cfg.out``; ``fit()`` runs it (or resumes it) to the end."""
+    """One training run in ``cfg.out``; ``fit()`` runs it (or resumes it) to the end.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains its part of every
+    global batch of ``cfg.batch_size`` under DistributedDataParallel; rank 0 writes the files.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -248,14 +312,39 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
+        self.dist = distributed.from_environment(self.device)
+        rank, world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        if self.dist and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.batch_size < world_size:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} is the global batch; it must be at least the "
+                f"number of processes ({world_size})"
+            )
+        self.is_main = rank == 0
+        self.lock = self._lock_out_dir() if self.is_main else None
+        try:
+            self._setup(cfg, rank, world_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: TrainConfig, rank: int, world_size: int) -> None:
+        """Everything after the lock: data, model, optimizer, batches, schedule, resume."""
+        self.comm_state = None
         self.amp = resolve_amp(cfg.amp, self.device)
         self.compile = resolve_compile(cfg.compile, self.device)
         self.data = load_dataset(cfg)
         self.model = build_model(cfg, self.data, self.device)
-        self.forward = torch.compile(self.model) if self.compile == "model" else self.model
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.ddp = self._wrap(self.model) if self.dist else None
+        trained = self.ddp or self.model
+        self.forward = torch.compile(trained) if self.compile == "model" else trained
+        self.optimizer = build_optimizer(cfg, trained if cfg.method == "metagrad" else self.model)
+        if rank:  # the model is rank 0's; the randomness of training (dither) differs per rank
+            torch.manual_seed(rank_seed(cfg.seed, rank))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.skipped_steps = 0
+        self.nonfinite_steps = 0
         # On CUDA the uint8 images live on the GPU and are augmented there.
         data_device = self.device if self.device.type == "cuda" else None
         self.loader = BatchLoader(
@@ -268,6 +357,7 @@ class Trainer:
             augment=self.data.train_images.shape[-1] >= 4 * CROP_PADDING,
             seed=cfg.seed,
             device=data_device,
+            shard=(rank, world_size),
         )
         self.test_images = self.data.test_images.to(self.device)
         self.test_labels = self.data.test_labels.to(self.device)
@@ -287,7 +377,20 @@ class Trainer:
         if cfg.resume:
             self._resume()
 
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` under DistributedDataParallel, with ``cfg.comm_bits`` communication."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from metagrad.comm import register_comm_hook
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids)
+        if self.cfg.method == "plain":  # MetaGrad does its own averaging
+            self.comm_state = register_comm_hook(ddp, self.cfg.comm_bits, seed=self.cfg.seed)
+        return ddp
+
     def _check_out_dir(self) -> None:
+        check_writable_dir(self.out)
         has_run = (self.out / CHECKPOINT).exists()
         if has_run and not self.cfg.resume:
             raise ConfigError(
@@ -296,10 +399,28 @@ class Trainer:
         if not has_run and self.cfg.resume:
             raise CheckpointError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
 
+    def _lock_out_dir(self) -> RunLock:
+        """Refuse a second run on the same ``--out``; then clear a killed run's temporary files."""
+        lock = RunLock(self.out)
+        lock.acquire()
+        remove_stale_temp_files(self.out, OUTPUT_FILES)
+        return lock
+
+    def close(self) -> None:
+        """Release the run directory's lock (the run can be resumed later)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The run's state; under torchrun a collective (every rank's RNG state is gathered)."""
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {
             "config": self.cfg.to_dict(),
+            "dataset": dataset_signature(self.data),
+            "world_size": self.dist.world_size if self.dist else 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -310,22 +431,45 @@ class Trainer:
             "hyper_seconds": self.hyper_seconds,
             "peak_memory_mb": peak_memory_mb(self.device)[0],
             "gradient_records": self.gradient_records,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device)
-            if self.device.type == "cuda"
-            else None,
+            "torch_rng": rng,
+            "cuda_rng": cuda_rng,
+            "rank_rng": self._gather_rng(rng, cuda_rng),
+            "comm": self._comm_state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
+    def _gather_rng(self, rng: Tensor, cuda_rng: Tensor | None) -> list[dict[str, Any]] | None:
+        if not self.dist:
+            return None
+        cpu = distributed.all_gather_tensors(rng)
+        cuda = distributed.all_gather_tensors(cuda_rng) if cuda_rng is not None else None
+        return [
+            {"torch_rng": cpu[r], "cuda_rng": None if cuda is None else cuda[r]}
+            for r in range(self.dist.world_size)
+        ]
+
+    def _comm_state_dict(self) -> list[dict[str, Any]] | None:
+        state = self.comm_state
+        if state is None or not self.dist:
+            return None
+        states: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, state.state_dict())
+        return states
+
     def _resume(self) -> None:
-        state = load_checkpoint(self.out / CHECKPOINT)
+        path = self.out / CHECKPOINT
+        state = load_checkpoint(path)
         try:
             self._load_state(state)
+        except CheckpointError:
+            raise
         except KeyError as err:
-            raise CheckpointError(
-                f"{self.out / CHECKPOINT} lacks {err}; not a metagrad run"
-            ) from None
+            raise CheckpointError(f"{path} lacks {err}; not a metagrad run") from None
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{path}: damaged or incompatible ({reason})") from None
 
     def _load_state(self, state: dict[str, Any]) -> None:
         # A setting added after the checkpoint was written takes its default.
@@ -338,11 +482,23 @@ class Trainer:
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
             raise CheckpointError(f"cannot resume {self.out}: settings differ ({diffs})")
+        signature, expected = dataset_signature(self.data), state.get("dataset")
+        if expected is not None and expected != signature:
+            diffs = ", ".join(
+                f"{k} {expected.get(k)} -> {v}"
+                for k, v in signature.items()
+                if expected.get(k) != v
+            )
+            raise CheckpointError(
+                f"cannot resume {self.out}: the dataset differs from the run's ({diffs})"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         pos = state["position"]
-        self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
+        self.epoch, self.batch, self.step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
+        if not (0 <= self.batch <= len(self.loader) and self.epoch >= 0 and self.step >= 0):
+            raise CheckpointError(f"{self.out / CHECKPOINT}: position {pos} is out of range")
         self.history = list(state["history"])
         self.partial = dict(state["partial"])
         self.step_seconds = list(state["step_seconds"])
@@ -350,14 +506,34 @@ class Trainer:
         self.earlier_peak_memory_mb = state.get("peak_memory_mb", 0.0)
         self.gradient_records = list(state.get("gradient_records", []))
         self.skipped_steps = state.get("skipped_steps", 0)
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        rank = self.dist.rank if self.dist else 0
+        rank_rng = state.get("rank_rng") or [
+            {"torch_rng": state["torch_rng"], "cuda_rng": state.get("cuda_rng")}
+        ]
+        if rank < len(rank_rng):  # another number of processes: new ranks start fresh streams
+            torch.set_rng_state(rank_rng[rank]["torch_rng"])
+            cuda_rng = rank_rng[rank].get("cuda_rng")
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+        comm = state.get("comm")
+        if comm and self.comm_state is not None and rank < len(comm):
+            self.comm_state.load_state_dict(comm[rank])
         if state.get("grad_scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
 
     def _save(self, partial_record: dict[str, Any] | None = None) -> None:
-        save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
+        """Write the checkpoint, metrics and summary (rank 0), only from a finite state."""
+        state = self.state_dict()
+        bad = nonfinite_entries({"model": state["model"], "optimizer": state["optimizer"]})
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values in {', '.join(bad[:3])} at step {self.step}; checkpoint not "
+                f"written, {self.out / CHECKPOINT} keeps the last good state"
+            )
+        if not self.is_main:
+            return
+        save_checkpoint(state, self.out / CHECKPOINT)
         records = self.history + ([partial_record] if partial_record else [])
         write_jsonl(records, self.out / METRICS)
         if self.gradient_records:
@@ -365,37 +541,98 @@ class Trainer:
         write_json(self._summary(False, in_progress=True), self.out / SUMMARY)
 
     # -- training ------------------------------------------------------------------------------
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
-        """One optimizer step; returns the batch's loss and number of correct predictions."""
+    def train_step(self, x: Tensor, y: Tensor, global_size: int) -> tuple[float, int] | None:
+        """One optimizer step on this rank's ``x, y`` of a global batch of ``global_size``.
+
+        Returns the global batch's summed loss and number of correct predictions, or None if
+        the step was skipped because its loss or gradients were not finite (``--nonfinite
+        skip``); with ``--nonfinite stop`` that raises ``FloatingPointError`` instead, before
+        anything is applied.
+        """
         outputs: list[Tensor] = []
+        sums: list[Tensor] = []
         scaler, amp = self.scaler, self.amp
+        world_size = self.dist.world_size if self.dist else 1
 
         def closure() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
                 out = self.forward(x)
-            loss = F.cross_entropy(out.float(), y)
+            if world_size == 1:
+                loss = F.cross_entropy(out.float(), y)
+                sums.append(loss.detach() * len(y))
+            else:  # DDP averages over ranks: weight each rank's sum by its share of the batch
+                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                sums.append(loss_sum.detach())
+                loss = loss_sum * (world_size / global_size)
             scaler.scale(loss).backward()
             outputs.append(out.detach())
             return loss
 
         hyper_before = getattr(self.optimizer, "hyper_time", 0.0)
+        applied = True
         if scaler.is_enabled():  # fp16: loss scaling, non-finite steps skipped (plain only)
-            loss = closure()
+            closure()
             scale = scaler.get_scale()
             scaler.step(self.optimizer)
             scaler.update()
             self.skipped_steps += int(scaler.get_scale() < scale)
+        elif self.cfg.method == "metagrad":
+            self.optimizer.step(closure)
+            applied = not self.optimizer.last_step_skipped
         else:
-            loss = self.optimizer.step(closure)
+            closure()
+            applied = all_finite([p.grad for p in self.model.parameters() if p.grad is not None])
+            if applied:
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
         self.hyper_seconds += getattr(self.optimizer, "hyper_time", 0.0) - hyper_before
+        correct = (outputs[-1].argmax(1) == y).sum()
+        totals = torch.stack([sums[-1].double(), correct.double()])
+        if self.dist:
+            totals = distributed.all_reduce_sum(totals)
+        loss_sum, n_correct = totals.tolist()
+        if applied and not math.isfinite(loss_sum):
+            applied = False  # a non-finite loss with finite gradients: nothing was learnt either
+        if not applied:
+            self._nonfinite(loss_sum)
+            self.scheduler.step()
+            return None
         self.scheduler.step()
-        correct = int((outputs[-1].argmax(1) == y).sum())
-        return float(loss.detach()), correct
+        if not all_finite(list(self.model.parameters())):
+            raise FloatingPointError(
+                f"the weights became non-finite at step {self.step} (finite loss and "
+                f"gradients); stopping, {self.out / CHECKPOINT} keeps the last good state"
+            )
+        return loss_sum, int(n_correct)
+
+    def _nonfinite(self, loss_sum: float) -> None:
+        """Apply ``--nonfinite`` to a step whose loss or gradients were not finite."""
+        if self.cfg.nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradients at step {self.step} (loss {loss_sum}); stopped "
+                f"before applying them, {self.out / CHECKPOINT} keeps the last good state "
+                "(--nonfinite skip skips such steps instead)"
+            )
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps in (1, 10, 100, 1000):
+            tqdm.write(
+                f"step {self.step}: non-finite loss or gradients, step skipped "
+                f"({self.nonfinite_steps} so far)"
+            )
 
     def _epoch_record(self, seconds: float, complete: bool) -> dict[str, Any]:
+        if self.ddp is not None and self.ddp.broadcast_buffers:  # evaluate rank 0's statistics
+            distributed.broadcast_tensors_(list(self.model.buffers()))
         test_loss, test_acc = evaluate(
-            self.model, self.test_images, self.test_labels, self.data.mean, self.data.std, self.amp
+            self.model,
+            self.test_images,
+            self.test_labels,
+            self.data.mean,
+            self.data.std,
+            self.amp,
+            self.dist,
         )
         seen = max(1, self.partial["seen"])
         record = {
@@ -407,6 +644,7 @@ class Trainer:
             "test_acc": test_acc,
             "seconds": seconds,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "nonfinite_steps": self.nonfinite_steps,
         }
         if not complete:
             record["partial"] = True
@@ -422,12 +660,16 @@ class Trainer:
         except FloatingPointError:
             # Record where the run diverged, and the diagnostics up to there; the checkpoint
             # keeps the last good epoch.
-            if self.gradient_records:
-                write_jsonl(self.gradient_records, self.out / GRADIENTS)
-            write_json(self._summary(False, diverged_at_step=self.step), self.out / SUMMARY)
+            if self.is_main:
+                if self.gradient_records:
+                    write_jsonl(self.gradient_records, self.out / GRADIENTS)
+                write_json(self._summary(False, diverged_at_step=self.step), self.out / SUMMARY)
             raise
+        finally:
+            self.close()
         summary = self._summary(stopped_early)
-        write_json(summary, self.out / SUMMARY)
+        if self.is_main:
+            write_json(summary, self.out / SUMMARY)
         return summary
 
     def _run_epoch(self) -> bool:
@@ -437,30 +679,34 @@ class Trainer:
             total=len(self.loader),
             initial=self.batch,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.is_main),
             leave=False,
             dynamic_ncols=True,
         )
         started = time.perf_counter() - self.partial["seconds"]
         for x, y in self.loader.epoch(self.epoch, start=self.batch):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            global_size = self.loader.global_batch_size(self.batch)
             t0 = time.perf_counter()
-            loss, correct = self.train_step(x, y)
+            result = self.train_step(x, y, global_size)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.step_seconds.append(time.perf_counter() - t0)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; stopping")
             self.batch += 1
             self.step += 1
-            if cfg.diag_every and self.step % cfg.diag_every == 0:
+            if cfg.diag_every and self.step % cfg.diag_every == 0 and self.is_main:
                 report = gradient_report(self.model, x, y, self.optimizer)
                 self.gradient_records.append({"step": self.step, **report})
-            self.partial["loss_sum"] += loss * len(y)
-            self.partial["correct"] += correct
-            self.partial["seen"] += len(y)
+            if result is not None:
+                loss_sum, correct = result
+                self.partial["loss_sum"] += loss_sum
+                self.partial["correct"] += correct
+                self.partial["seen"] += global_size
+                bar.set_postfix(
+                    loss=f"{loss_sum / global_size:.3f}",
+                    lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                )
             bar.update()
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
             if cfg.max_steps and self.step >= cfg.max_steps and self.batch < len(self.loader):
                 self.partial["seconds"] = time.perf_counter() - started
                 bar.close()
@@ -470,15 +716,42 @@ class Trainer:
         bar.close()
         record = self._epoch_record(time.perf_counter() - started, complete=True)
         self.history.append(record)
-        tqdm.write(
-            f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.2f}% | test acc {record['test_acc']:.2f}% "
-            f"| {record['seconds']:.1f}s"
-        )
+        if self.is_main:
+            tqdm.write(
+                f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.2f}% | test acc {record['test_acc']:.2f}% "
+                f"| {record['seconds']:.1f}s"
+            )
         self.epoch, self.batch = self.epoch + 1, 0
         self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self._save()
         return bool(cfg.max_steps and self.step >= cfg.max_steps)
+
+    def _communication_summary(self) -> dict[str, Any] | None:
+        """Bytes each rank sent per step for the model's gradients (torchrun runs).
+
+        Counted by the quantized hook; otherwise the ring all-reduce's cost model (32 and 16
+        bits) or the quantized payload of one all-reduce of every gradient (MetaGrad).
+        """
+        if not self.dist:
+            return None
+        from metagrad.comm import payload_bytes, ring_all_reduce_bytes
+
+        bits, world_size = self.cfg.comm_bits, self.dist.world_size
+        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        state = self.comm_state
+        if state is not None and state.calls:
+            per_step, how = state.bytes_sent / max(1, self.step), "counted"
+        elif bits in (32, 16):
+            per_step, how = ring_all_reduce_bytes(numel, bits // 8, world_size), "ring model"
+        else:
+            per_step, how = payload_bytes(numel, bits, world_size), "payload"
+        return {
+            "world_size": self.dist.world_size,
+            "comm_bits": bits,
+            "bytes_per_step": per_step,
+            "bytes_how": how,
+        }
 
     def _hypernet_summary(self) -> dict[str, Any] | None:
         hypernet = getattr(self.optimizer, "hypernet", None)
@@ -503,9 +776,14 @@ class Trainer:
         memory = max(memory, self.earlier_peak_memory_mb)  # earlier processes of a resumed run
         return {
             "config": self.cfg.to_dict(),
+            "rank": self.dist.rank if self.dist else 0,
             "amp": str(self.amp).removeprefix("torch.") if self.amp else "off",
             "compile": self.compile,
             "amp_skipped_steps": self.skipped_steps,
+            "nonfinite_policy": self.cfg.nonfinite,
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self.dist.world_size if self.dist else 1,
+            "communication": self._communication_summary(),
             "provenance": provenance(self.device),
             "quantization": str(self.cfg.quant_config()),
             "hypernet": self._hypernet_summary(),
@@ -535,6 +813,22 @@ class Trainer:
         }
 
 
+def saved_config(out: str | Path) -> dict[str, Any]:
+    """The settings saved with the run in ``out`` (for ``--resume``)."""
+    path = Path(out) / CHECKPOINT
+    state = load_checkpoint(path)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds no run settings; not a metagrad run")
+    return config
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training run that ``cfg`` describes; returns its summary."""
-    return Trainer(cfg).fit()
+    """Run (or resume) the training run that ``cfg`` describes; returns its summary.
+
+    Under ``torchrun`` every process calls it; the process group is closed at the end.
+    """
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        distributed.shutdown()

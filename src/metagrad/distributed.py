@@ -1,0 +1,114 @@
+"""Multi-process training under ``torchrun``: process-group set-up and the collectives it needs.
+
+``torchrun --nproc_per_node N -m metagrad train ...`` starts N processes that find each other
+through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...);
+:func:`from_environment` joins them into one process group: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a multi-process run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes metrics, summaries and checkpoints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment describes a run of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def from_environment(device: torch.device) -> Distributed | None:
+    """Join the process group that ``torchrun`` describes (None for a single process).
+
+    Uses gloo for CPU training and NCCL for CUDA; on CUDA each process takes the device of its
+    ``LOCAL_RANK``.
+    """
+    if not launched_by_torchrun():
+        return None
+    try:
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError) as err:
+        raise RuntimeError(
+            f"WORLD_SIZE is set but the torchrun environment is incomplete ({err}); "
+            "launch with torchrun --nproc_per_node N -m metagrad train ..."
+        ) from None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return Distributed(rank, world_size, local_rank, backend)
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[lo, hi)`` of part ``rank`` of ``n`` items split into ``world_size`` contiguous parts.
+
+    The parts differ in size by at most one, the larger first (as ``torch.tensor_split``).
+    """
+    size, extra = divmod(n, world_size)
+    lo = rank * size + min(rank, extra)
+    return lo, lo + size + (1 if rank < extra else 0)
+
+
+def broadcast_tensors_(tensors: list[Tensor], src: int = 0, group=None) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s (one broadcast per dtype)."""
+    for same_dtype in _by_dtype(tensors):
+        flat = _flatten_dense_tensors([t.detach() for t in same_dtype])
+        dist.broadcast(flat, src=_global_rank(src, group), group=group)
+        with torch.no_grad():
+            for t, value in zip(
+                same_dtype, _unflatten_dense_tensors(flat, same_dtype), strict=True
+            ):
+                t.copy_(value)
+
+
+def all_reduce_sum(values: Tensor, group=None) -> Tensor:
+    """The sum over ranks of ``values`` (a new tensor, the same on every rank)."""
+    total = values.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def all_gather_tensors(value: Tensor, group=None) -> list[Tensor]:
+    """Every rank's ``value`` (same shape and dtype on all ranks), in rank order."""
+    out = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, value.contiguous(), group=group)
+    return out
+
+
+def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+def _global_rank(rank: int, group) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
