@@ -94,8 +94,10 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_cli_under_torchrun_resumes_exactly_after_one_rank_is_killed(tmp_path):
+@pytest.mark.parametrize("method", ["plain", "metagrad"])
+def test_cli_under_torchrun_resumes_exactly_after_one_rank_is_killed(tmp_path, method):
     args = ["-m", "metagrad", "train", "--model", "small_cnn", "--data", "digits"]
+    args += ["--method", method, "--hyper-lr", "1e-3"]
     args += ["--epochs", "3", "--batch-size", "32", "--grad-bits", "4"]
     args += ["--grad-rounding", "stochastic", "--compile", "off", "--threads", "1"]
     args += ["--device", "cpu", "--no-progress"]
@@ -138,5 +140,23 @@ def test_cli_under_torchrun_resumes_exactly_after_one_rank_is_killed(tmp_path):
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(killed / "checkpoint.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    if method == "metagrad":
+        for key, value in a["optimizer"]["hypernet"].items():
+            assert torch.equal(value, b["optimizer"]["hypernet"][key]), key
     assert [r["test_acc"] for r in a["history"]] == [r["test_acc"] for r in b["history"]]
     assert not list(killed.glob(".checkpoint.pt.*")) and not (killed / ".lock").exists()
+
+
+def test_a_run_resumes_with_another_number_of_processes(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "metagrad", "train", "--model", "small_cnn", "--data", "digits", "--epochs", "1"]
+    args += ["--batch-size", "32", "--compile", "off", "--threads", "1", "--device", "cpu"]
+    one = [sys.executable, *args, "--max-steps", "5", "--out", str(out), "--no-progress"]
+    done = subprocess.run(one, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = _torchrun(2, "-m", "metagrad", "train", "--resume", "--out", str(out), "--no-progress")
+    done = subprocess.run(two, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1 and summary["communication"]["world_size"] == 2
+    assert summary["steps"] == 43  # the same batches: 1347 digits in batches of 32

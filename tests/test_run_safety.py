@@ -213,3 +213,21 @@ def test_bad_comm_and_nonfinite_settings_are_rejected():
         build_config({"nonfinite": "ignore"})
     with pytest.raises(ConfigError, match="comm_bits must be one of"):
         build_config({"comm_bits": 2})
+
+
+def test_download_into_an_existing_empty_directory_downloads(tmp_path, monkeypatch):
+    import functools
+
+    from test_data import _served_release
+
+    from metagrad import data
+    from metagrad import train as train_module
+
+    url, md5, _ = _served_release(tmp_path)
+    monkeypatch.setattr(
+        train_module, "download_cifar10", functools.partial(data.download_cifar10, url=url, md5=md5)
+    )
+    empty = tmp_path / "cifar"
+    empty.mkdir()
+    dataset = train_module.load_dataset(build_config({"data": str(empty), "download": True}))
+    assert len(dataset.classes) >= 2 and (empty / "cifar-10-python.tar.gz").is_file()

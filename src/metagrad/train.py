@@ -569,43 +569,47 @@ class Trainer:
             outputs.append(out.detach())
             return loss
 
+        def global_totals() -> tuple[float, int]:
+            correct = (outputs[-1].argmax(1) == y).sum()
+            totals = torch.stack([sums[-1].double(), correct.double()])
+            if self.dist:
+                totals = distributed.all_reduce_sum(totals)
+            loss_sum, n_correct = totals.tolist()
+            return loss_sum, int(n_correct)
+
         hyper_before = getattr(self.optimizer, "hyper_time", 0.0)
-        applied = True
-        if scaler.is_enabled():  # fp16: loss scaling, non-finite steps skipped (plain only)
+        if scaler.is_enabled():  # fp16: loss scaling, non-finite gradients skipped by the scaler
             closure()
             scale = scaler.get_scale()
             scaler.step(self.optimizer)
             scaler.update()
             self.skipped_steps += int(scaler.get_scale() < scale)
-        elif self.cfg.method == "metagrad":
+            loss_sum, correct = global_totals()
+            applied = math.isfinite(loss_sum)
+        elif self.cfg.method == "metagrad":  # MetaGrad checks loss and gradients itself
             self.optimizer.step(closure)
+            loss_sum, correct = global_totals()
             applied = not self.optimizer.last_step_skipped
         else:
             closure()
-            applied = all_finite([p.grad for p in self.model.parameters() if p.grad is not None])
+            loss_sum, correct = global_totals()
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            applied = math.isfinite(loss_sum) and all_finite(grads)
             if applied:
                 self.optimizer.step()
             else:
                 self.optimizer.zero_grad(set_to_none=True)
         self.hyper_seconds += getattr(self.optimizer, "hyper_time", 0.0) - hyper_before
-        correct = (outputs[-1].argmax(1) == y).sum()
-        totals = torch.stack([sums[-1].double(), correct.double()])
-        if self.dist:
-            totals = distributed.all_reduce_sum(totals)
-        loss_sum, n_correct = totals.tolist()
-        if applied and not math.isfinite(loss_sum):
-            applied = False  # a non-finite loss with finite gradients: nothing was learnt either
+        self.scheduler.step()
         if not applied:
             self._nonfinite(loss_sum)
-            self.scheduler.step()
             return None
-        self.scheduler.step()
         if not all_finite(list(self.model.parameters())):
             raise FloatingPointError(
                 f"the weights became non-finite at step {self.step} (finite loss and "
                 f"gradients); stopping, {self.out / CHECKPOINT} keeps the last good state"
             )
-        return loss_sum, int(n_correct)
+        return loss_sum, correct
 
     def _nonfinite(self, loss_sum: float) -> None:
         """Apply ``--nonfinite`` to a step whose loss or gradients were not finite."""
