@@ -6,13 +6,13 @@ vgg16 at width 0.25, 3 epochs, INT4 stochastic per-tensor gradients (the quantiz
 seed 0, every run with ``--diag-every 50``: every 50 steps, on that step's batch, each quantized
 layer's gradient is compared with the full-precision one (cosine), before and after the
 hypernetwork's correction, and the correction's size is recorded (``|H(g) - g| / |g|``). Runs:
-plain (seeds 0 and 1, the spread), and MetaGrad varying one thing at a time from the default
+plain (seeds 0, 1 and 2: the spread), and MetaGrad varying one thing at a time from the default
 (grad+weight, hidden 8, hypernetwork lr 1e-4): the hypernetwork lr (3e-4, 1e-3), its inputs
 (gradient only), its width (32), its kind (LSTM) and the form of its correction (a gain per
 element, at lr 1e-4 and 1e-3); full-precision gradients, plain and MetaGrad (does the
 hypernetwork improve even an unquantized gradient?); and INT4 nearest per tensor, plain and
-MetaGrad with either form. Each run resumes from its checkpoint;
-``benchmarks/results/metagrad-ablations.json`` is rewritten after every run.
+MetaGrad with either form. Every plain baseline has seeds 0, 1 and 2. Each run resumes from its
+checkpoint; ``benchmarks/results/metagrad-ablations.json`` is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import training_benchmark
 
-from metagrad.hyper import create_hypernet
+from metagrad.hyper import GAIN_FORMS, create_hypernet
 
 BASE: dict[str, Any] = {
     "model": "vgg16",
@@ -47,6 +47,7 @@ METAGRAD = {"method": "metagrad", "hyper": "grad+weight", "hyper_hidden": 8, "hy
 RUNS: dict[str, dict[str, Any]] = {
     "plain-seed0": {"method": "plain"},
     "plain-seed1": {"method": "plain", "seed": 1},
+    "plain-seed2": {"method": "plain", "seed": 2},
     "metagrad": METAGRAD,
     "metagrad-lr3e-4": {**METAGRAD, "hyper_lr": 3e-4},
     "metagrad-lr1e-3": {**METAGRAD, "hyper_lr": 1e-3},
@@ -54,10 +55,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "metagrad-hidden32": {**METAGRAD, "hyper_hidden": 32},
     "metagrad-lstm": {**METAGRAD, "hyper": "lstm"},
     "fp32": {"method": "plain", "grad_bits": 32},
+    "fp32-seed1": {"method": "plain", "grad_bits": 32, "seed": 1},
+    "fp32-seed2": {"method": "plain", "grad_bits": 32, "seed": 2},
     "metagrad-fp32": {**METAGRAD, "grad_bits": 32},
     "metagrad-gain": {**METAGRAD, "hyper_form": "gain"},
     "metagrad-gain-lr1e-3": {**METAGRAD, "hyper_form": "gain", "hyper_lr": 1e-3},
     "nearest-plain": {"method": "plain", "grad_rounding": "nearest"},
+    "nearest-plain-seed1": {"method": "plain", "grad_rounding": "nearest", "seed": 1},
+    "nearest-plain-seed2": {"method": "plain", "grad_rounding": "nearest", "seed": 2},
     "nearest-metagrad": {**METAGRAD, "grad_rounding": "nearest"},
     "nearest-metagrad-gain": {**METAGRAD, "grad_rounding": "nearest", "hyper_form": "gain"},
 }
@@ -94,23 +99,26 @@ RESPONSE_AT = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def learned_response(run_dir: Path) -> dict[str, Any]:
-    """What the trained hypernetwork does to one element (weight 0): ``H / g`` before the
-    norm-preserving rescale, at ``+-RESPONSE_AT`` rms, and its output for a zero element."""
+    """What the trained hypernetwork does to one element: ``H / g`` before the norm-preserving
+    rescale, at ``+-RESPONSE_AT`` rms, and its output for a zero element; at weight 0, or for
+    the signed-gain form (which reads the weight's sign) at weight +1 rms."""
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     cfg = state["config"]
     form = cfg.get("hyper_form", "residual")
     net = create_hypernet(cfg["hyper"], hidden=cfg["hyper_hidden"], form=form)
     net.load_state_dict(state["optimizer"]["hypernet"])
     g = torch.tensor([-x for x in reversed(RESPONSE_AT)] + [0.0, *RESPONSE_AT])
-    features = torch.stack([g.abs() if form == "gain" else g, torch.zeros_like(g)])
-    features = features[: net.in_features]
+    weight = torch.full_like(g, 1.0 if form == "signed-gain" else 0.0)
+    feature = {"gain": g.abs(), "signed-gain": g * weight.sign()}.get(form, g)
+    features = torch.stack([feature, weight])[: net.in_features]
     hidden_state = net.initial_state(g.numel(), features)
     with torch.no_grad():
         delta = net.core(features, *hidden_state)[0]
-    corrected = g * (1 + delta) if form == "gain" else g + delta
+    corrected = g * (1 + delta) if form in GAIN_FORMS else g + delta
     nonzero = g != 0
     return {
         "at_rms": g[nonzero].tolist(),
+        "weight_rms": float(weight[0]),
         "gain": (corrected[nonzero] / g[nonzero]).tolist(),
         "output_for_zero": float(corrected[~nonzero]),
     }

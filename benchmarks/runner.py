@@ -14,8 +14,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,7 @@ def training_benchmark(
     extend: Extend | None = None,
 ) -> None:
     """The command line of a resumable training benchmark: each of ``runs`` (name, settings on
-    top of ``base``) is trained or finished by :func:`train_run`, and
+    top of ``base``) is trained or finished by :func:`train_run` (``--parallel`` at a time), and
     ``benchmarks/results/<benchmark>.json`` is rewritten after every run with all finished so far
     (records from earlier invocations kept)."""
     parser = argparse.ArgumentParser(description=description)
@@ -84,6 +86,7 @@ def training_benchmark(
     parser.add_argument("--output", default=f"benchmarks/results/{benchmark}.json")
     parser.add_argument("--only", nargs="*", help="run names to run (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     args = parser.parse_args()
     base = {**base, "threads": args.threads}
 
@@ -91,23 +94,31 @@ def training_benchmark(
     done: dict[str, dict[str, Any]] = {}
     if output.is_file():
         done = {r["run"]: r for r in json.loads(output.read_text())["runs"]}
-    for name, settings in runs:
-        if args.only and name not in args.only:
-            continue
+    lock = threading.Lock()
+
+    def run(name: str, settings: dict[str, Any]) -> None:
         record = train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
-        done[name] = extend(name, record, Path(args.runs_dir) / name) if extend else record
-        result = {
-            "benchmark": benchmark,
-            "command": " ".join(["python", *sys.argv]),
-            "settings": base,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "runs": [done[n] for n, _ in runs if n in done],
-        }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
-        acc = done[name]["final_test_acc"]
-        print(f"   {name}: " + (f"final test acc {acc:.2f}%" if acc is not None else "diverged"))
+        with lock:
+            done[name] = extend(name, record, Path(args.runs_dir) / name) if extend else record
+            result = {
+                "benchmark": benchmark,
+                "command": " ".join(["python", *sys.argv]),
+                "settings": base,
+                "torch": torch.__version__,
+                "threads": args.threads or torch.get_num_threads(),
+                "runs": [done[n] for n, _ in runs if n in done],
+            }
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=2) + "\n")
+            acc = done[name]["final_test_acc"]
+            print(
+                f"   {name}: " + (f"final test acc {acc:.2f}%" if acc is not None else "diverged")
+            )
+
+    todo = [(n, s) for n, s in runs if not args.only or n in args.only]
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        for future in [pool.submit(run, n, s) for n, s in todo]:
+            future.result()
     print(f"wrote {output}")
 
 

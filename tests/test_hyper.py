@@ -125,6 +125,26 @@ def test_gain_form_is_odd_in_the_gradient_and_keeps_zeros(kind: str) -> None:
     assert (residual[grad == 0] != 0).all()  # the residual form may move where g is zero
 
 
+@pytest.mark.parametrize("kind", ["grad", "grad+weight"])
+def test_signed_gain_sees_whether_the_gradient_points_along_the_weight(kind: str) -> None:
+    net = _randomize(create_hypernet(kind, hidden=4, form="signed-gain")).double()
+    grad, weight = _grad_weight((6, 10), dtype=torch.float64)
+    grad[grad.abs() < 5e-4] = 0
+    corrected, _ = net(grad, weight)
+    assert torch.equal(corrected[grad == 0], grad[grad == 0])  # zeros stay zero
+    # The same |g|, once along the weight's sign and once against it: different gains.
+    along, against = grad.abs() * weight.sign(), -grad.abs() * weight.sign()
+    gain_along = net(along, weight)[0] / along
+    gain_against = net(against, weight)[0] / against
+    nonzero = grad != 0
+    assert not torch.allclose(gain_along[nonzero], gain_against[nonzero])
+    unsigned = _randomize(create_hypernet(kind, hidden=4, form="gain")).double()
+    torch.testing.assert_close(  # the gain form cannot tell them apart
+        (unsigned(along, weight)[0] / along)[nonzero],
+        (unsigned(against, weight)[0] / against)[nonzero],
+    )
+
+
 def _saved_numel(net: Hypernet, grad: torch.Tensor, weight: torch.Tensor, chunk_size) -> int:
     """Elements autograd keeps for the backward pass of one hypernetwork application."""
     total = 0
@@ -217,7 +237,7 @@ def test_create_hypernet_rejects_bad_arguments() -> None:
         create_hypernet("grad", hidden=0)
     with pytest.raises(ValueError, match="eps"):
         create_hypernet("grad", eps=0.0)
-    with pytest.raises(ValueError, match="form must be one of residual, gain"):
+    with pytest.raises(ValueError, match="form must be one of residual, gain, signed-gain"):
         create_hypernet("grad", form="additive")
     with pytest.raises(ValueError, match="differ"):
         create_hypernet()(torch.zeros(3), torch.zeros(4))

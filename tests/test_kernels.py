@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize_
-from metagrad.hyper import FusedMLP, create_hypernet
+from metagrad.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
 from metagrad.quant import quantize_codes
 
 GRANULARITIES = ["tensor", "channel", "sample"]
@@ -77,7 +77,7 @@ def test_compiled_stochastic_rounding_is_unbiased_and_follows_the_seed(compiled)
 
 
 @pytest.mark.parametrize("kind", ["grad", "grad+weight"])
-@pytest.mark.parametrize("form", ["residual", "gain"])
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
 def test_fused_hypernet_equals_the_generic_one_in_float64(kind, form):
     torch.manual_seed(0)
     net = create_hypernet(kind, form=form).double()
@@ -96,15 +96,16 @@ def test_fused_hypernet_equals_the_generic_one_in_float64(kind, form):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
-def test_fused_hypernet_gradient_passes_gradcheck():
+@pytest.mark.parametrize("form", HYPERNET_FORMS)
+def test_fused_hypernet_gradient_passes_gradcheck(form):
     torch.manual_seed(0)
-    net = create_hypernet("grad+weight", form="residual").double()
+    net = create_hypernet("grad+weight", form=form).double()
     nn.init.normal_(net.head.weight, std=0.5)
     g, w = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
     params = tuple(p.detach().clone().requires_grad_() for p in net.parameters())
 
     def fn(*ps):
-        return FusedMLP.apply(g, w, *ps, True, False, 1e-12)
+        return FusedMLP.apply(g, w, *ps, True, form, 1e-12)
 
     assert torch.autograd.gradcheck(fn, params)
 

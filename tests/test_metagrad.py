@@ -435,3 +435,129 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_reported() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
     strict = MetaGrad(_small_cnn(INT4_GRADS), 0.1, skip_nonfinite=False)
     assert strict.skip_nonfinite is False
+
+
+# -- the longer horizon -------------------------------------------------------------------------
+
+
+def _random_hypernet(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    net = create_hypernet("grad+weight", hidden=4).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.3)
+    return net
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_a_frozen_hypernet_gives_the_same_trajectory_for_every_horizon(base: str) -> None:
+    """Recomputing W_t from the anchor with an unchanged hypernetwork is exact (bitwise)."""
+    kwargs = {"momentum": 0.9, "weight_decay": 1e-2} if base == "sgd" else {"weight_decay": 1e-2}
+    finals = []
+    for horizon in (1, 2, 4):
+        model = _mlp(INT4_GRADS)
+        opt = MetaGrad(
+            model,
+            0.05,
+            base=base,
+            hypernet=_random_hypernet(),
+            hyper_lr=0.0,
+            horizon=horizon,
+            **kwargs,
+        )
+        for step in range(7):
+            opt.step(_closure(model, opt, _batch(step, image=False, dtype=torch.float64)))
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for other in finals[1:]:
+        for a, b in zip(finals[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_horizon_meta_gradient_equals_finite_differences_in_float64() -> None:
+    """dL_t/dphi through K = 3 updates, against central differences of the same objective.
+
+    The objective: L_t at W_t = U(U(U(anchor; g_1); g_2); g_3), each U a base-rule step on the
+    hypernetwork's output, the gradients g_i and the weights the hypernetwork reads held fixed.
+    """
+    from torch.func import functional_call
+
+    from metagrad.optim import sgd_update
+
+    torch.manual_seed(0)
+    model = _mlp(FP32_GRADS)  # deterministic gradients: finite differences need them
+    hypernet = _random_hypernet()
+    opt = MetaGrad(
+        model, 0.1, momentum=0.9, weight_decay=1e-2, hypernet=hypernet, hyper_lr=0.0, horizon=3
+    )
+    for step in range(5):
+        opt.step(_closure(model, opt, _batch(step, image=False, dtype=torch.float64)))
+    x, y = _batch(5, image=False, dtype=torch.float64)
+    group = opt.param_groups[0]
+    states = {  # before the step, which slides the windows
+        p: {k: copy.copy(opt.state[p][k]) for k in ("anchor", "anchor_base", "window")}
+        for p in opt.meta_params
+    }
+    assert all(len(s["window"]) == 3 for s in states.values())
+    # The weights the hypernetwork reads at each update, from the unperturbed chain.
+    read = {}
+    for p, s in states.items():
+        w, base, read[p] = s["anchor"], s["anchor_base"], []
+        for g in s["window"]:
+            read[p].append(w)
+            w, base = sgd_update(w, hypernet(g, w)[0], base, group)
+    names = {p: n for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}  # biases, pre-step
+
+    def objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = dict(before)
+        for p, s in states.items():
+            w, base = s["anchor"], s["anchor_base"]
+            for g, w_read in zip(s["window"], read[p], strict=True):
+                corrected = functional_call(hypernet, params, (g, w_read))[0]
+                w, base = sgd_update(w, corrected, base, group)
+            weights[names[p]] = w
+        return F.cross_entropy(functional_call(model, weights, (x,)), y)
+
+    phi = {n: p.detach().clone() for n, p in hypernet.named_parameters()}
+    loss = opt.step(_closure(model, opt, (x, y)))  # hyper lr 0: phi unchanged, its grad kept
+    torch.testing.assert_close(objective(phi), loss, rtol=1e-12, atol=0)
+    analytic = {n: p.grad.clone() for n, p in hypernet.named_parameters()}
+    eps = 1e-6
+    for name, value in phi.items():
+        for i in range(value.numel()):
+            plus, minus = dict(phi), dict(phi)
+            step = torch.zeros(value.numel(), dtype=value.dtype)
+            step[i] = eps
+            plus[name], minus[name] = value + step.view_as(value), value - step.view_as(value)
+            numeric = (objective(plus) - objective(minus)) / (2 * eps)
+            torch.testing.assert_close(analytic[name].flatten()[i], numeric, rtol=1e-6, atol=1e-9)
+    assert all(g.abs().sum() > 0 for g in analytic.values())
+
+
+def test_horizon_state_round_trips_and_resumes_exactly() -> None:
+    def make():
+        model = _mlp(INT4_GRADS)
+        opt = MetaGrad(
+            model, 0.05, momentum=0.9, hypernet=_random_hypernet(), hyper_lr=1e-2, horizon=3
+        )
+        return model, opt
+
+    model, opt = make()
+    for step in range(8):
+        opt.step(_closure(model, opt, _batch(step, image=False, dtype=torch.float64)))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for step in range(8, 12):
+        torch.manual_seed(step)
+        opt.step(_closure(model, opt, _batch(step, image=False, dtype=torch.float64)))
+    other_model, other_opt = make()
+    other_model.load_state_dict(saved_model)
+    other_opt.load_state_dict(saved_opt)
+    for step in range(8, 12):
+        torch.manual_seed(step)
+        other_opt.step(
+            _closure(other_model, other_opt, _batch(step, image=False, dtype=torch.float64))
+        )
+    for a, b in zip(model.parameters(), other_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="horizon"):
+        MetaGrad(model, 0.1, horizon=0)

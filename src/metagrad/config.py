@@ -19,7 +19,7 @@ from metagrad.quant import GRANULARITIES, ROUNDINGS, QuantSpec
 METHODS = ("plain", "metagrad")
 OPTIMIZERS = ("sgd", "adam")
 HYPERNETS = ("grad", "grad+weight", "lstm")
-HYPER_FORMS = ("residual", "gain")
+HYPER_FORMS = ("residual", "gain", "signed-gain")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
@@ -30,6 +30,7 @@ MAX_SEED = 2**32 - 1  # the digits split (scikit-learn) takes seeds in [0, 2**32
 MAX_WIDTH = 16.0  # a sanity bound: parameter counts grow with the square of the width
 MAX_THREADS = 4096  # torch.set_num_threads takes a C int; no machine has more cores
 MAX_HYPER_HIDDEN = 4096  # a sanity bound on the hypernetwork's hidden width
+MAX_HYPER_HORIZON = 64  # each step runs the hypernetwork this many times
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,7 @@ class TrainConfig:
     hyper_form: str = "residual"
     hyper_hidden: int = 8
     hyper_lr: float = 1e-4
+    hyper_horizon: int = 1
     diag_every: int = 0
     seed: int = 0
     device: str = "auto"
@@ -118,11 +120,15 @@ class TrainConfig:
             0 < self.width <= MAX_WIDTH,
             f"width must be a positive number <= {MAX_WIDTH:g}, got {self.width!r}",
         )
-        for name in ("epochs", "batch_size", "hyper_hidden"):
+        for name in ("epochs", "batch_size", "hyper_hidden", "hyper_horizon"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("threads", "max_steps", "diag_every"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
-        for name, limit in (("threads", MAX_THREADS), ("hyper_hidden", MAX_HYPER_HIDDEN)):
+        for name, limit in (
+            ("threads", MAX_THREADS),
+            ("hyper_hidden", MAX_HYPER_HIDDEN),
+            ("hyper_horizon", MAX_HYPER_HORIZON),
+        ):
             _require(getattr(self, name) <= limit, f"{name} must be <= {limit}")
         for name in ("warmup_epochs", "weight_decay", "hyper_lr"):
             value = getattr(self, name)
@@ -169,7 +175,7 @@ RESUMABLE_KEYS = frozenset(
 # Keys of one invocation, not restored by --resume.
 PER_INVOCATION_KEYS = frozenset({"max_steps", "progress", "resume", "out"})
 # Keys that only matter with method "metagrad".
-HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr"})
+HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr", "hyper_horizon"})
 
 HELP = {
     "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn)",
@@ -184,9 +190,12 @@ HELP = {
     "fp_first_last": "keep the first conv and the classifier unquantized",
     "method": "plain quantized gradients or MetaGrad's hypernetwork correction",
     "hyper": "hypernetwork kind (MetaGrad)",
-    "hyper_form": "residual correction, or a gain per element (odd in g, keeps zeros)",
+    "hyper_form": "residual correction, or a gain per element (odd in g, keeps zeros) seeing "
+    "|g| (gain) or g * sign(W) (signed-gain)",
     "hyper_hidden": "hypernetwork hidden width (MetaGrad)",
     "hyper_lr": "hypernetwork learning rate, Adam (MetaGrad)",
+    "hyper_horizon": "updates the hypernetwork is trained through: 1 (the one-step method) or K "
+    "(the loss after its last K updates, recomputed each step; MetaGrad)",
     "diag_every": "every N steps, compare used and full-precision gradients (gradients.jsonl)",
     "amp": "mixed precision: off, bf16 or fp16 (fp16 with loss scaling); auto: bf16 on CUDA, "
     "off on CPU",

@@ -34,7 +34,10 @@ Forms of the correction: ``"residual"`` (above) and ``"gain"``, a learned gain p
 
 which is odd in ``g`` (``H(-g, W) = -H(g, W)``, as every usual update rule is) and leaves zero
 gradient elements at zero: it can rescale and reweigh the gradient's elements, but not create an
-update where the gradient has none, nor one whose sign ignores the gradient's.
+update where the gradient has none, nor one whose sign ignores the gradient's. It sees ``|g|``,
+not whether the gradient points along the weight or against it; ``"signed-gain"`` feeds
+``g * sign(W) / rms(g)`` instead, so the gain can depend on that (e.g. damp updates that shrink
+the weight and not those that grow it); it keeps zero elements at zero but is no longer odd.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ HyperState = tuple[Tensor, ...]
 
 HYPERNET_KINDS: tuple[str, ...] = ("grad", "grad+weight", "lstm")
 DEFAULT_KIND = "grad+weight"
-HYPERNET_FORMS: tuple[str, ...] = ("residual", "gain")
+HYPERNET_FORMS: tuple[str, ...] = ("residual", "gain", "signed-gain")
+GAIN_FORMS: tuple[str, ...] = ("gain", "signed-gain")
 DEFAULT_FORM = "residual"
 DEFAULT_HIDDEN = 8
 """Hidden width. The cost grows with ``numel * hidden`` (``benchmarks/metagrad_overhead.py``
@@ -104,8 +108,9 @@ class Hypernet(nn.Module):
 
     Args:
         use_weight: feed ``W / rms(W)`` as a second feature besides ``g / rms(g)``.
-        form: ``"residual"`` (``c = g + rms(g) * net``) or ``"gain"`` (``c = g * (1 + net)``, the
-            network seeing ``|g| / rms(g)``); see the module docs.
+        form: ``"residual"`` (``c = g + rms(g) * net``), ``"gain"`` (``c = g * (1 + net)``, the
+            network seeing ``|g| / rms(g)``) or ``"signed-gain"`` (the same, seeing
+            ``g * sign(W) / rms(g)``); see the module docs.
         eps: floor on ``rms`` when normalising inputs.
     """
 
@@ -141,7 +146,7 @@ class Hypernet(nn.Module):
 
     def features(self, grad: Tensor, weight: Tensor) -> Tensor:
         """The normalised inputs, ``(in_features, numel)``: one column per weight element."""
-        g = grad.abs() if self.form == "gain" else grad
+        g = _gradient_feature(grad, weight, self.form)
         cols = [g / rms(grad).clamp_min(self.eps)]
         if self.use_weight:
             cols.append(weight / rms(weight).clamp_min(self.eps))
@@ -172,7 +177,7 @@ class Hypernet(nn.Module):
         delta, *new_state = apply_chunked(self.core, (features, *state), chunk_size)
         scale = rms(grad)
         delta = delta.view_as(grad).to(grad.dtype)
-        if self.form == "gain":
+        if self.form in GAIN_FORMS:
             corrected = grad + grad * delta
         else:
             corrected = grad + scale.to(grad.dtype) * delta
@@ -249,7 +254,7 @@ class MLPHypernet(Hypernet):
             head.weight,
             head.bias,
             self.use_weight,
-            self.form == "gain",
+            self.form,
             self.eps,
         )
         shape = [grad.shape[d] for d in order]
@@ -303,10 +308,19 @@ class LSTMHypernet(Hypernet):
 # ------------------------------------------------------------------------------------------
 
 
-def _mlp_features(g, w, use_weight: bool, gain: bool, eps: float):
+def _gradient_feature(g: Tensor, w: Tensor, form: str) -> Tensor:
+    """What the network sees of the gradient (before normalisation) in each form."""
+    if form == "gain":
+        return g.abs()
+    if form == "signed-gain":
+        return g * torch.sign(w)
+    return g
+
+
+def _mlp_features(g, w, use_weight: bool, form: str, eps: float):
     """``rms(g)`` and the two normalised features (multiplications by reciprocals: cheaper)."""
     scale_g = g.square().mean().sqrt()
-    f0 = (g.abs() if gain else g) * scale_g.clamp_min(eps).reciprocal()
+    f0 = _gradient_feature(g, w, form) * scale_g.clamp_min(eps).reciprocal()
     f1 = w * w.square().mean().sqrt().clamp_min(eps).reciprocal() if use_weight else None
     return scale_g, f0, f1
 
@@ -325,9 +339,10 @@ def _mlp_delta(f0, f1, w1, b1, w2, b2) -> Tensor:
 
 
 @kernels.kernel(recompute=True)
-def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, gain: bool, eps: float):
+def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, form: str, eps: float):
     """The corrected gradient, and ``rms(c)`` of ``c`` before its rescaling (flat ``g``, ``w``)."""
-    scale_g, f0, f1 = _mlp_features(g, w, use_weight, gain, eps)
+    gain = form in GAIN_FORMS
+    scale_g, f0, f1 = _mlp_features(g, w, use_weight, form, eps)
     delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
     c = g + (g if gain else scale_g) * delta
     scale_c = c.square().mean().sqrt()
@@ -335,9 +350,10 @@ def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, gain: bool, eps: float)
 
 
 @kernels.kernel(recompute=True)
-def _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, use_weight: bool, gain: bool, eps: float):
+def _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, use_weight: bool, form: str, eps: float):
     """Gradients of the four parameters (hidden weight/bias, head weight/bias)."""
-    scale_g, f0, f1 = _mlp_features(g, w, use_weight, gain, eps)
+    gain = form in GAIN_FORMS
+    scale_g, f0, f1 = _mlp_features(g, w, use_weight, form, eps)
     delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
     c = g + (g if gain else scale_g) * delta
     k = scale_g / scale_c.clamp_min(eps)
@@ -365,7 +381,7 @@ def _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, use_weight: bool, gain: b
 class FusedMLP(torch.autograd.Function):
     """:class:`MLPHypernet` with one hidden layer, as one elementwise kernel per pass.
 
-    ``apply(g, w, hidden.weight, hidden.bias, head.weight, head.bias, use_weight, gain, eps)``
+    ``apply(g, w, hidden.weight, hidden.bias, head.weight, head.bias, use_weight, form, eps)``
     on flat ``g`` and ``w`` returns the corrected gradient. Gradients flow to the four parameters
     only (``g`` and ``w`` are data). The backward recomputes the hidden units from ``g`` and ``w``
     (two passes: one reduction for the rescaling's gradient, one for all parameter gradients).
@@ -373,10 +389,10 @@ class FusedMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, w, w1, b1, w2, b2, use_weight, gain, eps):
-        out, scale_c = _mlp_forward(g, w, w1, b1, w2, b2, use_weight, gain, eps)
+    def forward(ctx, g, w, w1, b1, w2, b2, use_weight, form, eps):
+        out, scale_c = _mlp_forward(g, w, w1, b1, w2, b2, use_weight, form, eps)
         ctx.save_for_backward(g, w, w1, b1, w2, b2, scale_c)
-        ctx.options = (use_weight, gain, eps)
+        ctx.options = (use_weight, form, eps)
         return out
 
     @staticmethod
@@ -405,7 +421,7 @@ def create_hypernet(
         kind: the variant (see the module docs).
         hidden: hidden width.
         layers: hidden layers of the MLP variants (the LSTM has one cell: only 1 is accepted).
-        form: ``"residual"`` or ``"gain"`` correction (see the module docs).
+        form: ``"residual"``, ``"gain"`` or ``"signed-gain"`` correction (see the module docs).
         eps: floor on ``rms`` when normalising inputs.
     """
     if kind in ("grad", "grad+weight"):

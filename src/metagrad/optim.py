@@ -120,6 +120,7 @@ def adam_update(
 
 
 _UPDATES = {"sgd": sgd_update, "adam": adam_update}
+_WINDOW_KEYS = ("anchor", "anchor_base", "anchor_hyper", "window")
 _BASE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
 
 
@@ -172,6 +173,7 @@ class MetaGrad(Optimizer):
             :mod:`metagrad.hyper`) holds no activations and ignores it.
         skip_nonfinite: skip steps whose loss or gradients are not finite (see below).
         comm_bits: bits of the gradient all-reduce when ``model`` is DDP-wrapped (see below).
+        horizon: ``K``, the number of updates the hypernetwork is trained through (see below).
 
     ``step(closure)`` needs a closure that calls ``zero_grad()``, runs ``model(x)``, calls
     ``loss.backward()`` and returns the loss. Inside the closure the meta weights are replaced by
@@ -191,6 +193,18 @@ class MetaGrad(Optimizer):
     hypernetwork) are not finite changes nothing: no weight, state or hypernetwork update, the
     pending gradients are kept for the next step. ``last_step_skipped`` says whether the last
     step was skipped, ``skipped_steps`` counts them (a ``GradScaler``-like policy).
+
+    Horizon: with ``horizon=K > 1`` the hypernetwork is trained on the loss after its last ``K``
+    updates rather than the last one. Each meta weight keeps an anchor (its weights, base-rule
+    and hypernet state ``K`` updates back) and the ``K`` gradients recorded since; every step
+    recomputes ``W_t`` from the anchor through those ``K`` updates with the current
+    hypernetwork, so ``dL_t/dphi`` flows through all of them (and through the momentum buffer
+    between them). The gradients and the hypernetwork's input weights are data, as with
+    ``K = 1``: the derivative through the weights the hypernetwork reads is truncated. Memory
+    is ``K + 2`` weight-sized tensors per meta weight (recomputation instead of ``K`` stored
+    graphs); the hypernetwork runs ``K`` times a step. An update leaves the window, and its
+    result becomes the anchor, ``K`` steps after its gradient was recorded. ``K = 1`` is the
+    method described above, computed by the same code as before the option existed.
 
     Distributed: given a ``DistributedDataParallel`` model, MetaGrad averages the gradients over
     the ranks itself (DDP's reducer cannot see ``W_t``): the model's gradients (``comm_bits``:
@@ -221,12 +235,16 @@ class MetaGrad(Optimizer):
         chunk_size: int | str | None = "auto",
         skip_nonfinite: bool = True,
         comm_bits: int = 32,
+        horizon: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_args(base, lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr, chunk_size)
         if comm_bits not in COMM_BITS:
             raise ValueError(f"comm_bits must be one of {COMM_BITS}, got {comm_bits!r}")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
+        self.horizon = horizon
         self.model = model
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self._names = {id(p): name for name, p in model.named_parameters()}
@@ -388,9 +406,13 @@ class MetaGrad(Optimizer):
         for p in group["params"]:
             state = self.state[p]
             if not p.requires_grad:
-                state.pop("pending_grad", None)
+                for key in ("pending_grad", *_WINDOW_KEYS):
+                    state.pop(key, None)
                 continue
             if "pending_grad" not in state:
+                continue
+            if self.horizon > 1:
+                proposals[p] = self._unroll(state, group)
                 continue
             w = p.detach()
             corrected, hyper_state = self.hypernet(
@@ -399,8 +421,26 @@ class MetaGrad(Optimizer):
             new_w, base_state = update(w, corrected, state, group)
             if not new_w.requires_grad:  # a frozen hypernet: still collect g_t
                 new_w = new_w.detach().requires_grad_()
-            proposals[p] = (new_w, base_state, hyper_state)
+            proposals[p] = (new_w, base_state, hyper_state, None)
         return proposals
+
+    def _unroll(self, state: dict[str, Any], group: dict[str, Any]) -> tuple:
+        """``W_t`` from the window's anchor through its recorded gradients (``horizon > 1``).
+
+        Returns ``(W_t, base state, hypernet state, first)``, ``first`` being the same triple
+        after the window's first update (the next anchor).
+        """
+        update = _UPDATES[self.base]
+        w, base, hyper = state["anchor"], state["anchor_base"], state["anchor_hyper"]
+        first = None
+        for g in state["window"]:
+            corrected, hyper = self.hypernet(g, w.detach(), hyper, chunk_size=self.chunk_size)
+            w, base = update(w, corrected, base, group)
+            if first is None:
+                first = (w, base, hyper)
+        if not w.requires_grad:  # a frozen hypernet: still collect g_t
+            w = w.detach().requires_grad_()
+        return w, base, hyper, first
 
     def _run_closure(
         self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: _HyperTimer
@@ -419,14 +459,14 @@ class MetaGrad(Optimizer):
         if not proposals:
             with sync:
                 return closure(), {}
-        for new_w, _, _ in proposals.values():
+        for new_w, *_ in proposals.values():
             new_w.retain_grad()
             new_w.register_hook(timer.mark_start)
         runner = _ClosureModule(self.model, closure)
-        params = {f"model.{self._names[id(p)]}": new_w for p, (new_w, _, _) in proposals.items()}
+        params = {f"model.{self._names[id(p)]}": new_w for p, (new_w, *_) in proposals.items()}
         with timer.watch_backward(), sync:
             loss = functional_call(runner, params, (), strict=False)
-        grads = {p: new_w.grad for p, (new_w, _, _) in proposals.items() if new_w.grad is not None}
+        grads = {p: new_w.grad for p, (new_w, *_) in proposals.items() if new_w.grad is not None}
         return loss, grads
 
     def _average(self, new_grads: dict[Tensor, Tensor], rest: list[Tensor], hyper: bool) -> None:
@@ -478,8 +518,9 @@ class MetaGrad(Optimizer):
         """Write ``W_t`` and the new states; keep ``g_t`` as the pending gradient."""
         for p in group["params"]:
             state = self.state[p]
+            first = None
             if p in proposals:
-                new_w, base_state, hyper_state = proposals[p]
+                new_w, base_state, hyper_state, first = proposals[p]
                 p.copy_(new_w)
                 state.update({k: _detach(v) for k, v in base_state.items()})
                 if hyper_state:
@@ -488,9 +529,30 @@ class MetaGrad(Optimizer):
                 p.grad = None if grad is None else grad.detach()
             grad = p.grad if p.requires_grad else None
             if grad is None:
-                state.pop("pending_grad", None)
+                for key in ("pending_grad", *_WINDOW_KEYS):
+                    state.pop(key, None)
             else:
                 state["pending_grad"] = grad  # the very tensor on p.grad
+                if self.horizon > 1:
+                    self._slide(p, state, grad, first)
+
+    def _slide(self, p: Tensor, state: dict[str, Any], grad: Tensor, first: tuple | None) -> None:
+        """Record ``g_t`` in the window; past ``horizon`` gradients, advance the anchor by one."""
+        if "window" not in state:  # the first gradient: the window starts at the current weights
+            state["anchor"] = p.detach().clone()
+            state["anchor_base"] = {
+                k: _detach(state[k]) for k in _BASE_KEYS[self.base] if k in state
+            }
+            hyper = state.get("hyper_state")
+            state["anchor_hyper"] = tuple(hyper) if hyper else None
+            state["window"] = []
+        state["window"].append(grad)
+        if len(state["window"]) > self.horizon and first is not None:
+            w, base, hyper = first
+            state["anchor"] = w.detach()
+            state["anchor_base"] = {k: _detach(v) for k, v in base.items()}
+            state["anchor_hyper"] = tuple(h.detach() for h in hyper) if hyper else None
+            state["window"].pop(0)
 
     def _plain_steps(self, group: dict[str, Any]) -> None:
         update = _UPDATES[self.base]

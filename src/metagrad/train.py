@@ -184,6 +184,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
             hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden, form=cfg.hyper_form),
             hyper_lr=cfg.hyper_lr,
             comm_bits=cfg.comm_bits,
+            horizon=cfg.hyper_horizon,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -766,6 +767,7 @@ class Trainer:
             "form": self.cfg.hyper_form,
             "hidden": self.cfg.hyper_hidden,
             "lr": self.cfg.hyper_lr,
+            "horizon": self.cfg.hyper_horizon,
             "parameters": sum(p.numel() for p in hypernet.parameters()),
         }
 
