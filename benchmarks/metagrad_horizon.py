@@ -13,6 +13,12 @@ move the cosine to the full-precision gradient, a longer one should change both.
 accuracy, cosine of the used and of the quantized gradient to the full-precision one (per epoch),
 the learned response ``H / g`` at +-0.5..8 rms, and the step time. Resumable; writes
 ``benchmarks/results/metagrad-horizon.json`` after every run.
+
+    python benchmarks/metagrad_horizon.py --cost --data ../shared/data/cifar10-jpeg.zip
+
+measures the cost instead, on an idle machine: median step time of plain INT4 training and of
+MetaGrad at each K, interleaved on the same batches in one process (eager kernels, 2 threads),
+into ``benchmarks/results/metagrad-horizon-cost.json``.
 """
 
 from __future__ import annotations
@@ -66,7 +72,41 @@ def with_diagnostics(name: str, record: dict[str, Any], out: Path) -> dict[str, 
     return record
 
 
+def cost(data_path: str, steps: int = 20) -> None:
+    """Step time of each K against plain INT4 training, side by side (see the module docs)."""
+    import json
+
+    import torch
+    from runner import time_steps
+
+    from metagrad.data import load_cifar10
+
+    torch.set_num_threads(2)
+    base = {**BASE, **GRADIENTS["int4-stochastic-tensor"], "compile": "off", "diag_every": 0}
+    settings = {"plain": {}} | {
+        f"metagrad-k{k}": {**METAGRAD, "hyper_horizon": k} for k in HORIZONS
+    }
+    seconds = time_steps(settings, load_cifar10(data_path), base, steps=steps)
+    result = {
+        "benchmark": "metagrad-horizon-cost",
+        "command": " ".join(["python", *sys.argv]),
+        "settings": base,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "median_step_seconds": seconds,
+        "ratio_to_plain": {name: t / seconds["plain"] for name, t in seconds.items()},
+        "ratio_to_k1": {name: t / seconds["metagrad-k1"] for name, t in seconds.items()},
+    }
+    out = Path("benchmarks/results/metagrad-horizon-cost.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["ratio_to_plain"], indent=2))
+
+
 def main() -> None:
+    if "--cost" in sys.argv:
+        data = sys.argv[sys.argv.index("--data") + 1] if "--data" in sys.argv else None
+        cost(data or "../shared/data/cifar10-jpeg.zip")
+        return
     training_benchmark("metagrad-horizon", __doc__.splitlines()[0], RUNS, BASE, with_diagnostics)
 
 
