@@ -1,36 +1,60 @@
-"""Does the hypernetwork get a learning signal? How consistent its meta-gradient is across steps.
+"""MetaGrad's learning signal, and what any coordinate-wise correction could recover at best.
 
-    python benchmarks/metagrad_signal.py --data ../shared/data/cifar10-jpeg.zip
+    python benchmarks/metagrad_signal.py --data ../shared/data/cifar10-jpeg.zip --threads 1
 
 vgg16 at width 0.25, batch 128, SGD (lr 0.05, momentum 0.9, Nesterov, weight decay 5e-4), seed 0.
-For each gradient setting, MetaGrad runs with a frozen identity hypernetwork (hypernetwork lr 0,
-so training is plain quantized training) for ``--warm`` steps, then ``--steps`` more during which
-the gradient of each step's loss with respect to the hypernetwork's parameters (the meta-gradient
-MetaGrad trains it with) is recorded. Per parameter element, over those steps,
-``t = mean / (std / sqrt(n))``: a consistent direction to learn gives ``|t|`` well above 2; a
-meta-gradient that is noise gives ``|t|`` distributed as ``|N(0, 1)|`` (median 0.67, 4.6% above
-2). Adam then moves the hypernetwork by a random walk whatever its learning rate, and a larger
-learning rate only makes the walk longer. Writes ``benchmarks/results/metagrad-signal.json``.
+
+1. Ceiling and signal-to-noise ratio. Plain SGD with full-precision gradients runs; after each
+   of ``--points`` and ``--ceiling-points`` steps, for each gradient quantizer
+   (:data:`QUANTIZERS`), fixed probe batches give, per quantized layer, the full-precision and
+   quantized weight gradients at the current weights. At ``--ceiling-points``,
+   :func:`metagrad.ceiling.coordinatewise_ceiling` fits each family of corrections on ``--fit``
+   batches and scores it on ``--held-out`` others; at every point
+   :func:`metagrad.ceiling.snr_profile` bins the elements of one batch's gradient by ``|g|`` and
+   gives the signal-to-noise ratio per bin, from ``--repeats`` quantized backward passes
+   (stochastic rounding: the variance over the rounding draws) and from the squared error.
+2. Meta-gradients. For each setting (:data:`META_SETTINGS`) MetaGrad runs ``--warm`` steps with
+   a frozen identity hypernetwork (hypernetwork lr 0: plain quantized training), then records the
+   gradient of every hypernetwork parameter for ``--record`` steps ("identity"). There, for the
+   quantized settings, the ceiling and SNR profiles of the setting's own quantizer are measured
+   again, on these weights trained with quantized gradients. For the trained settings the
+   hypernetwork then trains at lr ``--hyper-lr`` for ``--train`` steps and is frozen again for
+   ``--record`` recorded steps ("trained"), and for INT4 stochastic per tensor once more with the
+   base rule's momentum at 0 ("trained-momentum0"). Per parameter, the ``t`` of the mean
+   meta-gradient uses batch means (``--groups`` contiguous groups of steps, so that correlated
+   successive meta-gradients do not fake or hide a signal); the noise reference is simulated for
+   the number of parameters tested, with the same degrees of freedom. Also recorded: the naive
+   ``t`` (steps taken as independent), autocorrelations, a sign test (share of steps with a
+   positive meta-gradient, as ``z``) and how many parameters keep their sign across halves.
+
+Writes ``benchmarks/results/metagrad-signal.json`` and the per-step meta-gradients to
+``benchmarks/results/metagrad-signal-steps.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import statistics
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metagrad.ceiling import SNRProfile, coordinatewise_ceiling, snr_profile
 from metagrad.config import build_config
 from metagrad.data import BatchLoader, ImageDataset, load_cifar10
-from metagrad.diagnostics import paired_gradients
-from metagrad.hyper import rms
+from metagrad.diagnostics import gradient_draws, paired_gradients
 from metagrad.layers import quantized_layers
+from metagrad.quant import QuantSpec
 from metagrad.train import build_model, build_optimizer
 
 BASE: dict[str, Any] = {
@@ -38,13 +62,21 @@ BASE: dict[str, Any] = {
     "width": 0.25,
     "batch_size": 128,
     "lr": 0.05,
-    "method": "metagrad",
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
     "hyper": "grad+weight",
     "hyper_hidden": 8,
-    "hyper_lr": 0.0,
     "seed": 0,
 }
-SETTINGS: dict[str, dict[str, Any]] = {
+QUANTIZERS: dict[str, QuantSpec] = {
+    "int4-stochastic-tensor": QuantSpec(4, "stochastic", "tensor"),
+    "int4-stochastic-sample": QuantSpec(4, "stochastic", "sample"),
+    "int4-nearest-tensor": QuantSpec(4, "nearest", "tensor"),
+    "int4-nearest-sample": QuantSpec(4, "nearest", "sample"),
+    "int8-nearest-tensor": QuantSpec(8, "nearest", "tensor"),
+}
+META_SETTINGS: dict[str, dict[str, Any]] = {
     "fp32": {"grad_bits": 32},
     "int4-stochastic-tensor": {"grad_bits": 4, "grad_rounding": "stochastic"},
     "int4-stochastic-sample": {
@@ -58,162 +90,530 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "grad_granularity": "sample",
     },
 }
+TRAINED = ("int4-stochastic-tensor", "int4-nearest-sample")
+MOMENTUM_CHECK = "int4-stochastic-tensor"
+NULL_SIMULATIONS = 20_000
+SMALL_FAMILIES = ("gain", "gain|sign(gW)")
+"""Families whose shared correction (gains per bin) is written out."""
 
 
-def meta_gradients(
-    settings: dict[str, Any], data: ImageDataset, warm: int, steps: int
-) -> tuple[dict[str, Tensor], nn.Module, Iterator[tuple[Tensor, Tensor]]]:
-    """The hypernetwork's parameter gradients at each of ``steps`` steps after ``warm`` steps.
-
-    Also returns the trained model and the iterator of the batches that follow.
-    """
-    cfg = build_config({**BASE, **settings, "out": "unused"})
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data, torch.device("cpu"))
-    optimizer = build_optimizer(cfg, model)
+def _loader(data: ImageDataset, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
     loader = BatchLoader(
         data.train_images,
         data.train_labels,
-        cfg.batch_size,
+        BASE["batch_size"],
         mean=data.mean,
         std=data.std,
         shuffle=True,
         augment=True,
-        seed=cfg.seed,
+        seed=seed,
     )
+    return (batch for epoch in range(10**6) for batch in loader.epoch(epoch))
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Ceiling and signal-to-noise ratio along plain training
+# ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def gradient_quantizer(model: nn.Module, spec: QuantSpec) -> Iterator[None]:
+    """Quantize the backward errors of every quantized layer with ``spec`` inside the block."""
+    layers = [layer for _, layer in quantized_layers(model)]
+    configs = [layer.config for layer in layers]
+    for layer, config in zip(layers, configs, strict=True):
+        layer.config = dataclasses.replace(config, grad=spec)
+    try:
+        yield
+    finally:
+        for layer, config in zip(layers, configs, strict=True):
+            layer.config = config
+
+
+def measure(
+    model: nn.Module,
+    probes: list[tuple[Tensor, Tensor]],
+    spec: QuantSpec,
+    fit: int,
+    repeats: int,
+    with_ceiling: bool = True,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The ceiling (if ``with_ceiling``) and SNR profiles of quantizer ``spec`` at these weights.
+
+    The first ``fit`` probe batches fit the corrections, the others score them; the SNR comes
+    from the first probe batch.
+    """
+    weights = {name: layer.weight.detach().clone() for name, layer in quantized_layers(model)}
+    ceiling = None
+    with gradient_quantizer(model, spec):
+        if with_ceiling:
+            pairs = [paired_gradients(model, x, y) for x, y in probes]
+            batches = {
+                layer: [(p[layer][1], p[layer][0], w) for p in pairs]
+                for layer, w in weights.items()
+            }
+            ceiling = coordinatewise_ceiling(
+                {k: v[:fit] for k, v in batches.items()},
+                {k: v[fit:] for k, v in batches.items()},
+            )
+        draws = gradient_draws(model, *probes[0], repeats if spec.rounding == "stochastic" else 1)
+    record = None
+    if ceiling is not None:
+        record = ceiling.to_dict(corrections=True)
+        for family, result in record["families"].items():
+            if family not in SMALL_FAMILIES:
+                result["shared"].pop("correction", None)
+    profiles = {
+        layer: snr_profile(full, stacked)
+        for layer, (full, stacked) in draws.items()
+        if full.ne(0).any()
+    }
+    snr = {
+        "summary": _snr_summary(profiles),
+        "layers": {layer: p.to_dict() for layer, p in profiles.items()},
+    }
+    return record, snr
+
+
+def measure_point(
+    model: nn.Module,
+    probes: list[tuple[Tensor, Tensor]],
+    fit: int,
+    repeats: int,
+    with_ceiling: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SNR profiles (and with ``with_ceiling`` the ceiling) per quantizer at the current weights."""
+    ceilings, snrs = {}, {}
+    for name, spec in QUANTIZERS.items():
+        ceiling, snrs[name] = measure(model, probes, spec, fit, repeats, with_ceiling)
+        if ceiling is not None:
+            ceilings[name] = ceiling
+        _print_point(name, ceiling, snrs[name]["summary"])
+    return ceilings, snrs
+
+
+def _snr_summary(profiles: dict[str, SNRProfile]) -> dict[str, Any]:
+    """Slopes of log SNR on log size over the layers, and the pooled profile.
+
+    The pooled profile is, per bin, the geometric mean over layers of the bin's ratio relative to
+    the layer's overall ratio (every layer has the same quantile levels; layers with fewer bins,
+    from tied edges, or with a bin without noise are left out of it).
+    """
+    out: dict[str, Any] = {"layers": len(profiles)}
+    bins = max(len(p.size) for p in profiles.values())
+    for kind in ("variance", "mse"):
+        slopes = [getattr(p, f"slope_{kind}") for p in profiles.values()]
+        slopes = [s for s in slopes if s is not None and math.isfinite(s)]
+        if not slopes:
+            continue
+        out[f"slope_{kind}"] = {
+            "median": statistics.median(slopes),
+            "min": min(slopes),
+            "max": max(slopes),
+        }
+        relative = []
+        for p in profiles.values():
+            ratios, overall = getattr(p, f"snr_{kind}"), getattr(p, f"overall_{kind}")
+            if len(ratios) == bins and all(0 < v < math.inf for v in [*ratios, overall]):
+                relative.append([math.log(v / overall) for v in ratios])
+        if relative:
+            out[f"relative_snr_{kind}"] = [
+                math.exp(statistics.fmean(column)) for column in zip(*relative, strict=True)
+            ]
+            out[f"relative_snr_{kind}_layers"] = len(relative)
+        out[f"overall_{kind}_median"] = statistics.median(
+            getattr(p, f"overall_{kind}") for p in profiles.values()
+        )
+    out["kurtosis_median"] = statistics.median(p.kurtosis for p in profiles.values())
+    return out
+
+
+def _print_point(name: str, ceiling: dict[str, Any] | None, snr: dict[str, Any]) -> None:
+    slope = snr.get("slope_variance", snr.get("slope_mse", {})).get("median", math.nan)
+    line = f"  {name}: SNR slope median {slope:.2f}"
+    if ceiling is not None:
+        best_name, best = max(
+            ceiling["families"].items(), key=lambda f: f[1]["shared"]["pooled"]["held_out"]
+        )
+        pooled = best["shared"]["pooled"]
+        line += (
+            f"; identity {ceiling['identity']['pooled']['held_out']:.4f} held out, best shared "
+            f"{best_name} {pooled['fit']:.4f} fit / {pooled['held_out']:.4f} held out; "
+            f"{len(ceiling['excluded_layers'])} layers excluded"
+        )
+    print(line, flush=True)
+
+
+def probe_batches(data: ImageDataset, count: int) -> list[tuple[Tensor, Tensor]]:
+    """Fixed training batches (another shuffle than training's) that every measurement uses."""
+    stream = _loader(data, BASE["seed"] + 1)
+    return [next(stream) for _ in range(count)]
+
+
+def ceiling_and_snr(
+    data: ImageDataset,
+    probes: list[tuple[Tensor, Tensor]],
+    points: list[int],
+    ceiling_points: list[int],
+    fit: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """Plain full-precision SGD, measured at each of ``points`` (steps done)."""
+    cfg = build_config({**BASE, "method": "plain", "grad_bits": 32, "out": "unused"})
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data, torch.device("cpu"))
+    optimizer = build_optimizer(cfg, model)
+    batches = _loader(data, cfg.seed)
+    ceilings, snrs, losses = {}, {}, []
+    last = max(points + ceiling_points)
+    for step in range(last + 1):
+        if step in points or step in ceiling_points:
+            print(f"step {step}:", flush=True)
+            ceiling, snrs[str(step)] = measure_point(
+                model, probes, fit, repeats, step in ceiling_points
+            )
+            if ceiling:
+                ceilings[str(step)] = ceiling
+        if step == last:
+            break
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    recent = losses[-50:] or [math.nan]
+    return {"ceiling": ceilings, "snr": snrs, "final_train_loss_mean50": statistics.fmean(recent)}
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Meta-gradients
+# ------------------------------------------------------------------------------------------
+
+
+def _set_groups(optimizer: Any, **values: Any) -> None:
+    for group in optimizer.param_groups:
+        group.update(values)
+
+
+@dataclasses.dataclass
+class MetaRun:
+    """One setting's MetaGrad run.
+
+    ``phases``: per phase the hypernetwork's flattened parameter gradients, ``(steps,
+    parameters)``, named by ``columns``; ``correction``: per phase the mean relative size of the
+    hypernetwork's correction (``|H(g) - g| / |g|`` over the layers, at the phase's end);
+    ``at_identity``: what ``measure_identity`` returned at the end of the identity phase.
+    """
+
+    phases: dict[str, Tensor]
+    columns: list[str]
+    correction: dict[str, float]
+    at_identity: Any = None
+
+
+def meta_gradient_phases(
+    settings: dict[str, Any],
+    data: ImageDataset,
+    warm: int,
+    record: int,
+    train: int,
+    hyper_lr: float,
+    trained: bool,
+    momentum_check: bool,
+    measure_identity: Callable[[nn.Module], Any] | None = None,
+) -> MetaRun:
+    """Run MetaGrad through its phases (see the module docs), recording meta-gradients."""
+    cfg = build_config({**BASE, **settings, "method": "metagrad", "hyper_lr": 0.0, "out": "x"})
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data, torch.device("cpu"))
+    optimizer = build_optimizer(cfg, model)
     hypernet = optimizer.hypernet
-    recorded: dict[str, list[Tensor]] = {name: [] for name, _ in hypernet.named_parameters()}
-    batches = (batch for epoch in range(10**6) for batch in loader.epoch(epoch))
-    for i, (x, y) in zip(range(warm + steps), batches, strict=False):
+    columns = [f"{name}[{i}]" for name, p in hypernet.named_parameters() for i in range(p.numel())]
+    batches = _loader(data, cfg.seed)
 
-        def closure(x=x, y=y):
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
+    def run(steps: int, keep: bool) -> Tensor | None:
+        rows = []
+        for _ in range(steps):
+            x, y = next(batches)
 
-        loss = optimizer.step(closure)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at step {i}")
-        if i >= warm:
-            for name, p in hypernet.named_parameters():
-                recorded[name].append(p.grad.detach().flatten().clone())
-    return {name: torch.stack(g) for name, g in recorded.items()}, model, batches
+            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)}")
+            if keep:
+                grads = [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+                    for p in hypernet.parameters()
+                ]
+                rows.append(torch.cat(grads).double())
+        return torch.stack(rows) if keep else None
+
+    phases: dict[str, Tensor] = {}
+    correction: dict[str, float] = {}
+    run(warm, keep=False)
+    phases["identity"] = run(record, keep=True)
+    correction["identity"] = _correction_size(optimizer)
+    at_identity = measure_identity(model) if measure_identity is not None else None
+    if trained:
+        _set_groups(optimizer.hyper_optimizer, lr=hyper_lr)
+        run(train, keep=False)
+        _set_groups(optimizer.hyper_optimizer, lr=0.0)
+        phases["trained"] = run(record, keep=True)
+        correction["trained"] = _correction_size(optimizer)
+        if momentum_check:
+            _set_groups(optimizer, momentum=0.0, nesterov=False)
+            phases["trained-momentum0"] = run(record, keep=True)
+            correction["trained-momentum0"] = _correction_size(optimizer)
+    return MetaRun(phases, columns, correction, at_identity)
 
 
-def _normalised(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[Tensor, ...]]:
-    """Per quantized layer: ``g / rms(g)``, ``W / rms(W)``, ``G / rms(g)`` (g quantized, G fp32)."""
-    weights = dict(quantized_layers(model))
-    out = []
-    for name, (full, quantized) in paired_gradients(model, x, y).items():
-        scale = rms(quantized).clamp_min(1e-30)
-        w = weights[name].weight.detach()
-        out.append((quantized / scale, w / rms(w).clamp_min(1e-30), full / scale))
-    return [tuple(t.flatten().double() for t in layer) for layer in out]
+def _correction_size(optimizer: Any) -> float:
+    pending = optimizer.pending_gradients()
+    corrected = optimizer.corrected_gradients(pending)
+    sizes = [
+        float((corrected[p] - g).norm() / g.norm()) for p, g in pending.items() if g.norm() > 0
+    ]
+    return statistics.fmean(sizes) if sizes else math.nan
 
 
-def coordinatewise_ceiling(
-    model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], fit: int = 4, held_out: int = 4
-) -> dict[str, float]:
-    """How far could the best coordinate-wise correction ``f(g, W)`` raise the cosine to fp32?
+def t_tail(x: float, df: int) -> float:
+    """``P(|T| > x)`` for Student's t with ``df`` degrees of freedom (Simpson's rule)."""
+    n = 20_000
+    t = torch.linspace(0.0, x, n + 1, dtype=torch.float64)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = torch.exp(log_norm - (df + 1) / 2 * torch.log1p(t * t / df))
+    weights = torch.ones(n + 1, dtype=torch.float64)
+    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+    return float(1 - 2 * (pdf * weights).sum() * (x / n) / 3)
 
-    ``f(g, W) = g + r(g, W)`` with the residual ``r`` fitted without constraint, as the mean of
-    ``G - g`` (normalised) in each cell of a 64 x 8 grid of (normalised quantized gradient,
-    normalised weight) quantiles, pooled over all layers (one function shared by every layer, like
-    the hypernetwork) on ``fit`` batches; the cosines are measured on ``held_out`` other batches,
-    averaged over layers and batches.
-    """
-    layers = [layer for _ in range(fit) for layer in _normalised(model, *next(batches))]
-    g, w, target = (torch.cat([layer[i] for layer in layers]) for i in range(3))
-    levels = torch.linspace(0, 1, 65, dtype=torch.float64)[1:-1]
-    sample = torch.randperm(g.numel())[: 1 << 22]  # torch.quantile's input size limit
-    g_edges = torch.quantile(g[sample], levels).unique()
-    w_edges = torch.quantile(w[sample], levels[7::8]).unique()
 
-    def cells(g: Tensor, w: Tensor) -> Tensor:
-        return torch.bucketize(g, g_edges) * (len(w_edges) + 1) + torch.bucketize(w, w_edges)
+def binomial_upper(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``."""
+    if k <= 0:
+        return 1.0
+    if p <= 0 or p >= 1:
+        return float(p >= 1)
 
-    n_cells = (len(g_edges) + 1) * (len(w_edges) + 1)
-    index = cells(g, w)
-    sums = torch.zeros(n_cells, dtype=torch.float64).index_add_(0, index, target - g)
-    counts = torch.zeros(n_cells, dtype=torch.float64).index_add_(0, index, torch.ones_like(g))
-    table = sums / counts.clamp_min(1)  # an empty cell gives 0
+    def log_term(j: int) -> float:
+        log_comb = math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+        return log_comb + j * math.log(p) + (n - j) * math.log1p(-p)
 
-    before, after = [], []
-    for _ in range(held_out):
-        for g, w, target in _normalised(model, *next(batches)):
-            before.append(float(torch.nn.functional.cosine_similarity(g, target, dim=0)))
-            corrected = g + table[cells(g, w)]
-            after.append(float(torch.nn.functional.cosine_similarity(corrected, target, dim=0)))
+    return min(1.0, sum(math.exp(log_term(j)) for j in range(k, n + 1)))
+
+
+def null_reference(parameters: int, df: int, observed_count: int) -> dict[str, Any]:
+    """Median ``|t|`` and count of ``|t| > 2`` for ``parameters`` independent ``t_df`` values."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        t = torch.distributions.StudentT(float(df)).sample((NULL_SIMULATIONS, parameters))
+    t = t.abs().double()
+    levels = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    medians = t.median(dim=1).values
+    counts = (t > 2).sum(1).double()
+    p_single = t_tail(2.0, df)
     return {
-        "quantized_cosine": statistics.fmean(before),
-        "best_coordinatewise_cosine": statistics.fmean(after),
+        "parameters": parameters,
+        "df": df,
+        "median_abs_t_quantiles_5_50_95": torch.quantile(medians, levels).tolist(),
+        "count_above_2_quantiles_5_50_95": torch.quantile(counts, levels).tolist(),
+        "p_single_above_2": p_single,
+        "binomial_p_count_at_least_observed": binomial_upper(observed_count, parameters, p_single),
     }
 
 
-def consistency(grads: Tensor) -> dict[str, float] | None:
-    """``|t|`` of each element's mean over the steps (rows): median and share above 2.
+def meta_gradient_stats(values: Tensor, columns: list[str], groups: int) -> dict[str, Any]:
+    """Batch-means ``t`` per parameter, naive ``t``, autocorrelation, sign test, noise reference.
 
-    Elements whose gradient is always zero are left out (``None`` if all are): at the identity
-    the hidden layers get none, as the zero-initialised head passes none back.
+    Parameters whose meta-gradient never varies (hidden layers behind the zero-initialised head
+    at the identity, dead hidden units) are not tested.
     """
-    grads = grads[:, grads.ne(0).any(0)].double()
-    if grads.numel() == 0:
-        return None
-    n = grads.shape[0]
-    t = (grads.mean(0) / (grads.std(0) / n**0.5)).abs()
+    tested = values.std(0) > 0
+    names = [c for c, keep in zip(columns, tested.tolist(), strict=True) if keep]
+    x = values[:, tested]
+    steps = x.shape[0] - x.shape[0] % groups
+    x = x[:steps]
+    means = x.reshape(groups, steps // groups, -1).mean(1)
+    se_batch = means.std(0) / groups**0.5
+    se_naive = x.std(0) / steps**0.5
+    mean = x.mean(0)
+    t = mean / se_batch
+    t_naive = mean / se_naive
+    centred = x - mean
+    lag1 = (centred[1:] * centred[:-1]).mean(0) / centred.square().mean(0)
+    count = int((t.abs() > 2).sum())
+    lags = range(1, steps // groups)
+    acf_sum = sum((centred[k:] * centred[:-k]).mean(0) for k in lags) / centred.square().mean(0)
+    positive = (x > 0).double().mean(0)
+    sign_z = (positive - 0.5) / (0.5 / steps**0.5)
+    half = steps // 2
+    agree = x[:half].mean(0).sign() == x[half:].mean(0).sign()
     return {
-        "elements": t.numel(),
-        "median_abs_t": float(t.median()),
-        "share_abs_t_above_2": float((t > 2).float().mean()),
-        "max_abs_t": float(t.max()),
+        "steps": steps,
+        "groups": groups,
+        "parameters_tested": len(names),
+        "parameters_zero": len(columns) - len(names),
+        "median_abs_t": float(t.abs().median()),
+        "count_abs_t_above_2": count,
+        "max_abs_t": float(t.abs().max()),
+        "median_abs_t_naive": float(t_naive.abs().median()),
+        "count_abs_t_naive_above_2": int((t_naive.abs() > 2).sum()),
+        "median_se_ratio_batch_over_naive": float((se_batch / se_naive).median()),
+        "lag1_autocorrelation_median": float(lag1.median()),
+        "lag1_autocorrelation_range": [float(lag1.min()), float(lag1.max())],
+        "autocorrelation_sum_within_group_median": float(acf_sum.median()),
+        "sign_test_median_abs_z": float(sign_z.abs().median()),
+        "sign_test_count_abs_z_above_2": int((sign_z.abs() > 2).sum()),
+        "halves_same_sign": int(agree.sum()),
+        "t": dict(zip(names, t.tolist(), strict=True)),
+        "noise_reference": null_reference(len(names), groups - 1, count),
     }
+
+
+def meta_gradients(
+    data: ImageDataset, probes: list[tuple[Tensor, Tensor]], args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Meta-gradient statistics and per-step values per setting and phase.
+
+    Also, for each quantized setting, the ceiling and SNR profiles of its own quantizer at the
+    end of the identity phase: on weights trained with those quantized gradients.
+    """
+    results, steps, quantized_training = {}, {}, {}
+    for name, settings in META_SETTINGS.items():
+        spec = QUANTIZERS.get(name)
+
+        def at_identity(model: nn.Module, spec: QuantSpec | None = spec) -> Any:
+            if spec is None:
+                return None
+            return measure(model, probes, spec, args.fit, args.repeats)
+
+        run = meta_gradient_phases(
+            settings,
+            data,
+            args.warm,
+            args.record,
+            args.train,
+            args.hyper_lr,
+            trained=name in TRAINED,
+            momentum_check=name == MOMENTUM_CHECK,
+            measure_identity=at_identity,
+        )
+        if run.at_identity is not None:
+            ceiling, snr = run.at_identity
+            quantized_training[name] = {
+                "steps": args.warm + args.record,
+                "ceiling": ceiling,
+                "snr": snr,
+            }
+            _print_point(
+                f"{name} after {args.warm + args.record} quantized steps", ceiling, snr["summary"]
+            )
+        results[name], steps[name] = {}, {}
+        for phase, values in run.phases.items():
+            stats = meta_gradient_stats(values, run.columns, args.groups)
+            stats["correction_size"] = run.correction[phase]
+            results[name][phase] = stats
+            steps[name][phase] = {
+                "columns": run.columns,
+                "values": [[float(f"{v:.6g}") for v in row] for row in values.tolist()],
+            }
+            _print_meta(name, phase, stats)
+    return results, steps, quantized_training
+
+
+def _print_meta(name: str, phase: str, stats: dict[str, Any]) -> None:
+    ref = stats["noise_reference"]
+    low, _, high = ref["median_abs_t_quantiles_5_50_95"]
+    print(
+        f"{name} {phase}: median |t| {stats['median_abs_t']:.2f} (noise 5-95%: {low:.2f}-"
+        f"{high:.2f}), |t| > 2 for {stats['count_abs_t_above_2']} of "
+        f"{stats['parameters_tested']} (binomial p "
+        f"{ref['binomial_p_count_at_least_observed']:.3g}); naive median |t| "
+        f"{stats['median_abs_t_naive']:.2f}; sign test median |z| "
+        f"{stats['sign_test_median_abs_z']:.2f}; correction {stats['correction_size']:.4f}",
+        flush=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _significant(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (for the JSON)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_significant(v, digits) for v in value]
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--output", default="benchmarks/results/metagrad-signal.json")
-    parser.add_argument("--warm", type=int, default=200, help="steps before recording")
-    parser.add_argument("--steps", type=int, default=400, help="steps recorded")
+    parser.add_argument("--steps-output", default="benchmarks/results/metagrad-signal-steps.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--points", default="0,300,1000", help="plain SGD steps: SNR")
+    parser.add_argument("--ceiling-points", default="300,1000", help="plain SGD steps: ceiling")
+    parser.add_argument("--fit", type=int, default=4, help="probe batches to fit on")
+    parser.add_argument("--held-out", type=int, default=4, help="probe batches to score on")
+    parser.add_argument("--repeats", type=int, default=16, help="stochastic backward passes")
+    parser.add_argument("--warm", type=int, default=200, help="MetaGrad steps before recording")
+    parser.add_argument("--record", type=int, default=400, help="steps recorded per phase")
+    parser.add_argument("--train", type=int, default=300, help="hypernetwork training steps")
+    parser.add_argument("--hyper-lr", type=float, default=1e-3, help="hypernetwork lr (Adam)")
+    parser.add_argument("--groups", type=int, default=20, help="batch means per t statistic")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    points = sorted({int(p) for p in args.points.split(",")})
+    ceiling_points = sorted({int(p) for p in args.ceiling_points.split(",")})
     data = load_cifar10(args.data)
-    results = {}
-    for name, settings in SETTINGS.items():
-        grads, model, batches = meta_gradients(settings, data, args.warm, args.steps)
-        every = torch.cat(list(grads.values()), dim=1)
-        results[name] = {
-            "all": consistency(every),
-            "per_parameter": {p: consistency(g) for p, g in grads.items()},
-        }
-        summary = results[name]["all"]
-        line = (
-            f"{name}: meta-gradient median |t| {summary['median_abs_t']:.2f}, |t| > 2 for "
-            f"{100 * summary['share_abs_t_above_2']:.1f}% of {summary['elements']} parameters"
-        )
-        if settings["grad_bits"] < 32:
-            ceiling = coordinatewise_ceiling(model, batches)
-            results[name]["coordinatewise_ceiling"] = ceiling
-            line += (
-                f"; cosine to fp32 {ceiling['quantized_cosine']:.3f}, best coordinate-wise "
-                f"correction {ceiling['best_coordinatewise_cosine']:.3f}"
-            )
-        print(line, flush=True)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    wall: dict[str, float] = {}
+    start = time.perf_counter()
+    probes = probe_batches(data, args.fit + args.held_out)
+    along = ceiling_and_snr(data, probes, points, ceiling_points, args.fit, args.repeats)
+    wall["ceiling_and_snr"] = time.perf_counter() - start
+    start = time.perf_counter()
+    meta, steps, quantized_training = meta_gradients(data, probes, args)
+    wall["meta_gradients"] = time.perf_counter() - start
     record = {
         "benchmark": "metagrad-signal",
         "command": " ".join(["python", *sys.argv]),
-        "settings": {**BASE, "warm_steps": args.warm, "recorded_steps": args.steps},
-        "noise_reference": {"median_abs_t": 0.674, "share_abs_t_above_2": 0.0455},
+        "settings": {
+            **BASE,
+            "points": points,
+            "ceiling_points": ceiling_points,
+            "fit_batches": args.fit,
+            "held_out_batches": args.held_out,
+            "repeats": args.repeats,
+            "quantizers": {n: dataclasses.asdict(s) for n, s in QUANTIZERS.items()},
+            "warm_steps": args.warm,
+            "recorded_steps": args.record,
+            "hyper_train_steps": args.train,
+            "hyper_lr_trained": args.hyper_lr,
+            "groups": args.groups,
+        },
         "torch": torch.__version__,
-        "results": results,
+        "threads": torch.get_num_threads(),
+        "wall_seconds": wall,
+        **along,
+        "quantized_training": quantized_training,
+        "meta_gradients": meta,
     }
-    output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {output}")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(_significant(record), indent=1) + "\n")
+    steps_output = Path(args.steps_output)
+    steps_output.write_text(json.dumps({"command": record["command"], "runs": steps}) + "\n")
+    print(f"wrote {output} and {steps_output} in {sum(wall.values()):.0f} s")
 
 
 if __name__ == "__main__":

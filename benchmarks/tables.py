@@ -97,25 +97,94 @@ def ablation_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _ceiling_rows(name: str, c: dict) -> list[str]:
+    identity = c["identity"]["pooled"]
+    excluded = f" ({len(c['excluded_layers'])} all-zero layers left out)"
+    label = name + (excluded if c["excluded_layers"] else "")
+    rows = []
+    for fit in ("shared", "per_layer"):
+        cells = [
+            f"{f[fit]['pooled']['fit']:.3f} / {f[fit]['pooled']['held_out']:.3f}"
+            for f in c["families"].values()
+        ]
+        rows.append(
+            f"| {label} | {fit.replace('_', ' ')} | {identity['fit']:.3f} / "
+            f"{identity['held_out']:.3f} | " + " | ".join(cells) + " |"
+        )
+    return rows
+
+
 def signal_table(data: dict) -> str:
-    """Meta-gradient consistency per setting, and the best coordinate-wise correction's cosine."""
+    """Cosine to fp32 of the best coordinate-wise corrections (fit / held out)."""
+    point = str(data["settings"]["ceiling_points"][-1])
+    ceilings = data["ceiling"][point]
+    families = list(next(iter(ceilings.values()))["families"])
+    header = [
+        "| gradients | fitted | identity | " + " | ".join(map(_cell, families)) + " |",
+        "|---|---|---|" + "---|" * len(families),
+    ]
     rows = [
-        "| gradients | meta-gradient median abs t | abs t > 2 | cosine to fp32: quantized "
-        "| best coordinate-wise correction |",
+        "Mean over layers of the cosine to the full-precision gradient, fit / held out; shared: "
+        "one correction for all layers, per layer: one each. After "
+        f"{point} plain SGD steps with full-precision gradients:",
+        "",
+        *header,
+    ]
+    for name, c in ceilings.items():
+        rows += _ceiling_rows(name, c)
+    trained = data.get("quantized_training", {})
+    if trained:
+        steps = next(iter(trained.values()))["steps"]
+        rows += ["", f"After {steps} steps of training with the quantized gradients:", "", *header]
+        for name, r in trained.items():
+            rows += _ceiling_rows(name, r["ceiling"])
+    return "\n".join(rows)
+
+
+def snr_table(data: dict) -> str:
+    """Slope of log SNR on log |g| over the layers (0: flat, 2: noise of one variance)."""
+    rows = [
+        "| gradients | step | slope, variance (median, min-max) | slope, error | "
+        "kurtosis of g (median) |",
         "|---|---|---|---|---|",
     ]
-    for name, r in data["results"].items():
-        ceiling = r.get("coordinatewise_ceiling")
-        cosines = (
-            f"{ceiling['quantized_cosine']:.3f} | {ceiling['best_coordinatewise_cosine']:.3f}"
-            if ceiling
-            else "1 | -"
-        )
-        t = r["all"]
-        rows.append(
-            f"| {name} | {t['median_abs_t']:.2f} | {100 * t['share_abs_t_above_2']:.0f}% of "
-            f"{t['elements']} | {cosines} |"
-        )
+    for point, settings in data["snr"].items():
+        for name, r in settings.items():
+            s = r["summary"]
+            slopes = [
+                f"{s[k]['median']:.2f} ({s[k]['min']:.2f} to {s[k]['max']:.2f})" if k in s else "-"
+                for k in ("slope_variance", "slope_mse")
+            ]
+            rows.append(
+                f"| {name} | {point} | {slopes[0]} | {slopes[1]} | {s['kurtosis_median']:.1f} |"
+            )
+    return "\n".join(rows)
+
+
+def meta_gradient_table(data: dict) -> str:
+    """Batch-means t of the mean meta-gradient per parameter, against simulated noise."""
+    rows = [
+        "| gradients | hypernetwork | parameters | median abs t (noise 5-95%) "
+        "| abs t > 2 (noise 5-95%, p) | naive median abs t | sign test median abs z "
+        "| same sign in both halves |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, phases in data["meta_gradients"].items():
+        for phase, r in phases.items():
+            ref = r["noise_reference"]
+            lo, _, hi = ref["median_abs_t_quantiles_5_50_95"]
+            clo, _, chi = ref["count_above_2_quantiles_5_50_95"]
+            rows.append(
+                f"| {name} | {phase} | {r['parameters_tested']} | {r['median_abs_t']:.2f} "
+                f"({lo:.2f}-{hi:.2f}) | {r['count_abs_t_above_2']} ({clo:.0f}-{chi:.0f}, "
+                f"{ref['binomial_p_count_at_least_observed']:.2g}) | "
+                f"{r['median_abs_t_naive']:.2f} | {r['sign_test_median_abs_z']:.2f} | "
+                f"{r['halves_same_sign']} |"
+            )
     return "\n".join(rows)
 
 
@@ -203,6 +272,8 @@ def render() -> str:
         ("metagrad-cifar10.json", "MetaGrad against plain, paired", paired_table),
         ("metagrad-ablations.json", "MetaGrad ablations", ablation_table),
         ("metagrad-signal.json", "MetaGrad's learning signal and its ceiling", signal_table),
+        ("metagrad-signal.json", "Signal-to-noise ratio against element size", snr_table),
+        ("metagrad-signal.json", "MetaGrad's meta-gradient against noise", meta_gradient_table),
         ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
         ("speed-cpu.json", "Training speed on CPU, against float32 and bf16", speed_table),
         ("speed-cuda.json", "Training speed on CUDA, against float32, TF32 and bf16", speed_table),

@@ -118,3 +118,32 @@ def gradient_report(
     corrections = [r["correction"] for r in report["layers"].values()]
     report["mean_correction"] = sum(corrections) / max(1, len(corrections))
     return report
+
+
+def gradient_draws(
+    model: nn.Module, x: Tensor, y: Tensor, repeats: int
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per quantized layer: the full-precision weight gradient and ``repeats`` quantized ones.
+
+    The quantized gradients, stacked as ``(repeats, *weight.shape)``, come from one forward pass
+    and ``repeats`` backward passes on the same batch and weights: under stochastic rounding
+    they differ only by the rounding's random draws (from the global torch generator), under
+    rounding to nearest not at all. The model's buffers and the random-number state are left as
+    they were.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    named = quantized_layers(model)
+    layers = [layer for _, layer in named]
+    weights = [layer.weight for layer in layers]
+    with _untouched(model):
+        with _full_precision_backward(layers):
+            reference = _weight_grads(model, weights, x, y)
+        loss = F.cross_entropy(model(x), y)
+        draws = [
+            torch.autograd.grad(loss, weights, retain_graph=i < repeats - 1) for i in range(repeats)
+        ]
+    return {
+        name: (ref, torch.stack([d[i] for d in draws]))
+        for i, ((name, _), ref) in enumerate(zip(named, reference, strict=True))
+    }
