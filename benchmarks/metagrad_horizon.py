@@ -6,10 +6,12 @@
 The ablation setting (``metagrad_ablations.py``): vgg16 at width 0.25, 3 epochs, batch 128, lr
 0.1, gradient diagnostics every 50 steps, for INT4 stochastic per-tensor and INT8 nearest
 per-tensor gradients, seeds 0, 1 and 2: plain training, and MetaGrad (grad+weight, hidden 8,
-hypernetwork lr 1e-4) with ``--hyper-horizon`` 1 (today's one-step method), 2, 3 and 4; and the
-signed-gain form at K = 1 (INT4). The one-step objective rewards whatever lowers the very next
-loss; if that short horizon is why the hypernetwork damps the largest elements and does not
-move the cosine to the full-precision gradient, a longer one should change both. Per run: final
+hypernetwork lr 1e-4) with ``--hyper-horizon`` 1 (today's one-step method), 2, 3 and 4; the gain
+form at hypernetwork lr 1e-3 (which damps the largest elements at K = 1) at K = 1 and 4; and the
+signed-gain form at K = 1 (INT4). ``--only`` picks runs. The one-step objective rewards
+whatever lowers the very next loss; if that short horizon is why the hypernetwork damps the
+largest elements and does not move the cosine to the full-precision gradient, a longer one
+should change both. Per run: final
 accuracy, cosine of the used and of the quantized gradient to the full-precision one (per epoch),
 the learned response ``H / g`` at +-0.5..8 rms, and the step time. Resumable; writes
 ``benchmarks/results/metagrad-horizon.json`` after every run.
@@ -48,6 +50,12 @@ def plan() -> list[tuple[str, dict[str, Any]]]:
             for k in HORIZONS:
                 settings = {**quant, **METAGRAD, "hyper_horizon": k, "seed": seed}
                 runs.append((f"{gradients}-metagrad-k{k}-seed{seed}", settings))
+    # The gain form at hypernetwork lr 1e-3 learns to damp the largest elements at K = 1
+    # (metagrad_ablations.py): does a longer horizon undo that?
+    gain = {**GRADIENTS["int4-stochastic-tensor"], **METAGRAD, "hyper_form": "gain"}
+    for k in (1, 4):
+        settings = {**gain, "hyper_lr": 1e-3, "hyper_horizon": k, "seed": 0}
+        runs.append((f"int4-stochastic-tensor-gain-lr1e-3-k{k}-seed0", settings))
     signed = {**GRADIENTS["int4-stochastic-tensor"], **METAGRAD, "hyper_form": "signed-gain"}
     runs += [(f"int4-stochastic-tensor-signed-gain-seed{s}", {**signed, "seed": s}) for s in SEEDS]
     return runs
