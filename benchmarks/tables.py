@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,6 +96,46 @@ def ablation_table(data: dict) -> str:
             f"| {last['correction']:.3f} |"
         )
     return "\n".join(rows)
+
+
+def horizon_table(data: dict) -> str:
+    """Per gradients and variant: accuracy over seeds, minus plain paired by seed, the
+    last epoch's correction and cosine change, the learned gain at 8 rms."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in data["runs"]:
+        name = r["run"].rsplit("-seed", 1)[0]
+        gradients = "int8-nearest-tensor" if name.startswith("int8") else "int4-stochastic-tensor"
+        groups.setdefault((gradients, name.removeprefix(gradients + "-")), []).append(r)
+    rows = [
+        "| gradients | run | test acc (seeds) | minus plain, paired | correction "
+        "| used - quantized cosine | gain at 8 rms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (gradients, variant), runs in groups.items():
+        plain = {r["seed"]: r["final_test_acc"] for r in groups.get((gradients, "plain"), [])}
+        accs = [r["final_test_acc"] for r in runs]
+        diffs = [r["final_test_acc"] - plain[r["seed"]] for r in runs if r["seed"] in plain]
+        lasts = [r["gradients"]["per_epoch"][-1] for r in runs]
+        correction = statistics.fmean(x["correction"] for x in lasts)
+        dcos = statistics.fmean(x["used_cosine"] - x["quantized_cosine"] for x in lasts)
+        gains = [r["learned_response"]["gain"][-1] for r in runs if "learned_response" in r]
+        gain = f"{statistics.fmean(gains):.3f}" if gains else ""
+        rows.append(
+            f"| {gradients} | {variant} | {_spread(accs)} "
+            f"| {_spread(diffs, sign=True) if variant != 'plain' else ''} "
+            f"| {correction:.4f} | {dcos:+.4f} | {gain} |"
+        )
+    return "\n".join(rows)
+
+
+def _spread(values: list[float], sign: bool = False) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return (
+        f"{mean:+.2f} ± {sd:.2f} ({len(values)})"
+        if sign
+        else f"{mean:.2f} ± {sd:.2f} ({len(values)})"
+    )
 
 
 def _cell(text: str) -> str:
@@ -274,6 +315,7 @@ def render() -> str:
         ("metagrad-signal.json", "MetaGrad's learning signal and its ceiling", signal_table),
         ("metagrad-signal.json", "Signal-to-noise ratio against element size", snr_table),
         ("metagrad-signal.json", "MetaGrad's meta-gradient against noise", meta_gradient_table),
+        ("metagrad-horizon.json", "MetaGrad's horizon, K = 1 to 4", horizon_table),
         ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
         ("speed-cpu.json", "Training speed on CPU, against float32 and bf16", speed_table),
         ("speed-cuda.json", "Training speed on CUDA, against float32, TF32 and bf16", speed_table),
