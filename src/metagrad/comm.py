@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -38,6 +37,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from metagrad.distributed import rank_seed
 from metagrad.quant import FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, QuantSpec, quantize_codes
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -284,13 +284,6 @@ def ring_all_reduce_bytes(numel: int, element_size: int, world_size: int) -> flo
     return 2 * (world_size - 1) / world_size * numel * element_size
 
 
-def _rank_seed(seed: int, rank: int) -> int:
-    """A 64-bit seed mixing ``seed`` and ``rank`` (so ranks draw independent dither)."""
-    if seed < 0 or rank < 0:
-        raise ValueError(f"seed and rank must be non-negative, got {seed} and {rank}")
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
-
-
 @dataclass
 class QuantizedHookState:
     """State of :func:`quantized_hook`: its settings, its generator and what it has sent.
@@ -324,7 +317,7 @@ class QuantizedHookState:
     ) -> Self:
         """A state whose generator on ``device`` is seeded with ``seed`` and this global rank."""
         generator = torch.Generator(device=device)
-        generator.manual_seed(_rank_seed(seed, dist.get_rank()))
+        generator.manual_seed(rank_seed(seed, dist.get_rank()))
         return cls(bits, block_size, group, generator)
 
     def state_dict(self) -> dict[str, Any]:

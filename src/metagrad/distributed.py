@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -59,6 +60,13 @@ def from_environment(device: torch.device) -> Distributed | None:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     return Distributed(rank, world_size, local_rank, backend)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A 64-bit seed mixing ``seed`` and ``rank``, so that ranks draw independent random numbers."""
+    if seed < 0 or rank < 0:
+        raise ValueError(f"seed and rank must be non-negative, got {seed} and {rank}")
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 def shutdown() -> None:

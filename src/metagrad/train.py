@@ -197,11 +197,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     )
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s random stream (rank 0 keeps ``seed``)."""
-    return (seed + 0x9E3779B97F4A7C15 * rank) % 2**63
-
-
 def dataset_signature(data: ImageDataset) -> dict[str, Any]:
     """What a resumed run's dataset must match: classes, image shape and split sizes."""
     return {
@@ -342,7 +337,7 @@ class Trainer:
         self.forward = torch.compile(trained) if self.compile == "model" else trained
         self.optimizer = build_optimizer(cfg, trained if cfg.method == "metagrad" else self.model)
         if rank:  # the model is rank 0's; the randomness of training (dither) differs per rank
-            torch.manual_seed(rank_seed(cfg.seed, rank))
+            torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.skipped_steps = 0
         self.nonfinite_steps = 0
