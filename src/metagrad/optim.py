@@ -459,14 +459,18 @@ class MetaGrad(Optimizer):
         if not proposals:
             with sync:
                 return closure(), {}
-        for new_w, *_ in proposals.values():
+        grads: dict[Tensor, Tensor] = {}
+        for p, (new_w, *_) in proposals.items():
             new_w.retain_grad()
-            new_w.register_hook(timer.mark_start)
+            new_w.register_hook(timer.capture(p, grads))
         runner = _ClosureModule(self.model, closure)
         params = {f"model.{self._names[id(p)]}": new_w for p, (new_w, *_) in proposals.items()}
         with timer.watch_backward(), sync:
             loss = functional_call(runner, params, (), strict=False)
-        grads = {p: new_w.grad for p, (new_w, *_) in proposals.items() if new_w.grad is not None}
+        for p, (new_w, *_) in proposals.items():
+            # What the closure left on W_t's grad (e.g. clipped), in the layout autograd gave g_t.
+            if p in grads and new_w.grad is not None and new_w.grad is not grads[p]:
+                grads[p].copy_(new_w.grad)
         return loss, grads
 
     def _average(self, new_grads: dict[Tensor, Tensor], rest: list[Tensor], hyper: bool) -> None:
@@ -617,10 +621,15 @@ class _HyperTimer:
         self.backward_start: float | None = None
         self.backward_end: float | None = None
 
-    def mark_start(self, grad: Tensor) -> None:
-        """A tensor hook on ``W_t``: the model's backward has reached the meta weights."""
-        if self.backward_start is None:
-            self.backward_start = time.perf_counter()
+    def capture(self, param: Tensor, grads: dict[Tensor, Tensor]) -> Callable[[Tensor], None]:
+        """A tensor hook on ``W_t`` storing (accumulating) its gradient into ``grads[param]``."""
+
+        def hook(grad: Tensor) -> None:
+            if self.backward_start is None:
+                self.backward_start = time.perf_counter()
+            grads[param] = grad if param not in grads else grads[param] + grad
+
+        return hook
 
     def watch_backward(self) -> _HookScope:
         def mark_end(_: Tensor) -> None:
