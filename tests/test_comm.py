@@ -25,6 +25,7 @@ from metagrad.comm import (
     register_comm_hook,
     ring_all_reduce_bytes,
 )
+from metagrad.distributed import shutdown
 
 WORLD = 2
 NUMEL, BLOCK = 5000, 256  # padded to 5120: 20 blocks, 10 per rank's chunk
@@ -276,7 +277,8 @@ def _ddp_worker(rank: int, init: str, out: str) -> None:
             step(ddp, opt, i)
         res[f"resumed{int(restore_generator)}"] = _flat_params(ddp.module)
     torch.save(res, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    del ddp, opt, state  # a DDP reducer that outlives its process group aborts the process
+    shutdown()
 
 
 @pytest.fixture(scope="module")

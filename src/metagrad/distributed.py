@@ -7,6 +7,7 @@ through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,8 +71,13 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def shutdown() -> None:
-    """Leave the process group, if this process is in one."""
+    """Leave the process group, if this process is in one.
+
+    Drop your references to DDP models first: a DDP reducer that outlives its process group
+    aborts the process at exit, so unreachable ones are collected here before the group goes.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

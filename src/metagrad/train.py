@@ -829,7 +829,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Under ``torchrun`` every process calls it; the process group is closed at the end.
     """
+    trainer = None
     try:
-        return Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        return trainer.fit()
     finally:
+        del trainer  # the DDP model must go before the process group
         distributed.shutdown()
