@@ -11,7 +11,8 @@ from metagrad import int8
 from metagrad.functional import QuantConfig, conv2d, linear
 from metagrad.layers import quantize_
 from metagrad.models import create_model
-from metagrad.quant import GRANULARITIES, ROUNDINGS, QuantSpec, quantize_codes
+from metagrad.quant import INTEGER_GRANULARITIES as GRANULARITIES
+from metagrad.quant import ROUNDINGS, QuantSpec, quantize_codes
 
 # (N, Cin, H, W, Cout, k, stride, padding, dilation)
 CONV_SHAPES = [

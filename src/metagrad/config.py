@@ -14,7 +14,8 @@ import yaml
 
 from metagrad.functional import BACKENDS, QuantConfig
 from metagrad.models import list_models
-from metagrad.quant import GRANULARITIES, ROUNDINGS, QuantSpec
+from metagrad.presets import list_presets, preset_config
+from metagrad.quant import INTEGER_GRANULARITIES, ROUNDINGS, QuantSpec
 
 METHODS = ("plain", "metagrad")
 OPTIMIZERS = ("sgd", "adam")
@@ -54,8 +55,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     grad_bits: int = 32
-    grad_rounding: str = "nearest"
+    grad_rounding: str = "stochastic"
     grad_granularity: str = "tensor"
+    grad_quant: str | None = None
     weight_bits: int = 32
     act_bits: int = 32
     backend: str = "simulate"
@@ -108,7 +110,20 @@ class TrainConfig:
         )
         _choice("backend", self.backend, BACKENDS)
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
-        _choice("grad_granularity", self.grad_granularity, GRANULARITIES)
+        _choice("grad_granularity", self.grad_granularity, INTEGER_GRANULARITIES)
+        if self.grad_quant is not None:
+            _choice("grad_quant", self.grad_quant, tuple(list_presets()))
+            custom = {
+                "grad_bits": (self.grad_bits, 32),
+                "grad_rounding": (self.grad_rounding, "stochastic"),
+                "grad_granularity": (self.grad_granularity, "tensor"),
+            }
+            for name, (value, default) in custom.items():
+                _require(
+                    value == default,
+                    f"grad_quant {self.grad_quant!r} fixes the gradient quantizer; "
+                    f"{name} {value!r} would be ignored (give one or the other)",
+                )
         try:
             self.quant_config()
         except ValueError as err:
@@ -142,12 +157,15 @@ class TrainConfig:
 
     def quant_config(self) -> QuantConfig:
         """The layers' quantization settings."""
-        return QuantConfig(
+        config = QuantConfig(
             grad=QuantSpec(self.grad_bits, self.grad_rounding, self.grad_granularity),
             weight=QuantSpec(self.weight_bits, "nearest", "channel"),
             activation=QuantSpec(self.act_bits, "nearest", "tensor"),
             backend=self.backend,
         )
+        if self.grad_quant is not None:
+            config = preset_config(self.grad_quant, config)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,6 +202,8 @@ HELP = {
     "download": "download the CIFAR-10 python release into --data if it is not there",
     "warmup_epochs": "linear learning-rate warm-up, then cosine decay to zero",
     "grad_bits": "bits of the backward error (2..8, or 32 for full precision)",
+    "grad_quant": "a published gradient quantizer by name (plain, psq, bhq, luq, rht-mxfp4, "
+    "rht-nvfp4, fp8-e5m2); replaces --grad-bits/--grad-rounding/--grad-granularity",
     "weight_bits": "forward (QAT) bits of weights, 32 = off",
     "act_bits": "forward (QAT) bits of activations, 32 = off",
     "backend": "simulate (float products) or int8 (integer products)",

@@ -21,9 +21,9 @@ from metagrad.train import train
 
 DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("fp32 gradients", {"grad_bits": 32}),
-    ("int4 nearest", {"grad_bits": 4}),
-    ("int3 nearest", {"grad_bits": 3}),
-    ("int3 nearest + MetaGrad", {"grad_bits": 3, "method": "metagrad"}),
+    ("int4 nearest", {"grad_bits": 4, "grad_rounding": "nearest"}),
+    ("int3 nearest", {"grad_bits": 3, "grad_rounding": "nearest"}),
+    ("int3 nearest + MetaGrad", {"grad_bits": 3, "grad_rounding": "nearest", "method": "metagrad"}),
     ("int3 stochastic", {"grad_bits": 3, "grad_rounding": "stochastic"}),
     (
         "int3 stochastic + MetaGrad",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagrad import int8
+from metagrad import emulated, int8
 from metagrad.products import bias_grad, conv2d_grads, error_scales, float_operand, linear_grads
 from metagrad.quant import FULL_PRECISION_BITS, QuantSpec, fake_quantize_ste, quantize_codes
 
@@ -30,6 +30,7 @@ BACKENDS: tuple[str, ...] = ("simulate", "int8")
 OPERAND_BITS_CHOICES: tuple[int, ...] = (int8.OPERAND_BITS, FULL_PRECISION_BITS)
 
 IntPair = tuple[int, int]
+PRODUCT_SPECS = ("grad_for_weight_grad", "weight_for_input_grad", "input_for_weight_grad")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ class QuantConfig:
     """Every low-precision setting of a quantized layer.
 
     Args:
-        grad: quantizer of the backward error ``dL/dy`` (32 bits: full-precision backward).
+        grad: quantizer of the backward error ``dL/dy`` (32 bits: full-precision backward), in
+            both backward products unless ``grad_for_weight_grad`` is given. Stochastic
+            rounding by default: rounding to nearest biases every small gradient component
+            towards zero, and the bias accumulates over training.
         weight: forward quantizer of the weight, one scale per output channel by default.
         activation: forward quantizer of the layer input.
         backend: ``"simulate"`` (quantize, then compute in float) or ``"int8"`` (integer
@@ -47,18 +51,32 @@ class QuantConfig:
             full precision; 8 quantizes it exactly as the ``"int8"`` backend does (same folding
             of the error's scale, same codes and scales) but computes in float, so simulate
             reproduces int8's numbers. The ``"int8"`` backend always uses 8-bit operands.
+        grad_for_weight_grad: the error's quantizer in ``dL/dW`` (None: ``grad``).
+        weight_for_input_grad: the weight's quantizer in ``dL/dx`` (None: as
+            ``backward_operand_bits`` says).
+        input_for_weight_grad: the layer input's quantizer in ``dL/dW`` (None: likewise).
+
+    With integer ``grad`` specs and no per-product spec, the backward products run on the
+    error's integer codes (exact in bf16, scales in float32: :mod:`metagrad.products`); any
+    other combination is emulated per product (:mod:`metagrad.emulated`).
     """
 
-    grad: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
+    grad: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, rounding="stochastic"))
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="channel"))
     activation: QuantSpec = field(default_factory=QuantSpec)
     backend: Backend = "simulate"
     backward_operand_bits: int = FULL_PRECISION_BITS
+    grad_for_weight_grad: QuantSpec | None = None
+    weight_for_input_grad: QuantSpec | None = None
+    input_for_weight_grad: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("grad", "weight", "activation"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise TypeError(f"QuantConfig.{name} must be a QuantSpec")
+        for name in PRODUCT_SPECS:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), QuantSpec):
+                raise TypeError(f"QuantConfig.{name} must be a QuantSpec or None")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "int8" and not self.grad.enabled:
@@ -68,6 +86,58 @@ class QuantConfig:
                 f"backward_operand_bits must be one of {OPERAND_BITS_CHOICES}, "
                 f"got {self.backward_operand_bits!r}"
             )
+        if self.backend == "int8" and not self.uses_integer_path:
+            raise ValueError(
+                "backend 'int8' takes integer gradient specs and no per-product specs; "
+                f"got grad={self.grad} (use backend 'simulate')"
+            )
+        explicit = self.weight_for_input_grad or self.input_for_weight_grad
+        if explicit is not None and self.backward_operand_bits != FULL_PRECISION_BITS:
+            raise ValueError(
+                "give either backward_operand_bits or per-product operand specs, not both"
+            )
+        if explicit is not None and not self.grad.enabled:
+            raise ValueError("per-product operand specs need a quantized gradient (grad)")
+        for name in ("weight", "activation"):
+            if not getattr(self, name).is_integer:
+                raise ValueError(
+                    f"QuantConfig.{name} (forward quantization) takes integer specs, "
+                    f"got {getattr(self, name)}"
+                )
+
+    @property
+    def uses_integer_path(self) -> bool:
+        """Whether the backward runs on the error's integer codes (else it is emulated)."""
+        return (
+            self.grad.is_integer
+            and self.grad_for_weight_grad in (None, self.grad)
+            and self.weight_for_input_grad is None
+            and self.input_for_weight_grad is None
+        )
+
+    @property
+    def backward_specs(self) -> tuple[QuantSpec, QuantSpec, QuantSpec, QuantSpec]:
+        """The four backward operands' specs: error and weight in ``dL/dx``... resolved.
+
+        In order: the error in ``dL/dx``, the error in ``dL/dW``, the weight in ``dL/dx``, the
+        layer input in ``dL/dW``.
+        """
+        operand = (
+            QuantSpec(bits=int8.OPERAND_BITS)
+            if self.backward_operand_bits != FULL_PRECISION_BITS
+            else QuantSpec()
+        )
+        return (
+            self.grad,
+            self.grad_for_weight_grad or self.grad,
+            self.weight_for_input_grad or operand,
+            self.input_for_weight_grad or operand,
+        )
+
+    @property
+    def quantizes_backward(self) -> bool:
+        """Whether either backward product quantizes anything."""
+        return any(spec.enabled for spec in self.backward_specs[:2])
 
     @property
     def quantizes_operands(self) -> bool:
@@ -76,7 +146,21 @@ class QuantConfig:
         Never without quantized gradients (``backward_operand_bits`` is then ignored).
         """
         eight = self.backend == "int8" or self.backward_operand_bits != FULL_PRECISION_BITS
-        return self.grad.enabled and eight
+        return self.grad.enabled and eight and self.uses_integer_path
+
+    def to_dict(self) -> dict[str, object]:
+        """The resolved settings as plain values (what summary.json records)."""
+        err_x, err_w, w_spec, x_spec = self.backward_specs
+        return {
+            "backend": self.backend,
+            "grad_for_input_grad": err_x.to_dict(),
+            "grad_for_weight_grad": err_w.to_dict(),
+            "weight_for_input_grad": w_spec.to_dict(),
+            "input_for_weight_grad": x_spec.to_dict(),
+            "weight": self.weight.to_dict(),
+            "activation": self.activation.to_dict(),
+            "path": "integer codes" if self.uses_integer_path else "emulated",
+        }
 
     def __str__(self) -> str:
         text = (
@@ -85,6 +169,9 @@ class QuantConfig:
         )
         if self.backward_operand_bits != FULL_PRECISION_BITS:
             text += f", backward_operands=int{self.backward_operand_bits}"
+        for name in PRODUCT_SPECS:
+            if getattr(self, name) is not None:
+                text += f", {name}={getattr(self, name)}"
         return text
 
 
@@ -166,6 +253,8 @@ class _QuantConv2dFn(torch.autograd.Function):
         if config.quantizes_operands:
             state = int8.ForwardState.unpack(packed)
             grads = int8.conv2d_backward_for(e, x, weight, *ctx.conv, config, mask, state=state)
+        elif not config.uses_integer_path:
+            grads = emulated.conv2d_backward(e, x, weight, ctx.conv, config, mask, ctx.dtypes)
         else:
             codes, scale = quantize_codes(e, config.grad, 1, dtype=x.dtype)
             scales = error_scales(scale, config.grad.granularity, 4)
@@ -211,6 +300,8 @@ class _QuantLinearFn(torch.autograd.Function):
         if config.quantizes_operands:
             state = int8.ForwardState.unpack(packed)
             grads = int8.linear_backward_for(e, x, weight, config, mask, state=state)
+        elif not config.uses_integer_path:
+            grads = emulated.linear_backward(e, x, weight, config, mask, ctx.dtypes)
         else:
             codes, scale = quantize_codes(e, config.grad, -1, dtype=x.dtype)
             scales = error_scales(scale, config.grad.granularity, 2)
@@ -245,7 +336,7 @@ def conv2d(
         return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
     weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
     input = fake_quantize_ste(input, config.activation, channel_dim=1)
-    if not config.grad.enabled:
+    if not config.quantizes_backward:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
 
@@ -256,6 +347,6 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, config:
         return _QuantLinearFn.apply(input, weight, bias, config)
     weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
     input = fake_quantize_ste(input, config.activation, channel_dim=-1)
-    if not config.grad.enabled:
+    if not config.quantizes_backward:
         return F.linear(input, weight, bias)
     return _QuantLinearFn.apply(input, weight, bias, config)

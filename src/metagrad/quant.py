@@ -25,41 +25,72 @@ Special values, by design:
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from metagrad.formats import DITHER_LEVELS, IntFormat, NumberFormat, get_format
 from metagrad.kernels import kernel
+from metagrad.scaling import group_scales
+from metagrad.transforms import Transform, get_transform
 
 Rounding = Literal["nearest", "stochastic"]
-Granularity = Literal["tensor", "channel", "sample"]
+Granularity = Literal["tensor", "channel", "sample", "block"]
+ScaleFormat = Literal["float32", "e8m0", "e4m3"]
 
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
-GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
+INTEGER_GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
+GRANULARITIES: tuple[str, ...] = (*INTEGER_GRANULARITIES, "block")
+SCALE_FORMATS: tuple[str, ...] = ("float32", "e8m0", "e4m3")
 FULL_PRECISION_BITS = 32
 MIN_BITS, MAX_BITS = 2, 8
-DITHER_LEVELS = 256  # resolution of stochastic rounding's noise (one byte per element)
+MAX_BLOCK_SIZE = 1 << 16
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize one kind of tensor.
+    """How to quantize one kind of tensor: number format, scaling, rounding and a transform.
 
     Args:
-        bits: 2 to 8, or 32 meaning "leave in full precision".
+        bits: integer formats: 2 to 8, or 32 meaning "leave in full precision" (ignored when
+            ``format`` names another format).
         rounding: ``"nearest"`` or ``"stochastic"`` (unbiased).
         granularity: one scale for the whole ``"tensor"``, one per ``"channel"`` (the axis is
             given when quantizing: dim 1 for a convolution's error, the last dim for a linear
-            layer's) or one per ``"sample"`` (dim 0).
+            layer's), one per ``"sample"`` (dim 0), or one per ``"block"`` of ``block_size``
+            elements along the product's contraction axis (MX and NVFP4 scaling).
+        format: a registered number format (:mod:`metagrad.formats`: ``"fp8_e5m2"``,
+            ``"fp4_e2m1"``, ``"log4"``, ...); None: the integers of ``bits`` bits. An integer
+            format given by name (``"int4"``) is the same spec as ``bits=4``.
+        block_size: elements per scale when ``granularity`` is ``"block"``.
+        scale_format: ``"float32"`` scales; ``"e8m0"``: powers of two (MX), rounded up so that
+            no element is clipped; ``"e4m3"``: FP8 E4M3 scales under one float32 scale per
+            tensor (NVFP4's two levels), rounded up likewise.
+        transform: a registered orthogonal transform (:mod:`metagrad.transforms`: ``"rht"``,
+            ``"bhq"``) applied before quantization and undone after; None for none.
+        transform_block: the transform's block (``rht``) or group (``bhq``) size.
     """
 
     bits: int = FULL_PRECISION_BITS
     rounding: Rounding = "nearest"
     granularity: Granularity = "tensor"
+    format: str | None = None
+    block_size: int = 32
+    scale_format: ScaleFormat = "float32"
+    transform: str | None = None
+    transform_block: int = 128
 
     def __post_init__(self) -> None:
+        if self.format is not None:
+            fmt = get_format(self.format)  # raises on an unknown name
+            if isinstance(fmt, IntFormat):  # "int4" is bits=4
+                object.__setattr__(self, "bits", fmt.bits)
+                object.__setattr__(self, "format", None)
         bits = self.bits
         if isinstance(bits, bool) or not isinstance(bits, int):
             raise ValueError(f"bits must be an integer, got {bits!r}")
@@ -74,21 +105,62 @@ class QuantSpec:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be an integer in 1..{MAX_BLOCK_SIZE}, got {size!r}")
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(
+                f"scale_format must be one of {SCALE_FORMATS}, got {self.scale_format!r}"
+            )
+        if self.transform is not None:
+            get_transform(self.transform, self.transform_block)  # validates name and size
 
     @property
     def enabled(self) -> bool:
-        """Whether this spec quantizes at all (``bits < 32``)."""
-        return self.bits != FULL_PRECISION_BITS
+        """Whether this spec quantizes at all."""
+        return self.format is not None or self.bits != FULL_PRECISION_BITS
+
+    @property
+    def number_format(self) -> NumberFormat:
+        """The format values are rounded to (an enabled spec only)."""
+        return get_format(self.format) if self.format is not None else IntFormat(self.bits)
+
+    @property
+    def is_integer(self) -> bool:
+        """Symmetric integers with float32 scales per tensor, channel or sample, no transform.
+
+        These are the specs of the integer codes path (:func:`quantize_codes`, the ``int8``
+        backend, the exact low-precision products); every other spec is simulated by
+        :func:`metagrad.fakequant.quantize_along`.
+        """
+        return (
+            self.format is None
+            and self.granularity != "block"
+            and self.scale_format == "float32"
+            and self.transform is None
+        )
 
     @property
     def qmax(self) -> int:
-        """Largest code magnitude: codes lie in ``[-qmax, qmax]``."""
+        """Largest code magnitude of an integer spec: codes lie in ``[-qmax, qmax]``."""
         return 2 ** (self.bits - 1) - 1
+
+    def to_dict(self) -> dict[str, object]:
+        """The spec as plain values (what summary.json records)."""
+        return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         if not self.enabled:
             return "fp32"
-        return f"int{self.bits}-{self.rounding}-{self.granularity}"
+        fmt = self.format or f"int{self.bits}"
+        text = f"{fmt}-{self.rounding}-{self.granularity}"
+        if self.granularity == "block":
+            text += str(self.block_size)
+        if self.scale_format != "float32":
+            text += f"-{self.scale_format}"
+        if self.transform is not None:
+            text += f"-{self.transform}{self.transform_block}"
+        return text
 
 
 def scale_dtype(x: Tensor) -> torch.dtype:
@@ -162,6 +234,10 @@ def quantize_codes(
     """
     if not spec.enabled:
         raise ValueError("quantize_codes needs a spec with bits < 32")
+    if not spec.is_integer:
+        raise ValueError(
+            f"quantize_codes takes integer specs; {spec} is simulated by quantize_along"
+        )
     keep = group_dim(x, spec.granularity, channel_dim)
     dither = _dither(x, generator) if spec.rounding == "stochastic" else None
     return _codes(x, dither, spec.qmax, keep, dtype or x.dtype)
@@ -170,11 +246,154 @@ def quantize_codes(
 def fake_quantize(
     x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Quantize and dequantize ``x`` (same shape and dtype); the identity when ``spec`` is off."""
+    """Quantize and dequantize ``x`` (same shape and dtype); the identity when ``spec`` is off.
+
+    Blocks and transforms of a non-integer spec run along ``channel_dim``.
+    """
     if not spec.enabled:
         return x
+    if not spec.is_integer:
+        out = quantize_along(x, spec, (channel_dim,), channel_dim, generator=generator)
+        return out.to(x.dtype)
     codes, scale = quantize_codes(x, spec, channel_dim, generator=generator, dtype=scale_dtype(x))
     return codes.mul_(scale).to(x.dtype)
+
+
+def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back."""
+    perm = [d for d in range(t.dim()) if d not in axes] + list(axes)
+    moved = t.permute(perm)
+    shape = moved.shape
+    inverse = [perm.index(d) for d in range(t.dim())]
+    length = math.prod(t.shape[d] for d in axes)
+
+    def restore(m: Tensor) -> Tensor:
+        return m.reshape(shape).permute(inverse)
+
+    return moved.reshape(-1, length), restore
+
+
+def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Tensor:
+    fmt = spec.number_format
+    amax = _absmax(t, keep)
+    scale = group_scales(amax, fmt.max_value, spec.scale_format)
+    y = (t / scale).contiguous()
+    dither = _dither(y, generator) if spec.rounding == "stochastic" else None
+    return fmt.round(y, dither).mul_(scale)
+
+
+def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
+    """Round the rows of ``m`` in blocks of ``spec.block_size`` along them (zero-padded)."""
+    fmt = spec.number_format
+    rows, length = m.shape
+    size = spec.block_size
+    padded = -(-length // size) * size
+    if padded != length:
+        m = torch.nn.functional.pad(m, (0, padded - length))
+    blocks = m.reshape(rows, padded // size, size)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = group_scales(amax, fmt.max_value, spec.scale_format, blocks.abs().amax())
+    y = (blocks / scale).contiguous()
+    dither = _dither(y, generator) if spec.rounding == "stochastic" else None
+    return fmt.round(y, dither).mul_(scale).reshape(rows, padded)[:, :length]
+
+
+def _transform_rows(t: Tensor, transform: Transform, axes: tuple[int, ...]) -> Tensor:
+    """``t`` as rows along ``axes`` (flattened), zero-padded to the transform's length."""
+    rows, _ = as_rows(t, axes)
+    length = rows.shape[1]
+    padded = transform.padded_length(length)
+    return rows if padded == length else torch.nn.functional.pad(rows, (0, padded - length))
+
+
+def _transform_axes(transform: Transform, inner: tuple[int, ...]) -> tuple[int, ...]:
+    return inner if transform.axis == "inner" else (0,)
+
+
+def prepare_transform(
+    x: Tensor, spec: QuantSpec, inner: Sequence[int], generator: torch.Generator | None = None
+) -> Any:
+    """One draw of ``spec``'s transform for ``x``: :func:`quantize_along`'s ``transform_state``."""
+    transform = get_transform(spec.transform, spec.transform_block)
+    inner = tuple(d % max(x.dim(), 1) for d in inner)
+    rows = _transform_rows(x.to(scale_dtype(x)), transform, _transform_axes(transform, inner))
+    return transform.prepare(rows, generator)
+
+
+def _group_axis(dim: int, rest: list[int], axes: tuple[int, ...], spec: QuantSpec) -> int:
+    """Where the groups of a channel or sample scale lie in the transformed ``(*rest, L)``."""
+    if dim in rest:
+        return rest.index(dim)
+    if axes == (dim,):
+        return len(rest)
+    raise ValueError(
+        f"{spec}: a {spec.granularity} scale is not defined on the transformed axes {axes}"
+    )
+
+
+def _quantize_transformed(
+    t: Tensor,
+    spec: QuantSpec,
+    transform: Transform,
+    inner: tuple[int, ...],
+    channel_dim: int,
+    generator: torch.Generator | None,
+    state: Any,
+) -> Tensor:
+    axes = _transform_axes(transform, inner)
+    rows = _transform_rows(t, transform, axes)
+    if state is None:
+        state = transform.prepare(rows, generator)
+    rows = transform.forward(rows, state)
+    rest = [d for d in range(t.dim()) if d not in axes]
+    if spec.granularity == "block":
+        if axes != inner:
+            raise ValueError(f"{spec}: blocks run along the contraction axis, the transform not")
+        q = _round_blocks(rows, spec, generator)
+    else:
+        grid = rows.reshape(*[t.shape[d] for d in rest], rows.shape[1])
+        keep = None
+        if spec.granularity != "tensor":
+            dim = 0 if spec.granularity == "sample" else channel_dim % t.dim()
+            keep = _group_axis(dim, rest, axes, spec)
+        q = _round_groups(grid, spec, keep, generator).reshape(rows.shape)
+    q = transform.inverse(q, state)
+    length = math.prod(t.shape[d] for d in axes)
+    _, restore = as_rows(t, axes)
+    return restore(q[:, :length])
+
+
+def quantize_along(
+    x: Tensor,
+    spec: QuantSpec,
+    inner: Sequence[int],
+    channel_dim: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    transform_state: Any = None,
+) -> Tensor:
+    """``T^-1 Q(T x)``: ``x`` quantized as any ``spec`` says, in float32 (float64 for float64).
+
+    ``inner``: the dims a product contracts ``x`` over (flattened, in order): blocks of
+    ``"block"`` granularity and ``"inner"`` transforms run along them; ``"sample"`` transforms
+    run along dim 0. ``channel_dim``: the axis of ``"channel"`` granularity.
+    ``transform_state``: from :func:`prepare_transform` (to share one draw between the operands
+    of a product); None draws one from ``generator``.
+    """
+    if not spec.enabled:
+        return x.to(scale_dtype(x))
+    nd = max(x.dim(), 1)
+    inner = tuple(d % nd for d in inner)
+    t = x.to(scale_dtype(x))
+    if spec.transform is not None:
+        transform = get_transform(spec.transform, spec.transform_block)
+        return _quantize_transformed(
+            t, spec, transform, inner, channel_dim, generator, transform_state
+        )
+    if spec.granularity == "block":
+        rows, restore = as_rows(t, inner)
+        return restore(_round_blocks(rows, spec, generator))
+    return _round_groups(t, spec, group_dim(t, spec.granularity, channel_dim), generator)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

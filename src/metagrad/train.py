@@ -787,6 +787,7 @@ class Trainer:
             "communication": self._communication_summary(),
             "provenance": provenance(self.device),
             "quantization": str(self.cfg.quant_config()),
+            "quantization_spec": self.cfg.quant_config().to_dict(),
             "hypernet": self._hypernet_summary(),
             "quantized_layers": len(quantized_layers(self.model)),
             "backend": self.cfg.backend,

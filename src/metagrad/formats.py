@@ -1,0 +1,179 @@
+"""Number formats that quantized values are rounded to, and their registry.
+
+A format is a small value object that knows its largest magnitude and how to round a tensor,
+already divided by its scale, onto its grid: to nearest (ties to even) or stochastically
+(unbiased: up with probability equal to the distance from the grid point below, in units of the
+local grid step). Two families are built in:
+
+- :class:`IntFormat`: symmetric integers of ``bits`` bits, from ``-(2**(bits-1) - 1)`` to
+  ``2**(bits-1) - 1``;
+- :class:`FloatFormat`: sign, ``exponent`` and ``mantissa`` bits, IEEE-style bias and subnormals,
+  with the top of the range as the format defines it (``"ieee"`` reserves the top exponent for
+  inf/NaN, ``"fn"`` only the all-ones pattern, as FP8 E4M3FN; ``"none"`` reserves nothing).
+  Rounding never overflows: values past the largest magnitude saturate to it.
+
+Named formats: ``int2`` ... ``int8``, ``fp8_e4m3``, ``fp8_e5m2``, ``fp4_e2m1`` (the element type of
+MXFP4 and NVFP4) and ``log4`` (1 sign and 3 exponent bits, no mantissa: zero and seven powers of
+two, the format of LUQ). A new format is one class with ``max_value`` and ``round`` and one
+:func:`register_format` call; see the README for a worked example.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+DITHER_LEVELS = 256  # stochastic rounding's noise: one random byte per element
+
+Specials = Literal["ieee", "fn", "none"]
+
+
+@runtime_checkable
+class NumberFormat(Protocol):
+    """What the quantizer needs from a format."""
+
+    @property
+    def max_value(self) -> float:
+        """The largest finite magnitude."""
+        ...
+
+    def round(self, y: Tensor, dither: Tensor | None) -> Tensor:
+        """``y`` (float32+, already scaled) rounded onto the grid, in ``y``'s dtype.
+
+        ``dither``: random bytes shaped like ``y`` for stochastic rounding, None for nearest.
+        """
+        ...
+
+
+def _round(units: Tensor, dither: Tensor | None) -> Tensor:
+    """To nearest (ties to even), or ``floor(units + (byte + 0.5) / 256)`` (stochastic)."""
+    if dither is None:
+        return torch.round(units)
+    return units.add(0.5 / DITHER_LEVELS).add_(dither, alpha=1 / DITHER_LEVELS).floor_()
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Symmetric integers of ``bits`` bits (2 to 8)."""
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"IntFormat bits must be an integer in 2..8, got {self.bits!r}")
+
+    @property
+    def max_value(self) -> float:
+        return float(2 ** (self.bits - 1) - 1)
+
+    def round(self, y: Tensor, dither: Tensor | None) -> Tensor:
+        return _round(y, dither).clamp_(-self.max_value, self.max_value)
+
+    def __str__(self) -> str:
+        return f"int{self.bits}"
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A binary floating-point format: 1 sign, ``exponent`` and ``mantissa`` bits.
+
+    The bias is ``2**(exponent-1) - 1`` and subnormals are kept (with no mantissa bits the
+    subnormal range holds zero only, so values below the smallest normal round to zero or to
+    it: stochastic underflow under stochastic rounding).
+    """
+
+    exponent: int
+    mantissa: int
+    specials: Specials = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("exponent", "mantissa"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"FloatFormat {name} must be a non-negative integer, got {v!r}")
+        if not 1 <= self.exponent <= 8 or self.mantissa > 10:
+            raise ValueError(
+                "FloatFormat needs 1..8 exponent bits and at most 10 mantissa bits, got "
+                f"e{self.exponent}m{self.mantissa}"
+            )
+        if self.specials not in ("ieee", "fn", "none"):
+            raise ValueError(f"specials must be 'ieee', 'fn' or 'none', got {self.specials!r}")
+        if self.specials == "fn" and self.mantissa == 0:
+            raise ValueError("specials 'fn' needs mantissa bits (its NaN takes the top mantissa)")
+
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.exponent - 1) - 1
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal number."""
+        return 1 - self.bias
+
+    @property
+    def max_exponent(self) -> int:
+        top = 2**self.exponent - 1
+        return (top - 1 if self.specials == "ieee" else top) - self.bias
+
+    @property
+    def max_value(self) -> float:
+        steps = 2**self.mantissa - (2 if self.specials == "fn" else 1)
+        return math.ldexp(1 + steps / 2**self.mantissa, self.max_exponent)
+
+    @property
+    def min_normal(self) -> float:
+        return math.ldexp(1.0, self.min_exponent)
+
+    def round(self, y: Tensor, dither: Tensor | None) -> Tensor:
+        a = y.abs()
+        # a = m * 2**e with m in [0.5, 1): the binade of a is 2**(e-1), its step 2**(e-1-mantissa)
+        _, e = torch.frexp(a)
+        e = torch.clamp(e - 1, min=self.min_exponent)  # subnormals share the smallest binade
+        step = torch.ldexp(torch.ones_like(a), e - self.mantissa)
+        units = a / step  # exact: a division by a power of two
+        units = _round(units, dither)
+        out = (units * step).clamp_(max=self.max_value)
+        return torch.where(torch.isnan(y), y, out.copysign_(y))
+
+    def __str__(self) -> str:
+        return f"fp_e{self.exponent}m{self.mantissa}"
+
+
+_FORMATS: dict[str, NumberFormat] = {}
+
+
+def register_format(name: str, fmt: NumberFormat) -> NumberFormat:
+    """Make ``fmt`` available by ``name`` (in :class:`~metagrad.quant.QuantSpec` and the CLI)."""
+    if not isinstance(fmt, NumberFormat):
+        raise TypeError(f"format {name!r} must have max_value and round(y, dither)")
+    if name in _FORMATS:
+        raise ValueError(f"number format {name!r} is already registered")
+    _FORMATS[name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> NumberFormat:
+    """The registered format ``name``."""
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown number format {name!r}; available: {', '.join(list_formats())}"
+        ) from None
+
+
+def list_formats() -> list[str]:
+    """Names of the registered formats."""
+    return list(_FORMATS)
+
+
+for _bits in range(2, 9):
+    register_format(f"int{_bits}", IntFormat(_bits))
+register_format("fp8_e4m3", FloatFormat(4, 3, "fn"))
+register_format("fp8_e5m2", FloatFormat(5, 2, "ieee"))
+register_format("fp4_e2m1", FloatFormat(2, 1))
+register_format("log4", FloatFormat(3, 0))

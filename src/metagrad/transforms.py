@@ -1,0 +1,210 @@
+"""Orthogonal transforms applied before quantization (and undone after), and their registry.
+
+A transform ``T`` acts along the rows of a matrix ``t`` (shape ``(rows, length)``), i.e. along
+one axis of the tensor (its :attr:`axis`: the product's contraction axis, or the samples); the
+quantizer computes ``T^-1 Q(T t)``. ``T`` is orthogonal, so when both operands of a product
+are transformed along the product's contraction axis with the same ``T`` the transforms cancel in
+the product, ``(T a)^T (T b) = a^T b``: that is how hardware uses them, and why the simulation of
+a quantized product on transformed operands is exact.
+
+- ``rht``: randomized Hadamard transform over blocks of ``block`` elements (a power of two) along
+  the row: ``T = H D / sqrt(block)`` with ``D`` a diagonal of random signs, drawn afresh at every
+  call from the given generator (QuaRot, Quartet, NVIDIA's NVFP4 recipe). It spreads outliers
+  across the block, which makes block scales tighter.
+- ``bhq``: block Householder (Chen et al. 2020), along the sample axis: samples are ranked by
+  magnitude; the ``n/g`` largest are each put in a group with ``g - 1`` of the smallest, and a
+  Householder reflection maps the large one onto the group's mean direction, so its magnitude is
+  shared by ``g`` samples before a per-sample quantizer sees them.
+
+A row whose length is not a multiple of the block is zero-padded; the quantizer drops the padded
+positions after the inverse (a projection: still unbiased, never a larger error).
+
+A new transform is a class with ``padded_length``, ``prepare``, ``forward`` and ``inverse``
+registered with
+:func:`register_transform`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+MIN_RHT_BLOCK, MAX_RHT_BLOCK = 2, 1024
+
+Axis = Literal["inner", "sample"]
+
+
+@runtime_checkable
+class Transform(Protocol):
+    """An orthogonal map of the rows of a ``(rows, length)`` matrix."""
+
+    axis: ClassVar[Axis]  # "inner": the product's contraction axis; "sample": dim 0
+
+    def padded_length(self, length: int) -> int:
+        """The row length the transform works on (rows are zero-padded to it)."""
+        ...
+
+    def prepare(self, t: Tensor, generator: torch.Generator | None) -> Any:
+        """The random or data-dependent state of one use on (padded) rows like ``t``."""
+        ...
+
+    def forward(self, t: Tensor, state: Any) -> Tensor: ...
+
+    def inverse(self, t: Tensor, state: Any) -> Tensor: ...
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix needs a power-of-two order, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
+
+
+@dataclass
+class _RHTState:
+    signs: Tensor  # (block,) of +-1
+    block: int
+
+
+@dataclass(frozen=True)
+class RandomizedHadamard:
+    """Randomized Hadamard transform over blocks of ``block`` elements along each row."""
+
+    axis: ClassVar[Axis] = "inner"
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        b = self.block
+        if (
+            isinstance(b, bool)
+            or not isinstance(b, int)
+            or b & (b - 1)
+            or not (MIN_RHT_BLOCK <= b <= MAX_RHT_BLOCK)
+        ):
+            raise ValueError(
+                f"rht block must be a power of two in {MIN_RHT_BLOCK}..{MAX_RHT_BLOCK}, got {b!r}"
+            )
+
+    def block_for(self, length: int) -> int:
+        """The block used on rows of ``length``: ``block``, or less for shorter rows."""
+        return min(self.block, 1 << max(length - 1, 1).bit_length())
+
+    def padded_length(self, length: int) -> int:
+        b = self.block_for(length)
+        return -(-length // b) * b
+
+    def prepare(self, t: Tensor, generator: torch.Generator | None) -> _RHTState:
+        block = self.block_for(t.shape[-1])
+        bits = torch.randint(0, 2, (block,), generator=generator, device=t.device)
+        return _RHTState(bits.to(t.dtype).mul_(2).sub_(1), block)
+
+    def _apply(self, t: Tensor, state: _RHTState, *, inverse: bool) -> Tensor:
+        rows, length = t.shape
+        b = state.block
+        if length % b:
+            raise ValueError(f"rht rows of length {length} are not a multiple of its block {b}")
+        x = t.reshape(rows, length // b, b)
+        h = hadamard_matrix(b, t.dtype, t.device)
+        x = (x @ h) * state.signs if inverse else (x * state.signs) @ h
+        return x.reshape(rows, length)
+
+    def forward(self, t: Tensor, state: _RHTState) -> Tensor:
+        return self._apply(t, state, inverse=False)
+
+    def inverse(self, t: Tensor, state: _RHTState) -> Tensor:
+        return self._apply(t, state, inverse=True)
+
+
+@dataclass
+class _BHQState:
+    groups: Tensor  # (G, g) positions along the row; the first of each group is a large one
+    v: Tensor  # (g,) unit Householder vector: reflects e_1 onto the mean direction
+
+
+@dataclass(frozen=True)
+class BlockHouseholder:
+    """Block Householder transform over groups of ``group`` positions along the row.
+
+    Positions (the samples, when the row runs over samples) are ranked by their largest
+    magnitude across rows; each of the ``length // group`` largest is grouped with ``group - 1``
+    of the smallest, and reflected so that its values are spread evenly over its group.
+    """
+
+    axis: ClassVar[Axis] = "sample"
+    group: int = 8
+
+    def __post_init__(self) -> None:
+        g = self.group
+        if isinstance(g, bool) or not isinstance(g, int) or not 2 <= g <= 1024:
+            raise ValueError(f"bhq group must be an integer in 2..1024, got {g!r}")
+
+    def padded_length(self, length: int) -> int:
+        return length
+
+    def prepare(self, t: Tensor, generator: torch.Generator | None) -> _BHQState:
+        length = t.shape[-1]
+        g = min(self.group, length)
+        n_groups = length // g if g > 1 else 0
+        order = t.abs().amax(dim=0).argsort(descending=True, stable=True)
+        large = order[:n_groups]
+        small = order[n_groups:].flip(0)[: n_groups * (g - 1)]  # the smallest positions
+        groups = torch.cat([large.unsqueeze(1), small.reshape(n_groups, g - 1)], dim=1)
+        v = torch.full((g,), -1 / math.sqrt(g), dtype=t.dtype, device=t.device)
+        v[0] += 1
+        return _BHQState(groups, v / v.norm())
+
+    def _reflect(self, t: Tensor, state: _BHQState) -> Tensor:
+        if state.groups.numel() == 0:
+            return t
+        block = t[:, state.groups]  # (rows, G, g)
+        block = block - 2 * state.v * (block * state.v).sum(dim=-1, keepdim=True)
+        out = t.clone()
+        out[:, state.groups.reshape(-1)] = block.reshape(t.shape[0], -1)
+        return out
+
+    def forward(self, t: Tensor, state: _BHQState) -> Tensor:
+        return self._reflect(t, state)
+
+    def inverse(self, t: Tensor, state: _BHQState) -> Tensor:
+        return self._reflect(t, state)  # a reflection is its own inverse
+
+
+TransformFactory = Callable[[int], Transform]
+
+_TRANSFORMS: dict[str, TransformFactory] = {}
+
+
+def register_transform(name: str, factory: TransformFactory) -> TransformFactory:
+    """Make ``factory(block) -> Transform`` available by ``name``."""
+    if name in _TRANSFORMS:
+        raise ValueError(f"transform {name!r} is already registered")
+    _TRANSFORMS[name] = factory
+    return factory
+
+
+def get_transform(name: str, block: int) -> Transform:
+    """The registered transform ``name`` with block (or group) size ``block``."""
+    try:
+        factory = _TRANSFORMS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown transform {name!r}; available: {', '.join(list_transforms())}"
+        ) from None
+    return factory(block)
+
+
+def list_transforms() -> list[str]:
+    """Names of the registered transforms."""
+    return list(_TRANSFORMS)
+
+
+register_transform("rht", RandomizedHadamard)
+register_transform("bhq", BlockHouseholder)

@@ -1,0 +1,192 @@
+"""Number formats, shared scales and transforms (metagrad.formats, scaling, transforms)."""
+
+import math
+
+import pytest
+import torch
+
+from metagrad import formats
+from metagrad.formats import FloatFormat, IntFormat, get_format, register_format
+from metagrad.quant import QuantSpec, fake_quantize, quantize_along
+from metagrad.scaling import E4M3, ceil_to_format, ceil_to_power_of_two, group_scales
+from metagrad.transforms import BlockHouseholder, RandomizedHadamard, hadamard_matrix
+
+
+def _draws(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)]
+)
+def test_fp8_nearest_rounding_equals_torch_casts(name, dtype):
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(0)
+    # every binade from below the subnormals to the largest value, plus exact grid points
+    exponents = torch.randint(fmt.min_exponent - fmt.mantissa - 2, fmt.max_exponent + 1, (50000,))
+    y = torch.ldexp(torch.rand(50000, generator=g) + 1, exponents) * torch.sign(
+        torch.randn(50000, generator=g)
+    )
+    y = y.clamp(-fmt.max_value, fmt.max_value)
+    y = torch.cat([y, y.to(dtype).float()])
+    assert torch.equal(fmt.round(y, None), y.to(dtype).float())
+
+
+def test_named_float_formats_have_their_standard_ranges():
+    assert get_format("fp8_e4m3").max_value == 448
+    assert get_format("fp8_e5m2").max_value == 57344
+    assert get_format("fp4_e2m1").max_value == 6
+    assert get_format("log4").max_value == 16
+
+
+def test_fp4_e2m1_grid_is_the_standard_one():
+    y = torch.linspace(-8, 8, 1601)
+    values = get_format("fp4_e2m1").round(y, None).unique().tolist()
+    grid = [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert values == sorted({s * v for v in grid for s in (1, -1)})
+
+
+def test_log4_holds_zero_and_seven_powers_of_two():
+    y = torch.rand(20000) * 16
+    values = get_format("log4").round(y, _draws(20000)).unique().tolist()
+    assert values == [0, 0.25, 0.5, 1, 2, 4, 8, 16]
+
+
+@pytest.mark.parametrize("name", ["int4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "log4"])
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours(name):
+    fmt = get_format(name)
+    y = torch.tensor([0.013, 0.3, 0.74, 1.26, 2.2, 3.9, 5.1]) * (fmt.max_value / 6)
+    n = 20000
+    out = fmt.round(y.repeat(n, 1), _draws(7 * n).view(n, 7))
+    down, up = fmt.round(y, torch.zeros(7, dtype=torch.uint8)), fmt.round(y, None)
+    assert torch.all((out == out.amin(0)) | (out == out.amax(0)))  # two values per element
+    lo = torch.minimum(down, up)
+    assert torch.all(out >= lo - 1e-12)
+    step = out.amax(0) - out.amin(0)
+    # unbiased up to the 8-bit dither resolution and the sampling error
+    tol = step * (1 / 512 + 4 * 0.5 / math.sqrt(n)) + 1e-12
+    assert torch.all((out.mean(0) - y).abs() <= tol)
+
+
+def test_stochastic_underflow_below_the_smallest_normal():
+    fmt = get_format("log4")
+    y = torch.full((40000,), fmt.min_normal * 0.1)
+    out = fmt.round(y, _draws(40000))
+    assert set(out.unique().tolist()) == {0.0, fmt.min_normal}
+    assert out.mean().item() == pytest.approx(y[0].item(), rel=0.1)
+
+
+def test_rounding_saturates_and_keeps_nan():
+    fmt = get_format("fp4_e2m1")
+    out = fmt.round(torch.tensor([7.5, -100.0, float("nan")]), None)
+    assert out[:2].tolist() == [6, -6] and math.isnan(out[2])
+
+
+def test_format_validation_names_the_problem():
+    with pytest.raises(ValueError, match="unknown number format 'fp5'"):
+        get_format("fp5")
+    with pytest.raises(ValueError, match="IntFormat bits"):
+        IntFormat(9)
+    with pytest.raises(ValueError, match="exponent bits"):
+        FloatFormat(0, 3)
+    with pytest.raises(ValueError, match="already registered"):
+        register_format("fp8_e4m3", FloatFormat(4, 3))
+    with pytest.raises(ValueError, match="unknown number format"):
+        QuantSpec(format="nope")
+
+
+def test_a_new_format_is_one_registration(monkeypatch):
+    monkeypatch.setattr(formats, "_FORMATS", dict(formats._FORMATS))
+    register_format("fp6_e3m2", FloatFormat(3, 2))
+    spec = QuantSpec(format="fp6_e3m2", granularity="block", block_size=8)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    q = fake_quantize(x, spec, channel_dim=1)
+    assert q.shape == x.shape and 0 < (q - x).norm() < 0.1 * x.norm()
+
+
+def test_an_integer_format_by_name_is_the_integer_spec():
+    assert QuantSpec(format="int4", rounding="stochastic") == QuantSpec(4, "stochastic")
+
+
+def test_integer_specs_quantize_alike_on_both_paths():
+    """The general quantizer, given an integer spec, reproduces the integer codes path."""
+    x = torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(0))
+    for granularity in ("tensor", "channel", "sample"):
+        spec = QuantSpec(4, "stochastic", granularity)
+        fast = fake_quantize(x, spec, 1, generator=torch.Generator().manual_seed(1))
+        general = quantize_along(x, spec, (0,), 1, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(fast, general)
+
+
+def test_power_of_two_scales_round_up():
+    s = torch.tensor([0.3, 0.5, 1.0, 3.0, 1e-30])
+    assert ceil_to_power_of_two(s).tolist() == [0.5, 0.5, 1.0, 4.0, 2.0**-99]
+
+
+def test_e4m3_ceiling_is_the_next_value_of_the_grid():
+    codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = codes[torch.isfinite(codes)].sort().values  # every non-negative E4M3 value
+    r = torch.rand(5000, generator=torch.Generator().manual_seed(0)) * 448
+    r = torch.cat([r, grid[:50], torch.tensor([1e-4])])
+    expected = grid[torch.searchsorted(grid, r)]  # the first grid value >= r
+    assert torch.equal(ceil_to_format(r, E4M3), expected)
+
+
+@pytest.mark.parametrize("scale_format", ["float32", "e8m0", "e4m3"])
+def test_group_scales_never_clip_and_keep_zero_and_nan_groups_visible(scale_format):
+    amax = torch.tensor([0.0, 1e-3, 2.5, 77.0, float("inf")])
+    scale = group_scales(amax, 6.0, scale_format, tensor_amax=torch.tensor(77.0))
+    assert scale[0] == 1 and math.isnan(scale[4])
+    assert torch.all(amax[1:4] / scale[1:4] <= 6.0 * (1 + 1e-6))
+
+
+def test_hadamard_matrix_is_orthonormal():
+    for n in (1, 2, 16, 128):
+        h = hadamard_matrix(n, torch.float64)
+        assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64))
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_matrix(12)
+
+
+@pytest.mark.parametrize("transform", [RandomizedHadamard(32), BlockHouseholder(8)])
+def test_transforms_are_orthogonal(transform):
+    t = torch.randn(6, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t[:, 5] *= 100  # an outlier position
+    state = transform.prepare(t, torch.Generator().manual_seed(1))
+    forward = transform.forward(t, state)
+    assert torch.allclose(forward.norm(dim=1), t.norm(dim=1))
+    assert torch.allclose(transform.inverse(forward, state), t)
+
+
+def test_hadamard_spreads_an_outlier_over_its_block():
+    t = torch.zeros(1, 32, dtype=torch.float64)
+    t[0, 3] = 1.0
+    rht = RandomizedHadamard(32)
+    out = rht.forward(t, rht.prepare(t, torch.Generator().manual_seed(0)))
+    assert torch.allclose(out.abs(), torch.full_like(out, 1 / math.sqrt(32)))
+
+
+def test_block_householder_spreads_the_largest_position_over_its_group():
+    t = torch.ones(3, 16, dtype=torch.float64) * 0.01
+    t[:, 7] = 10.0
+    bhq = BlockHouseholder(4)
+    state = bhq.prepare(t, None)
+    out = bhq.forward(t, state)
+    group = state.groups[0]
+    assert group[0] == 7
+    assert out.abs().max() < 10.0 / 2 + 0.1  # shared by the group's four positions
+
+
+def test_transform_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        RandomizedHadamard(24)
+    with pytest.raises(ValueError, match="unknown transform"):
+        QuantSpec(bits=4, transform="fft")
+
+
+def test_rht_pads_rows_whose_length_is_not_a_multiple_of_the_block():
+    spec = QuantSpec(format="fp8_e4m3", transform="rht", transform_block=16)
+    x = torch.randn(5, 75, generator=torch.Generator().manual_seed(0))
+    q = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(0))
+    assert q.shape == x.shape and (q - x).norm() < 0.05 * x.norm()
