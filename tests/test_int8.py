@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +14,10 @@ from torch import nn
 
 from metagrad import int8
 from metagrad.functional import QuantConfig, conv2d, linear
+from metagrad.int8.conv import _conv_grad_input_int, _conv_grad_weight_int
+from metagrad.int8.im2col import _Conv, _nhwc_canvas
+from metagrad.int8.intmm import _matrix, _padded
+from metagrad.int8.settings import BackwardSettings
 from metagrad.layers import quantize_
 from metagrad.models import create_model
 from metagrad.quant import INTEGER_GRANULARITIES as GRANULARITIES
@@ -120,20 +129,20 @@ def test_conv_backward_low_bit_error_channels_last(bits: int) -> None:
 @pytest.mark.parametrize("shape", CONV_SHAPES)
 def test_conv_integer_products_are_exact(shape) -> None:
     x, weight, e, stride, padding, dilation = _conv_inputs(shape)
-    g = int8._Conv.of(x.shape, weight.shape, stride, padding, dilation)
+    g = _Conv.of(x.shape, weight.shape, stride, padding, dilation)
     gen = torch.Generator().manual_seed(3)
     e_codes = torch.randint(-127, 128, e.shape, generator=gen, dtype=torch.int8)
     w_codes = torch.randint(-127, 128, weight.shape, generator=gen, dtype=torch.int8)
     x_codes = torch.randint(-127, 128, x.shape, generator=gen, dtype=torch.int8)
-    err = int8._matrix(int8._padded(e[:, 0].numel()), int8._padded(g.c_out), 0, 0, device="cpu")
+    err = _matrix(_padded(e[:, 0].numel()), _padded(g.c_out), 0, 0, device="cpu")
     err.zero_()
     inner = err[: e[:, 0].numel(), : g.c_out].view(g.n, g.ho, g.wo, g.c_out)
     inner.copy_(e_codes.permute(0, 2, 3, 1))
-    canvas, inside = int8._nhwc_canvas(g.n, g.h, g.w, g.c_in, padding, device="cpu", name=None)
+    canvas, inside = _nhwc_canvas(g.n, g.h, g.w, g.c_in, padding, device="cpu", name=None)
     inside.copy_(x_codes)
     # results are views into the workspace: copy before the next product
-    dx = int8._conv_grad_input_int(err, inner, w_codes, g, 127).permute(0, 3, 1, 2).clone()
-    dw = int8._conv_grad_weight_int(err, canvas, g, 127).permute(0, 3, 1, 2).clone()
+    dx = _conv_grad_input_int(err, inner, w_codes, g, 127).permute(0, 3, 1, 2).clone()
+    dw = _conv_grad_weight_int(err, canvas, g, 127).permute(0, 3, 1, 2).clone()
     ref_dx = torch.nn.grad.conv2d_input(
         x.shape, w_codes.double(), e_codes.double(), stride, padding, dilation
     )
@@ -388,3 +397,59 @@ def test_config_operand_bits() -> None:
     with pytest.raises(ValueError, match="backward_operand_bits"):
         QuantConfig(backward_operand_bits=4)
     assert not QuantConfig(grad=QuantSpec(32), backward_operand_bits=8).quantizes_operands
+
+
+# Imports metagrad.int8 under a bare stand-in for the metagrad package: the real
+# metagrad/__init__.py imports metagrad.functional for its public names, which would hide
+# whether the backend itself does.
+_IMPORT_INT8_ALONE = """
+import sys, types
+pkg = types.ModuleType("metagrad")
+pkg.__path__ = [sys.argv[1]]
+sys.modules["metagrad"] = pkg
+import metagrad.int8
+print(" ".join(sorted(name for name in sys.modules if name.startswith("metagrad"))))
+"""
+
+
+def test_int8_does_not_import_functional() -> None:
+    package_dir = str(Path(int8.__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_INT8_ALONE, package_dir],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = result.stdout.split()
+    assert "metagrad.int8.routes" in loaded  # the whole backend was imported
+    assert "metagrad.functional" not in loaded
+    assert "metagrad.layers" not in loaded
+
+
+def test_int8_sources_never_name_functional() -> None:
+    """Not even under ``TYPE_CHECKING``: the backend reads its config through a protocol."""
+    for path in sorted(Path(int8.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                modules = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            assert "metagrad.functional" not in modules, f"{path.name}:{node.lineno}"
+
+
+def test_quant_config_has_what_the_backend_reads() -> None:
+    members = [name for name, v in vars(BackwardSettings).items() if isinstance(v, property)]
+    assert set(members) == {"grad", "weight", "activation", "backend"}
+    config = QuantConfig(backend="int8")
+    for name in members:
+        assert getattr(config, name) is not None
+
+
+def test_int8_public_names() -> None:
+    for name in int8.__all__:
+        assert getattr(int8, name) is not None
+    for name in ("FLOAT_ROUTES", "float_route", "conv2d_backward_for", "linear_backward_for"):
+        assert getattr(int8, name) is not None
