@@ -453,3 +453,23 @@ def test_int8_public_names() -> None:
         assert getattr(int8, name) is not None
     for name in ("FLOAT_ROUTES", "float_route", "conv2d_backward_for", "linear_backward_for"):
         assert getattr(int8, name) is not None
+
+
+@pytest.mark.parametrize("backend", ["int8", "simulate"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_grouped_conv_with_forward_quantization_backpropagates(backend, granularity):
+    """Per-tensor activation scales of a grouped convolution factor out of every group."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, generator=g, requires_grad=True)
+    config = QuantConfig(
+        backend=backend,
+        grad=QuantSpec(8, "nearest", granularity),
+        weight=QuantSpec(8, granularity="channel"),
+        activation=QuantSpec(8),
+    )
+    conv2d(x, w, None, 1, 1, 1, 2, config=config).sum().backward()
+    x_ref, w_ref = x.detach().requires_grad_(), w.detach().requires_grad_()
+    F.conv2d(x_ref, w_ref, None, 1, 1, 1, 2).sum().backward()
+    for got, ref in ((x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+        assert (got - ref).norm() < 0.05 * ref.norm()

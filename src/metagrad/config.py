@@ -161,11 +161,10 @@ class TrainConfig:
             grad=QuantSpec(self.grad_bits, self.grad_rounding, self.grad_granularity),
             weight=QuantSpec(self.weight_bits, "nearest", "channel"),
             activation=QuantSpec(self.act_bits, "nearest", "tensor"),
-            backend=self.backend,
         )
         if self.grad_quant is not None:
             config = preset_config(self.grad_quant, config)
-        return config
+        return dataclasses.replace(config, backend=self.backend)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -96,8 +96,6 @@ class QuantConfig:
             raise ValueError(
                 "give either backward_operand_bits or per-product operand specs, not both"
             )
-        if explicit is not None and not self.grad.enabled:
-            raise ValueError("per-product operand specs need a quantized gradient (grad)")
         for name in ("weight", "activation"):
             if not getattr(self, name).is_integer:
                 raise ValueError(
@@ -137,7 +135,10 @@ class QuantConfig:
     @property
     def quantizes_backward(self) -> bool:
         """Whether either backward product quantizes anything."""
-        return any(spec.enabled for spec in self.backward_specs[:2])
+        explicit = (self.weight_for_input_grad, self.input_for_weight_grad)
+        return any(spec.enabled for spec in self.backward_specs[:2]) or any(
+            spec is not None and spec.enabled for spec in explicit
+        )
 
     @property
     def quantizes_operands(self) -> bool:

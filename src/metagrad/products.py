@@ -142,7 +142,8 @@ def conv2d_grads(
             wo = Operand(wo.value, wo.scale.repeat(1, groups, 1, 1))
         grad_x = _apply(grad_x, _factor(scales.input_factor, wo), dtypes[0])
     if need_w:
-        if groups > 1 and xo.scale is not None:  # output channel o sees x's group o // (O/G)
+        if groups > 1 and xo.scale is not None and xo.scale.numel() > 1:
+            # output channel o sees x's group o // (O/G)
             c_out = shapes[1][0]
             per = xo.scale.reshape(groups, -1).repeat_interleave(c_out // groups, dim=0)
             xo = Operand(xo.value, per.reshape(c_out, -1, 1, 1))

@@ -1,0 +1,162 @@
+"""Per-product backward specs, emulated (metagrad.emulated), against float64 references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metagrad.config import ConfigError, build_config
+from metagrad.functional import QuantConfig, conv2d, linear
+from metagrad.quant import QuantSpec, prepare_transform, quantize_along
+
+FP = QuantSpec()
+E4M3 = QuantSpec(format="fp8_e4m3")
+
+
+def _linear_case(seed: int = 0, lead=(4, 5)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, generator=g, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(*lead, 16, generator=g, dtype=torch.float64)
+    return x, w, b, e
+
+
+def _grads(fn, *tensors, e):
+    for t in tensors:
+        t.grad = None
+    fn(*tensors).backward(e)
+    return [t.grad.clone() for t in tensors]
+
+
+def test_full_precision_products_match_autograd_exactly():
+    """An emulated config whose every spec is off computes the exact float64 gradients."""
+    x, w, b, e = _linear_case()
+    # a per-product spec that is "off" still takes the emulated path
+    config = QuantConfig(grad=QuantSpec(4, "stochastic"), grad_for_weight_grad=FP)
+    assert not config.uses_integer_path
+    got = _grads(lambda *t: linear(*t, config=config), x, w, b, e=e)
+    ref = _grads(F.linear, x, w, b, e=e)
+    assert torch.allclose(got[1], ref[1]) and torch.allclose(got[2], ref[2])  # dW, db exact
+    assert not torch.allclose(got[0], ref[0])  # dx used the 4-bit error
+
+
+def test_each_product_uses_its_own_error_spec():
+    x, w, b, e = _linear_case()
+    config = QuantConfig(grad=FP, grad_for_weight_grad=E4M3)
+    gx, gw, gb = _grads(lambda *t: linear(*t, config=config), x, w, b, e=e)
+    eq = quantize_along(e, E4M3, (0, 1), -1)
+    assert torch.allclose(gx, e @ w.detach())  # dL/dx: full-precision error
+    assert torch.allclose(gw, eq.reshape(-1, 16).T @ x.detach().reshape(-1, 32))
+    assert torch.allclose(gb, eq.sum((0, 1)))
+
+
+def test_operand_specs_quantize_the_weight_and_the_input():
+    x, w, b, e = _linear_case()
+    config = QuantConfig(grad=FP, weight_for_input_grad=E4M3, input_for_weight_grad=E4M3)
+    gx, gw, _ = _grads(lambda *t: linear(*t, config=config), x, w, b, e=e)
+    wq = quantize_along(w.detach(), E4M3, (0,), 0)
+    xq = quantize_along(x.detach(), E4M3, (0, 1), -1)
+    assert torch.allclose(gx, e @ wq)
+    assert torch.allclose(gw, e.reshape(-1, 16).T @ xq.reshape(-1, 32))
+
+
+def test_a_shared_transform_cancels_in_the_product():
+    """With the same RHT draw on both operands, dL/dW = Q(T e)^T Q(T x) exactly."""
+    x, w, b, e = _linear_case(lead=(64,))
+    spec = QuantSpec(format="fp8_e4m3", transform="rht", transform_block=16)
+    config = QuantConfig(grad=FP, grad_for_weight_grad=spec, input_for_weight_grad=spec)
+    torch.manual_seed(3)
+    _, gw, _ = _grads(lambda *t: linear(*t, config=config), x, w, b, e=e)
+    torch.manual_seed(3)
+    state = prepare_transform(e, spec, (0,))
+    eq = quantize_along(e, spec, (0,), -1, transform_state=state)
+    xq = quantize_along(x.detach(), spec, (0,), -1, transform_state=state)
+    assert torch.allclose(gw, eq.T @ xq)
+    # in the transformed basis both operands hold FP8 values times their scale: what an FP8
+    # product on transformed operands computes
+    from metagrad.transforms import hadamard_matrix
+
+    t = torch.block_diag(*[hadamard_matrix(16, torch.float64)] * 4) * state.signs.repeat(4)
+    for q, source in ((eq, e), (xq, x.detach())):
+        scale = (t @ source).abs().max() / 448
+        on_grid = (t @ q) / scale
+        assert torch.allclose(on_grid.float().to(torch.float8_e4m3fn).double(), on_grid)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("quantize_input", [False, True])
+def test_conv_products_against_float64_references(groups, quantize_input):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    conv = dict(stride=2, padding=1, dilation=1, groups=groups)
+    e = torch.randn(3, 6, 5, 5, generator=g, dtype=torch.float64)
+    x_spec = E4M3 if quantize_input else None
+    config = QuantConfig(grad=FP, grad_for_weight_grad=E4M3, input_for_weight_grad=x_spec)
+    got = _grads(lambda *t: conv2d(*t, **conv, config=config), x, w, b, e=e)
+    eq = quantize_along(e, E4M3, (0, 2, 3), 1)
+    cols = F.unfold(x.detach(), 3, padding=1, stride=2).transpose(1, 2)
+    if quantize_input:
+        cols = quantize_along(cols, E4M3, (0, 1), -1)
+    ref_x = _grads(lambda *t: F.conv2d(*t, **conv), x, w, b, e=e)[0]
+    # dL/dW = e^T im2col(x) per group
+    e2, c2 = eq.permute(0, 2, 3, 1).reshape(-1, 6), cols.reshape(-1, cols.shape[-1])
+    per_in = 4 // groups * 9
+    ref_w = torch.cat(
+        [
+            e2[:, k * 6 // groups : (k + 1) * 6 // groups].T @ c2[:, k * per_in : (k + 1) * per_in]
+            for k in range(groups)
+        ]
+    ).reshape(w.shape)
+    assert torch.allclose(got[0], ref_x)
+    assert torch.allclose(got[1], ref_w)
+    assert torch.allclose(got[2], eq.sum((0, 2, 3)))
+
+
+def test_autocast_computes_in_bf16_and_returns_the_inputs_dtypes():
+    x, w, b, e = _linear_case()
+    x, w, b = (t.detach().float().requires_grad_() for t in (x, w, b))
+    config = QuantConfig(grad=QuantSpec(format="fp4_e2m1", granularity="block", block_size=16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w, b, config=config)
+    assert y.dtype == torch.bfloat16
+    y.backward(e.to(torch.bfloat16))
+    assert (x.grad.dtype, w.grad.dtype, b.grad.dtype) == (torch.float32,) * 3
+    ref = e.reshape(-1, 16).T.float() @ x.detach().reshape(-1, 32)
+    assert F.cosine_similarity(w.grad.flatten(), ref.flatten(), dim=0) > 0.95
+
+
+def test_config_validation_names_the_problem():
+    block = QuantSpec(format="fp4_e2m1", granularity="block")
+    with pytest.raises(ValueError, match="backend 'int8' takes integer"):
+        QuantConfig(grad=block, backend="int8")
+    with pytest.raises(ValueError, match="either backward_operand_bits or per-product"):
+        QuantConfig(backward_operand_bits=8, weight_for_input_grad=E4M3)
+    with pytest.raises(ValueError, match="forward quantization"):
+        QuantConfig(weight=block)
+    with pytest.raises(TypeError, match="grad_for_weight_grad must be a QuantSpec"):
+        QuantConfig(grad_for_weight_grad=4)
+
+
+def test_default_config_rounds_stochastically():
+    assert QuantConfig().grad == QuantSpec(8, "stochastic")
+
+
+def test_to_dict_records_every_resolved_spec():
+    d = QuantConfig(grad=QuantSpec(4, "stochastic"), grad_for_weight_grad=E4M3).to_dict()
+    assert d["grad_for_input_grad"]["bits"] == 4
+    assert d["grad_for_weight_grad"]["format"] == "fp8_e4m3"
+    assert d["weight_for_input_grad"]["bits"] == 32 and d["path"] == "emulated"
+
+
+def test_cli_selects_presets_by_name_and_refuses_conflicts():
+    cfg = build_config({"grad_quant": "rht-nvfp4", "model": "small_cnn"})
+    config = cfg.quant_config()
+    assert config.grad.format == "fp4_e2m1" and config.backward_specs[1].transform == "rht"
+    with pytest.raises(ConfigError, match="grad_quant 'luq' fixes the gradient quantizer"):
+        build_config({"grad_quant": "luq", "grad_bits": 4})
+    with pytest.raises(ConfigError, match="grad_quant"):
+        build_config({"grad_quant": "int3"})
+    with pytest.raises(ConfigError, match="backend 'int8' takes integer"):
+        build_config({"grad_quant": "rht-mxfp4", "backend": "int8"})
