@@ -31,6 +31,12 @@ DITHER_LEVELS = 256  # stochastic rounding's noise: one random byte per element
 
 Specials = Literal["ieee", "fn", "none"]
 
+# (integer view, mantissa bits, exponent bias) of the dtypes values are rounded in
+_BIT_LAYOUT: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float32: (torch.int32, 23, 127),
+    torch.float64: (torch.int64, 52, 1023),
+}
+
 
 @runtime_checkable
 class NumberFormat(Protocol):
@@ -130,14 +136,28 @@ class FloatFormat:
 
     def round(self, y: Tensor, dither: Tensor | None) -> Tensor:
         a = y.abs()
-        # a = m * 2**e with m in [0.5, 1): the binade of a is 2**(e-1), its step 2**(e-1-mantissa)
+        layout = _BIT_LAYOUT.get(a.dtype)
+        if layout is None or self.min_exponent - self.mantissa + layout[2] < 1:
+            return self._round_frexp(y, a, dither)
+        int_dtype, mantissa_bits, bias = layout
+        # the binade of a is 2**(field - bias); subnormals share the smallest normal binade and
+        # values past the top one saturate below
+        field = (a.view(int_dtype) >> mantissa_bits).clamp_(
+            self.min_exponent + bias, self.max_exponent + bias
+        )
+        field -= self.mantissa  # the grid step's exponent field: step = 2**(e - mantissa)
+        step = (field << mantissa_bits).view(a.dtype)
+        inverse = ((2 * bias - field) << mantissa_bits).view(a.dtype)  # exactly 1 / step
+        units = _round(a * inverse, dither)
+        return (units * step).clamp_(max=self.max_value).copysign_(y)
+
+    def _round_frexp(self, y: Tensor, a: Tensor, dither: Tensor | None) -> Tensor:
+        """:meth:`round` through ``frexp``/``ldexp`` (any float dtype and exponent range)."""
         _, e = torch.frexp(a)
-        e = torch.clamp(e - 1, min=self.min_exponent)  # subnormals share the smallest binade
+        e = torch.clamp(e - 1, min=self.min_exponent, max=self.max_exponent)
         step = torch.ldexp(torch.ones_like(a), e - self.mantissa)
-        units = a / step  # exact: a division by a power of two
-        units = _round(units, dither)
-        out = (units * step).clamp_(max=self.max_value)
-        return torch.where(torch.isnan(y), y, out.copysign_(y))
+        units = _round(a / step, dither)
+        return (units * step).clamp_(max=self.max_value).copysign_(y)
 
     def __str__(self) -> str:
         return f"fp_e{self.exponent}m{self.mantissa}"

@@ -273,13 +273,17 @@ def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], 
     return moved.reshape(-1, length), restore
 
 
+@kernel
+def _dequantized(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
+    """``t`` rounded onto ``fmt``'s grid times ``scale`` (broadcast), and scaled back."""
+    return fmt.round(t / scale, dither) * scale
+
+
 def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Tensor:
     fmt = spec.number_format
-    amax = _absmax(t, keep)
-    scale = group_scales(amax, fmt.max_value, spec.scale_format)
-    y = (t / scale).contiguous()
-    dither = _dither(y, generator) if spec.rounding == "stochastic" else None
-    return fmt.round(y, dither).mul_(scale)
+    scale = group_scales(_absmax(t, keep), fmt.max_value, spec.scale_format)
+    dither = _dither(t, generator) if spec.rounding == "stochastic" else None
+    return _dequantized(t, scale, dither, fmt)
 
 
 def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
@@ -292,10 +296,9 @@ def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
         m = torch.nn.functional.pad(m, (0, padded - length))
     blocks = m.reshape(rows, padded // size, size)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scale = group_scales(amax, fmt.max_value, spec.scale_format, blocks.abs().amax())
-    y = (blocks / scale).contiguous()
-    dither = _dither(y, generator) if spec.rounding == "stochastic" else None
-    return fmt.round(y, dither).mul_(scale).reshape(rows, padded)[:, :length]
+    scale = group_scales(amax, fmt.max_value, spec.scale_format, amax.amax())
+    dither = _dither(blocks, generator) if spec.rounding == "stochastic" else None
+    return _dequantized(blocks, scale, dither, fmt).reshape(rows, padded)[:, :length]
 
 
 def _transform_rows(t: Tensor, transform: Transform, axes: tuple[int, ...]) -> Tensor:

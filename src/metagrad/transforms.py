@@ -111,10 +111,10 @@ class RandomizedHadamard:
         b = state.block
         if length % b:
             raise ValueError(f"rht rows of length {length} are not a multiple of its block {b}")
-        x = t.reshape(rows, length // b, b)
         h = hadamard_matrix(b, t.dtype, t.device)
-        x = (x @ h) * state.signs if inverse else (x * state.signs) @ h
-        return x.reshape(rows, length)
+        # forward: (x * signs) @ h = x @ (signs[:, None] * h); inverse: (x @ h) * signs
+        h = h * state.signs if inverse else state.signs[:, None] * h
+        return (t.reshape(-1, b) @ h).reshape(rows, length)
 
     def forward(self, t: Tensor, state: _RHTState) -> Tensor:
         return self._apply(t, state, inverse=False)
@@ -126,7 +126,7 @@ class RandomizedHadamard:
 @dataclass
 class _BHQState:
     groups: Tensor  # (G, g) positions along the row; the first of each group is a large one
-    v: Tensor  # (g,) unit Householder vector: reflects e_1 onto the mean direction
+    matrix: Tensor  # (length, length): the block Householder reflection, symmetric orthogonal
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class BlockHouseholder:
 
     Positions (the samples, when the row runs over samples) are ranked by their largest
     magnitude across rows; each of the ``length // group`` largest is grouped with ``group - 1``
-    of the smallest, and reflected so that its values are spread evenly over its group.
+    of the smallest, and reflected so that its values are spread evenly over its group. The
+    reflection is applied as one ``length x length`` matrix (rows run over a batch's samples).
     """
 
     axis: ClassVar[Axis] = "sample"
@@ -159,22 +160,18 @@ class BlockHouseholder:
         groups = torch.cat([large.unsqueeze(1), small.reshape(n_groups, g - 1)], dim=1)
         v = torch.full((g,), -1 / math.sqrt(g), dtype=t.dtype, device=t.device)
         v[0] += 1
-        return _BHQState(groups, v / v.norm())
-
-    def _reflect(self, t: Tensor, state: _BHQState) -> Tensor:
-        if state.groups.numel() == 0:
-            return t
-        block = t[:, state.groups]  # (rows, G, g)
-        block = block - 2 * state.v * (block * state.v).sum(dim=-1, keepdim=True)
-        out = t.clone()
-        out[:, state.groups.reshape(-1)] = block.reshape(t.shape[0], -1)
-        return out
+        v = v / v.norm()
+        reflection = torch.eye(g, dtype=t.dtype, device=t.device) - 2 * torch.outer(v, v)
+        matrix = torch.eye(length, dtype=t.dtype, device=t.device)
+        rows, cols = groups[:, :, None], groups[:, None, :]
+        matrix[rows, cols] = reflection
+        return _BHQState(groups, matrix)
 
     def forward(self, t: Tensor, state: _BHQState) -> Tensor:
-        return self._reflect(t, state)
+        return t @ state.matrix
 
     def inverse(self, t: Tensor, state: _BHQState) -> Tensor:
-        return self._reflect(t, state)  # a reflection is its own inverse
+        return t @ state.matrix  # a reflection is its own inverse
 
 
 TransformFactory = Callable[[int], Transform]
