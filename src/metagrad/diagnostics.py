@@ -40,7 +40,15 @@ def _untouched(model: nn.Module):
 def _full_precision_backward(layers: list[nn.Module]):
     configs = [layer.config for layer in layers]
     for layer, config in zip(layers, configs, strict=True):
-        layer.config = dataclasses.replace(config, grad=QuantSpec(), backend="simulate")
+        layer.config = dataclasses.replace(
+            config,
+            grad=QuantSpec(),
+            grad_for_weight_grad=None,
+            weight_for_input_grad=None,
+            input_for_weight_grad=None,
+            backward_operand_bits=32,
+            backend="simulate",
+        )
     try:
         yield
     finally:

@@ -1,0 +1,182 @@
+"""The published gradient quantizers side by side, plain and with MetaGrad.
+
+    python benchmarks/methods.py --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
+
+Trains full-precision gradients and every preset of :mod:`metagrad.presets` (4 bits; FP8 for
+``fp8-e5m2``) on each seed, then MetaGrad on the two presets with the best mean result, each run
+in its own process (resumable: start the command again to finish). Every run records, every
+``--diag-every`` steps, the cosine similarity and relative error of the weight gradient that
+updates the weights against the full-precision gradient of the same batch. Finally it times the
+training steps of every setting side by side, interleaved on the same batches, relative to the
+``plain`` preset's step. Writes ``benchmarks/results/methods.json`` (``--output``) and prints the
+table that the README shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import time_steps, train_run
+
+from metagrad.data import load_cifar10
+from metagrad.presets import list_presets
+
+PRESETS = ["plain", "psq", "bhq", "luq", "rht-mxfp4", "rht-nvfp4", "fp8-e5m2"]
+BASE: dict[str, Any] = {
+    "model": "vgg16",
+    "width": 0.25,
+    "epochs": 6,
+    "batch_size": 128,
+    "lr": 0.1,
+    "amp": "bf16",  # what users run on this CPU (AMX) and on GPUs
+}
+METAGRAD: dict[str, Any] = {"method": "metagrad", "hyper": "grad+weight", "hyper_hidden": 8}
+
+
+def settings_of(method: str) -> dict[str, Any]:
+    """``metagrad train`` settings of a method name: fp32, a preset, or metagrad+<preset>."""
+    if method == "fp32":
+        return {"grad_bits": 32}
+    if method.startswith("metagrad+"):
+        return {**METAGRAD, "grad_quant": method.removeprefix("metagrad+")}
+    return {"grad_quant": method}
+
+
+def gradient_fidelity(run_dir: Path) -> dict[str, float | None]:
+    """Median over diagnosed steps of the layer-mean cosine and relative error of the used
+    weight gradient against full precision (None without diagnostics)."""
+    path = run_dir / "gradients.jsonl"
+    if not path.is_file():
+        return {"grad_cosine": None, "grad_rel_error": None}
+    cos, err = [], []
+    for line in path.read_text().splitlines():
+        layers = json.loads(line)["layers"].values()
+        cos.append(statistics.fmean(layer["used"]["cosine"] for layer in layers))
+        err.append(statistics.fmean(layer["used"]["rel_error"] for layer in layers))
+    return {"grad_cosine": statistics.median(cos), "grad_rel_error": statistics.median(err)}
+
+
+def aggregate(records: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Per method: mean and spread of the final accuracy over seeds, gap to fp32, fidelity."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        runs = [r for r in records if r["method_name"] == method]
+        accs = [r["final_test_acc"] for r in runs if r["final_test_acc"] is not None]
+        if not runs:
+            continue
+        out[method] = {
+            "seeds": [r["seed"] for r in runs],
+            "final_test_acc": accs,
+            "mean_acc": statistics.fmean(accs) if accs else None,
+            "std_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "diverged": sum(r["diverged_at_step"] is not None for r in runs),
+            "grad_cosine": _mean(r["grad_cosine"] for r in runs),
+            "grad_rel_error": _mean(r["grad_rel_error"] for r in runs),
+        }
+    reference = out.get("fp32", {}).get("mean_acc")
+    for row in out.values():
+        gap = None if reference is None or row["mean_acc"] is None else row["mean_acc"] - reference
+        row["gap_to_fp32"] = gap
+    return out
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def best_presets(table: dict[str, dict[str, Any]], count: int = 2) -> list[str]:
+    """The ``count`` presets with the best mean final accuracy."""
+    scored = [(row["mean_acc"], m) for m, row in table.items() if m in PRESETS and row["mean_acc"]]
+    return [m for _, m in sorted(scored, reverse=True)[:count]]
+
+
+def print_table(table: dict[str, dict[str, Any]], timing: dict[str, float]) -> None:
+    print(f"\n{'method':<22} {'test acc':>15} {'vs fp32':>8} {'cos':>6} {'rel err':>8} {'step':>6}")
+    for method, row in table.items():
+        acc = f"{row['mean_acc']:.2f} ± {row['std_acc']:.2f}" if row["mean_acc"] else "diverged"
+        gap = f"{row['gap_to_fp32']:+.2f}" if row["gap_to_fp32"] is not None else "-"
+        cos = f"{row['grad_cosine']:.3f}" if row["grad_cosine"] is not None else "-"
+        err = f"{row['grad_rel_error']:.3f}" if row["grad_rel_error"] is not None else "-"
+        step = f"{timing[method]:.2f}x" if method in timing else "-"
+        print(f"{method:<22} {acc:>15} {gap:>8} {cos:>6} {err:>8} {step:>6}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--runs-dir", default="runs/methods")
+    parser.add_argument("--output", default="benchmarks/results/methods.json")
+    parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--presets", nargs="+", default=PRESETS, choices=list_presets())
+    parser.add_argument(
+        "--metagrad", nargs="*", help="presets to run MetaGrad on (default: best 2)"
+    )
+    parser.add_argument("--diag-every", type=int, default=100)
+    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
+    args = parser.parse_args()
+
+    base = {**BASE, "epochs": args.epochs, "threads": args.threads, "diag_every": args.diag_every}
+    if args.max_steps:
+        base["max_steps"] = args.max_steps
+    records: list[dict[str, Any]] = []
+
+    def run(method: str) -> None:
+        for seed in args.seeds:
+            name = f"{method}-s{seed}"
+            settings = {**base, **settings_of(method), "seed": seed}
+            record = train_run(name, settings, args.data, Path(args.runs_dir))
+            record.update(method_name=method, **gradient_fidelity(Path(args.runs_dir) / name))
+            records.append(record)
+
+    methods = ["fp32", *args.presets]
+    for method in methods:
+        run(method)
+    chosen = (
+        args.metagrad if args.metagrad is not None else best_presets(aggregate(records, methods))
+    )
+    for preset in chosen:
+        methods.append(f"metagrad+{preset}")
+        run(methods[-1])
+    table = aggregate(records, methods)
+
+    print("== side-by-side step timing", flush=True)
+    timing_base = {k: v for k, v in base.items() if k not in ("epochs", "diag_every", "max_steps")}
+    medians = time_steps(
+        {m: settings_of(m) for m in methods},
+        load_cifar10(args.data),
+        {**timing_base, "data": args.data},
+        steps=args.timing_steps,
+    )
+    reference = medians["plain"] if "plain" in medians else medians["fp32"]
+    timing = {m: t / reference for m, t in medians.items()}
+    result = {
+        "benchmark": "methods",
+        "command": " ".join(["python", *sys.argv]),
+        "settings": base,
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+        "metagrad_on": chosen,
+        "methods": table,
+        "step_seconds": medians,
+        "step_time_vs_plain": timing,
+        "runs": records,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(table, timing)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
