@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantLinear, QuantSpec, quantize_
+from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantLinear, QuantSpec, quantize
 from metagrad.cli import main
 from metagrad.models import create_model
 from metagrad.quant import quantize_codes
@@ -122,7 +122,7 @@ def test_codes_of_a_bf16_error_are_those_of_its_float32_value():
 def test_mixed_precision_changes_gradients_less_than_quantization_noise(backend, dtype):
     torch.manual_seed(0)
     config = QuantConfig(grad=QuantSpec(4, "stochastic", "sample"), backend=backend)
-    model = quantize_(create_model("small_cnn", width=0.5), config)
+    model = quantize(create_model("small_cnn", width=0.5), config)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 
     def grads(seed: int, amp: torch.dtype | None) -> list[torch.Tensor]:
@@ -141,7 +141,7 @@ def test_mixed_precision_changes_gradients_less_than_quantization_noise(backend,
 
 def test_fp16_grad_scaler_unscales_and_skips_non_finite_steps():
     torch.manual_seed(0)
-    model = quantize_(create_model("small_cnn", width=0.5), QuantConfig(grad=QuantSpec(8)))
+    model = quantize(create_model("small_cnn", width=0.5), QuantConfig(grad=QuantSpec(8)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
@@ -171,8 +171,8 @@ def test_fp16_grad_scaler_unscales_and_skips_non_finite_steps():
 def test_metagrad_steps_under_bf16_autocast_with_a_float32_hypernet():
     torch.manual_seed(0)
     config = QuantConfig(grad=QuantSpec(4, "stochastic"))
-    model = quantize_(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), config)
-    twin = quantize_(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), config)
+    model = quantize(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), config)
+    twin = quantize(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), config)
     twin.load_state_dict(model.state_dict())
     opts = [MetaGrad(m, lr=0.1, momentum=0.9, hyper_lr=1e-3) for m in (model, twin)]
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metagrad import QuantConfig, QuantSpec, quantize_
+from metagrad import QuantConfig, QuantSpec, quantize
 from metagrad.ceiling import (
     FAMILIES,
     GRAD_LEVELS,
@@ -294,7 +294,7 @@ def test_snr_of_one_draw_has_only_the_error_version() -> None:
 def _model(rounding: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = QuantConfig(grad=QuantSpec(bits=4, rounding=rounding))
-    return quantize_(create_model("small_cnn", width=0.5), config).train()
+    return quantize(create_model("small_cnn", width=0.5), config).train()
 
 
 def test_gradient_draws_differ_only_by_the_rounding_draws() -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantSpec, int8, kernels, quantize_
+from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantSpec, int8, kernels, quantize
 from metagrad.cli import main
 from metagrad.data import BatchLoader
 from metagrad.int8 import fallback_report
@@ -48,7 +48,7 @@ def test_int8_conv_on_cuda_integer_and_routed_paths_agree_with_the_cpu(granulari
 
 
 def test_int8_backend_reports_the_cuda_convolution_route():
-    model = quantize_(create_model("small_cnn"), QuantConfig(grad=QuantSpec(8), backend="int8"))
+    model = quantize(create_model("small_cnn"), QuantConfig(grad=QuantSpec(8), backend="int8"))
     report = fallback_report(model.to(CUDA))
     convs = [n for n, m in model.named_modules() if isinstance(m, QuantConv2d)]
     assert convs and all("bf16" in report[n] for n in convs)
@@ -136,7 +136,7 @@ def test_metagrad_step_on_cuda_with_compiled_kernels():
     for device in ("cpu", CUDA):
         torch.manual_seed(0)
         config = QuantConfig(grad=QuantSpec(8))
-        model = quantize_(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)), config)
+        model = quantize(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)), config)
         model = model.to(device)
         opt = MetaGrad(model, lr=0.1, momentum=0.9, hyper_lr=1e-2)
         gen = torch.Generator().manual_seed(1)

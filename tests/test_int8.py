@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import int8
+from metagrad.convert import quantize, quantize_
 from metagrad.functional import QuantConfig, conv2d, linear
 from metagrad.int8.conv import _conv_grad_input_int, _conv_grad_weight_int
 from metagrad.int8.im2col import _Conv, _nhwc_canvas
 from metagrad.int8.intmm import _matrix, _padded
 from metagrad.int8.settings import BackwardSettings
-from metagrad.layers import quantize_
 from metagrad.models import create_model
 from metagrad.quant import INTEGER_GRANULARITIES as GRANULARITIES
 from metagrad.quant import ROUNDINGS, QuantSpec, quantize_codes
@@ -349,10 +349,10 @@ def test_grouped_conv_falls_back_and_is_reported() -> None:
 
 
 def test_forward_fallback_is_reported() -> None:
-    layer = quantize_(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8", "channel"))[0]
+    layer = quantize(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8", "channel"))[0]
     assert "per-channel activation" in int8.fallback_reason(layer)
     assert (
-        int8.fallback_reason(quantize_(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8"))[0])
+        int8.fallback_reason(quantize(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8"))[0])
         is None
     )
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize_
+from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
 from metagrad.quant import quantize_codes
 
@@ -133,7 +133,7 @@ def test_metagrad_with_compiled_kernels_follows_the_eager_trajectory(compiled):
     runs = []
     for compile_on in (True, False):
         torch.manual_seed(0)
-        model = quantize_(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)), config)
+        model = quantize(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)), config)
         opt = MetaGrad(model, lr=0.1, momentum=0.9, nesterov=True, hyper_lr=1e-2)
         with kernels.compiled(compile_on):
             for step in range(5):

@@ -177,7 +177,9 @@ def test_quantize_in_place_keeps_parameters_so_existing_optimizers_work():
     model = _model()
     params = list(model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert quantize_(model, _config(4)) is model
+    report = quantize_(model, _config(4))
+    assert report.converted == {"0": "Conv2d", "3.0": "Conv2d", "6": "Linear"}
+    assert report.unconverted == {}
     assert isinstance(model[0], QuantConv2d)
     assert isinstance(model[3][0], QuantConv2d)
     assert isinstance(model[6], QuantLinear)
@@ -189,7 +191,9 @@ def test_quantize_in_place_keeps_parameters_so_existing_optimizers_work():
 
 
 def test_quantize_filter_skips_first_and_last_layers():
-    model = quantize_(_model(), _config(4), filter_fn=lambda m, name: name not in {"0", "6"})
+    model = _model()
+    report = quantize_(model, _config(4), filter_fn=lambda m, name: name not in {"0", "6"})
+    assert report.unconverted == {"0": "excluded by filter", "6": "excluded by filter"}
     assert type(model[0]) is nn.Conv2d
     assert isinstance(model[3][0], QuantConv2d)
     assert type(model[6]) is nn.Linear
@@ -209,8 +213,8 @@ def test_quantize_returns_a_copy_and_leaves_the_original():
 def test_quantize_rejects_a_bare_layer_and_reconfigures_quantized_ones():
     with pytest.raises(ValueError, match="inside a model"):
         quantize_(nn.Linear(3, 3))
-    model = quantize_(_model(), _config(4))
-    quantize_(model, _config(8))
+    model = quantize(_model(), _config(4))
+    assert list(quantize_(model, _config(8)).converted) == ["0", "3.0", "6"]
     assert model[0].config.grad.bits == 8
 
 

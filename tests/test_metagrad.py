@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad import QuantConfig, QuantSpec, quantize_
+from metagrad import QuantConfig, QuantSpec, quantize
 from metagrad.hyper import create_hypernet
 from metagrad.models import create_model
 from metagrad.optim import MetaGrad, meta_parameters
@@ -21,13 +21,13 @@ INT4_GRADS = QuantConfig(grad=QuantSpec(bits=4, rounding="stochastic"))
 
 def _small_cnn(config: QuantConfig, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return quantize_(create_model("small_cnn", width=0.5), config)
+    return quantize(create_model("small_cnn", width=0.5), config)
 
 
 def _mlp(config: QuantConfig, seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    return quantize_(model, config).to(dtype)
+    return quantize(model, config).to(dtype)
 
 
 def _batch(step: int, image: bool = True, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from metagrad import kernels
 from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagrad.cli import main
 from metagrad.config import ConfigError, build_config, read_config_file
-from metagrad.train import train
+from metagrad.train import build_model, load_dataset, train
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 # Compiled kernels are tested in test_kernels.py and by the CIFAR-10 run below; here they would
@@ -90,11 +90,24 @@ def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
     assert written == summary
     assert summary["config"]["grad_bits"] == 4
     assert summary["quantized_layers"] == 4
+    coverage = summary["quantization_coverage"]
+    assert len(coverage["converted"]) == 4 and coverage["unconverted"] == {}
     assert summary["final_test_acc"] == history[-1]["test_acc"]
     assert summary["best_test_acc"] >= summary["final_test_acc"]
     assert summary["mean_step_seconds"] > 0 and summary["peak_memory_mb"] > 0
     assert load_checkpoint(out / "checkpoint.pt")["position"]["epoch"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_the_model_records_its_quantization_coverage(tmp_path):
+    cfg = _cfg(tmp_path / "run", fp_first_last=True)
+    model = build_model(cfg, load_dataset(cfg), torch.device("cpu"))
+    coverage = model.quantization_coverage
+    assert coverage["unconverted"] == {
+        "stem.0": "excluded by filter",
+        "classifier": "excluded by filter",
+    }
+    assert len(coverage["converted"]) == 2
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_a_summary(tmp_path, capsys):

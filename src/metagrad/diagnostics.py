@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metagrad.functional import QuantConfig
 from metagrad.layers import quantized_layers
 from metagrad.quant import QuantSpec
 
@@ -37,7 +38,9 @@ def _untouched(model: nn.Module):
 
 
 @contextmanager
-def _full_precision_backward(layers: list[nn.Module]):
+def _full_precision_backward(model: nn.Module):
+    """Every quantized module of ``model`` (attention included) with a full-precision backward."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "config", None), QuantConfig)]
     configs = [layer.config for layer in layers]
     for layer, config in zip(layers, configs, strict=True):
         layer.config = dataclasses.replace(
@@ -70,7 +73,7 @@ def paired_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, tuple[
     layers = [layer for _, layer in named]
     weights = [layer.weight for layer in layers]
     with _untouched(model):
-        with _full_precision_backward(layers):
+        with _full_precision_backward(model):
             reference = _weight_grads(model, weights, x, y)
         quantized = _weight_grads(model, weights, x, y)
     return {name: (ref, q) for (name, _), ref, q in zip(named, reference, quantized, strict=True)}
@@ -145,7 +148,7 @@ def gradient_draws(
     layers = [layer for _, layer in named]
     weights = [layer.weight for layer in layers]
     with _untouched(model):
-        with _full_precision_backward(layers):
+        with _full_precision_backward(model):
             reference = _weight_grads(model, weights, x, y)
         loss = F.cross_entropy(model(x), y)
         draws = [

@@ -1,9 +1,12 @@
-"""Drop-in ``nn.Conv2d`` / ``nn.Linear`` with quantized backward passes, and model conversion."""
+"""Drop-in ``nn.Conv2d`` / ``nn.Linear`` with quantized backward passes.
+
+Converting a model's layers (:func:`metagrad.convert.quantize_`) builds these as twins of the
+original layers (:func:`twin`): same ``Parameter`` objects, buffers, submodules and hooks.
+"""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+from typing import TypeVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,7 +14,7 @@ from torch import Tensor, nn
 from metagrad import functional as QF
 from metagrad.functional import QuantConfig
 
-FilterFn = Callable[[nn.Module, str], bool]
+M = TypeVar("M", bound=nn.Module)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -55,57 +58,19 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, config={self.config}"
 
 
-def _convert(module: nn.Module, config: QuantConfig) -> nn.Module:
-    """A quantized twin of ``module`` that shares its parameters, buffers and hooks."""
-    if isinstance(module, (QuantConv2d, QuantLinear)):
-        module.config = config
-        return module
-    if type(module) is nn.Conv2d:
-        new_cls: type[nn.Module] = QuantConv2d
-    elif type(module) is nn.Linear:
-        new_cls = QuantLinear
-    else:
-        return module
-    new = new_cls.__new__(new_cls)
+def twin(module: nn.Module, cls: type[M]) -> M:
+    """A ``cls`` instance sharing ``module``'s parameters, buffers, submodules and hooks.
+
+    ``cls`` must be able to run on ``module``'s attributes (typically a subclass of its type that
+    only changes ``forward``); no ``__init__`` runs. The containers (``_parameters``,
+    ``_modules``, hook dicts) are copied, their contents are not, so an optimizer built on
+    ``module``'s parameters keeps updating the twin's.
+    """
+    new = cls.__new__(cls)
     new.__dict__ = {k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()}
-    new.config = config
     return new
 
 
-def default_filter(module: nn.Module, name: str) -> bool:
-    """Quantize every ``nn.Conv2d`` and ``nn.Linear``."""
-    return isinstance(module, (nn.Conv2d, nn.Linear))
-
-
-def quantize_(
-    model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn | None = None
-) -> nn.Module:
-    """Swap the model's ``Conv2d``/``Linear`` layers for quantized ones, in place.
-
-    The swapped layers keep the very same ``Parameter`` objects, so an optimizer built before the
-    call still updates them. ``filter_fn(module, qualified_name)`` chooses which layers to convert
-    (e.g. ``lambda m, name: name not in {"conv1", "classifier"}`` keeps the first and last layer in
-    full precision). Returns ``model``.
-    """
-    config = config if config is not None else QuantConfig()
-    filter_fn = filter_fn or default_filter
-    if isinstance(model, (nn.Conv2d, nn.Linear)):
-        raise ValueError("quantize_ converts layers inside a model; wrap a bare layer first")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            fqn = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, (nn.Conv2d, nn.Linear)) and filter_fn(child, fqn):
-                setattr(module, child_name, _convert(child, config))
-    return model
-
-
-def quantize(
-    model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn | None = None
-) -> nn.Module:
-    """A converted deep copy of ``model``; the original is left untouched."""
-    return quantize_(copy.deepcopy(model), config, filter_fn)
-
-
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's quantized layers with their qualified names."""
+    """The model's quantized ``Conv2d``/``Linear`` layers (those with one ``weight``), by name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]

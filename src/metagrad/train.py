@@ -28,6 +28,7 @@ from metagrad.checkpoint import (
     write_jsonl,
 )
 from metagrad.config import HYPER_KEYS, RESUMABLE_KEYS, ConfigError, TrainConfig
+from metagrad.convert import quantize_
 from metagrad.data import (
     BatchLoader,
     ImageDataset,
@@ -39,7 +40,7 @@ from metagrad.data import (
 from metagrad.data import load_digits_dataset as _load_digits
 from metagrad.diagnostics import gradient_report
 from metagrad.int8 import fallback_report
-from metagrad.layers import quantize_, quantized_layers
+from metagrad.layers import quantized_layers
 from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -154,7 +155,8 @@ def build_model(cfg: TrainConfig, dataset: ImageDataset, device: torch.device) -
         cfg.model, num_classes=len(dataset.classes), width=cfg.width, in_channels=channels
     )
     skip = {FIRST_CONV_NAME, CLASSIFIER_NAME} if cfg.fp_first_last else set()
-    quantize_(model, cfg.quant_config(), filter_fn=lambda m, name: name not in skip)
+    report = quantize_(model, cfg.quant_config(), filter_fn=lambda m, name: name not in skip)
+    model.quantization_coverage = report.to_dict()  # for the run's summary
     model = model.to(device, memory_format=torch.channels_last)
     probe = torch.zeros(2, channels, height, width, device=device)
     try:
@@ -790,6 +792,7 @@ class Trainer:
             "quantization_spec": self.cfg.quant_config().to_dict(),
             "hypernet": self._hypernet_summary(),
             "quantized_layers": len(quantized_layers(self.model)),
+            "quantization_coverage": self.model.quantization_coverage,
             "backend": self.cfg.backend,
             "int8_fallbacks": fallback_report(self.model) if self.cfg.backend == "int8" else {},
             "in_progress": in_progress,
