@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from metagrad.functional import BACKENDS, QuantConfig
+from metagrad.backends import list_backends
+from metagrad.functional import QuantConfig
 from metagrad.models import list_models
 from metagrad.presets import list_presets, preset_config
 from metagrad.quant import INTEGER_GRANULARITIES, ROUNDINGS, QuantSpec
@@ -108,7 +109,7 @@ class TrainConfig:
             not (self.amp == "fp16" and self.method == "metagrad"),
             "amp 'fp16' needs loss scaling, which MetaGrad's step does not do; use amp 'bf16'",
         )
-        _choice("backend", self.backend, BACKENDS)
+        _choice("backend", self.backend, tuple(list_backends()))
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _choice("grad_granularity", self.grad_granularity, INTEGER_GRANULARITIES)
         if self.grad_quant is not None:

@@ -15,18 +15,15 @@ weight gets a float32 gradient, not a rounded bf16 one).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagrad import emulated, int8
-from metagrad.products import bias_grad, conv2d_grads, error_scales, float_operand, linear_grads
-from metagrad.quant import FULL_PRECISION_BITS, QuantSpec, fake_quantize_ste, quantize_codes
+from metagrad import int8
+from metagrad.backends import get_backend
+from metagrad.quant import FULL_PRECISION_BITS, QuantSpec, fake_quantize_ste
 
-Backend = Literal["simulate", "int8"]
-BACKENDS: tuple[str, ...] = ("simulate", "int8")
 OPERAND_BITS_CHOICES: tuple[int, ...] = (int8.OPERAND_BITS, FULL_PRECISION_BITS)
 
 IntPair = tuple[int, int]
@@ -44,8 +41,8 @@ class QuantConfig:
             towards zero, and the bias accumulates over training.
         weight: forward quantizer of the weight, one scale per output channel by default.
         activation: forward quantizer of the layer input.
-        backend: ``"simulate"`` (quantize, then compute in float) or ``"int8"`` (integer
-            products; see :mod:`metagrad.int8`).
+        backend: a registered backend (:mod:`metagrad.backends`): ``"simulate"`` (quantize,
+            then compute in float) or ``"int8"`` (integer products; :mod:`metagrad.int8`).
         backward_operand_bits: bits of the other operand of each backward product (the weight
             for ``dL/dx``, the layer input for ``dL/dW``) under ``"simulate"``: 32 keeps it in
             full precision; 8 quantizes it exactly as the ``"int8"`` backend does (same folding
@@ -64,7 +61,7 @@ class QuantConfig:
     grad: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, rounding="stochastic"))
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="channel"))
     activation: QuantSpec = field(default_factory=QuantSpec)
-    backend: Backend = "simulate"
+    backend: str = "simulate"
     backward_operand_bits: int = FULL_PRECISION_BITS
     grad_for_weight_grad: QuantSpec | None = None
     weight_for_input_grad: QuantSpec | None = None
@@ -77,20 +74,14 @@ class QuantConfig:
         for name in PRODUCT_SPECS:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), QuantSpec):
                 raise TypeError(f"QuantConfig.{name} must be a QuantSpec or None")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "int8" and not self.grad.enabled:
-            raise ValueError("backend 'int8' needs quantized gradients (grad bits 2..8)")
         if self.backward_operand_bits not in OPERAND_BITS_CHOICES:
             raise ValueError(
                 f"backward_operand_bits must be one of {OPERAND_BITS_CHOICES}, "
                 f"got {self.backward_operand_bits!r}"
             )
-        if self.backend == "int8" and not self.uses_integer_path:
-            raise ValueError(
-                "backend 'int8' takes integer gradient specs and no per-product specs; "
-                f"got grad={self.grad} (use backend 'simulate')"
-            )
+        reason = get_backend(self.backend).check(self)  # an unknown name raises here
+        if reason is not None:
+            raise ValueError(reason)
         explicit = self.weight_for_input_grad or self.input_for_weight_grad
         if explicit is not None and self.backward_operand_bits != FULL_PRECISION_BITS:
             raise ValueError(
@@ -251,26 +242,9 @@ class _QuantConv2dFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = (need_x, need_w, need_b and ctx.has_bias)
         config: QuantConfig = ctx.config
-        if config.quantizes_operands:
-            state = int8.ForwardState.unpack(packed)
-            grads = int8.conv2d_backward_for(e, x, weight, *ctx.conv, config, mask, state=state)
-        elif not config.uses_integer_path:
-            grads = emulated.conv2d_backward(e, x, weight, ctx.conv, config, mask, ctx.dtypes)
-        else:
-            codes, scale = quantize_codes(e, config.grad, 1, dtype=x.dtype)
-            scales = error_scales(scale, config.grad.granularity, 4)
-            grad_x, grad_w = conv2d_grads(
-                codes,
-                scales,
-                float_operand(x, x.dtype),
-                float_operand(weight, x.dtype),
-                (x.shape, weight.shape),
-                ctx.conv,
-                mask,
-                ctx.dtypes[:2],  # scaled straight into the inputs' own dtypes
-            )
-            grad_b = bias_grad(codes, scale, 1) if mask[2] else None
-            grads = (grad_x, grad_w, grad_b)
+        state = int8.ForwardState.unpack(packed) if config.quantizes_operands else None
+        backend = get_backend(config.backend)
+        grads = backend.conv2d_backward(e, x, weight, ctx.conv, config, mask, ctx.dtypes, state)
         return (*_cast_grads(grads, ctx.dtypes), None, None, None, None, None)
 
 
@@ -298,24 +272,9 @@ class _QuantLinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = (need_x, need_w, need_b and ctx.has_bias)
         config: QuantConfig = ctx.config
-        if config.quantizes_operands:
-            state = int8.ForwardState.unpack(packed)
-            grads = int8.linear_backward_for(e, x, weight, config, mask, state=state)
-        elif not config.uses_integer_path:
-            grads = emulated.linear_backward(e, x, weight, config, mask, ctx.dtypes)
-        else:
-            codes, scale = quantize_codes(e, config.grad, -1, dtype=x.dtype)
-            scales = error_scales(scale, config.grad.granularity, 2)
-            grad_x, grad_w = linear_grads(
-                codes,
-                scales,
-                float_operand(x, x.dtype),
-                float_operand(weight, x.dtype),
-                mask,
-                ctx.dtypes[:2],  # scaled straight into the inputs' own dtypes
-            )
-            grad_b = bias_grad(codes, scale, -1) if mask[2] else None
-            grads = (grad_x, grad_w, grad_b)
+        state = int8.ForwardState.unpack(packed) if config.quantizes_operands else None
+        backend = get_backend(config.backend)
+        grads = backend.linear_backward(e, x, weight, config, mask, ctx.dtypes, state)
         return (*_cast_grads(grads, ctx.dtypes), None)
 
 
