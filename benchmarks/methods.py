@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     args = parser.parse_args()
 
     base = {**BASE, "epochs": args.epochs, "threads": args.threads, "diag_every": args.diag_every}
@@ -132,23 +134,26 @@ def main() -> None:
         base["max_steps"] = args.max_steps
     records: list[dict[str, Any]] = []
 
-    def run(method: str) -> None:
-        for seed in args.seeds:
-            name = f"{method}-s{seed}"
-            settings = {**base, **settings_of(method), "seed": seed}
-            record = train_run(name, settings, args.data, Path(args.runs_dir))
-            record.update(method_name=method, **gradient_fidelity(Path(args.runs_dir) / name))
-            records.append(record)
+    def run_one(job: tuple[str, int]) -> dict[str, Any]:
+        method, seed = job
+        name = f"{method}-s{seed}"
+        settings = {**base, **settings_of(method), "seed": seed}
+        record = train_run(name, settings, args.data, Path(args.runs_dir))
+        record.update(method_name=method, **gradient_fidelity(Path(args.runs_dir) / name))
+        return record
+
+    def run(methods: list[str]) -> None:
+        jobs = [(method, seed) for seed in args.seeds for method in methods]
+        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+            records.extend(pool.map(run_one, jobs))
 
     methods = ["fp32", *args.presets]
-    for method in methods:
-        run(method)
-    chosen = (
-        args.metagrad if args.metagrad is not None else best_presets(aggregate(records, methods))
-    )
-    for preset in chosen:
-        methods.append(f"metagrad+{preset}")
-        run(methods[-1])
+    run(methods)
+    chosen = args.metagrad
+    if chosen is None:
+        chosen = best_presets(aggregate(records, methods))
+    run([f"metagrad+{preset}" for preset in chosen])
+    methods += [f"metagrad+{preset}" for preset in chosen]
     table = aggregate(records, methods)
 
     print("== side-by-side step timing", flush=True)
