@@ -54,6 +54,11 @@ def _pair(e: Tensor, o: Tensor, specs, inner, channels, dtype: torch.dtype):
     return eq.to(dtype), oq.to(dtype)
 
 
+def _shared_error(err_x: QuantSpec, err_w: QuantSpec) -> bool:
+    """Whether both products can use one quantized error (same spec, no axis-bound part)."""
+    return err_x == err_w and err_x.granularity != "block" and err_x.transform is None
+
+
 def linear_backward(
     e: Tensor,
     x: Tensor,
@@ -67,15 +72,24 @@ def linear_backward(
     dtype = x.dtype  # the compute dtype: the autocast dtype when the forward ran under it
     err_x, err_w, w_spec, x_spec = config.backward_specs
     grad_x = grad_w = grad_b = None
+    shared = None
+    if _shared_error(err_x, err_w) and need_x and (need_w or need_b):
+        shared = quantize_along(e, err_x, (e.dim() - 1,), -1).to(dtype)
     if need_x:
         # dL/dx = e W: contracts the output features (e's last dim, W's dim 0)
-        last = e.dim() - 1
-        eq, wq = _pair(e, weight, (err_x, w_spec), ((last,), (0,)), (-1, 0), dtype)
+        if shared is None:
+            last = e.dim() - 1
+            eq, wq = _pair(e, weight, (err_x, w_spec), ((last,), (0,)), (-1, 0), dtype)
+        else:
+            eq, wq = shared, quantize_along(weight, w_spec, (0,), 0).to(dtype)
         grad_x = eq.matmul(wq).to(dtypes[0])
     if need_w or need_b:
         # dL/dW = e^T x: contracts every leading dim (samples, tokens)
         lead = tuple(range(e.dim() - 1))
-        eq, xq = _pair(e, x, (err_w, x_spec), (lead, lead), (-1, -1), dtype)
+        if shared is None:
+            eq, xq = _pair(e, x, (err_w, x_spec), (lead, lead), (-1, -1), dtype)
+        else:
+            eq, xq = shared, quantize_along(x, x_spec, lead, -1).to(dtype)
         eq = eq.reshape(-1, e.shape[-1])
         if need_w:
             grad_w = eq.t().mm(xq.reshape(-1, x.shape[-1])).to(dtypes[1])
@@ -101,6 +115,14 @@ def conv2d_backward(
     backward = torch.ops.aten.convolution_backward
     args = (stride, padding, dilation, False, (0, 0), groups)
     grad_x = grad_w = grad_b = None
+    plain_operands = not (w_spec.enabled or x_spec.enabled)
+    if _shared_error(err_x, err_w) and plain_operands and need_x and (need_w or need_b):
+        # one quantized error, one convolution_backward for both products
+        eq = quantize_along(e, err_x, (1,), 1).to(dtype)
+        grad_x, grad_w, _ = backward(eq, x, weight.to(dtype), None, *args, (True, need_w, False))
+        grad_w = grad_w.to(dtypes[1]) if need_w else None
+        grad_b = eq.sum((0, 2, 3), dtype=torch.float32).to(dtypes[2]) if need_b else None
+        return grad_x.to(dtypes[0]), grad_w, grad_b
     if need_x:
         # contracts output channels: e's dim 1, W's dim 0
         eq, wq = _pair(e, weight, (err_x, w_spec), ((1,), (0,)), (1, 0), dtype)
