@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def main() -> None:
         "--metagrad", nargs="*", help="presets to run MetaGrad on (default: best 2)"
     )
     parser.add_argument("--diag-every", type=int, default=100)
-    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--timing-steps", type=int, default=20, help="0: no step timing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
@@ -133,52 +134,65 @@ def main() -> None:
     if args.max_steps:
         base["max_steps"] = args.max_steps
     records: list[dict[str, Any]] = []
+    methods = ["fp32", *args.presets]
+    lock = threading.Lock()
 
-    def run_one(job: tuple[str, int]) -> dict[str, Any]:
+    def write(chosen: list[str], timing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rewrite the results file with every run finished so far."""
+        table = aggregate(records, methods)
+        result = {
+            "benchmark": "methods",
+            "command": " ".join(["python", *sys.argv]),
+            "settings": base,
+            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+            "metagrad_on": chosen,
+            "methods": table,
+            **(timing or {}),
+            "runs": sorted(records, key=lambda r: (r["seed"], methods.index(r["method_name"]))),
+        }
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        return table
+
+    def run_one(job: tuple[str, int]) -> None:
         method, seed = job
         name = f"{method}-s{seed}"
         settings = {**base, **settings_of(method), "seed": seed}
         record = train_run(name, settings, args.data, Path(args.runs_dir))
         record.update(method_name=method, **gradient_fidelity(Path(args.runs_dir) / name))
-        return record
+        with lock:
+            records.append(record)
+            write(chosen)
 
-    def run(methods: list[str]) -> None:
-        jobs = [(method, seed) for seed in args.seeds for method in methods]
+    def run(names: list[str]) -> None:
+        jobs = [(method, seed) for seed in args.seeds for method in names]
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            records.extend(pool.map(run_one, jobs))
+            list(pool.map(run_one, jobs))
 
-    methods = ["fp32", *args.presets]
-    run(methods)
-    chosen = args.metagrad
-    if chosen is None:
+    chosen: list[str] = list(args.metagrad or [])
+    if args.metagrad is None:  # MetaGrad on the best two presets, once they are known
+        run(methods)
         chosen = best_presets(aggregate(records, methods))
-    run([f"metagrad+{preset}" for preset in chosen])
-    methods += [f"metagrad+{preset}" for preset in chosen]
-    table = aggregate(records, methods)
-
-    print("== side-by-side step timing", flush=True)
-    timing_base = {k: v for k, v in base.items() if k not in ("epochs", "diag_every", "max_steps")}
-    medians = time_steps(
-        {m: settings_of(m) for m in methods},
-        load_cifar10(args.data),
-        {**timing_base, "data": args.data},
-        steps=args.timing_steps,
-    )
-    reference = medians["plain"] if "plain" in medians else medians["fp32"]
-    timing = {m: t / reference for m, t in medians.items()}
-    result = {
-        "benchmark": "methods",
-        "command": " ".join(["python", *sys.argv]),
-        "settings": base,
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
-        "metagrad_on": chosen,
-        "methods": table,
-        "step_seconds": medians,
-        "step_time_vs_plain": timing,
-        "runs": records,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        methods += [f"metagrad+{preset}" for preset in chosen]
+        run(methods[-len(chosen) :])
+    else:
+        methods += [f"metagrad+{preset}" for preset in chosen]
+        run(methods)
+    table = write(chosen)
+    timing: dict[str, float] = {}
+    if args.timing_steps:
+        print("== side-by-side step timing", flush=True)
+        skip = ("epochs", "diag_every", "max_steps")
+        timing_base = {k: v for k, v in base.items() if k not in skip}
+        medians = time_steps(
+            {m: settings_of(m) for m in methods},
+            load_cifar10(args.data),
+            {**timing_base, "data": args.data},
+            steps=args.timing_steps,
+        )
+        reference = medians["plain"] if "plain" in medians else medians["fp32"]
+        timing = {m: t / reference for m, t in medians.items()}
+        table = write(chosen, {"step_seconds": medians, "step_time_vs_plain": timing})
     print_table(table, timing)
     print(f"wrote {args.output}")
 

@@ -305,6 +305,25 @@ def speed_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def methods_table(data: dict) -> str:
+    """Every gradient preset (and MetaGrad on the chosen ones) against full precision."""
+    metric = data.get("metric", "test acc")
+    rows = [
+        f"| method | seeds | {metric} | vs fp32 | grad cosine | grad rel. error | step vs plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    timing = data.get("step_time_vs_plain", {})
+    for method, row in data["methods"].items():
+        seeds = ", ".join(str(seed) for seed in row["seeds"])
+        value = "diverged" if row["mean_acc"] is None else _spread(row["final_test_acc"])
+        gap = "-" if row["gap_to_fp32"] is None else f"{row['gap_to_fp32']:+.2f}"
+        cos = "-" if row["grad_cosine"] is None else f"{row['grad_cosine']:.3f}"
+        err = "-" if row["grad_rel_error"] is None else f"{row['grad_rel_error']:.3f}"
+        step = f"{timing[method]:.2f}x" if method in timing else "-"
+        rows.append(f"| {method} | {seeds} | {value} | {gap} | {cos} | {err} | {step} |")
+    return "\n".join(rows)
+
+
 def render() -> str:
     sections = [
         ("quantized-baselines.json", "Plain quantized gradients", training_table),
@@ -317,6 +336,8 @@ def render() -> str:
         ("metagrad-signal.json", "MetaGrad's meta-gradient against noise", meta_gradient_table),
         ("metagrad-horizon.json", "MetaGrad's horizon, K = 1 to 4", horizon_table),
         ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
+        ("methods.json", "Gradient quantizers side by side, vgg16", methods_table),
+        ("methods-gpt.json", "Gradient quantizers side by side, character GPT", methods_table),
         ("speed-cpu.json", "Training speed on CPU, against float32 and bf16", speed_table),
         ("speed-cuda.json", "Training speed on CUDA, against float32, TF32 and bf16", speed_table),
     ]
