@@ -301,12 +301,17 @@ def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
     return _dequantized(blocks, scale, dither, fmt).reshape(rows, padded)[:, :length]
 
 
-def _transform_rows(t: Tensor, transform: Transform, axes: tuple[int, ...]) -> Tensor:
-    """``t`` as rows along ``axes`` (flattened), zero-padded to the transform's length."""
-    rows, _ = as_rows(t, axes)
+def _transform_rows(
+    t: Tensor, transform: Transform, axes: tuple[int, ...]
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as rows along ``axes`` (flattened), zero-padded to the transform's length, and
+    the function that lays such rows (cropped) back as ``t``."""
+    rows, restore = as_rows(t, axes)
     length = rows.shape[1]
     padded = transform.padded_length(length)
-    return rows if padded == length else torch.nn.functional.pad(rows, (0, padded - length))
+    if padded != length:
+        rows = torch.nn.functional.pad(rows, (0, padded - length))
+    return rows, lambda m: restore(m[:, :length])
 
 
 def _transform_axes(transform: Transform, inner: tuple[int, ...]) -> tuple[int, ...]:
@@ -319,8 +324,11 @@ def prepare_transform(
     """One draw of ``spec``'s transform for ``x``: :func:`quantize_along`'s ``transform_state``."""
     transform = get_transform(spec.transform, spec.transform_block)
     inner = tuple(d % max(x.dim(), 1) for d in inner)
-    rows = _transform_rows(x.to(scale_dtype(x)), transform, _transform_axes(transform, inner))
-    return transform.prepare(rows, generator)
+    axes = _transform_axes(transform, inner)
+    if not transform.data_dependent:  # only the padded length, dtype and device matter
+        length = transform.padded_length(math.prod(x.shape[d] for d in axes))
+        return transform.prepare(x.new_empty((0, length), dtype=scale_dtype(x)), generator)
+    return transform.prepare(_transform_rows(x.to(scale_dtype(x)), transform, axes)[0], generator)
 
 
 def _group_axis(dim: int, rest: list[int], axes: tuple[int, ...], spec: QuantSpec) -> int:
@@ -344,7 +352,7 @@ def _quantize_transformed(
     state: Any,
 ) -> Tensor:
     axes = _transform_axes(transform, inner)
-    rows = _transform_rows(t, transform, axes)
+    rows, restore = _transform_rows(t, transform, axes)
     if state is None:
         state = transform.prepare(rows, generator)
     rows = transform.forward(rows, state)
@@ -360,10 +368,7 @@ def _quantize_transformed(
             dim = 0 if spec.granularity == "sample" else channel_dim % t.dim()
             keep = _group_axis(dim, rest, axes, spec)
         q = _round_groups(grid, spec, keep, generator).reshape(rows.shape)
-    q = transform.inverse(q, state)
-    length = math.prod(t.shape[d] for d in axes)
-    _, restore = as_rows(t, axes)
-    return restore(q[:, :length])
+    return restore(transform.inverse(q, state))
 
 
 def quantize_along(

@@ -19,8 +19,8 @@ a quantized product on transformed operands is exact.
 A row whose length is not a multiple of the block is zero-padded; the quantizer drops the padded
 positions after the inverse (a projection: still unbiased, never a larger error).
 
-A new transform is a class with ``padded_length``, ``prepare``, ``forward`` and ``inverse``
-registered with
+A new transform is a class with ``axis``, ``data_dependent``, ``padded_length``, ``prepare``,
+``forward`` and ``inverse``, registered with
 :func:`register_transform`.
 """
 
@@ -44,6 +44,7 @@ class Transform(Protocol):
     """An orthogonal map of the rows of a ``(rows, length)`` matrix."""
 
     axis: ClassVar[Axis]  # "inner": the product's contraction axis; "sample": dim 0
+    data_dependent: ClassVar[bool]  # whether prepare reads the values (else only the shape)
 
     def padded_length(self, length: int) -> int:
         """The row length the transform works on (rows are zero-padded to it)."""
@@ -79,6 +80,7 @@ class RandomizedHadamard:
     """Randomized Hadamard transform over blocks of ``block`` elements along each row."""
 
     axis: ClassVar[Axis] = "inner"
+    data_dependent: ClassVar[bool] = False
     block: int = 128
 
     def __post_init__(self) -> None:
@@ -140,6 +142,7 @@ class BlockHouseholder:
     """
 
     axis: ClassVar[Axis] = "sample"
+    data_dependent: ClassVar[bool] = True
     group: int = 8
 
     def __post_init__(self) -> None:
