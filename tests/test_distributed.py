@@ -52,8 +52,19 @@ def _run_worker(out: Path, nproc: int, settings: dict) -> list[dict]:
 @pytest.mark.parametrize(
     "settings",
     [
-        {"method": "plain", "grad_bits": 8, "grad_granularity": "sample"},
-        {"method": "metagrad", "grad_bits": 8, "grad_granularity": "sample", "hyper_lr": 1e-2},
+        {
+            "method": "plain",
+            "grad_bits": 8,
+            "grad_rounding": "nearest",
+            "grad_granularity": "sample",
+        },
+        {
+            "method": "metagrad",
+            "grad_bits": 8,
+            "grad_rounding": "nearest",
+            "grad_granularity": "sample",
+            "hyper_lr": 1e-2,
+        },
     ],
     ids=["plain", "metagrad"],
 )
