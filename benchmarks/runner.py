@@ -25,7 +25,10 @@ import torch
 
 from metagrad import kernels
 from metagrad.config import build_config
+from metagrad.corpus import CharCorpus
 from metagrad.data import BatchLoader, ImageDataset
+from metagrad.models import model_task
+from metagrad.tasks import task_for_model
 from metagrad.train import (
     build_model,
     build_optimizer,
@@ -110,10 +113,11 @@ def training_benchmark(
             }
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result, indent=2) + "\n")
-            acc = done[name]["final_test_acc"]
-            print(
-                f"   {name}: " + (f"final test acc {acc:.2f}%" if acc is not None else "diverged")
-            )
+            acc, bpc = done[name]["final_test_acc"], done[name].get("final_test_bpc")
+            reached = f"final test acc {acc:.2f}%" if acc is not None else "diverged"
+            if bpc is not None:
+                reached = f"final test bpc {bpc:.3f}"
+            print(f"   {name}: {reached}")
 
     todo = [(n, s) for n, s in runs if not args.only or n in args.only]
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
@@ -148,8 +152,13 @@ def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]
         "mean_step_seconds": summary["mean_step_seconds"],
         "peak_memory_mb": summary["peak_memory_mb"],
         "peak_memory_kind": summary["peak_memory_kind"],
-        "test_acc_per_epoch": [r["test_acc"] for r in history],
+        "test_acc_per_epoch": [r["test_acc"] for r in history if "test_acc" in r],
     }
+    if summary.get("task", "image") != "image":  # a language model: bits per character
+        record["task"] = summary["task"]
+        record["final_test_bpc"] = summary["final_test_bpc"]
+        record["best_test_bpc"] = summary["best_test_bpc"]
+        record["test_bpc_per_epoch"] = [r["test_bpc"] for r in history]
     if cfg["method"] == "metagrad":
         record["hypernet"] = summary["hypernet"]
         record["hyper_share_of_step_time"] = summary["hyper_share_of_step_time"]
@@ -159,7 +168,7 @@ def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def training_step(settings: dict[str, Any], data: ImageDataset) -> Step:
+def training_step(settings: dict[str, Any], data: ImageDataset | CharCorpus) -> Step:
     """One training step of ``settings`` (``metagrad train`` keys, plus ``tf32`` on CUDA), as
     ``metagrad train`` runs it: autocast as ``amp`` says, compiled kernels as ``compile`` says.
 
@@ -176,6 +185,7 @@ def training_step(settings: dict[str, Any], data: ImageDataset) -> Step:
     amp = resolve_amp(cfg.amp, device)
     compiled = cfg.compile in ("auto", "kernels", "model")
     forward = torch.compile(model) if cfg.compile == "model" else model
+    task = task_for_model(cfg.model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         kernels.set_compile(compiled, device)
@@ -187,7 +197,7 @@ def training_step(settings: dict[str, Any], data: ImageDataset) -> Step:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)):
                 out = forward(x)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
+            loss = task.loss(out, y)
             loss.backward()
             return loss
 
@@ -262,22 +272,31 @@ def step_memory(settings: dict[str, Any]) -> dict[str, float]:
 
 def time_steps(
     settings: dict[str, dict[str, Any]],
-    data: ImageDataset,
+    data: ImageDataset | CharCorpus,
     base: dict[str, Any],
     steps: int = 30,
     warmup: int = 3,
 ) -> dict[str, float]:
-    """Median seconds per training step for each named setting (``base`` plus its overrides)."""
-    loader = BatchLoader(
-        data.train_images,
-        data.train_labels,
-        base["batch_size"],
-        mean=data.mean,
-        std=data.std,
-        shuffle=True,
-        augment=True,
-        seed=0,
-    )
+    """Median seconds per training step for each named setting (``base`` plus its overrides).
+
+    Image models take augmented CIFAR batches; language models random windows of ``data``.
+    """
+    if model_task(base.get("model", "vgg16")) == "image":
+        loader: Any = BatchLoader(
+            data.train_images,
+            data.train_labels,
+            base["batch_size"],
+            mean=data.mean,
+            std=data.std,
+            shuffle=True,
+            augment=True,
+            seed=0,
+        )
+    else:
+        cfg = build_config({**{k: v for k, v in base.items() if k != "tf32"}, "out": "unused"})
+        cpu = torch.device("cpu")
+        model = build_model(cfg, data, cpu)
+        loader = task_for_model(cfg.model).train_loader(cfg, data, model, cpu, (0, 1))
     device = resolve_device(base.get("device", "auto"))
     batches = list(zip(range(warmup + steps), loader.epoch(0), strict=False))
     runs = {

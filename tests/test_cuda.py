@@ -11,6 +11,7 @@ from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantSpec, int8, kernels, quantize
 from metagrad.cli import main
+from metagrad.corpus import WindowLoader
 from metagrad.data import BatchLoader
 from metagrad.int8 import fallback_report
 from metagrad.models import create_model
@@ -127,6 +128,34 @@ def test_gpu_batches_equal_cpu_batches():
         assert xb.device.type == "cuda"
         assert torch.equal(ya, yb.cpu())
         torch.testing.assert_close(xb.cpu(), xa, rtol=0, atol=1e-6)
+
+
+def test_gpu_windows_equal_cpu_windows():
+    tokens = torch.randint(0, 50, (5000,), dtype=torch.int32)
+    cpu = WindowLoader(tokens, 64, 32, seed=3)
+    gpu = WindowLoader(tokens, 64, 32, seed=3, device=CUDA)
+    for (xa, ya), (xb, yb) in zip(cpu.epoch(1, start=2), gpu.epoch(1, start=2), strict=True):
+        assert xb.device.type == "cuda"
+        assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt_char", "vit_tiny"])
+def test_transformers_train_on_cuda(tmp_path, model):
+    out = tmp_path / model
+    data = [] if model == "gpt_char" else ["--data", "digits"]
+    code = main(
+        ["train", "--model", model, "--width", "0.5", *data, "--epochs", "1", "--max-steps", "20",
+         "--optimizer", "adam", "--lr", "1e-3", "--weight-decay", "0", "--grad-bits", "4",
+         "--grad-rounding", "stochastic", "--method", "metagrad", "--device", "cuda",
+         "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amp"] == "bfloat16" and summary["device"].startswith("cuda")
+    assert summary["steps"] == 20
+    if model == "gpt_char":
+        assert summary["final_test_bpc"] < 6.0  # from about log2(103) = 6.7 at the start
 
 
 def test_metagrad_step_on_cuda_with_compiled_kernels():

@@ -220,14 +220,13 @@ def test_download_into_an_existing_empty_directory_downloads(tmp_path, monkeypat
 
     from test_data import _served_release
 
-    from metagrad import data
-    from metagrad import train as train_module
+    from metagrad import data, tasks
 
     url, md5, _ = _served_release(tmp_path)
     monkeypatch.setattr(
-        train_module, "download_cifar10", functools.partial(data.download_cifar10, url=url, md5=md5)
+        tasks, "download_cifar10", functools.partial(data.download_cifar10, url=url, md5=md5)
     )
     empty = tmp_path / "cifar"
     empty.mkdir()
-    dataset = train_module.load_dataset(build_config({"data": str(empty), "download": True}))
+    dataset = tasks.load_dataset(build_config({"data": str(empty), "download": True}))
     assert len(dataset.classes) >= 2 and (empty / "cifar-10-python.tar.gz").is_file()

@@ -34,9 +34,12 @@ def _train(args: argparse.Namespace) -> None:
     summary = train(cfg)
     if summary["rank"] != 0:
         return
-    acc = summary["final_test_acc"]
+    bpc = summary.get("final_test_bpc")
+    final = f"final test bpc {bpc:.3f}" if bpc is not None else None
+    if final is None:
+        final = f"final test acc {summary['final_test_acc']:.2f}%"
     print(
-        f"done: {summary['steps']} steps, final test acc {acc:.2f}%, "
+        f"done: {summary['steps']} steps, {final}, "
         f"mean step {summary['mean_step_seconds'] * 1000:.1f} ms -> {summary['config']['out']}"
     )
 
@@ -75,12 +78,14 @@ def _plot(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metagrad",
-        description="Train CNNs with quantized (INT8/INT4/...) backward passes, with or without "
-        "MetaGrad's hypernetwork correction.",
+        description="Train CNNs and transformers with quantized (INT8/INT4/...) backward passes, "
+        "with or without MetaGrad's hypernetwork correction.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model (CIFAR-10 or the built-in digits)")
+    train = sub.add_parser(
+        "train", help="train a model (CIFAR-10, the built-in digits, or a character corpus)"
+    )
     add_arguments(train)
     train.set_defaults(func=_train)
 

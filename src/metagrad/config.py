@@ -196,9 +196,11 @@ PER_INVOCATION_KEYS = frozenset({"max_steps", "progress", "resume", "out"})
 HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr", "hyper_horizon"})
 
 HELP = {
-    "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn)",
+    "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn, "
+    "vit_tiny; gpt_char: a character language model)",
     "width": "width multiplier of the model's channels",
-    "data": "CIFAR-10 (python release .tar.gz or folder, image-folder dir or .zip) or 'digits'",
+    "data": "CIFAR-10 (python release .tar.gz or folder, image-folder dir or .zip) or 'digits'; "
+    "for gpt_char a UTF-8 text file or 'pydoc' (the default: Python's documentation)",
     "download": "download the CIFAR-10 python release into --data if it is not there",
     "warmup_epochs": "linear learning-rate warm-up, then cosine decay to zero",
     "grad_bits": "bits of the backward error (2..8, or 32 for full precision)",

@@ -5,12 +5,14 @@ plain low-precision training uses) and, under MetaGrad, the hypernetwork's corre
 cosine similarity and relative error of the latter two against the first, and the size of the
 correction (``|used - quantized| / |quantized|``, 0 for plain training). The model's buffers
 (batch-norm statistics) and the random-number state are restored, so diagnostics never change
-the training run they observe.
+the training run they observe. The loss is cross-entropy, or ``loss_fn(out, y)`` where given
+(e.g. a task's loss over every position of a language model's windows).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +23,9 @@ from torch import Tensor, nn
 from metagrad.functional import QuantConfig
 from metagrad.layers import quantized_layers
 from metagrad.quant import QuantSpec
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(model_output, targets) -> scalar loss``."""
 
 
 @contextmanager
@@ -59,12 +64,16 @@ def _full_precision_backward(model: nn.Module):
             layer.config = config
 
 
-def _weight_grads(model: nn.Module, weights: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
-    loss = F.cross_entropy(model(x), y)
+def _weight_grads(
+    model: nn.Module, weights: list[Tensor], x: Tensor, y: Tensor, loss_fn: LossFn | None = None
+) -> list[Tensor]:
+    loss = (loss_fn or F.cross_entropy)(model(x), y)
     return list(torch.autograd.grad(loss, weights))
 
 
-def paired_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def paired_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Per quantized layer, its weight gradient on ``(x, y)``: ``(full precision, quantized)``.
 
     The model's buffers and the random-number state are left as they were.
@@ -74,8 +83,8 @@ def paired_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, tuple[
     weights = [layer.weight for layer in layers]
     with _untouched(model):
         with _full_precision_backward(model):
-            reference = _weight_grads(model, weights, x, y)
-        quantized = _weight_grads(model, weights, x, y)
+            reference = _weight_grads(model, weights, x, y, loss_fn)
+        quantized = _weight_grads(model, weights, x, y, loss_fn)
     return {name: (ref, q) for (name, _), ref, q in zip(named, reference, quantized, strict=True)}
 
 
@@ -97,14 +106,18 @@ def _relative_change(new: Tensor, old: Tensor) -> float:
 
 
 def gradient_report(
-    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, Any]:
     """Per-layer cosine similarity and relative error of the used gradients against fp32.
 
     ``quantized`` is the plain quantized gradient; ``used`` is what updates the weights: the
     quantized gradient, or its hypernetwork correction when ``optimizer`` is a MetaGrad.
     """
-    pairs = paired_gradients(model, x, y)
+    pairs = paired_gradients(model, x, y, loss_fn)
     reference = [ref for ref, _ in pairs.values()]
     quantized = [q for _, q in pairs.values()]
     used = quantized
@@ -132,7 +145,7 @@ def gradient_report(
 
 
 def gradient_draws(
-    model: nn.Module, x: Tensor, y: Tensor, repeats: int
+    model: nn.Module, x: Tensor, y: Tensor, repeats: int, loss_fn: LossFn | None = None
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per quantized layer: the full-precision weight gradient and ``repeats`` quantized ones.
 
@@ -149,8 +162,8 @@ def gradient_draws(
     weights = [layer.weight for layer in layers]
     with _untouched(model):
         with _full_precision_backward(model):
-            reference = _weight_grads(model, weights, x, y)
-        loss = F.cross_entropy(model(x), y)
+            reference = _weight_grads(model, weights, x, y, loss_fn)
+        loss = (loss_fn or F.cross_entropy)(model(x), y)
         draws = [
             torch.autograd.grad(loss, weights, retain_graph=i < repeats - 1) for i in range(repeats)
         ]

@@ -1,4 +1,8 @@
-"""The training loop behind ``metagrad train``: metrics, summary, atomic checkpoints, resume."""
+"""The training loop behind ``metagrad train``: metrics, summary, atomic checkpoints, resume.
+
+What is trained on (data, batches, loss, evaluation, metrics) comes from the model's task
+(:mod:`metagrad.tasks`): image classification or character language modelling.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -29,27 +32,24 @@ from metagrad.checkpoint import (
 )
 from metagrad.config import HYPER_KEYS, RESUMABLE_KEYS, ConfigError, TrainConfig
 from metagrad.convert import quantize_
-from metagrad.data import (
-    BatchLoader,
-    ImageDataset,
-    download_cifar10,
-    load_cifar10,
-    needs_download,
-    normalize,
-)
-from metagrad.data import load_digits_dataset as _load_digits
 from metagrad.diagnostics import gradient_report
 from metagrad.int8 import fallback_report
 from metagrad.layers import quantized_layers
 from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
+from metagrad.tasks import (  # noqa: F401  (the image task's helpers, re-exported)
+    CROP_PADDING,
+    EVAL_BATCH,
+    dataset_signature,
+    evaluate,
+    load_dataset,
+    task_for_model,
+)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 GRADIENTS = "gradients.jsonl"
 SUMMARY = "summary.json"
 OUTPUT_FILES = (CHECKPOINT, METRICS, GRADIENTS, SUMMARY)
-EVAL_BATCH = 1000
-CROP_PADDING = 4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,37 +136,16 @@ def _package_version() -> str:
     return __version__
 
 
-def load_dataset(cfg: TrainConfig) -> ImageDataset:
-    """``digits`` (built in) or CIFAR-10 from ``cfg.data``, downloading it if asked to."""
-    if cfg.data is None:
-        raise ConfigError("no dataset: pass --data PATH (CIFAR-10) or --data digits (built in)")
-    if cfg.data == "digits":
-        return _load_digits(seed=cfg.seed)
-    path = Path(cfg.data)
-    if cfg.download and needs_download(path):
-        path = download_cifar10(path)
-    return load_cifar10(path)
-
-
-def build_model(cfg: TrainConfig, dataset: ImageDataset, device: torch.device) -> nn.Module:
-    """The registry's model, quantized as ``cfg`` says, checked against the data's image size."""
-    channels, height, width = dataset.train_images.shape[1:]
-    model = create_model(
-        cfg.model, num_classes=len(dataset.classes), width=cfg.width, in_channels=channels
-    )
+def build_model(cfg: TrainConfig, dataset: Any, device: torch.device) -> nn.Module:
+    """The registry's model, quantized as ``cfg`` says, checked against the data (its task's:
+    an :class:`~metagrad.data.ImageDataset` or a :class:`~metagrad.corpus.CharCorpus`)."""
+    task = task_for_model(cfg.model)
+    model = create_model(cfg.model, width=cfg.width, **task.model_kwargs(dataset))
     skip = {FIRST_CONV_NAME, CLASSIFIER_NAME} if cfg.fp_first_last else set()
     report = quantize_(model, cfg.quant_config(), filter_fn=lambda m, name: name not in skip)
     model.quantization_coverage = report.to_dict()  # for the run's summary
     model = model.to(device, memory_format=torch.channels_last)
-    probe = torch.zeros(2, channels, height, width, device=device)
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"model {cfg.model!r} does not accept {channels}x{height}x{width} images "
-            f"(from {cfg.data}): {str(err).splitlines()[0]}"
-        ) from None
+    task.check_model(cfg, model, dataset)
     return model.train()
 
 
@@ -197,16 +176,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
-
-
-def dataset_signature(data: ImageDataset) -> dict[str, Any]:
-    """What a resumed run's dataset must match: classes, image shape and split sizes."""
-    return {
-        "classes": len(data.classes),
-        "image_shape": list(data.train_images.shape[1:]),
-        "train": len(data.train_images),
-        "test": len(data.test_images),
-    }
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -243,40 +212,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    mean,
-    std,
-    amp: torch.dtype | None = None,
-    dist_run: distributed.Distributed | None = None,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over a whole split (under autocast to ``amp``).
-
-    With ``dist_run`` each rank evaluates its part of the split and the sums are all-reduced.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = len(images)
-    if dist_run is not None:
-        lo, hi = distributed.shard_bounds(total, dist_run.rank, dist_run.world_size)
-        images, labels = images[lo:hi], labels[lo:hi]
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
-    for i in range(0, len(images), EVAL_BATCH):
-        x = normalize(images[i : i + EVAL_BATCH].to(device), mean, std)
-        y = labels[i : i + EVAL_BATCH].to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(x)
-        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
-        sums[1] += (out.argmax(1) == y).sum()
-    if dist_run is not None:
-        sums = distributed.all_reduce_sum(sums)
-    model.train(was_training)
-    loss_sum, correct = sums.tolist()
-    return loss_sum / total, 100.0 * correct / total
+def _brief(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` on one line, cut to about ``limit`` characters (long vocabularies)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -332,7 +271,8 @@ class Trainer:
         self.comm_state = None
         self.amp = resolve_amp(cfg.amp, self.device)
         self.compile = resolve_compile(cfg.compile, self.device)
-        self.data = load_dataset(cfg)
+        self.task = task_for_model(cfg.model)
+        self.data = self.task.load_data(cfg)
         self.model = build_model(cfg, self.data, self.device)
         self.ddp = self._wrap(self.model) if self.dist else None
         trained = self.ddp or self.model
@@ -343,22 +283,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.skipped_steps = 0
         self.nonfinite_steps = 0
-        # On CUDA the uint8 images live on the GPU and are augmented there.
-        data_device = self.device if self.device.type == "cuda" else None
-        self.loader = BatchLoader(
-            self.data.train_images,
-            self.data.train_labels,
-            cfg.batch_size,
-            mean=self.data.mean,
-            std=self.data.std,
-            shuffle=True,
-            augment=self.data.train_images.shape[-1] >= 4 * CROP_PADDING,
-            seed=cfg.seed,
-            device=data_device,
-            shard=(rank, world_size),
+        self.loader = self.task.train_loader(
+            cfg, self.data, self.model, self.device, (rank, world_size)
         )
-        self.test_images = self.data.test_images.to(self.device)
-        self.test_labels = self.data.test_labels.to(self.device)
+        self.eval_split = self.task.eval_split(self.data, self.model, self.device)
         steps_per_epoch = len(self.loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -417,7 +345,7 @@ class Trainer:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {
             "config": self.cfg.to_dict(),
-            "dataset": dataset_signature(self.data),
+            "dataset": self.task.signature(self.data),
             "world_size": self.dist.world_size if self.dist else 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -480,10 +408,10 @@ class Trainer:
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
             raise CheckpointError(f"cannot resume {self.out}: settings differ ({diffs})")
-        signature, expected = dataset_signature(self.data), state.get("dataset")
+        signature, expected = self.task.signature(self.data), state.get("dataset")
         if expected is not None and expected != signature:
             diffs = ", ".join(
-                f"{k} {expected.get(k)} -> {v}"
+                f"{k} {_brief(expected.get(k))} -> {_brief(v)}"
                 for k, v in signature.items()
                 if expected.get(k) != v
             )
@@ -540,7 +468,8 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor, global_size: int) -> tuple[float, int] | None:
-        """One optimizer step on this rank's ``x, y`` of a global batch of ``global_size``.
+        """One optimizer step on this rank's ``x, y`` of a global batch of ``global_size``
+        targets (samples, or characters for a language model).
 
         Returns the global batch's summed loss and number of correct predictions, or None if
         the step was skipped because its loss or gradients were not finite (``--nonfinite
@@ -549,7 +478,7 @@ class Trainer:
         """
         outputs: list[Tensor] = []
         sums: list[Tensor] = []
-        scaler, amp = self.scaler, self.amp
+        scaler, amp, task = self.scaler, self.amp, self.task
         world_size = self.dist.world_size if self.dist else 1
 
         def closure() -> Tensor:
@@ -557,10 +486,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
                 out = self.forward(x)
             if world_size == 1:
-                loss = F.cross_entropy(out.float(), y)
-                sums.append(loss.detach() * len(y))
+                loss = task.loss(out, y)
+                sums.append(loss.detach() * y.numel())
             else:  # DDP averages over ranks: weight each rank's sum by its share of the batch
-                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                loss_sum = task.loss(out, y, reduction="sum")
                 sums.append(loss_sum.detach())
                 loss = loss_sum * (world_size / global_size)
             scaler.scale(loss).backward()
@@ -568,7 +497,7 @@ class Trainer:
             return loss
 
         def global_totals() -> tuple[float, int]:
-            correct = (outputs[-1].argmax(1) == y).sum()
+            correct = task.correct(outputs[-1], y)
             totals = torch.stack([sums[-1].double(), correct.double()])
             if self.dist:
                 totals = distributed.all_reduce_sum(totals)
@@ -627,23 +556,17 @@ class Trainer:
     def _epoch_record(self, seconds: float, complete: bool) -> dict[str, Any]:
         if self.ddp is not None and self.ddp.broadcast_buffers:  # evaluate rank 0's statistics
             distributed.broadcast_tensors_(list(self.model.buffers()))
-        test_loss, test_acc = evaluate(
-            self.model,
-            self.test_images,
-            self.test_labels,
-            self.data.mean,
-            self.data.std,
-            self.amp,
-            self.dist,
-        )
+        test_loss, test_acc = self.task.evaluate(self.model, self.eval_split, self.amp, self.dist)
         seen = max(1, self.partial["seen"])
         record = {
             "epoch": self.epoch + 1,
             "step": self.step,
-            "train_loss": self.partial["loss_sum"] / seen,
-            "train_acc": 100.0 * self.partial["correct"] / seen,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
+            **self.task.metrics(
+                self.partial["loss_sum"] / seen,
+                100.0 * self.partial["correct"] / seen,
+                test_loss,
+                test_acc,
+            ),
             "seconds": seconds,
             "lr": self.optimizer.param_groups[0]["lr"],
             "nonfinite_steps": self.nonfinite_steps,
@@ -688,7 +611,8 @@ class Trainer:
         started = time.perf_counter() - self.partial["seconds"]
         for x, y in self.loader.epoch(self.epoch, start=self.batch):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            global_size = self.loader.global_batch_size(self.batch)
+            # Targets of the global batch: samples, times the targets of each (characters).
+            global_size = self.loader.global_batch_size(self.batch) * math.prod(y.shape[1:])
             t0 = time.perf_counter()
             result = self.train_step(x, y, global_size)
             if self.device.type == "cuda":
@@ -697,7 +621,7 @@ class Trainer:
             self.batch += 1
             self.step += 1
             if cfg.diag_every and self.step % cfg.diag_every == 0 and self.is_main:
-                report = gradient_report(self.model, x, y, self.optimizer)
+                report = gradient_report(self.model, x, y, self.optimizer, self.task.loss)
                 self.gradient_records.append({"step": self.step, **report})
             if result is not None:
                 loss_sum, correct = result
@@ -720,8 +644,7 @@ class Trainer:
         self.history.append(record)
         if self.is_main:
             tqdm.write(
-                f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_acc']:.2f}% | test acc {record['test_acc']:.2f}% "
+                f"epoch {record['epoch']}/{cfg.epochs}: {self.task.describe(record)} "
                 f"| {record['seconds']:.1f}s"
             )
         self.epoch, self.batch = self.epoch + 1, 0
@@ -772,13 +695,14 @@ class Trainer:
         self, stopped_early: bool, diverged_at_step: int | None = None, in_progress: bool = False
     ) -> dict[str, Any]:
         records = self.history + ([self.partial_record] if self.partial_record else [])
-        accs = [r["test_acc"] for r in records]
+        accs = [r["test_acc"] for r in records if "test_acc" in r]  # image classification
         final = accs[-1] if accs else None
         steps = self.step_seconds[1:] or self.step_seconds
         memory, memory_kind = peak_memory_mb(self.device)
         memory = max(memory, self.earlier_peak_memory_mb)  # earlier processes of a resumed run
         return {
             "config": self.cfg.to_dict(),
+            "task": self.task.name,
             "rank": self.dist.rank if self.dist else 0,
             "amp": str(self.amp).removeprefix("torch.") if self.amp else "off",
             "compile": self.compile,
@@ -803,6 +727,7 @@ class Trainer:
             "final_test_acc": None if diverged_at_step is not None else final,
             "final_train_loss": records[-1]["train_loss"] if records else None,
             "best_test_acc": max(accs) if accs else None,
+            **self.task.summary(records, diverged_at_step is not None, self.data),
             "mean_step_seconds": sum(steps) / len(steps) if steps else None,
             "hyper_share_of_step_time": (
                 self.hyper_seconds / sum(self.step_seconds) if self.step_seconds else None

@@ -1,0 +1,105 @@
+"""Training steps of the transformers: ViT-Tiny on CIFAR-10 batches, the character GPT on text.
+
+    python benchmarks/transformers.py                # CPU  -> results/transformers-cpu.json
+    python benchmarks/transformers.py --device cuda  # CUDA -> results/transformers-cuda.json
+    python benchmarks/transformers.py --quick        # few repetitions (a smoke run)
+
+Whole training steps (forward, backward, optimizer: Adam), as ``metagrad train`` runs them, of
+``vit_tiny`` (width 1, batch 128, CIFAR-10 or random images when the zip is absent) and
+``gpt_char`` (its defaults, batch 64 windows of the built-in corpus): float32, bf16 autocast,
+INT4-stochastic gradients under bf16 (compiled kernels) and MetaGrad on top of them. The settings
+of one model are timed side by side in one process, repetitions interleaved, medians kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import synthetic_data, time_steps
+
+from metagrad import kernels
+from metagrad.corpus import load_char_corpus
+from metagrad.data import load_cifar10
+from metagrad.train import cpu_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
+MODELS: dict[str, dict[str, Any]] = {
+    "vit_tiny": {"model": "vit_tiny", "width": 1.0, "batch_size": 128, **ADAM},
+    "gpt_char": {"model": "gpt_char", "width": 1.0, "batch_size": 64, **ADAM},
+}
+INT4S = {"grad_bits": 4, "grad_rounding": "stochastic", "compile": "kernels"}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fp32": {"amp": "off", "compile": "off"},
+    "bf16": {"amp": "bf16", "compile": "off"},
+    "int4-stochastic bf16": {**INT4S, "amp": "bf16"},
+    "metagrad int4-stochastic bf16": {**INT4S, "amp": "bf16", "method": "metagrad"},
+}
+
+
+def bench_model(name: str, data, device: torch.device, reps: int, warmup: int) -> dict:
+    base = {**MODELS[name], "device": device.type}
+    seconds = time_steps(SETTINGS, data, base, steps=reps, warmup=warmup)
+    rows = {}
+    for setting, s in seconds.items():
+        rows[setting] = {"seconds": round(s, 5), "x_fp32": round(s / seconds["fp32"], 3)}
+        print(f"{name} {setting:32s} {s:8.3f} s/step  {s / seconds['fp32']:.3f}x fp32", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip", help="for vit_tiny")
+    parser.add_argument("--quick", action="store_true", help="few repetitions")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help="models to time")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/transformers-<device>")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = args.out or RESULTS / f"transformers-{device.type}.json"
+    reps, warmup = (2, 1) if args.quick else (5, 2)
+    data_path = Path(args.data)
+    result: dict[str, Any] = {
+        "benchmark": "transformers",
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "device_name": (
+                torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+            ),
+            "compile_available": kernels.available(device)[0],
+        },
+        "models": {name: MODELS[name] for name in args.models},
+        "settings": SETTINGS,
+        "repetitions": reps,
+    }
+    if out.is_file():  # keep the models not rerun this time
+        result = {**json.loads(out.read_text()), **result, "models": MODELS}
+    for name in args.models:
+        if name == "vit_tiny":
+            batch = MODELS[name]["batch_size"]
+            data = load_cifar10(data_path) if data_path.exists() else synthetic_data(batch)
+            result["vit_tiny_data"] = str(data_path) if data_path.exists() else "synthetic"
+        else:
+            data = load_char_corpus()
+        result[name] = bench_model(name, data, device, reps, warmup)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
