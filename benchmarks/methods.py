@@ -1,6 +1,7 @@
 """The published gradient quantizers side by side, plain and with MetaGrad.
 
     python benchmarks/methods.py --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
+    python benchmarks/methods.py --task gpt          # the character GPT, bits per character
 
 Trains full-precision gradients and every preset of :mod:`metagrad.presets` (4 bits; FP8 for
 ``fp8-e5m2``) on each seed, then MetaGrad on the two presets with the best mean result, each run
@@ -8,8 +9,8 @@ in its own process (resumable: start the command again to finish). Every run rec
 ``--diag-every`` steps, the cosine similarity and relative error of the weight gradient that
 updates the weights against the full-precision gradient of the same batch. Finally it times the
 training steps of every setting side by side, interleaved on the same batches, relative to the
-``plain`` preset's step. Writes ``benchmarks/results/methods.json`` (``--output``) and prints the
-table that the README shows.
+``plain`` preset's step. Writes ``benchmarks/results/methods.json`` (``methods-gpt.json`` for the
+GPT; ``--output``) after every run, and prints the table that the README shows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import time_steps, train_run
 
-from metagrad.data import load_cifar10
+from metagrad.config import build_config
 from metagrad.presets import list_presets
+from metagrad.tasks import task_for_model
 
 PRESETS = ["plain", "psq", "bhq", "luq", "rht-mxfp4", "rht-nvfp4", "fp8-e5m2"]
 BASE: dict[str, Any] = {
@@ -39,6 +42,43 @@ BASE: dict[str, Any] = {
     "batch_size": 128,
     "lr": 0.1,
     "amp": "bf16",  # what users run on this CPU (AMX) and on GPUs
+}
+GPT_BASE: dict[str, Any] = {
+    "model": "gpt_char",
+    "data": "pydoc",  # Python's own documentation, shipped with CPython: no download
+    "epochs": 7,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "lr": 3e-3,
+    "weight_decay": 0.0,
+    "amp": "bf16",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a benchmark trains and how its result reads."""
+
+    base: dict[str, Any]
+    metric: str  # the summary's key of the final result
+    label: str
+    higher_is_better: bool
+    output: str
+    runs_dir: str
+
+
+TASKS = {
+    "vgg16": Task(
+        BASE, "final_test_acc", "test acc", True, "benchmarks/results/methods.json", "runs/methods"
+    ),
+    "gpt": Task(
+        GPT_BASE,
+        "final_test_bpc",
+        "test bits/char",
+        False,
+        "benchmarks/results/methods-gpt.json",
+        "runs/methods-gpt",
+    ),
 }
 METAGRAD: dict[str, Any] = {"method": "metagrad", "hyper": "grad+weight", "hyper_hidden": 8}
 
@@ -66,26 +106,28 @@ def gradient_fidelity(run_dir: Path) -> dict[str, float | None]:
     return {"grad_cosine": statistics.median(cos), "grad_rel_error": statistics.median(err)}
 
 
-def aggregate(records: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Per method: mean and spread of the final accuracy over seeds, gap to fp32, fidelity."""
+def aggregate(
+    records: list[dict[str, Any]], methods: list[str], metric: str
+) -> dict[str, dict[str, Any]]:
+    """Per method: the final result over seeds (mean, spread), gap to fp32, gradient fidelity."""
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         runs = [r for r in records if r["method_name"] == method]
-        accs = [r["final_test_acc"] for r in runs if r["final_test_acc"] is not None]
+        values = [r[metric] for r in runs if r.get(metric) is not None]
         if not runs:
             continue
         out[method] = {
             "seeds": [r["seed"] for r in runs],
-            "final_test_acc": accs,
-            "mean_acc": statistics.fmean(accs) if accs else None,
-            "std_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "values": values,
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "diverged": sum(r["diverged_at_step"] is not None for r in runs),
             "grad_cosine": _mean(r["grad_cosine"] for r in runs),
             "grad_rel_error": _mean(r["grad_rel_error"] for r in runs),
         }
-    reference = out.get("fp32", {}).get("mean_acc")
+    reference = out.get("fp32", {}).get("mean")
     for row in out.values():
-        gap = None if reference is None or row["mean_acc"] is None else row["mean_acc"] - reference
+        gap = None if reference is None or row["mean"] is None else row["mean"] - reference
         row["gap_to_fp32"] = gap
     return out
 
@@ -95,29 +137,36 @@ def _mean(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def best_presets(table: dict[str, dict[str, Any]], count: int = 2) -> list[str]:
-    """The ``count`` presets with the best mean final accuracy."""
-    scored = [(row["mean_acc"], m) for m, row in table.items() if m in PRESETS and row["mean_acc"]]
-    return [m for _, m in sorted(scored, reverse=True)[:count]]
+def best_presets(table: dict[str, dict[str, Any]], task: Task, count: int = 2) -> list[str]:
+    """The ``count`` presets with the best mean final result."""
+    scored = [(row["mean"], m) for m, row in table.items() if m in PRESETS and row["mean"]]
+    return [m for _, m in sorted(scored, reverse=task.higher_is_better)[:count]]
 
 
-def print_table(table: dict[str, dict[str, Any]], timing: dict[str, float]) -> None:
-    print(f"\n{'method':<22} {'test acc':>15} {'vs fp32':>8} {'cos':>6} {'rel err':>8} {'step':>6}")
+def print_table(table: dict[str, dict[str, Any]], timing: dict[str, float], task: Task) -> None:
+    print(f"\n{'method':<22} {task.label:>15} {'vs fp32':>8} {'cos':>6} {'rel err':>8} {'step':>6}")
     for method, row in table.items():
-        acc = f"{row['mean_acc']:.2f} ± {row['std_acc']:.2f}" if row["mean_acc"] else "diverged"
-        gap = f"{row['gap_to_fp32']:+.2f}" if row["gap_to_fp32"] is not None else "-"
+        value = f"{row['mean']:.3f} ± {row['std']:.3f}" if row["mean"] else "diverged"
+        gap = f"{row['gap_to_fp32']:+.3f}" if row["gap_to_fp32"] is not None else "-"
         cos = f"{row['grad_cosine']:.3f}" if row["grad_cosine"] is not None else "-"
         err = f"{row['grad_rel_error']:.3f}" if row["grad_rel_error"] is not None else "-"
         step = f"{timing[method]:.2f}x" if method in timing else "-"
-        print(f"{method:<22} {acc:>15} {gap:>8} {cos:>6} {err:>8} {step:>6}")
+        print(f"{method:<22} {value:>15} {gap:>8} {cos:>6} {err:>8} {step:>6}")
+
+
+def _dataset(base: dict[str, Any], data: str) -> Any:
+    """The data the runs train on, loaded as ``metagrad train`` loads it."""
+    cfg = build_config({**base, "data": data, "out": "unused"})
+    return task_for_model(cfg.model).load_data(cfg)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    parser.add_argument("--runs-dir", default="runs/methods")
-    parser.add_argument("--output", default="benchmarks/results/methods.json")
-    parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--task", choices=sorted(TASKS), default="vgg16")
+    parser.add_argument("--data", help="default: ../shared/data/cifar10-jpeg.zip; gpt: pydoc")
+    parser.add_argument("--runs-dir", help="default: runs/methods (runs/methods-gpt)")
+    parser.add_argument("--output", help="default: benchmarks/results/methods(-gpt).json")
+    parser.add_argument("--epochs", type=int, help="default: 6 (gpt: 7)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--presets", nargs="+", default=PRESETS, choices=list_presets())
     parser.add_argument(
@@ -129,8 +178,14 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     args = parser.parse_args()
-
-    base = {**BASE, "epochs": args.epochs, "threads": args.threads, "diag_every": args.diag_every}
+    task = TASKS[args.task]
+    args.data = args.data or task.base.get("data", "../shared/data/cifar10-jpeg.zip")
+    args.runs_dir = args.runs_dir or task.runs_dir
+    args.output = args.output or task.output
+    base = {k: v for k, v in task.base.items() if k != "data"}
+    base.update(threads=args.threads, diag_every=args.diag_every)
+    if args.epochs:
+        base["epochs"] = args.epochs
     if args.max_steps:
         base["max_steps"] = args.max_steps
     records: list[dict[str, Any]] = []
@@ -139,9 +194,11 @@ def main() -> None:
 
     def write(chosen: list[str], timing: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rewrite the results file with every run finished so far."""
-        table = aggregate(records, methods)
+        table = aggregate(records, methods, task.metric)
         result = {
             "benchmark": "methods",
+            "task": args.task,
+            "metric": task.label,
             "command": " ".join(["python", *sys.argv]),
             "settings": base,
             "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -172,7 +229,7 @@ def main() -> None:
     chosen: list[str] = list(args.metagrad or [])
     if args.metagrad is None:  # MetaGrad on the best two presets, once they are known
         run(methods)
-        chosen = best_presets(aggregate(records, methods))
+        chosen = best_presets(aggregate(records, methods, task.metric), task)
         methods += [f"metagrad+{preset}" for preset in chosen]
         run(methods[-len(chosen) :])
     else:
@@ -186,14 +243,14 @@ def main() -> None:
         timing_base = {k: v for k, v in base.items() if k not in skip}
         medians = time_steps(
             {m: settings_of(m) for m in methods},
-            load_cifar10(args.data),
+            _dataset(base, args.data),
             {**timing_base, "data": args.data},
             steps=args.timing_steps,
         )
         reference = medians["plain"] if "plain" in medians else medians["fp32"]
         timing = {m: t / reference for m, t in medians.items()}
         table = write(chosen, {"step_seconds": medians, "step_time_vs_plain": timing})
-    print_table(table, timing)
+    print_table(table, timing, task)
     print(f"wrote {args.output}")
 
 

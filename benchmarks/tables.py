@@ -315,7 +315,7 @@ def methods_table(data: dict) -> str:
     timing = data.get("step_time_vs_plain", {})
     for method, row in data["methods"].items():
         seeds = ", ".join(str(seed) for seed in row["seeds"])
-        value = "diverged" if row["mean_acc"] is None else _spread(row["final_test_acc"])
+        value = "diverged" if row["mean"] is None else _spread(row["values"])
         gap = "-" if row["gap_to_fp32"] is None else f"{row['gap_to_fp32']:+.2f}"
         cos = "-" if row["grad_cosine"] is None else f"{row['grad_cosine']:.3f}"
         err = "-" if row["grad_rel_error"] is None else f"{row['grad_rel_error']:.3f}"
