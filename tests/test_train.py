@@ -272,3 +272,21 @@ def test_int8_backend_trains_and_reports_its_fallbacks(tmp_path):
     )
     assert summary["int8_fallbacks"]
     assert all("group" in reason for reason in summary["int8_fallbacks"].values())
+
+
+def test_metagrad_composes_with_a_preset_chosen_by_name(tmp_path):
+    """--grad-quant selects a published quantizer; summary.json records every resolved spec."""
+    out = tmp_path / "preset"
+    args = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+    args += ["--compile", "off", "--max-steps", "6", "--no-progress", "--diag-every", "3"]
+    assert main([*args, "--grad-quant", "rht-nvfp4", "--method", "metagrad"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["grad_quant"] == "rht-nvfp4"
+    spec = summary["quantization_spec"]
+    assert spec["path"] == "emulated"
+    assert spec["grad_for_input_grad"]["format"] == "fp4_e2m1"
+    assert spec["grad_for_input_grad"]["transform"] is None
+    assert spec["grad_for_weight_grad"]["transform"] == "rht"
+    assert spec["grad_for_weight_grad"]["scale_format"] == "e4m3"
+    records = _records(out / "gradients.jsonl")
+    assert 0.5 < records[-1]["mean_used"]["cosine"] < 1.0  # quantized, yet close to fp32
