@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    parser.add_argument("--skip", nargs="*", default=[], help="runs not to train (METHOD-sSEED)")
     args = parser.parse_args()
     task = TASKS[args.task]
     args.data = args.data or task.base.get("data", "../shared/data/cifar10-jpeg.zip")
@@ -222,7 +223,7 @@ def main() -> None:
             write(chosen)
 
     def run(names: list[str]) -> None:
-        jobs = [(method, seed) for seed in args.seeds for method in names]
+        jobs = [(m, seed) for seed in args.seeds for m in names if f"{m}-s{seed}" not in args.skip]
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
             list(pool.map(run_one, jobs))
 
