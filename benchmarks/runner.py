@@ -54,7 +54,7 @@ def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) ->
     """
     out = runs_dir / name
     summary_path = out / "summary.json"
-    if not _diverged(summary_path):
+    if not _diverged(summary_path) and not _finished(summary_path, settings):
         resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
         cmd = [sys.executable, "-m", "metagrad", "train", *cli_flags(settings)]
         cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
@@ -124,6 +124,16 @@ def training_benchmark(
         for future in [pool.submit(run, n, s) for n, s in todo]:
             future.result()
     print(f"wrote {output}")
+
+
+def _finished(summary_path: Path, settings: dict[str, Any]) -> bool:
+    """Whether the run in that directory trained every epoch ``settings`` asks for."""
+    if not summary_path.is_file() or settings.get("max_steps"):
+        return False
+    summary = json.loads(summary_path.read_text())
+    return not summary.get("in_progress", True) and summary.get("epochs_completed") == settings.get(
+        "epochs"
+    )
 
 
 def _diverged(summary_path: Path) -> bool:
