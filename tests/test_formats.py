@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metagrad import formats
+from metagrad import formats, kernels
 from metagrad.formats import FloatFormat, IntFormat, get_format, register_format
 from metagrad.quant import QuantSpec, fake_quantize, quantize_along
 from metagrad.scaling import E4M3, ceil_to_format, ceil_to_power_of_two, group_scales
@@ -190,3 +190,24 @@ def test_rht_pads_rows_whose_length_is_not_a_multiple_of_the_block():
     x = torch.randn(5, 75, generator=torch.Generator().manual_seed(0))
     q = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(0))
     assert q.shape == x.shape and (q - x).norm() < 0.05 * x.norm()
+
+
+def test_compiled_dequantize_kernel_equals_the_eager_one():
+    if not kernels.available("cpu")[0]:
+        pytest.skip(f"torch.compile does not work here: {kernels.available('cpu')[1]}")
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    specs = [
+        QuantSpec(
+            format="fp4_e2m1",
+            rounding="stochastic",
+            granularity="block",
+            block_size=32,
+            scale_format="e8m0",
+        ),
+        QuantSpec(format="log4", rounding="stochastic"),
+    ]
+    for spec in specs:
+        eager = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
+        with kernels.compiled():
+            fused = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(eager, fused)
