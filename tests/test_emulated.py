@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from metagrad.config import ConfigError, build_config
 from metagrad.functional import QuantConfig, conv2d, linear
+from metagrad.presets import preset_config
 from metagrad.quant import QuantSpec, prepare_transform, quantize_along
 
 FP = QuantSpec()
@@ -160,3 +161,39 @@ def test_cli_selects_presets_by_name_and_refuses_conflicts():
         build_config({"grad_quant": "int3"})
     with pytest.raises(ConfigError, match="backend 'int8' takes integer"):
         build_config({"grad_quant": "rht-mxfp4", "backend": "int8"})
+
+
+def test_sample_axis_transforms_quantize_the_error_once_for_both_products():
+    """BHQ, like PSQ and the per-tensor quantizer, quantizes the error once (Chen et al. 2020):
+    dL/dx and dL/dW are products of the same quantized error."""
+    x, w, b, e = _linear_case(lead=(32,))
+    config = preset_config("bhq")
+    gx, gw, gb = _grads(lambda *t: linear(*t, config=config), x, w, b, e=e)
+    # recover the quantized error from dL/dW = eq^T x (x has full column rank: 32 x 32)
+    eq = torch.linalg.solve(x.detach().T, gw.T)
+    assert torch.allclose(gx, eq @ w.detach(), atol=1e-8)
+    assert torch.allclose(gb, eq.sum(0), atol=1e-8)
+    assert not torch.allclose(eq, e)  # it was quantized
+
+
+def test_rht_runs_in_bf16_and_adds_no_error_to_the_quantizer():
+    """The +-1 Hadamard products are exact in bf16: a bf16 input is transformed in bf16 (as
+    hardware does), and its quantization error matches that of the float32 transform."""
+    specs = [
+        QuantSpec(format="fp8_e4m3", transform="rht", transform_block=16),
+        preset_config("rht-nvfp4").grad_for_weight_grad,
+    ]
+    for seed, spec in enumerate(specs):
+        g = torch.Generator().manual_seed(seed)
+        e = torch.randn(64, 48, generator=g).to(torch.bfloat16)
+        state = prepare_transform(e, spec, (1,), generator=g)
+        low, high = (
+            quantize_along(
+                t, spec, (1,), -1, transform_state=state, generator=torch.Generator().manual_seed(1)
+            )
+            for t in (e, e.float())
+        )
+        exact = e.double()
+        ratio = (low.double() - exact).norm() / (high.double() - exact).norm()
+        assert abs(ratio - 1) < 0.03
+        assert (low - high).norm() / high.norm() < 0.1  # a few values cross a rounding boundary

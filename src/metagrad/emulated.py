@@ -49,14 +49,21 @@ def _pair(e: Tensor, o: Tensor, specs, inner, channels, dtype: torch.dtype):
     ``specs``, ``inner``, ``channels``: pairs (error, other operand).
     """
     state = _shared_state(specs[0], specs[1], e, inner[0])
-    eq = quantize_along(e, specs[0], inner[0], channels[0], transform_state=state)
-    oq = quantize_along(o, specs[1], inner[1], channels[1], transform_state=state)
-    return eq.to(dtype), oq.to(dtype)
+    eq = quantize_along(e, specs[0], inner[0], channels[0], transform_state=state, dtype=dtype)
+    oq = quantize_along(o, specs[1], inner[1], channels[1], transform_state=state, dtype=dtype)
+    return eq, oq
 
 
 def _shared_error(err_x: QuantSpec, err_w: QuantSpec) -> bool:
-    """Whether both products can use one quantized error (same spec, no axis-bound part)."""
-    return err_x == err_w and err_x.granularity != "block" and err_x.transform is None
+    """Whether both products can use one quantized error: the same spec, with no part bound to
+    a product's contraction axis (blocks, or a transform along it), as the papers of per-tensor,
+    per-sample and block Householder quantizers quantize the error once."""
+    if err_x != err_w or err_x.granularity == "block":
+        return False
+    return (
+        err_x.transform is None
+        or get_transform(err_x.transform, err_x.transform_block).axis == "sample"
+    )
 
 
 def linear_backward(
@@ -74,14 +81,14 @@ def linear_backward(
     grad_x = grad_w = grad_b = None
     shared = None
     if _shared_error(err_x, err_w) and need_x and (need_w or need_b):
-        shared = quantize_along(e, err_x, (e.dim() - 1,), -1).to(dtype)
+        shared = quantize_along(e, err_x, (e.dim() - 1,), -1, dtype=dtype)
     if need_x:
         # dL/dx = e W: contracts the output features (e's last dim, W's dim 0)
         if shared is None:
             last = e.dim() - 1
             eq, wq = _pair(e, weight, (err_x, w_spec), ((last,), (0,)), (-1, 0), dtype)
         else:
-            eq, wq = shared, quantize_along(weight, w_spec, (0,), 0).to(dtype)
+            eq, wq = shared, quantize_along(weight, w_spec, (0,), 0, dtype=dtype)
         grad_x = eq.matmul(wq).to(dtypes[0])
     if need_w or need_b:
         # dL/dW = e^T x: contracts every leading dim (samples, tokens)
@@ -89,7 +96,7 @@ def linear_backward(
         if shared is None:
             eq, xq = _pair(e, x, (err_w, x_spec), (lead, lead), (-1, -1), dtype)
         else:
-            eq, xq = shared, quantize_along(x, x_spec, lead, -1).to(dtype)
+            eq, xq = shared, quantize_along(x, x_spec, lead, -1, dtype=dtype)
         eq = eq.reshape(-1, e.shape[-1])
         if need_w:
             grad_w = eq.t().mm(xq.reshape(-1, x.shape[-1])).to(dtypes[1])
@@ -118,7 +125,7 @@ def conv2d_backward(
     plain_operands = not (w_spec.enabled or x_spec.enabled)
     if _shared_error(err_x, err_w) and plain_operands and need_x and (need_w or need_b):
         # one quantized error, one convolution_backward for both products
-        eq = quantize_along(e, err_x, (1,), 1).to(dtype)
+        eq = quantize_along(e, err_x, (1,), 1, dtype=dtype)
         grad_x, grad_w, _ = backward(eq, x, weight.to(dtype), None, *args, (True, need_w, False))
         grad_w = grad_w.to(dtypes[1]) if need_w else None
         grad_b = eq.sum((0, 2, 3), dtype=torch.float32).to(dtypes[2]) if need_b else None
@@ -133,7 +140,7 @@ def conv2d_backward(
         if x_spec.enabled:
             grad_w, eq = _conv_weight_grad_unfolded(e, x, weight, conv, err_w, x_spec, dtype)
         else:
-            eq = quantize_along(e, err_w, (0, 2, 3), 1).to(dtype)
+            eq = quantize_along(e, err_w, (0, 2, 3), 1, dtype=dtype)
             if need_w:
                 stand_in = eq.new_empty(1).expand(weight.shape)
                 grad_w = backward(eq, x, stand_in, None, *args, (False, True, False))[1]

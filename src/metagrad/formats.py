@@ -21,7 +21,7 @@ two, the format of LUQ). A new format is one class with ``max_value`` and ``roun
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -95,6 +95,7 @@ class FloatFormat:
     exponent: int
     mantissa: int
     specials: Specials = "none"
+    _max_value: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("exponent", "mantissa"):
@@ -110,6 +111,10 @@ class FloatFormat:
             raise ValueError(f"specials must be 'ieee', 'fn' or 'none', got {self.specials!r}")
         if self.specials == "fn" and self.mantissa == 0:
             raise ValueError("specials 'fn' needs mantissa bits (its NaN takes the top mantissa)")
+        # a plain float, computed once: compiled kernels read it as a constant
+        steps = 2**self.mantissa - (2 if self.specials == "fn" else 1)
+        top = math.ldexp(1 + steps / 2**self.mantissa, self.max_exponent)
+        object.__setattr__(self, "_max_value", top)
 
     @property
     def bias(self) -> int:
@@ -127,8 +132,7 @@ class FloatFormat:
 
     @property
     def max_value(self) -> float:
-        steps = 2**self.mantissa - (2 if self.specials == "fn" else 1)
-        return math.ldexp(1 + steps / 2**self.mantissa, self.max_exponent)
+        return self._max_value
 
     @property
     def min_normal(self) -> float:
@@ -140,14 +144,14 @@ class FloatFormat:
         if layout is None or self.min_exponent - self.mantissa + layout[2] < 1:
             return self._round_frexp(y, a, dither)
         int_dtype, mantissa_bits, bias = layout
-        # the binade of a is 2**(field - bias); subnormals share the smallest normal binade and
+        # the binade of a is 2**(binade - bias); subnormals share the smallest normal binade and
         # values past the top one saturate below
-        field = (a.view(int_dtype) >> mantissa_bits).clamp_(
+        binade = (a.view(int_dtype) >> mantissa_bits).clamp_(
             self.min_exponent + bias, self.max_exponent + bias
         )
-        field -= self.mantissa  # the grid step's exponent field: step = 2**(e - mantissa)
-        step = (field << mantissa_bits).view(a.dtype)
-        inverse = ((2 * bias - field) << mantissa_bits).view(a.dtype)  # exactly 1 / step
+        binade -= self.mantissa  # the grid step's exponent binade: step = 2**(e - mantissa)
+        step = (binade << mantissa_bits).view(a.dtype)
+        inverse = ((2 * bias - binade) << mantissa_bits).view(a.dtype)  # exactly 1 / step
         units = _round(a * inverse, dither)
         return (units * step).clamp_(max=self.max_value).copysign_(y)
 

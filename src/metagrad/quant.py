@@ -131,7 +131,7 @@ class QuantSpec:
 
         These are the specs of the integer codes path (:func:`quantize_codes`, the ``int8``
         backend, the exact low-precision products); every other spec is simulated by
-        :func:`metagrad.fakequant.quantize_along`.
+        :func:`quantize_along`.
         """
         return (
             self.format is None
@@ -253,8 +253,9 @@ def fake_quantize(
     if not spec.enabled:
         return x
     if not spec.is_integer:
-        out = quantize_along(x, spec, (channel_dim,), channel_dim, generator=generator)
-        return out.to(x.dtype)
+        return quantize_along(
+            x, spec, (channel_dim,), channel_dim, generator=generator, dtype=x.dtype
+        )
     codes, scale = quantize_codes(x, spec, channel_dim, generator=generator, dtype=scale_dtype(x))
     return codes.mul_(scale).to(x.dtype)
 
@@ -274,12 +275,20 @@ def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], 
 
 
 @kernel
+def _block_scales(blocks: Tensor, max_value: float, scale_format: str) -> Tensor:
+    """One scale per block along the last dim of ``blocks`` (float32+), keeping that dim."""
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    return group_scales(amax, max_value, scale_format, amax.amax())
+
+
+@kernel
 def _dequantized(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
     """``t`` rounded onto ``fmt``'s grid times ``scale`` (broadcast), and scaled back."""
     return fmt.round(t / scale, dither) * scale
 
 
 def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Tensor:
+    """``t`` (float32+) rounded with one scale per group (as :func:`absmax`'s ``keep``)."""
     fmt = spec.number_format
     scale = group_scales(_absmax(t, keep), fmt.max_value, spec.scale_format)
     dither = _dither(t, generator) if spec.rounding == "stochastic" else None
@@ -287,7 +296,8 @@ def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Te
 
 
 def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
-    """Round the rows of ``m`` in blocks of ``spec.block_size`` along them (zero-padded)."""
+    """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them
+    (zero-padded)."""
     fmt = spec.number_format
     rows, length = m.shape
     size = spec.block_size
@@ -295,8 +305,7 @@ def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
     if padded != length:
         m = torch.nn.functional.pad(m, (0, padded - length))
     blocks = m.reshape(rows, padded // size, size)
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scale = group_scales(amax, fmt.max_value, spec.scale_format, amax.amax())
+    scale = _block_scales(blocks, fmt.max_value, spec.scale_format)
     dither = _dither(blocks, generator) if spec.rounding == "stochastic" else None
     return _dequantized(blocks, scale, dither, fmt).reshape(rows, padded)[:, :length]
 
@@ -342,33 +351,42 @@ def _group_axis(dim: int, rest: list[int], axes: tuple[int, ...], spec: QuantSpe
     )
 
 
+def _transform_dtype(transform: Transform, x: Tensor) -> torch.dtype:
+    """The dtype ``transform`` runs in on ``x``: bf16/fp16 where its matrix is exact in it."""
+    if transform.low_precision and x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    return scale_dtype(x)
+
+
 def _quantize_transformed(
-    t: Tensor,
+    x: Tensor,
     spec: QuantSpec,
     transform: Transform,
     inner: tuple[int, ...],
     channel_dim: int,
     generator: torch.Generator | None,
     state: Any,
+    dtype: torch.dtype,
 ) -> Tensor:
     axes = _transform_axes(transform, inner)
-    rows, restore = _transform_rows(t, transform, axes)
+    work = _transform_dtype(transform, x)
+    rows, restore = _transform_rows(x.to(work), transform, axes)
     if state is None:
         state = transform.prepare(rows, generator)
-    rows = transform.forward(rows, state)
-    rest = [d for d in range(t.dim()) if d not in axes]
+    rows = transform.forward(rows, state).to(scale_dtype(x))
+    rest = [d for d in range(x.dim()) if d not in axes]
     if spec.granularity == "block":
         if axes != inner:
             raise ValueError(f"{spec}: blocks run along the contraction axis, the transform not")
         q = _round_blocks(rows, spec, generator)
     else:
-        grid = rows.reshape(*[t.shape[d] for d in rest], rows.shape[1])
+        grid = rows.reshape(*[x.shape[d] for d in rest], rows.shape[1])
         keep = None
         if spec.granularity != "tensor":
-            dim = 0 if spec.granularity == "sample" else channel_dim % t.dim()
+            dim = 0 if spec.granularity == "sample" else channel_dim % x.dim()
             keep = _group_axis(dim, rest, axes, spec)
         q = _round_groups(grid, spec, keep, generator).reshape(rows.shape)
-    return restore(transform.inverse(q, state))
+    return restore(transform.inverse(q.to(work), state)).to(dtype)
 
 
 def quantize_along(
@@ -379,29 +397,34 @@ def quantize_along(
     *,
     generator: torch.Generator | None = None,
     transform_state: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``T^-1 Q(T x)``: ``x`` quantized as any ``spec`` says, in float32 (float64 for float64).
+    """``T^-1 Q(T x)``: ``x`` quantized as any ``spec`` says, as ``dtype`` (default float32;
+    float64 for float64).
 
     ``inner``: the dims a product contracts ``x`` over (flattened, in order): blocks of
     ``"block"`` granularity and ``"inner"`` transforms run along them; ``"sample"`` transforms
     run along dim 0. ``channel_dim``: the axis of ``"channel"`` granularity.
     ``transform_state``: from :func:`prepare_transform` (to share one draw between the operands
-    of a product); None draws one from ``generator``.
+    of a product); None draws one from ``generator``. Scales and rounding are computed in
+    float32; a transform runs in ``x``'s dtype where its matrix is exact in it (``rht`` under
+    mixed precision: a bf16 product, as hardware computes it), else in float32.
     """
+    dtype = dtype or scale_dtype(x)
     if not spec.enabled:
-        return x.to(scale_dtype(x))
+        return x.to(dtype)
     nd = max(x.dim(), 1)
     inner = tuple(d % nd for d in inner)
-    t = x.to(scale_dtype(x))
     if spec.transform is not None:
         transform = get_transform(spec.transform, spec.transform_block)
         return _quantize_transformed(
-            t, spec, transform, inner, channel_dim, generator, transform_state
+            x, spec, transform, inner, channel_dim, generator, transform_state, dtype
         )
+    t = x.to(scale_dtype(x))
     if spec.granularity == "block":
         rows, restore = as_rows(t, inner)
-        return restore(_round_blocks(rows, spec, generator))
-    return _round_groups(t, spec, group_dim(t, spec.granularity, channel_dim), generator)
+        return restore(_round_blocks(rows, spec, generator)).to(dtype)
+    return _round_groups(t, spec, group_dim(t, spec.granularity, channel_dim), generator).to(dtype)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

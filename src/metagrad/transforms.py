@@ -19,13 +19,18 @@ a quantized product on transformed operands is exact.
 A row whose length is not a multiple of the block is zero-padded; the quantizer drops the padded
 positions after the inverse (a projection: still unbiased, never a larger error).
 
-A new transform is a class with ``axis``, ``data_dependent``, ``padded_length``, ``prepare``,
-``forward`` and ``inverse``, registered with
+Precision: a transform whose matrix is exact in bfloat16 (``rht``: its entries are +-1 before
+one scaling) runs in the tensor's own dtype, so under mixed precision it is a bf16 product with
+float32 accumulation, as hardware runs it on tensor cores; the others run in float32.
+
+A new transform is a class with ``axis``, ``data_dependent``, ``low_precision``,
+``padded_length``, ``prepare``, ``forward`` and ``inverse``, registered with
 :func:`register_transform`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ class Transform(Protocol):
 
     axis: ClassVar[Axis]  # "inner": the product's contraction axis; "sample": dim 0
     data_dependent: ClassVar[bool]  # whether prepare reads the values (else only the shape)
+    low_precision: ClassVar[bool]  # whether forward/inverse may run in bf16/fp16 (exact matrix)
 
     def padded_length(self, length: int) -> int:
         """The row length the transform works on (rows are zero-padded to it)."""
@@ -61,12 +67,18 @@ class Transform(Protocol):
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """The orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of two)."""
+    return _sign_hadamard(n, dtype, device) / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=64)
+def _sign_hadamard(n: int, dtype: torch.dtype, device) -> Tensor:
+    """The Sylvester-Hadamard matrix of order ``n`` with entries +-1 (cached; do not modify)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard matrix needs a power-of-two order, got {n}")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
+    return h.to(dtype=dtype, device=device)
 
 
 @dataclass
@@ -81,6 +93,7 @@ class RandomizedHadamard:
 
     axis: ClassVar[Axis] = "inner"
     data_dependent: ClassVar[bool] = False
+    low_precision: ClassVar[bool] = True
     block: int = 128
 
     def __post_init__(self) -> None:
@@ -113,10 +126,12 @@ class RandomizedHadamard:
         b = state.block
         if length % b:
             raise ValueError(f"rht rows of length {length} are not a multiple of its block {b}")
-        h = hadamard_matrix(b, t.dtype, t.device)
-        # forward: (x * signs) @ h = x @ (signs[:, None] * h); inverse: (x @ h) * signs
-        h = h * state.signs if inverse else state.signs[:, None] * h
-        return (t.reshape(-1, b) @ h).reshape(rows, length)
+        h = _sign_hadamard(b, t.dtype, t.device)
+        signs = state.signs.to(t.dtype)
+        # forward: (x * signs) @ h = x @ (signs[:, None] * h); inverse: (x @ h) * signs. The
+        # +-1 products are exact in any dtype; the 1/sqrt(block) scaling comes after.
+        h = h * signs if inverse else signs[:, None] * h
+        return (t.reshape(-1, b) @ h).mul_(1 / math.sqrt(b)).reshape(rows, length)
 
     def forward(self, t: Tensor, state: _RHTState) -> Tensor:
         return self._apply(t, state, inverse=False)
@@ -127,8 +142,9 @@ class RandomizedHadamard:
 
 @dataclass
 class _BHQState:
-    groups: Tensor  # (G, g) positions along the row; the first of each group is a large one
-    matrix: Tensor  # (length, length): the block Householder reflection, symmetric orthogonal
+    order: Tensor  # positions: each group's (its large one first), then those in no group
+    inverse_order: Tensor  # the permutation that undoes ``order``
+    reflection: Tensor  # (g, g): the Householder reflection of one group, symmetric orthogonal
 
 
 @dataclass(frozen=True)
@@ -137,12 +153,16 @@ class BlockHouseholder:
 
     Positions (the samples, when the row runs over samples) are ranked by their largest
     magnitude across rows; each of the ``length // group`` largest is grouped with ``group - 1``
-    of the smallest, and reflected so that its values are spread evenly over its group. The
-    reflection is applied as one ``length x length`` matrix (rows run over a batch's samples).
+    of the smallest, and reflected so that its values are spread evenly over its group.
+    Positions in no group are left as they are. The transformed row lists the groups one after
+    another (``T = R P``: a permutation, then the block reflection, still orthogonal), so that
+    the reflection runs on contiguous memory. Its entries are not exact in bf16, so the
+    transform runs in float32.
     """
 
     axis: ClassVar[Axis] = "sample"
     data_dependent: ClassVar[bool] = True
+    low_precision: ClassVar[bool] = False
     group: int = 8
 
     def __post_init__(self) -> None:
@@ -156,25 +176,38 @@ class BlockHouseholder:
     def prepare(self, t: Tensor, generator: torch.Generator | None) -> _BHQState:
         length = t.shape[-1]
         g = min(self.group, length)
-        n_groups = length // g if g > 1 else 0
-        order = t.abs().amax(dim=0).argsort(descending=True, stable=True)
-        large = order[:n_groups]
-        small = order[n_groups:].flip(0)[: n_groups * (g - 1)]  # the smallest positions
+        n_groups = length // g
+        columns = t.t()  # one position per row
+        top = torch.maximum(columns.amax(dim=1), -columns.amin(dim=1))
+        ranked = top.argsort(descending=True, stable=True)
+        large = ranked[:n_groups]
+        small = ranked[n_groups:].flip(0)[: n_groups * (g - 1)]  # the smallest positions
+        others = ranked[n_groups : length - n_groups * (g - 1)]
         groups = torch.cat([large.unsqueeze(1), small.reshape(n_groups, g - 1)], dim=1)
+        order = torch.cat([groups.flatten(), others])
         v = torch.full((g,), -1 / math.sqrt(g), dtype=t.dtype, device=t.device)
         v[0] += 1
         v = v / v.norm()
         reflection = torch.eye(g, dtype=t.dtype, device=t.device) - 2 * torch.outer(v, v)
-        matrix = torch.eye(length, dtype=t.dtype, device=t.device)
-        rows, cols = groups[:, :, None], groups[:, None, :]
-        matrix[rows, cols] = reflection
-        return _BHQState(groups, matrix)
+        return _BHQState(order, order.argsort(), reflection)
+
+    def _reflect(self, columns: Tensor, state: _BHQState) -> Tensor:
+        """The reflection of each group of consecutive rows of ``columns`` (length, rows)."""
+        g = state.reflection.shape[0]
+        grouped = columns.shape[0] // g * g
+        head = state.reflection.to(columns.dtype) @ columns[:grouped].reshape(
+            -1, g, columns.shape[1]
+        )
+        head = head.reshape(grouped, -1)
+        return head if grouped == columns.shape[0] else torch.cat([head, columns[grouped:]])
 
     def forward(self, t: Tensor, state: _BHQState) -> Tensor:
-        return t @ state.matrix
+        # works on t.T, (length, rows): one position per row, contiguous memory when t is the
+        # transposed view that a sample axis gives
+        return self._reflect(t.t().index_select(0, state.order), state).t()
 
     def inverse(self, t: Tensor, state: _BHQState) -> Tensor:
-        return t @ state.matrix  # a reflection is its own inverse
+        return self._reflect(t.t(), state).index_select(0, state.inverse_order).t()
 
 
 TransformFactory = Callable[[int], Transform]
