@@ -561,3 +561,46 @@ def test_horizon_state_round_trips_and_resumes_exactly() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="horizon"):
         MetaGrad(model, 0.1, horizon=0)
+
+
+class _AttentionClassifier(nn.Module):
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.head = nn.Linear(8, 3)
+        self.kdim = kdim or 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = x if self.kdim == 8 else x.repeat(1, 1, 2)[..., : self.kdim]
+        return self.head(self.attn(x, memory, memory, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_attention_input_projections_are_meta_weights(kdim) -> None:
+    """The q/k/v weights of a converted nn.MultiheadAttention are updated by the hypernetwork,
+    packed (in_proj_weight) or not (q/k/v_proj_weight)."""
+    torch.manual_seed(0)
+    model = quantize(_AttentionClassifier(kdim), INT4_GRADS)
+    names = {n for n, p in model.named_parameters() if id(p) in map(id, meta_parameters(model))}
+    projections = (
+        {"attn.in_proj_weight"} if kdim is None else {f"attn.{k}_proj_weight" for k in "qkv"}
+    )
+    assert names == projections | {"attn.out_proj.weight", "head.weight"}
+    opt = MetaGrad(model, 0.1, hyper_lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 5, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    initial = copy.deepcopy(opt.hypernet.state_dict())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        opt.step(closure)
+    pending = {id(p) for p in opt.pending_gradients()}
+    assert all(id(dict(model.named_parameters())[n]) in pending for n in projections)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert any(not torch.equal(v, initial[k]) for k, v in opt.hypernet.state_dict().items())

@@ -43,6 +43,13 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         self.out_proj = twin(self.out_proj, QuantLinear)
         self.out_proj.config = self.config
 
+    @property
+    def quantized_weight_names(self) -> tuple[str, ...]:
+        """The input projections' weights (``out_proj`` lists its own)."""
+        if self._qkv_same_embed_dim:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+
     def forward(
         self,
         query: Tensor,

@@ -20,6 +20,8 @@ M = TypeVar("M", bound=nn.Module)
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward and backward are quantized as ``config`` says."""
 
+    quantized_weight_names: tuple[str, ...] = ("weight",)
+
     def __init__(self, *args, config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config = config if config is not None else QuantConfig()
@@ -46,6 +48,8 @@ class QuantConv2d(nn.Conv2d):
 
 class QuantLinear(nn.Linear):
     """``nn.Linear`` whose forward and backward are quantized as ``config`` says."""
+
+    quantized_weight_names: tuple[str, ...] = ("weight",)
 
     def __init__(self, *args, config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -74,3 +78,19 @@ def twin(module: nn.Module, cls: type[M]) -> M:
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's quantized ``Conv2d``/``Linear`` layers (those with one ``weight``), by name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def quantized_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every weight that enters a quantized product, by qualified name, each once.
+
+    A module lists its own in ``quantized_weight_names`` (``weight`` for the quantized
+    convolution and linear layers, the input projections for quantized attention); a module of
+    a user's own declares them the same way.
+    """
+    found: dict[int, tuple[str, nn.Parameter]] = {}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "quantized_weight_names", ()):
+            weight = getattr(module, name, None)
+            if isinstance(weight, nn.Parameter) and id(weight) not in found:
+                found[id(weight)] = (f"{prefix}.{name}" if prefix else name, weight)
+    return list(found.values())

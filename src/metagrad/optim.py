@@ -1,6 +1,6 @@
 """The MetaGrad optimizer: quantized gradients corrected by a hypernetwork trained on the task loss.
 
-For the weights of the model's quantized layers ("meta" weights), iteration ``t`` runs
+For the weights that enter the model's quantized products ("meta" weights), iteration ``t`` runs
 
     W_t = W_{t-1} - lr * refine(H_phi(g_{t-1}, W_{t-1}))
     L_t = loss(f(x_t; W_t)),   backward -> dL_t/dphi (through W_t) and g_t = dL_t/dW_t
@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from metagrad import kernels
 from metagrad.hyper import DEFAULT_KIND, Hypernet, create_hypernet
-from metagrad.layers import quantized_layers
+from metagrad.layers import quantized_weights
 
 BASES: tuple[str, ...] = ("sgd", "adam")
 CPU_CHUNK_SIZE = 1 << 17
@@ -137,23 +137,18 @@ class _ClosureModule(nn.Module):
 
 
 def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable weights of the model's quantized layers (each once)."""
-    seen: set[int] = set()
-    params = []
-    for _, layer in quantized_layers(model):
-        w = layer.weight
-        if w.requires_grad and id(w) not in seen:
-            seen.add(id(w))
-            params.append(w)
-    return params
+    """The trainable weights that enter the model's quantized products (each once)."""
+    return [w for _, w in quantized_weights(model) if w.requires_grad]
 
 
 class MetaGrad(Optimizer):
     """MetaGrad: a base rule (SGD or Adam) whose quantized-layer updates pass through a hypernet.
 
     Args:
-        model: the model; the weights of its ``QuantConv2d``/``QuantLinear`` layers are the meta
-            weights, every other trainable parameter takes plain base-rule steps.
+        model: the model; the weights that enter its quantized products (those of quantized
+            convolutions, linear layers and attention projections:
+            :func:`~metagrad.layers.quantized_weights`) are the meta weights, every other
+            trainable parameter takes plain base-rule steps.
         lr: learning rate (read from the param groups at every step, so schedulers work).
         base: ``"sgd"`` or ``"adam"``.
         momentum, nesterov, weight_decay: as ``torch.optim.SGD`` (``weight_decay`` also for Adam,
