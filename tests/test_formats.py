@@ -97,7 +97,7 @@ def test_format_validation_names_the_problem():
 
 
 def test_a_new_format_is_one_registration(monkeypatch):
-    monkeypatch.setattr(formats, "_FORMATS", dict(formats._FORMATS))
+    monkeypatch.setattr(formats, "_FORMATS", formats._FORMATS.copy())
     register_format("fp6_e3m2", FloatFormat(3, 2))
     spec = QuantSpec(format="fp6_e3m2", granularity="block", block_size=8)
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))

@@ -191,7 +191,7 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_a_new_method_is_one_registration(monkeypatch):
-    monkeypatch.setattr(presets, "_PRESETS", dict(presets._PRESETS))
+    monkeypatch.setattr(presets, "_PRESETS", presets._PRESETS.copy())
 
     @register_preset("int3-sample")
     def int3_sample() -> QuantConfig:

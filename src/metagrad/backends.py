@@ -30,6 +30,7 @@ from metagrad.products import (
     linear_grads,
 )
 from metagrad.quant import quantize_codes
+from metagrad.registry import Registry
 
 if TYPE_CHECKING:
     from metagrad.functional import QuantConfig
@@ -63,23 +64,17 @@ class Backend:
     check: Callable[[QuantConfig], str | None] = _runs_anything
 
 
-_BACKENDS: dict[str, Backend] = {}
+_BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def register_backend(name: str, backend: Backend) -> Backend:
     """Make ``backend`` available as ``QuantConfig(backend=name)``."""
-    if name in _BACKENDS:
-        raise ValueError(f"backend {name!r} is already registered")
-    _BACKENDS[name] = backend
-    return backend
+    return _BACKENDS.add(name, backend)
 
 
 def get_backend(name: str) -> Backend:
     """The registered backend ``name``."""
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"backend must be one of {tuple(list_backends())}, got {name!r}") from None
+    return _BACKENDS.lookup(name)
 
 
 def list_backends() -> list[str]:

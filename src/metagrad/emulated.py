@@ -6,7 +6,10 @@ with their own specs (:class:`~metagrad.functional.QuantConfig`: the error and t
 axis, by :func:`metagrad.quant.quantize_along`, and multiplies the dequantized tensors in the
 compute dtype (the autocast dtype under mixed precision). A transform drawn for a product is
 shared by its two operands, as hardware would share it, so the product equals the product of the
-transformed, quantized operands. The bias gradient sums the error of the ``dL/dW`` product.
+transformed, quantized operands. An error spec bound to neither product's axis (per tensor,
+channel or sample; no transform, or one across samples) quantizes the error once for both
+products, as the per-tensor, per-sample and block Householder quantizers' papers do. The bias
+gradient sums the error of the ``dL/dW`` product.
 
 Contraction axes: ``dL/dx`` contracts the output features (a convolution's output channels, per
 kernel tap); ``dL/dW`` contracts every other axis of the error (samples, tokens, positions). A

@@ -27,6 +27,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from metagrad.registry import Registry
+
 DITHER_LEVELS = 256  # stochastic rounding's noise: one random byte per element
 
 Specials = Literal["ieee", "fn", "none"]
@@ -167,27 +169,19 @@ class FloatFormat:
         return f"fp_e{self.exponent}m{self.mantissa}"
 
 
-_FORMATS: dict[str, NumberFormat] = {}
+_FORMATS: Registry[NumberFormat] = Registry("number format")
 
 
 def register_format(name: str, fmt: NumberFormat) -> NumberFormat:
     """Make ``fmt`` available by ``name`` (in :class:`~metagrad.quant.QuantSpec` and the CLI)."""
     if not isinstance(fmt, NumberFormat):
         raise TypeError(f"format {name!r} must have max_value and round(y, dither)")
-    if name in _FORMATS:
-        raise ValueError(f"number format {name!r} is already registered")
-    _FORMATS[name] = fmt
-    return fmt
+    return _FORMATS.add(name, fmt)
 
 
 def get_format(name: str) -> NumberFormat:
     """The registered format ``name``."""
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown number format {name!r}; available: {', '.join(list_formats())}"
-        ) from None
+    return _FORMATS.lookup(name)
 
 
 def list_formats() -> list[str]:

@@ -35,22 +35,16 @@ from collections.abc import Callable
 
 from metagrad.functional import QuantConfig
 from metagrad.quant import QuantSpec
+from metagrad.registry import Registry
 
 PresetFn = Callable[[], QuantConfig]
 
-_PRESETS: dict[str, PresetFn] = {}
+_PRESETS: Registry[PresetFn] = Registry("gradient preset")
 
 
 def register_preset(name: str) -> Callable[[PresetFn], PresetFn]:
     """Register ``fn() -> QuantConfig`` as the gradient preset ``name`` (decorator)."""
-
-    def register(fn: PresetFn) -> PresetFn:
-        if name in _PRESETS:
-            raise ValueError(f"gradient preset {name!r} is already registered")
-        _PRESETS[name] = fn
-        return fn
-
-    return register
+    return lambda fn: _PRESETS.add(name, fn)
 
 
 def list_presets() -> list[str]:
@@ -63,13 +57,7 @@ def preset_config(name: str, base: QuantConfig | None = None) -> QuantConfig:
 
     The preset's backward specs replace ``base``'s; ``base`` defaults to ``QuantConfig()``.
     """
-    try:
-        fn = _PRESETS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown gradient preset {name!r}; available: {', '.join(list_presets())}"
-        ) from None
-    preset = fn()
+    preset = _PRESETS.lookup(name)()
     if base is None:
         return preset
     return dataclasses.replace(

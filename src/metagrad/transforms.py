@@ -39,6 +39,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from metagrad.registry import Registry
+
 MIN_RHT_BLOCK, MAX_RHT_BLOCK = 2, 1024
 
 Axis = Literal["inner", "sample"]
@@ -212,26 +214,17 @@ class BlockHouseholder:
 
 TransformFactory = Callable[[int], Transform]
 
-_TRANSFORMS: dict[str, TransformFactory] = {}
+_TRANSFORMS: Registry[TransformFactory] = Registry("transform")
 
 
 def register_transform(name: str, factory: TransformFactory) -> TransformFactory:
     """Make ``factory(block) -> Transform`` available by ``name``."""
-    if name in _TRANSFORMS:
-        raise ValueError(f"transform {name!r} is already registered")
-    _TRANSFORMS[name] = factory
-    return factory
+    return _TRANSFORMS.add(name, factory)
 
 
 def get_transform(name: str, block: int) -> Transform:
     """The registered transform ``name`` with block (or group) size ``block``."""
-    try:
-        factory = _TRANSFORMS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown transform {name!r}; available: {', '.join(list_transforms())}"
-        ) from None
-    return factory(block)
+    return _TRANSFORMS.lookup(name)(block)
 
 
 def list_transforms() -> list[str]:
