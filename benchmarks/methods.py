@@ -9,7 +9,7 @@ in its own process (resumable: start the command again to finish). Every run rec
 ``--diag-every`` steps, the cosine similarity and relative error of the weight gradient that
 updates the weights against the full-precision gradient of the same batch. Finally it times the
 training steps of every setting side by side, interleaved on the same batches, relative to the
-``plain`` preset's step. Writes ``benchmarks/results/methods.json`` (``methods-gpt.json`` for the
+``plain`` preset's step (``--timing-width 1.0``: also at the paper's full width). Writes ``benchmarks/results/methods.json`` (``methods-gpt.json`` for the
 GPT; ``--output``) after every run, and prints the table that the README shows.
 """
 
@@ -174,6 +174,11 @@ def main() -> None:
     )
     parser.add_argument("--diag-every", type=int, default=100)
     parser.add_argument("--timing-steps", type=int, default=20, help="0: no step timing")
+    parser.add_argument(
+        "--timing-width",
+        type=float,
+        help="also time every step at this model width (1.0: the paper's VGG-16)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
@@ -250,7 +255,20 @@ def main() -> None:
         )
         reference = medians["plain"] if "plain" in medians else medians["fp32"]
         timing = {m: t / reference for m, t in medians.items()}
-        table = write(chosen, {"step_seconds": medians, "step_time_vs_plain": timing})
+        extra: dict[str, Any] = {"step_seconds": medians, "step_time_vs_plain": timing}
+        if args.timing_width:
+            print(f"== side-by-side step timing at width {args.timing_width}", flush=True)
+            wide = time_steps(
+                {m: settings_of(m) for m in methods},
+                _dataset(base, args.data),
+                {**timing_base, "width": args.timing_width, "data": args.data},
+                steps=args.timing_steps,
+            )
+            reference = wide["plain"] if "plain" in wide else wide["fp32"]
+            extra["timing_width"] = args.timing_width
+            extra["step_seconds_at_width"] = wide
+            extra["step_time_vs_plain_at_width"] = {m: t / reference for m, t in wide.items()}
+        table = write(chosen, extra)
     print_table(table, timing, task)
     print(f"wrote {args.output}")
 

@@ -308,9 +308,12 @@ def speed_table(data: dict) -> str:
 def methods_table(data: dict) -> str:
     """Every gradient preset (and MetaGrad on the chosen ones) against full precision."""
     metric = data.get("metric", "test acc")
+    wide = data.get("step_time_vs_plain_at_width", {})
+    wide_column = f" step vs plain, width {data['timing_width']:g} |" if wide else ""
     rows = [
-        f"| method | seeds | {metric} | vs fp32 | grad cosine | grad rel. error | step vs plain |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | seeds | {metric} | vs fp32 | grad cosine | grad rel. error | step vs plain |"
+        + wide_column,
+        "|---|---|---|---|---|---|---|" + ("---|" if wide else ""),
     ]
     timing = data.get("step_time_vs_plain", {})
     for method, row in data["methods"].items():
@@ -320,7 +323,10 @@ def methods_table(data: dict) -> str:
         cos = "-" if row["grad_cosine"] is None else f"{row['grad_cosine']:.3f}"
         err = "-" if row["grad_rel_error"] is None else f"{row['grad_rel_error']:.3f}"
         step = f"{timing[method]:.2f}x" if method in timing else "-"
-        rows.append(f"| {method} | {seeds} | {value} | {gap} | {cos} | {err} | {step} |")
+        row_text = f"| {method} | {seeds} | {value} | {gap} | {cos} | {err} | {step} |"
+        if wide:
+            row_text += f" {wide[method]:.2f}x |" if method in wide else " - |"
+        rows.append(row_text)
     return "\n".join(rows)
 
 

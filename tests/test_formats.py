@@ -211,3 +211,17 @@ def test_compiled_dequantize_kernel_equals_the_eager_one():
         with kernels.compiled():
             fused = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
         assert torch.equal(eager, fused)
+
+
+def test_registry_refuses_a_name_twice_and_names_the_choices():
+    from metagrad.registry import Registry
+
+    reg: Registry[int] = Registry("widget")
+    assert reg.add("a", 1) == 1 and reg.lookup("a") == 1
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        reg.add("a", 2)
+    with pytest.raises(ValueError, match="unknown widget 'b'; available: a"):
+        reg.lookup("b")
+    copy = reg.copy()
+    copy.add("b", 2)
+    assert isinstance(copy, Registry) and copy.kind == "widget" and "b" not in reg
