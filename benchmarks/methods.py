@@ -9,8 +9,9 @@ in its own process (resumable: start the command again to finish). Every run rec
 ``--diag-every`` steps, the cosine similarity and relative error of the weight gradient that
 updates the weights against the full-precision gradient of the same batch. Finally it times the
 training steps of every setting side by side, interleaved on the same batches, relative to the
-``plain`` preset's step (``--timing-width 1.0``: also at the paper's full width). Writes ``benchmarks/results/methods.json`` (``methods-gpt.json`` for the
-GPT; ``--output``) after every run, and prints the table that the README shows.
+``plain`` preset's step (``--timing-width 1.0``: also at the paper's full width). Writes
+``benchmarks/results/methods.json`` (``methods-gpt.json`` for the GPT; ``--output``) after every
+run, and prints the table that the README shows.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", help="default: runs/methods (runs/methods-gpt)")
     parser.add_argument("--output", help="default: benchmarks/results/methods(-gpt).json")
     parser.add_argument("--epochs", type=int, help="default: 6 (gpt: 7)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", default=PRESETS, choices=list_presets())
     parser.add_argument(
         "--metagrad", nargs="*", help="presets to run MetaGrad on (default: best 2)"
