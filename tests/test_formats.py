@@ -225,3 +225,42 @@ def test_registry_refuses_a_name_twice_and_names_the_choices():
     copy = reg.copy()
     copy.add("b", 2)
     assert isinstance(copy, Registry) and copy.kind == "widget" and "b" not in reg
+
+
+def test_a_new_transform_is_one_registration(monkeypatch):
+    """A registered transform (here: a reversal of each block, an orthogonal permutation) is
+    used by QuantSpec and undone after quantization."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from metagrad import transforms
+
+    @dataclass(frozen=True)
+    class Reverse:
+        axis: ClassVar[str] = "inner"
+        data_dependent: ClassVar[bool] = False
+        low_precision: ClassVar[bool] = True
+        block: int = 4
+
+        def padded_length(self, length: int) -> int:
+            return -(-length // self.block) * self.block
+
+        def prepare(self, t, generator):
+            return None
+
+        def forward(self, t, state):
+            return t.reshape(t.shape[0], -1, self.block).flip(-1).reshape(t.shape)
+
+        inverse = forward
+
+    monkeypatch.setattr(transforms, "_TRANSFORMS", transforms._TRANSFORMS.copy())
+    transforms.register_transform("reverse", Reverse)
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(
+        format="fp8_e4m3", granularity="block", block_size=4, transform="reverse", transform_block=4
+    )
+    plain = QuantSpec(format="fp8_e4m3", granularity="block", block_size=4)
+    # reversing whole blocks leaves each block's scale and values as they are
+    assert torch.equal(quantize_along(x, spec, (1,), 0), quantize_along(x, plain, (1,), 0))
+    with pytest.raises(ValueError, match="already registered"):
+        transforms.register_transform("rht", RandomizedHadamard)
