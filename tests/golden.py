@@ -32,75 +32,37 @@ import torch
 GOLDEN_FILE = Path(__file__).with_name("golden.json")
 ROOT = Path(__file__).resolve().parents[1]
 
-COMMON = [
-    "--data", "digits", "--model", "small_cnn", "--batch-size", "32", "--epochs", "1",
-    "--max-steps", "6", "--threads", "1", "--compile", "off", "--no-progress", "--seed", "3",
-]  # fmt: skip
-GPT = [
-    "--model", "gpt_char", "--batch-size", "8", "--epochs", "1", "--max-steps", "3",
-    "--threads", "1", "--compile", "off", "--no-progress", "--seed", "3",
-]  # fmt: skip
+COMMON = (
+    "--data digits --model small_cnn --batch-size 32 --epochs 1 --max-steps 6 --threads 1 "
+    "--compile off --no-progress --seed 3"
+)
+GPT = (
+    "--model gpt_char --batch-size 8 --epochs 1 --max-steps 3 --threads 1 --compile off "
+    "--no-progress --seed 3"
+)
 PRESETS = ("plain", "psq", "bhq", "luq", "rht-mxfp4", "rht-nvfp4", "fp8-e5m2")
 
-TRAINING_CASES: dict[str, list[str]] = {
-    "fp32": [*COMMON],
-    "int4-stochastic": [*COMMON, "--grad-bits", "4"],
-    "int4-nearest-sample": [
-        *COMMON,
-        "--grad-bits",
-        "4",
-        "--grad-rounding",
-        "nearest",
-        "--grad-granularity",
-        "sample",
-    ],  # fmt: skip
-    **{f"preset-{name}": [*COMMON, "--grad-quant", name] for name in PRESETS},
-    "int8-backend": [*COMMON, "--grad-bits", "8", "--backend", "int8"],
-    "int8-backend-qat": [
-        *COMMON,
-        "--grad-bits",
-        "4",
-        "--backend",
-        "int8",
-        "--weight-bits",
-        "8",
-        "--act-bits",
-        "8",
-    ],  # fmt: skip
-    "metagrad-k1": [*COMMON, "--grad-bits", "4", "--method", "metagrad"],
-    "metagrad-k2": [
-        *COMMON,
-        "--grad-bits",
-        "4",
-        "--method",
-        "metagrad",
-        "--hyper-horizon",
-        "2",
-        "--hyper",
-        "lstm",
-    ],  # fmt: skip
-    "metagrad-adam-gain": [
-        *COMMON,
-        "--grad-quant",
-        "rht-nvfp4",
-        "--method",
-        "metagrad",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.003",
-        "--hyper-form",
-        "gain",
-    ],  # fmt: skip
-    "amp-bf16": [*COMMON, "--grad-bits", "4", "--amp", "bf16"],
-    "amp-bf16-preset": [*COMMON, "--grad-quant", "rht-mxfp4", "--amp", "bf16"],
-    "amp-bf16-metagrad": [*COMMON, "--grad-bits", "4", "--amp", "bf16", "--method", "metagrad"],
-    "gpt-rht-nvfp4": [*GPT, "--grad-quant", "rht-nvfp4", "--amp", "bf16"],
-    "gpt-metagrad": [*GPT, "--grad-bits", "4", "--method", "metagrad"],
+TRAINING_CASES: dict[str, str] = {
+    "fp32": COMMON,
+    "int4-stochastic": f"{COMMON} --grad-bits 4",
+    "int4-nearest-sample": f"{COMMON} --grad-bits 4 --grad-rounding nearest "
+    "--grad-granularity sample",
+    **{f"preset-{name}": f"{COMMON} --grad-quant {name}" for name in PRESETS},
+    "int8-backend": f"{COMMON} --grad-bits 8 --backend int8",
+    "int8-backend-qat": f"{COMMON} --grad-bits 4 --backend int8 --weight-bits 8 --act-bits 8",
+    "metagrad-k1": f"{COMMON} --grad-bits 4 --method metagrad",
+    "metagrad-k2": f"{COMMON} --grad-bits 4 --method metagrad --hyper-horizon 2 --hyper lstm",
+    "metagrad-adam-gain": f"{COMMON} --grad-quant rht-nvfp4 --method metagrad --optimizer adam "
+    "--lr 0.003 --hyper-form gain",
+    "amp-bf16": f"{COMMON} --grad-bits 4 --amp bf16",
+    "amp-bf16-preset": f"{COMMON} --grad-quant rht-mxfp4 --amp bf16",
+    "amp-bf16-metagrad": f"{COMMON} --grad-bits 4 --amp bf16 --method metagrad",
+    "gpt-rht-nvfp4": f"{GPT} --grad-quant rht-nvfp4 --amp bf16",
+    "gpt-metagrad": f"{GPT} --grad-bits 4 --method metagrad",
 }
-TORCHRUN_CASES: dict[str, list[str]] = {
-    "torchrun-2-int4-comm8": [*COMMON, "--grad-bits", "4", "--comm-bits", "8"],
-    "torchrun-2-metagrad": [*COMMON, "--grad-bits", "4", "--method", "metagrad"],
+TORCHRUN_CASES: dict[str, str] = {
+    "torchrun-2-int4-comm8": f"{COMMON} --grad-bits 4 --comm-bits 8",
+    "torchrun-2-metagrad": f"{COMMON} --grad-bits 4 --method metagrad",
 }
 
 
@@ -166,10 +128,10 @@ def run_training(name: str, workdir: Path) -> dict[str, str]:
     if name in TORCHRUN_CASES:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", "2", "-m", "metagrad", "train", *TORCHRUN_CASES[name],
+            "--nproc_per_node", "2", "-m", "metagrad", "train", *TORCHRUN_CASES[name].split(),
         ]  # fmt: skip
     else:
-        command = [sys.executable, "-m", "metagrad", "train", *TRAINING_CASES[name]]
+        command = [sys.executable, "-m", "metagrad", "train", *TRAINING_CASES[name].split()]
     command += ["--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
     if done.returncode != 0:

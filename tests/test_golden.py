@@ -6,9 +6,8 @@ bit-reproducible only there, so on another machine the test skips and says how t
 
 from __future__ import annotations
 
-import pytest
-
 import golden
+import pytest
 
 EXPECTED = golden.load().get(golden.fingerprint())
 pytestmark = pytest.mark.skipif(
