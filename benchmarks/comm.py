@@ -12,7 +12,7 @@ for a few iterations (no optimizer step, so the local gradients never change):
 - PowerSGD at rank 1 and 4 (``start_powerSGD_iter=2``: two plain all-reduces, then compressed
   iterations, warm-started, with error feedback: what a rank feeds the compressor includes the
   residual it kept from the previous iteration);
-- ours: :func:`metagrad.comm.quantized_hook` at 8 and 4 bits, block size 1024.
+- ours: :func:`metagrad.parallel.comm.quantized_hook` at 8 and 4 bits, block size 1024.
 
 Per method: bytes each rank sends per all-reduce (a ring all-reduce's cost model for PyTorch's
 hooks, with PowerSGD's P and Q matrices and uncompressed tensors counted as it sends them; for
@@ -38,15 +38,15 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from metagrad.comm import (
+from metagrad.models import create_model
+from metagrad.parallel.comm import (
     DEFAULT_BLOCK_SIZE,
     QuantizedHookState,
     payload_bytes,
     quantized_hook,
     ring_all_reduce_bytes,
 )
-from metagrad.models import create_model
-from metagrad.train import cpu_model
+from metagrad.training.trainer import cpu_model
 
 OUT = Path(__file__).resolve().parent / "results" / "comm.json"
 WORLD = 2
@@ -109,7 +109,7 @@ def _timed(hook: Hook, bytes_of: BytesOf | None, log: list[dict[str, float]]) ->
     """``hook``, waited for, logging each bucket's size, bytes and seconds.
 
     Its own name also lets CPU runs call ``bf16_compress_hook``, which DDP refuses by name
-    without CUDA (as :func:`metagrad.comm.register_comm_hook` does for ``bits=16``).
+    without CUDA (as :func:`metagrad.parallel.comm.register_comm_hook` does for ``bits=16``).
     """
 
     def timed_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -270,7 +270,7 @@ def main() -> dict[str, Any]:
             "bytes": "per rank per all-reduce of the whole gradient; PyTorch's hooks: ring cost "
             "model 2(N-1)/N * elements * element size (gloo's algorithm may differ); ours: "
             "bytes handed to all_to_all and all_gather (codes and float32 scales), equal to "
-            "metagrad.comm.payload_bytes per bucket",
+            "metagrad.parallel.comm.payload_bytes per bucket",
             "error": "relative L2 error and cosine of the averaged gradient against the exact "
             "float64 mean, at the last iteration. PowerSGD's includes its error feedback: each "
             "rank adds the residual it kept from the previous iteration (here of the same "

@@ -4,8 +4,9 @@
 
 Each setting is a ``torchrun --nproc_per_node 2 -m metagrad train`` run (gloo, one thread per
 process, global batch 128) that differs only in ``--comm-bits``: 32 (DDP's float32 all-reduce),
-16 (PyTorch's ``bf16_compress_hook``), 8 and 4 (:func:`metagrad.comm.quantized_hook`). Gradients
-are computed in full precision, so the communication is the only difference. Seeds 0, 1, 2.
+16 (PyTorch's ``bf16_compress_hook``), 8 and 4
+(:func:`~metagrad.parallel.comm.quantized_hook`). Gradients are computed in full precision, so
+the communication is the only difference. Seeds 0, 1, 2.
 Writes ``benchmarks/results/comm-training.json`` (after every run; finished runs are skipped and
 stopped ones resumed when started again) and prints the table.
 """

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import training_benchmark
 
-from metagrad.hyper import GAIN_FORMS, create_hypernet
+from metagrad.meta.hyper import GAIN_FORMS, create_hypernet
 
 BASE: dict[str, Any] = {
     "model": "vgg16",

@@ -8,9 +8,9 @@ vgg16 at width 0.25, batch 128, SGD (lr 0.05, momentum 0.9, Nesterov, weight dec
    of ``--points`` and ``--ceiling-points`` steps, for each gradient quantizer
    (:data:`QUANTIZERS`), fixed probe batches give, per quantized layer, the full-precision and
    quantized weight gradients at the current weights. At ``--ceiling-points``,
-   :func:`metagrad.ceiling.coordinatewise_ceiling` fits each family of corrections on ``--fit``
+   :func:`benchmarks.ceiling.coordinatewise_ceiling` fits each family of corrections on ``--fit``
    batches and scores it on ``--held-out`` others; at every point
-   :func:`metagrad.ceiling.snr_profile` bins the elements of one batch's gradient by ``|g|`` and
+   :func:`benchmarks.ceiling.snr_profile` bins the elements of one batch's gradient by ``|g|`` and
    gives the signal-to-noise ratio per bin, from ``--repeats`` quantized backward passes
    (stochastic rounding: the variance over the rounding draws) and from the squared error.
 2. Meta-gradients. For each setting (:data:`META_SETTINGS`) MetaGrad runs ``--warm`` steps with
@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.ceiling import SNRProfile, coordinatewise_ceiling, snr_profile
-from metagrad.config import build_config
+from benchmarks.ceiling import SNRProfile, coordinatewise_ceiling, snr_profile
 from metagrad.data import BatchLoader, ImageDataset, load_cifar10
-from metagrad.diagnostics import gradient_draws, paired_gradients
-from metagrad.layers import quantized_layers
-from metagrad.quant import QuantSpec
-from metagrad.train import build_model, build_optimizer
+from metagrad.meta.diagnostics import gradient_draws, paired_gradients
+from metagrad.nn.layers import quantized_layers
+from metagrad.quant.spec import QuantSpec
+from metagrad.training.config import build_config
+from metagrad.training.trainer import build_model, build_optimizer
 
 BASE: dict[str, Any] = {
     "model": "vgg16",

@@ -3,7 +3,7 @@
     python benchmarks/methods.py --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
     python benchmarks/methods.py --task gpt          # the character GPT, bits per character
 
-Trains full-precision gradients and every preset of :mod:`metagrad.presets` (4 bits; FP8 for
+Trains full-precision gradients and every preset of :mod:`metagrad.quant.presets` (4 bits; FP8 for
 ``fp8-e5m2``) on each seed, then MetaGrad on the two presets with the best mean result, each run
 in its own process (resumable: start the command again to finish). Every run records, every
 ``--diag-every`` steps, the cosine similarity and relative error of the weight gradient that
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import time_steps, train_run
 
-from metagrad.config import build_config
-from metagrad.presets import list_presets
-from metagrad.tasks import task_for_model
+from metagrad.quant.presets import list_presets
+from metagrad.training.config import build_config
+from metagrad.training.tasks import task_for_model
 
 PRESETS = ["plain", "psq", "bhq", "luq", "rht-mxfp4", "rht-nvfp4", "fp8-e5m2"]
 BASE: dict[str, Any] = {

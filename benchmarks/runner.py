@@ -24,17 +24,12 @@ from typing import Any
 import torch
 
 from metagrad import kernels
-from metagrad.config import build_config
-from metagrad.corpus import CharCorpus
 from metagrad.data import BatchLoader, ImageDataset
+from metagrad.data.corpus import CharCorpus
 from metagrad.models import model_task
-from metagrad.tasks import task_for_model
-from metagrad.train import (
-    build_model,
-    build_optimizer,
-    resolve_amp,
-    resolve_device,
-)
+from metagrad.training.config import build_config
+from metagrad.training.tasks import task_for_model
+from metagrad.training.trainer import build_model, build_optimizer, resolve_amp, resolve_device
 
 PROBE_STEPS = 3
 

@@ -39,11 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import step_memory, synthetic_data, time_steps
 
-from metagrad import functional, int8, kernels
+from metagrad import kernels
+from metagrad.backward import int8
 from metagrad.data import load_cifar10
-from metagrad.functional import QuantConfig
-from metagrad.quant import QuantSpec, quantize_codes
-from metagrad.train import cpu_model
+from metagrad.nn import functional
+from metagrad.quant.quantize import quantize_codes
+from metagrad.quant.spec import QuantConfig, QuantSpec
+from metagrad.training.trainer import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import synthetic_data, time_steps
 
 from metagrad import kernels
-from metagrad.corpus import load_char_corpus
 from metagrad.data import load_cifar10
-from metagrad.train import cpu_model
+from metagrad.data.corpus import load_char_corpus
+from metagrad.training.trainer import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}

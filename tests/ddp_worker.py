@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metagrad.config import build_config
 from metagrad.models import register_model
-from metagrad.train import Trainer
+from metagrad.training.config import build_config
+from metagrad.training.trainer import Trainer
 
 
 @register_model

@@ -12,7 +12,7 @@ from torch import nn
 from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantLinear, QuantSpec, quantize
 from metagrad.cli import main
 from metagrad.models import create_model
-from metagrad.quant import quantize_codes
+from metagrad.quant.quantize import quantize_codes
 
 GRANULARITIES = ["tensor", "channel", "sample"]
 ROUNDINGS = ["nearest", "stochastic"]

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import QuantConfig, QuantMultiheadAttention, QuantSpec, quantize, quantize_
-from metagrad import functional as QF
-from metagrad.attention import UnfusedTransformerEncoderLayer
-from metagrad.layers import QuantLinear
+from metagrad.nn import functional as QF
+from metagrad.nn.attention import UnfusedTransformerEncoderLayer
+from metagrad.nn.layers import QuantLinear
 
 FULL = QuantConfig(grad=QuantSpec())
 E, HEADS, N, L, S = 8, 2, 3, 4, 6

@@ -1,4 +1,4 @@
-"""Tests for the coordinate-wise correction ceiling and the SNR profile (metagrad.ceiling)."""
+"""Tests for the coordinate-wise correction ceiling and the SNR profile (benchmarks.ceiling)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metagrad import QuantConfig, QuantSpec, quantize
-from metagrad.ceiling import (
+from benchmarks.ceiling import (
     FAMILIES,
     GRAD_LEVELS,
     Family,
@@ -17,7 +16,8 @@ from metagrad.ceiling import (
     coordinatewise_ceiling,
     snr_profile,
 )
-from metagrad.diagnostics import gradient_draws
+from metagrad import QuantConfig, QuantSpec, quantize
+from metagrad.meta.diagnostics import gradient_draws
 from metagrad.models import create_model
 
 GAINS = (0.1, 0.5, 1.0)

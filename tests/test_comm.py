@@ -1,4 +1,4 @@
-"""Quantized gradient averaging across two gloo processes (metagrad.comm).
+"""Quantized gradient averaging across two gloo processes (metagrad.parallel.comm).
 
 Two module fixtures each spawn two ranks once: one runs the collectives, the other trains a small
 DDP model under each hook. Every rank saves what it computed; the tests compare the ranks' files
@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from metagrad import comm
-from metagrad.comm import (
+from metagrad.parallel import comm
+from metagrad.parallel.comm import (
     QuantizedHookState,
     all_reduce_mean_,
     payload_bytes,
@@ -25,7 +25,7 @@ from metagrad.comm import (
     register_comm_hook,
     ring_all_reduce_bytes,
 )
-from metagrad.distributed import shutdown
+from metagrad.parallel.distributed import shutdown
 
 WORLD = 2
 NUMEL, BLOCK = 5000, 256  # padded to 5120: 20 blocks, 10 per rank's chunk

@@ -1,4 +1,4 @@
-"""Tests for metagrad.config: numeric settings out of range, NaN or infinite are named."""
+"""Tests for metagrad.training.config: numeric settings out of range, NaN or infinite are named."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from metagrad.config import ConfigError, build_config, read_config_file
+from metagrad.training.config import ConfigError, build_config, read_config_file
 
 
 @pytest.mark.parametrize(

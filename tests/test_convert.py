@@ -15,14 +15,14 @@ from metagrad import (
     QuantLinear,
     QuantMultiheadAttention,
     QuantSpec,
-    convert,
     quantize,
     quantize_,
     register_handler,
 )
-from metagrad import functional as QF
-from metagrad.convert import ConversionWarning
-from metagrad.layers import twin
+from metagrad.nn import convert
+from metagrad.nn import functional as QF
+from metagrad.nn.convert import ConversionWarning
+from metagrad.nn.layers import twin
 
 FULL = QuantConfig(grad=QuantSpec())
 FOUR = QuantConfig(grad=QuantSpec(bits=4))

@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metagrad.corpus import (
-    PYDOC,
-    CharCorpus,
-    WindowLoader,
-    load_char_corpus,
-    pydoc_text,
-)
 from metagrad.data import DatasetError
+from metagrad.data.corpus import PYDOC, CharCorpus, WindowLoader, load_char_corpus, pydoc_text
 
 TEXT = "hello world, hello corpus!\n" * 40  # 1080 characters
 

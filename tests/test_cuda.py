@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantSpec, int8, kernels, quantize
+from metagrad import MetaGrad, QuantConfig, QuantConv2d, QuantSpec, kernels, quantize
+from metagrad.backward import fallback_report, int8
 from metagrad.cli import main
-from metagrad.corpus import WindowLoader
 from metagrad.data import BatchLoader
-from metagrad.int8 import fallback_report
+from metagrad.data.corpus import WindowLoader
 from metagrad.models import create_model
-from metagrad.quant import quantize_codes
+from metagrad.quant.quantize import quantize_codes
 
 pytestmark = [
     pytest.mark.cuda,
@@ -42,7 +42,7 @@ def test_int8_conv_on_cuda_integer_and_routed_paths_agree_with_the_cpu(granulari
     cpu = int8.conv2d_backward(e, x, w, *conv, config, mask)
     xc, wc, ec = (t.to(CUDA) for t in (x, w, e))
     integer = int8.conv2d_backward(ec, xc, wc, *conv, config, mask)  # torch._int_mm on CUDA
-    routed = int8.conv2d_backward_for(ec, xc, wc, *conv, config, mask)  # bf16 on the codes
+    routed = int8.backend.conv2d_backward_for(ec, xc, wc, *conv, config, mask)  # bf16 on the codes
     for a, b, c in zip(cpu[:2], integer[:2], routed[:2], strict=True):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(c.cpu(), a, rtol=1e-3, atol=1e-6)

@@ -1,13 +1,14 @@
-"""Per-product backward specs, emulated (metagrad.emulated), against float64 references."""
+"""Per-product backward specs, emulated (metagrad.backward.emulated), against float64 references."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from metagrad.config import ConfigError, build_config
-from metagrad.functional import QuantConfig, conv2d, linear
-from metagrad.presets import preset_config
-from metagrad.quant import QuantSpec, prepare_transform, quantize_along
+from metagrad.nn.functional import conv2d, linear
+from metagrad.quant.presets import preset_config
+from metagrad.quant.quantize import prepare_transform, quantize_along
+from metagrad.quant.spec import QuantConfig, QuantSpec
+from metagrad.training.config import ConfigError, build_config
 
 FP = QuantSpec()
 E4M3 = QuantSpec(format="fp8_e4m3")
@@ -75,7 +76,7 @@ def test_a_shared_transform_cancels_in_the_product():
     assert torch.allclose(gw, eq.T @ xq)
     # in the transformed basis both operands hold FP8 values times their scale: what an FP8
     # product on transformed operands computes
-    from metagrad.transforms import hadamard_matrix
+    from metagrad.quant.transforms import hadamard_matrix
 
     t = torch.block_diag(*[hadamard_matrix(16, torch.float64)] * 4) * state.signs.repeat(4)
     for q, source in ((eq, e), (xq, x.detach())):

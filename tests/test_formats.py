@@ -1,15 +1,17 @@
-"""Number formats, shared scales and transforms (metagrad.formats, scaling, transforms)."""
+"""Number formats, shared scales and transforms (metagrad.quant.formats, scaling, transforms)."""
 
 import math
 
 import pytest
 import torch
 
-from metagrad import formats, kernels
-from metagrad.formats import FloatFormat, IntFormat, get_format, register_format
-from metagrad.quant import QuantSpec, fake_quantize, quantize_along
-from metagrad.scaling import E4M3, ceil_to_format, ceil_to_power_of_two, group_scales
-from metagrad.transforms import BlockHouseholder, RandomizedHadamard, hadamard_matrix
+from metagrad import kernels
+from metagrad.quant import formats
+from metagrad.quant.formats import FloatFormat, IntFormat, get_format, register_format
+from metagrad.quant.quantize import fake_quantize, quantize_along
+from metagrad.quant.scaling import E4M3, ceil_to_format, ceil_to_power_of_two, group_scales
+from metagrad.quant.spec import QuantSpec
+from metagrad.quant.transforms import BlockHouseholder, RandomizedHadamard, hadamard_matrix
 
 
 def _draws(n: int, seed: int = 0) -> torch.Tensor:
@@ -233,7 +235,7 @@ def test_a_new_transform_is_one_registration(monkeypatch):
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from metagrad import transforms
+    from metagrad.quant import transforms
 
     @dataclass(frozen=True)
     class Reverse:

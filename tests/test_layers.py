@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import QuantConfig, QuantConv2d, QuantLinear, QuantSpec, quantize, quantize_
-from metagrad import functional as QF
-from metagrad.quant import fake_quantize
+from metagrad.nn import functional as QF
+from metagrad.quant.quantize import fake_quantize
 
 GRANULARITIES = ["tensor", "channel", "sample"]
 ROUNDINGS = ["nearest", "stochastic"]
@@ -227,7 +227,7 @@ def test_quant_config_validates():
 
 
 def test_paired_gradients_are_fp32_and_quantized_weight_gradients_of_one_batch():
-    from metagrad.diagnostics import paired_gradients
+    from metagrad.meta.diagnostics import paired_gradients
     from metagrad.models import create_model
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for the MetaGrad optimizer (metagrad.optim)."""
+"""Tests for the MetaGrad optimizer (metagrad.meta.optim)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import QuantConfig, QuantSpec, quantize
-from metagrad.hyper import create_hypernet
+from metagrad.meta.hyper import create_hypernet
+from metagrad.meta.optim import MetaGrad, meta_parameters
 from metagrad.models import create_model
-from metagrad.optim import MetaGrad, meta_parameters
 
 FP32_GRADS = QuantConfig(grad=QuantSpec(bits=32))
 INT4_GRADS = QuantConfig(grad=QuantSpec(bits=4, rounding="stochastic"))
@@ -317,7 +317,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 
 def test_auto_chunk_size_follows_the_free_memory(monkeypatch) -> None:
-    from metagrad import optim
+    from metagrad.meta import optim
 
     model = _small_cnn(INT4_GRADS)
     assert MetaGrad(model, lr=0.1).chunk_size == optim.CPU_CHUNK_SIZE  # CPU: cache-sized chunks
@@ -481,7 +481,7 @@ def test_horizon_meta_gradient_equals_finite_differences_in_float64() -> None:
     """
     from torch.func import functional_call
 
-    from metagrad.optim import sgd_update
+    from metagrad.meta.optim import sgd_update
 
     torch.manual_seed(0)
     model = _mlp(FP32_GRADS)  # deterministic gradients: finite differences need them

@@ -8,9 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from metagrad.convert import quantize_
-from metagrad.functional import QuantConfig
-from metagrad.layers import quantized_layers
 from metagrad.models import (
     CLASSIFIER_NAME,
     FIRST_CONV_NAME,
@@ -21,7 +18,9 @@ from metagrad.models import (
 )
 from metagrad.models.gpt import GPT_CHAR_CONTEXT
 from metagrad.models.mobilenet import make_divisible
-from metagrad.quant import QuantSpec
+from metagrad.nn.convert import quantize_
+from metagrad.nn.layers import quantized_layers
+from metagrad.quant.spec import QuantConfig, QuantSpec
 
 # Expected parameter counts at width 1 with 10 classes (inclusive bounds).
 PARAM_RANGES: dict[str, tuple[int, int]] = {

@@ -1,15 +1,17 @@
-"""The published gradient quantizers (metagrad.presets), each against a property of its paper."""
+"""The published gradient quantizers (metagrad.quant.presets), each against a property of its
+paper."""
 
 import math
 
 import pytest
 import torch
 
-from metagrad import presets
-from metagrad.functional import QuantConfig, linear
-from metagrad.presets import list_presets, preset_config, register_preset
-from metagrad.quant import QuantSpec, quantize_along
-from metagrad.transforms import hadamard_matrix
+from metagrad.nn.functional import linear
+from metagrad.quant import presets
+from metagrad.quant.presets import list_presets, preset_config, register_preset
+from metagrad.quant.quantize import quantize_along
+from metagrad.quant.spec import QuantConfig, QuantSpec
+from metagrad.quant.transforms import hadamard_matrix
 
 PRESETS = ["plain", "psq", "bhq", "luq", "rht-mxfp4", "rht-nvfp4", "fp8-e5m2"]
 STOCHASTIC = [p for p in PRESETS if p != "fp8-e5m2"]
@@ -61,7 +63,7 @@ def test_psq_variance_is_within_its_bound_and_below_per_tensor():
 def test_bhq_is_per_sample_quantization_in_an_orthogonal_basis():
     """BHQ (Chen et al. 2020): S^T Q(S x) with S block Householder: its variance is the PSQ
     variance of the transformed samples, within the same bound, and S preserves norms."""
-    from metagrad.transforms import BlockHouseholder
+    from metagrad.quant.transforms import BlockHouseholder
 
     x = _gradient() * 1e-3
     x[3] = torch.randn(x.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -100,7 +102,7 @@ def test_rht_presets_quantize_the_transformed_values_onto_the_fp4_grid(name, blo
     spec = preset_config(name).grad_for_weight_grad or preset_config(name).grad
     x = _gradient().T.contiguous()  # contraction (rows of the transform) along dim 1
     torch.manual_seed(0)
-    from metagrad.quant import prepare_transform
+    from metagrad.quant.quantize import prepare_transform
 
     state = prepare_transform(x, spec, (1,))
     q = quantize_along(x, spec, (1,), 0, transform_state=state)
@@ -150,7 +152,7 @@ def test_nvfp4_block_scales_are_e4m3_values_under_the_tensor_scale():
     spec = QuantSpec(format="fp4_e2m1", granularity="block", block_size=16, scale_format="e4m3")
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     x[1] *= 1e-3
-    from metagrad.scaling import group_scales
+    from metagrad.quant.scaling import group_scales
 
     blocks = x.reshape(4, 4, 16)
     amax = blocks.abs().amax(-1, keepdim=True)

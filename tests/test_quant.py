@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from metagrad.quant import QuantSpec, absmax, fake_quantize, fake_quantize_ste, quantize_codes
+from metagrad.quant.quantize import absmax, fake_quantize, fake_quantize_ste, quantize_codes
+from metagrad.quant.spec import QuantSpec
 
 BITS = [2, 3, 4, 8]
 GRANULARITIES = ["tensor", "channel", "sample"]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from metagrad.config import ConfigError
-from metagrad.reproduce import (
+from metagrad.training.config import ConfigError
+from metagrad.training.reproduce import (
     SETTINGS,
     base_settings,
     plan,
@@ -89,8 +89,8 @@ def test_runs_in_parallel_resume_skip_and_merge_into_one_table(tmp_path):
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_every_run_is_filed_under_its_own_setting(tmp_path, setting):
-    from metagrad.config import TrainConfig
-    from metagrad.reproduce import run_record
+    from metagrad.training.config import TrainConfig
+    from metagrad.training.reproduce import run_record
 
     config = {**TrainConfig.defaults(), **SETTINGS[setting], "method": "plain"}
     summary = {

@@ -14,9 +14,9 @@ from torch import nn
 from metagrad import models
 from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagrad.cli import main
-from metagrad.config import ConfigError, build_config
 from metagrad.models import create_model
-from metagrad.train import CHECKPOINT, Trainer, train
+from metagrad.training.config import ConfigError, build_config
+from metagrad.training.trainer import CHECKPOINT, Trainer, train
 
 DIGITS = {
     "model": "small_cnn",
@@ -220,7 +220,8 @@ def test_download_into_an_existing_empty_directory_downloads(tmp_path, monkeypat
 
     from test_data import _served_release
 
-    from metagrad import data, tasks
+    from metagrad import data
+    from metagrad.training import tasks
 
     url, md5, _ = _served_release(tmp_path)
     monkeypatch.setattr(

@@ -12,9 +12,9 @@ import torch
 
 from metagrad.checkpoint import CheckpointError, load_checkpoint
 from metagrad.cli import main
-from metagrad.config import ConfigError, build_config
-from metagrad.corpus import pydoc_text
-from metagrad.train import Trainer, train
+from metagrad.data.corpus import pydoc_text
+from metagrad.training.config import ConfigError, build_config
+from metagrad.training.trainer import Trainer, train
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 ADAM = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0}

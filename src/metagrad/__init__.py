@@ -1,14 +1,14 @@
 """metagrad: low-precision backward passes for PyTorch, with MetaGrad's hypernetwork correction."""
 
 from metagrad import kernels
-from metagrad.attention import QuantMultiheadAttention
-from metagrad.convert import ConversionReport, quantize, quantize_, register_handler
-from metagrad.functional import QuantConfig
-from metagrad.hyper import create_hypernet
-from metagrad.layers import QuantConv2d, QuantLinear
+from metagrad.meta.hyper import create_hypernet
+from metagrad.meta.optim import MetaGrad
 from metagrad.models import create_model, list_models
-from metagrad.optim import MetaGrad
-from metagrad.quant import QuantSpec, fake_quantize, quantize_codes
+from metagrad.nn.attention import QuantMultiheadAttention
+from metagrad.nn.convert import ConversionReport, quantize, quantize_, register_handler
+from metagrad.nn.layers import QuantConv2d, QuantLinear
+from metagrad.quant.quantize import fake_quantize, quantize_codes
+from metagrad.quant.spec import QuantConfig, QuantSpec
 
 __all__ = [
     "ConversionReport",

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from metagrad.checkpoint import CheckpointError
-from metagrad.config import (
+from metagrad.data import DatasetError
+from metagrad.training.config import (
     ConfigError,
     TrainConfig,
     add_arguments,
@@ -15,13 +16,12 @@ from metagrad.config import (
     read_config_file,
     resume_config,
 )
-from metagrad.data import DatasetError
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from metagrad.train import saved_config, train
+    from metagrad.training.trainer import saved_config, train
 
     flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "func"}}
     base = read_config_file(args.config) if args.config else None
@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from metagrad.reproduce import reproduce
+    from metagrad.training.reproduce import reproduce
 
     reproduce(
         profile=args.profile,

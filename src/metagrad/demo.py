@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from metagrad.checkpoint import write_json
-from metagrad.config import build_config
 from metagrad.plot import plot_runs
-from metagrad.train import train
+from metagrad.training.config import build_config
+from metagrad.training.trainer import train
 
 DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("fp32 gradients", {"grad_bits": 32}),

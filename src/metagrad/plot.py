@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from metagrad.config import ConfigError
+from metagrad.training.config import ConfigError
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -1,0 +1,1 @@
+"""Benchmarks and the analysis code they share (run each as ``python -m benchmarks.NAME``)."""

@@ -1,0 +1,180 @@
+"""Backward products for any quantization spec, emulated in floating point.
+
+For ``y = f(x, W)`` and the error ``e = dL/dy``, each backward product quantizes its two operands
+with their own specs (:class:`~metagrad.nn.functional.QuantConfig`: the error and the weight for
+``dL/dx``, the error and the layer input for ``dL/dW``), each along that product's contraction
+axis, by :func:`metagrad.quant.quantize_along`, and multiplies the dequantized tensors in the
+compute dtype (the autocast dtype under mixed precision). A transform drawn for a product is
+shared by its two operands, as hardware would share it, so the product equals the product of the
+transformed, quantized operands. An error spec bound to neither product's axis (per tensor,
+channel or sample; no transform, or one across samples) quantizes the error once for both
+products, as the per-tensor, per-sample and block Householder quantizers' papers do. The bias
+gradient sums the error of the ``dL/dW`` product.
+
+Contraction axes: ``dL/dx`` contracts the output features (a convolution's output channels, per
+kernel tap); ``dL/dW`` contracts every other axis of the error (samples, tokens, positions). A
+convolution whose layer input is quantized for ``dL/dW`` is unfolded (``im2col``) first, so the
+input's blocks and transforms run along the same positions as the error's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metagrad.quant.quantize import prepare_transform, quantize_along
+from metagrad.quant.spec import QuantSpec
+from metagrad.quant.transforms import get_transform
+
+if TYPE_CHECKING:
+    from metagrad.quant.spec import QuantConfig
+
+Mask = tuple[bool, bool, bool]
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+def _shared_state(error: QuantSpec, other: QuantSpec, e: Tensor, inner: tuple[int, ...]):
+    """One draw of the error's transform, for both operands when they use the same one."""
+    if not (error.enabled and other.enabled) or error.transform is None:
+        return None
+    if (other.transform, other.transform_block) != (error.transform, error.transform_block):
+        return None
+    if get_transform(error.transform, error.transform_block).axis != "inner":
+        return None
+    return prepare_transform(e, error, inner)
+
+
+def _pair(e: Tensor, o: Tensor, specs, inner, channels, dtype: torch.dtype):
+    """Both operands of one product quantized along ``inner`` (one transform draw), as ``dtype``.
+
+    ``specs``, ``inner``, ``channels``: pairs (error, other operand).
+    """
+    state = _shared_state(specs[0], specs[1], e, inner[0])
+    eq = quantize_along(e, specs[0], inner[0], channels[0], transform_state=state, dtype=dtype)
+    oq = quantize_along(o, specs[1], inner[1], channels[1], transform_state=state, dtype=dtype)
+    return eq, oq
+
+
+def _shared_error(err_x: QuantSpec, err_w: QuantSpec) -> bool:
+    """Whether both products can use one quantized error: the same spec, with no part bound to
+    a product's contraction axis (blocks, or a transform along it), as the papers of per-tensor,
+    per-sample and block Householder quantizers quantize the error once."""
+    if err_x != err_w or err_x.granularity == "block":
+        return False
+    return (
+        err_x.transform is None
+        or get_transform(err_x.transform, err_x.transform_block).axis == "sample"
+    )
+
+
+def linear_backward(
+    e: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    config: QuantConfig,
+    mask: Mask,
+    dtypes: tuple[torch.dtype, ...],
+) -> Grads:
+    """``(dL/dx, dL/dW, dL/db)`` of ``F.linear`` (None where masked), in the inputs' dtypes."""
+    need_x, need_w, need_b = mask
+    dtype = x.dtype  # the compute dtype: the autocast dtype when the forward ran under it
+    err_x, err_w, w_spec, x_spec = config.backward_specs
+    grad_x = grad_w = grad_b = None
+    shared = None
+    if _shared_error(err_x, err_w) and need_x and (need_w or need_b):
+        shared = quantize_along(e, err_x, (e.dim() - 1,), -1, dtype=dtype)
+    if need_x:
+        # dL/dx = e W: contracts the output features (e's last dim, W's dim 0)
+        if shared is None:
+            last = e.dim() - 1
+            eq, wq = _pair(e, weight, (err_x, w_spec), ((last,), (0,)), (-1, 0), dtype)
+        else:
+            eq, wq = shared, quantize_along(weight, w_spec, (0,), 0, dtype=dtype)
+        grad_x = eq.matmul(wq).to(dtypes[0])
+    if need_w or need_b:
+        # dL/dW = e^T x: contracts every leading dim (samples, tokens)
+        lead = tuple(range(e.dim() - 1))
+        if shared is None:
+            eq, xq = _pair(e, x, (err_w, x_spec), (lead, lead), (-1, -1), dtype)
+        else:
+            eq, xq = shared, quantize_along(x, x_spec, lead, -1, dtype=dtype)
+        eq = eq.reshape(-1, e.shape[-1])
+        if need_w:
+            grad_w = eq.t().mm(xq.reshape(-1, x.shape[-1])).to(dtypes[1])
+        if need_b:
+            grad_b = eq.sum(0, dtype=torch.float32).to(dtypes[2])
+    return grad_x, grad_w, grad_b
+
+
+def conv2d_backward(
+    e: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    conv: tuple,
+    config: QuantConfig,
+    mask: Mask,
+    dtypes: tuple[torch.dtype, ...],
+) -> Grads:
+    """``(dL/dx, dL/dW, dL/db)`` of ``F.conv2d`` (``conv``: stride, padding, dilation, groups)."""
+    stride, padding, dilation, groups = conv
+    need_x, need_w, need_b = mask
+    dtype = x.dtype
+    err_x, err_w, w_spec, x_spec = config.backward_specs
+    backward = torch.ops.aten.convolution_backward
+    args = (stride, padding, dilation, False, (0, 0), groups)
+    grad_x = grad_w = grad_b = None
+    plain_operands = not (w_spec.enabled or x_spec.enabled)
+    if _shared_error(err_x, err_w) and plain_operands and need_x and (need_w or need_b):
+        # one quantized error, one convolution_backward for both products
+        eq = quantize_along(e, err_x, (1,), 1, dtype=dtype)
+        grad_x, grad_w, _ = backward(eq, x, weight.to(dtype), None, *args, (True, need_w, False))
+        grad_w = grad_w.to(dtypes[1]) if need_w else None
+        grad_b = eq.sum((0, 2, 3), dtype=torch.float32).to(dtypes[2]) if need_b else None
+        return grad_x.to(dtypes[0]), grad_w, grad_b
+    if need_x:
+        # contracts output channels: e's dim 1, W's dim 0
+        eq, wq = _pair(e, weight, (err_x, w_spec), ((1,), (0,)), (1, 0), dtype)
+        stand_in = eq.new_empty(1).expand(x.shape)
+        grad_x = backward(eq, stand_in, wq, None, *args, (True, False, False))[0].to(dtypes[0])
+    if need_w or need_b:
+        # contracts samples and positions: e's dims 0, 2, 3
+        if x_spec.enabled:
+            grad_w, eq = _conv_weight_grad_unfolded(e, x, weight, conv, err_w, x_spec, dtype)
+        else:
+            eq = quantize_along(e, err_w, (0, 2, 3), 1, dtype=dtype)
+            if need_w:
+                stand_in = eq.new_empty(1).expand(weight.shape)
+                grad_w = backward(eq, x, stand_in, None, *args, (False, True, False))[1]
+        grad_w = grad_w.to(dtypes[1]) if need_w else None
+        if need_b:
+            grad_b = eq.sum((0, 2, 3), dtype=torch.float32).to(dtypes[2])
+    return grad_x, grad_w, grad_b
+
+
+def _conv_weight_grad_unfolded(
+    e: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    conv: tuple,
+    err_spec: QuantSpec,
+    x_spec: QuantSpec,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """``dL/dW`` as ``e^T im2col(x)``, both quantized along the positions; and the error used."""
+    stride, padding, dilation, groups = conv
+    c_out, c_in_g, kh, kw = weight.shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.transpose(1, 2)  # (N, L, C*kh*kw), L = Ho*Wo in the error's order
+    specs, inner = (err_spec, x_spec), ((0, 2, 3), (0, 1))
+    eq, xq = _pair(e, cols, specs, inner, (1, -1), dtype)
+    e2 = eq.permute(0, 2, 3, 1).reshape(-1, c_out)
+    x2 = xq.reshape(-1, cols.shape[-1])
+    per_out, per_in = c_out // groups, c_in_g * kh * kw
+    parts = [
+        e2[:, g * per_out : (g + 1) * per_out].t().mm(x2[:, g * per_in : (g + 1) * per_in])
+        for g in range(groups)
+    ]
+    return torch.cat(parts, 0).reshape(weight.shape), eq

@@ -1,0 +1,93 @@
+"""The ``simulate`` backend: quantized operands, float products.
+
+Integer gradient specs with one scale per tensor, channel or sample run on the error's integer
+codes (:mod:`metagrad.backward.products`: exact in bf16, scales in float32); with
+``backward_operand_bits=8`` on the same 8-bit operands as the ``int8`` backend, multiplied in
+float (its ``*_simulated`` twins, so it reproduces that backend); any other spec is emulated
+product by product (:mod:`metagrad.backward.emulated`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from metagrad.backward import emulated, int8
+from metagrad.backward.backend import Backend, Conv, DTypes, Grads, Mask, Saved, register_backend
+from metagrad.backward.products import (
+    bias_grad,
+    conv2d_grads,
+    error_scales,
+    float_operand,
+    linear_grads,
+)
+from metagrad.quant.quantize import quantize_codes
+from metagrad.quant.spec import QuantConfig
+
+
+def _codes_linear(e: Tensor, x: Tensor, weight: Tensor, config, mask: Mask, dtypes: DTypes):
+    codes, scale = quantize_codes(e, config.grad, -1, dtype=x.dtype)
+    scales = error_scales(scale, config.grad.granularity, 2)
+    grad_x, grad_w = linear_grads(
+        codes,
+        scales,
+        float_operand(x, x.dtype),
+        float_operand(weight, x.dtype),
+        mask,
+        dtypes[:2],  # scaled straight into the inputs' own dtypes
+    )
+    return grad_x, grad_w, bias_grad(codes, scale, -1) if mask[2] else None
+
+
+def _codes_conv2d(e: Tensor, x: Tensor, weight: Tensor, conv, config, mask: Mask, dtypes):
+    codes, scale = quantize_codes(e, config.grad, 1, dtype=x.dtype)
+    scales = error_scales(scale, config.grad.granularity, 4)
+    grad_x, grad_w = conv2d_grads(
+        codes,
+        scales,
+        float_operand(x, x.dtype),
+        float_operand(weight, x.dtype),
+        (x.shape, weight.shape),
+        conv,
+        mask,
+        dtypes[:2],
+    )
+    return grad_x, grad_w, bias_grad(codes, scale, 1) if mask[2] else None
+
+
+class Simulate(Backend):
+    """Quantize, then compute in float (any spec)."""
+
+    def linear_forward(self, x, weight, bias, config):
+        if not config.quantizes_operands:
+            return super().linear_forward(x, weight, bias, config)
+        y, state = int8.linear_forward(x, weight, bias, config, integer=False)
+        return y, state.pack()
+
+    def conv2d_forward(self, x, weight, bias, conv, config):
+        if not config.quantizes_operands:
+            return super().conv2d_forward(x, weight, bias, conv, config)
+        y, state = int8.conv2d_forward(x, weight, bias, *conv, config, integer=False)
+        return y, state.pack()
+
+    def linear_backward(
+        self, e, x, weight, config: QuantConfig, mask, dtypes, saved: Saved
+    ) -> Grads:
+        if config.quantizes_operands:
+            state = int8.ForwardState.unpack(saved)
+            return int8.linear_backward_simulated(e, x, weight, config, mask, state=state)
+        if not config.uses_integer_path:
+            return emulated.linear_backward(e, x, weight, config, mask, dtypes)
+        return _codes_linear(e, x, weight, config, mask, dtypes)
+
+    def conv2d_backward(
+        self, e, x, weight, conv: Conv, config: QuantConfig, mask, dtypes, saved: Saved
+    ) -> Grads:
+        if config.quantizes_operands:
+            state = int8.ForwardState.unpack(saved)
+            return int8.conv2d_backward_simulated(e, x, weight, *conv, config, mask, state=state)
+        if not config.uses_integer_path:
+            return emulated.conv2d_backward(e, x, weight, conv, config, mask, dtypes)
+        return _codes_conv2d(e, x, weight, conv, config, mask, dtypes)
+
+
+register_backend("simulate", Simulate())

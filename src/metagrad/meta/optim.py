@@ -1,0 +1,712 @@
+"""The MetaGrad optimizer: quantized gradients corrected by a hypernetwork trained on the task loss.
+
+For the weights that enter the model's quantized products ("meta" weights), iteration ``t`` runs
+
+    W_t = W_{t-1} - lr * refine(H_phi(g_{t-1}, W_{t-1}))
+    L_t = loss(f(x_t; W_t)),   backward -> dL_t/dphi (through W_t) and g_t = dL_t/dW_t
+
+with ``W_{t-1}``, ``g_{t-1}`` and the base rule's state held constant, ``refine`` the base rule
+(SGD with momentum/Nesterov/weight decay, or Adam) written with differentiable ops, and ``g_t``
+the gradient of the quantized backward pass. ``phi`` then takes a step of its own optimizer and
+``W_t`` is committed. Every other trainable parameter (biases, batch norm, full-precision layers)
+takes a plain base-rule step on its ``.grad``.
+
+The meta weights lag one step: the first ``step`` only records ``g_0``, so after ``n`` steps they
+have taken ``n - 1`` updates while the other parameters have taken ``n``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from metagrad import kernels
+from metagrad.meta.hyper import DEFAULT_KIND, Hypernet, create_hypernet
+from metagrad.nn.layers import quantized_weights
+
+BASES: tuple[str, ...] = ("sgd", "adam")
+CPU_CHUNK_SIZE = 1 << 17
+"""Weight elements per hypernetwork chunk on CPU under ``chunk_size="auto"``: a chunk's
+activations stay in cache, which is faster there than one pass over a whole layer."""
+ACTIVATION_MEMORY_SHARE = 0.25
+"""Share of the device's free memory the hypernetwork's activations may take before
+``chunk_size="auto"`` chunks them (CUDA)."""
+
+COMM_BITS: tuple[int, ...] = (32, 16, 8, 4)
+"""Bits of the gradient all-reduce under DistributedDataParallel (16: bfloat16)."""
+
+Closure = Callable[[], Tensor]
+BaseState = dict[str, Any]
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient at 0 is 0 instead of ``inf`` (no ``inf * 0``)."""
+    if not x.requires_grad:
+        return x.sqrt()
+    positive = x > 0
+    root = torch.where(positive, x, torch.ones_like(x)).sqrt()
+    return torch.where(positive, root, torch.zeros_like(x))
+
+
+def sgd_update(
+    param: Tensor, grad: Tensor, state: BaseState, group: Mapping[str, Any]
+) -> tuple[Tensor, BaseState]:
+    """One ``torch.optim.SGD`` step (no dampening) out of place: ``(new_param, new_state)``.
+
+    Differentiable in ``grad``; the same arithmetic as ``torch.optim.SGD``'s single-tensor path.
+    """
+    lr = torch.as_tensor(group["lr"], dtype=param.dtype, device=param.device)
+    new_param, buf = _sgd_arithmetic(
+        param,
+        grad,
+        state.get("momentum_buffer"),
+        lr,
+        group["momentum"],
+        group["weight_decay"],
+        group["nesterov"],
+    )
+    return new_param, ({} if buf is None else {"momentum_buffer": buf})
+
+
+@kernels.kernel
+def _sgd_arithmetic(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    lr: Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(new_param, new_momentum_buffer)``; ``lr`` a tensor, so that schedules never recompile."""
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        buf = grad.clone() if buf is None else buf.mul(momentum).add(grad)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    else:
+        buf = None
+    return param - lr * grad, buf
+
+
+def adam_update(
+    param: Tensor, grad: Tensor, state: BaseState, group: Mapping[str, Any]
+) -> tuple[Tensor, BaseState]:
+    """One ``torch.optim.Adam`` step (L2 weight decay, no amsgrad) out of place.
+
+    Differentiable in ``grad``; the same arithmetic as ``torch.optim.Adam``'s single-tensor path.
+    """
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    if group["weight_decay"] != 0:
+        grad = grad.add(param, alpha=group["weight_decay"])
+    step = state.get("step", 0) + 1
+    exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
+    if exp_avg is None or exp_avg_sq is None:
+        exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = torch.addcmul(exp_avg_sq.mul(beta2), grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (_safe_sqrt(exp_avg_sq) / (1 - beta2**step) ** 0.5).add(eps)
+    new_param = torch.addcdiv(param, exp_avg, denom, value=-step_size)
+    return new_param, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+_UPDATES = {"sgd": sgd_update, "adam": adam_update}
+_WINDOW_KEYS = ("anchor", "anchor_base", "anchor_hyper", "window")
+_BASE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
+
+
+class _ClosureModule(nn.Module):
+    """Holds the model so that ``functional_call`` can run the user's closure on it."""
+
+    def __init__(self, model: nn.Module, closure: Closure) -> None:
+        super().__init__()
+        self.model = model
+        self.closure = closure
+
+    def forward(self) -> Tensor:
+        return self.closure()
+
+
+def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable weights that enter the model's quantized products (each once)."""
+    return [w for _, w in quantized_weights(model) if w.requires_grad]
+
+
+class MetaGrad(Optimizer):
+    """MetaGrad: a base rule (SGD or Adam) whose quantized-layer updates pass through a hypernet.
+
+    Args:
+        model: the model; the weights that enter its quantized products (those of quantized
+            convolutions, linear layers and attention projections:
+            :func:`~metagrad.nn.layers.quantized_weights`) are the meta weights, every other
+            trainable parameter takes plain base-rule steps.
+        lr: learning rate (read from the param groups at every step, so schedulers work).
+        base: ``"sgd"`` or ``"adam"``.
+        momentum, nesterov, weight_decay: as ``torch.optim.SGD`` (``weight_decay`` also for Adam,
+            as L2 added to the gradient like ``torch.optim.Adam``).
+        betas, eps: as ``torch.optim.Adam``.
+        hypernet: a :class:`~metagrad.meta.hyper.Hypernet` or any module with its ``forward``
+            signature (default ``create_hypernet("grad+weight")``, in float64 for a float64
+            model); moved to the meta weights' device.
+        hyper_optimizer: optimizer of the hypernetwork's parameters (default ``Adam`` with
+            ``hyper_lr``).
+        hyper_lr: learning rate of the default hyper optimizer (Adam). MetaQuant used 1e-3; on
+            CIFAR-10 that made MetaGrad diverge within two epochs, 1e-4 did not.
+        chunk_size: weight elements per hypernetwork chunk (``None``: no chunking);
+            ``"auto"``: on CUDA unchunked when the activations of the largest layer fit in
+            :data:`ACTIVATION_MEMORY_SHARE` of the free memory (else chunks that do), on CPU
+            :data:`CPU_CHUNK_SIZE`. A fused hypernetwork (compiled kernels, see
+            :mod:`metagrad.meta.hyper`) holds no activations and ignores it.
+        skip_nonfinite: skip steps whose loss or gradients are not finite (see below).
+        comm_bits: bits of the gradient all-reduce when ``model`` is DDP-wrapped (see below).
+        horizon: ``K``, the number of updates the hypernetwork is trained through (see below).
+
+    ``step(closure)`` needs a closure that calls ``zero_grad()``, runs ``model(x)``, calls
+    ``loss.backward()`` and returns the loss. Inside the closure the meta weights are replaced by
+    ``W_t``; batch-norm statistics and other buffers update in place as usual. The gradients
+    seen inside the closure after ``backward`` (``model.parameters()`` yields ``W_t`` there, with
+    ``g_t`` on its ``.grad``) are the ones kept, so ``clip_grad_norm_(model.parameters(), c)``
+    before returning the loss clips ``g_t`` like any other gradient.
+
+    Param groups: the meta weights are in groups with ``"meta": True`` (``param_groups[0]`` at
+    construction), every other parameter in groups with ``"meta": False``;
+    :meth:`add_param_group` works as in ``torch.optim``. A parameter whose ``requires_grad`` is
+    False at a step is left alone. After ``step`` a meta weight's ``.grad`` is the very tensor
+    the next step will pass through the hypernetwork (:meth:`pending_gradients`): changing it in
+    place (e.g. clipping it) changes that update.
+
+    Non-finite steps: with ``skip_nonfinite`` (default) a step whose loss or gradients (model or
+    hypernetwork) are not finite changes nothing: no weight, state or hypernetwork update, the
+    pending gradients are kept for the next step. ``last_step_skipped`` says whether the last
+    step was skipped, ``skipped_steps`` counts them (a ``GradScaler``-like policy).
+
+    Horizon: with ``horizon=K > 1`` the hypernetwork is trained on the loss after its last ``K``
+    updates rather than the last one. Each meta weight keeps an anchor (its weights, base-rule
+    and hypernet state ``K`` updates back) and the ``K`` gradients recorded since; every step
+    recomputes ``W_t`` from the anchor through those ``K`` updates with the current
+    hypernetwork, so ``dL_t/dphi`` flows through all of them (and through the momentum buffer
+    between them). The gradients and the hypernetwork's input weights are data, as with
+    ``K = 1``: the derivative through the weights the hypernetwork reads is truncated. Memory
+    is ``K + 2`` weight-sized tensors per meta weight (recomputation instead of ``K`` stored
+    graphs); the hypernetwork runs ``K`` times a step. An update leaves the window, and its
+    result becomes the anchor, ``K`` steps after its gradient was recorded. ``K = 1`` is the
+    method described above, computed by the same code as before the option existed.
+
+    Distributed: given a ``DistributedDataParallel`` model, MetaGrad averages the gradients over
+    the ranks itself (DDP's reducer cannot see ``W_t``): the model's gradients (``comm_bits``:
+    32, 16 for bfloat16, 8 or 4 for :func:`~metagrad.parallel.comm.quantized_all_reduce_mean`),
+    before they become the pending gradients the hypernetwork sees, and the hypernetwork's own
+    gradients in float32; rank 0's buffers (batch-norm statistics) are broadcast before each
+    forward as DDP does, and rank 0's hypernetwork at construction. Every rank applies the same
+    update.
+
+    ``hyper_time`` accumulates seconds spent on the hypernetwork: its forward and the refined
+    update, its backward (timed from autograd hooks) and its optimizer's step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        *,
+        base: str = "sgd",
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        hypernet: Hypernet | nn.Module | None = None,
+        hyper_optimizer: Optimizer | None = None,
+        hyper_lr: float = 1e-4,
+        chunk_size: int | str | None = "auto",
+        skip_nonfinite: bool = True,
+        comm_bits: int = 32,
+        horizon: int = 1,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_args(base, lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr, chunk_size)
+        if comm_bits not in COMM_BITS:
+            raise ValueError(f"comm_bits must be one of {COMM_BITS}, got {comm_bits!r}")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
+        self.horizon = horizon
+        self.model = model
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        meta = meta_parameters(model)
+        meta_ids = {id(p) for p in meta}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in meta_ids]
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            eps=eps,
+        )
+        groups = [{"params": meta, "meta": True}, {"params": rest, "meta": False}]
+        super().__init__(groups, defaults)
+        self.base = base
+        self.comm_bits = comm_bits
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        if hypernet is None:
+            hypernet = create_hypernet(DEFAULT_KIND)
+            if meta and meta[0].dtype == torch.float64:
+                hypernet = hypernet.double()
+        if meta:
+            hypernet = hypernet.to(meta[0].device)
+        self.hypernet = hypernet
+        if self._ddp is not None:  # every rank starts from rank 0's hypernetwork
+            from metagrad.parallel.distributed import broadcast_tensors_
+
+            broadcast_tensors_(
+                [*hypernet.parameters(), *hypernet.buffers()], group=self._ddp.process_group
+            )
+        self.chunk_size = _auto_chunk_size(meta, hypernet) if chunk_size == "auto" else chunk_size
+        if hyper_optimizer is None:
+            hyper_optimizer = torch.optim.Adam(hypernet.parameters(), lr=hyper_lr)
+        self.hyper_optimizer = hyper_optimizer
+        self.hyper_time = 0.0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim`` does; ``"meta"`` says how its params are updated.
+
+        Without a ``"meta"`` key, the weights of the model's quantized layers in the group form
+        a meta group and the other params a plain one (two groups if it holds both). A meta
+        group's params must be parameters of the model (the step swaps them by name).
+        """
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if "meta" not in group:
+            quantized = {id(p) for p in meta_parameters(self.model)}
+            meta = [p for p in params if id(p) in quantized]
+            rest = [p for p in params if id(p) not in quantized]
+            for flag, members in ((True, meta), (False, rest)):
+                if members or (not meta and not rest and not flag):
+                    self.add_param_group({**group, "params": members, "meta": flag})
+            return
+        group["meta"] = bool(group["meta"])
+        if group["meta"]:
+            unknown = [tuple(p.shape) for p in params if id(p) not in self._names]
+            if unknown:
+                raise ValueError(
+                    f"meta params must be parameters of the model given to MetaGrad; "
+                    f"{len(unknown)} are not (shapes {unknown[:3]})"
+                )
+        super().add_param_group({**group, "params": params})
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    @property
+    def meta_params(self) -> list[Tensor]:
+        """The meta weights (the params of the groups with ``"meta": True``)."""
+        return [p for g in self.param_groups if g["meta"] for p in g["params"]]
+
+    def pending_gradients(self) -> dict[Tensor, Tensor]:
+        """The quantized gradient ``g_t`` each meta weight will be updated with at the next step."""
+        return {
+            p: self.state[p]["pending_grad"]
+            for p in self.meta_params
+            if "pending_grad" in self.state.get(p, {})
+        }
+
+    @torch.no_grad()
+    def corrected_gradients(
+        self, grads: Mapping[Tensor, Tensor] | None = None
+    ) -> dict[Tensor, Tensor]:
+        """``H(g, W)`` per parameter, without graph or state change (for diagnostics).
+
+        ``grads`` maps parameters to gradients (default: :meth:`pending_gradients`, giving the
+        corrected gradients the next step will refine). Recurrent hypernetworks use each layer's
+        current state. Parameters that are not meta weights are returned unchanged.
+        """
+        grads = self.pending_gradients() if grads is None else grads
+        meta = set(self.meta_params)
+        out = {}
+        for p, g in grads.items():
+            if p in meta:
+                hyper_state = self.state[p].get("hyper_state") if p in self.state else None
+                out[p], _ = self.hypernet(
+                    g.detach(), p.detach(), hyper_state, chunk_size=self.chunk_size
+                )
+            else:
+                out[p] = g
+        return out
+
+    # -- step ---------------------------------------------------------------------------------
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One MetaGrad iteration with the required ``closure`` (see the class docs); its loss."""
+        if closure is None:
+            raise TypeError(
+                "MetaGrad.step() requires a closure that calls zero_grad(), computes the loss "
+                "with model(x), calls loss.backward() and returns the loss"
+            )
+        meta_groups = [g for g in self.param_groups if g["meta"]]
+        rest_groups = [g for g in self.param_groups if not g["meta"]]
+        timer = _HyperTimer(self.hypernet)
+        device_type = self.meta_params[0].device.type if self.meta_params else "cpu"
+        with torch.enable_grad():
+            start = time.perf_counter()
+            with torch.autocast(device_type, enabled=False):  # the hypernet runs in float32
+                proposals = {}
+                for group in meta_groups:
+                    proposals.update(self._propose(group))
+            timer.elapsed += time.perf_counter() - start
+            loss, new_grads = self._run_closure(closure, proposals, timer)
+        with torch.no_grad():
+            rest = [p for g in rest_groups for p in g["params"] if p.grad is not None]
+            if self._ddp is not None:
+                self._average(new_grads, rest, bool(proposals))
+            self.last_step_skipped = self.skip_nonfinite and not self._finite(
+                loss, new_grads, rest, bool(proposals)
+            )
+            if self.last_step_skipped:
+                self._discard(rest)
+                self.skipped_steps += 1
+                self.hyper_time += timer.total()
+                return loss
+            start = time.perf_counter()
+            if proposals:
+                self.hyper_optimizer.step()
+            timer.elapsed += time.perf_counter() - start
+            for group in meta_groups:
+                self._commit(group, proposals, new_grads)
+            for group in rest_groups:
+                self._plain_steps(group)
+        self.hyper_time += timer.total()
+        return loss
+
+    def _propose(self, group: dict[str, Any]) -> dict[Tensor, tuple[Tensor, BaseState, tuple]]:
+        """``W_t``, the base state and the hypernet state for each meta weight with a pending g.
+
+        A weight frozen since the last step (``requires_grad`` False) is left out and its
+        pending gradient dropped.
+        """
+        update = _UPDATES[self.base]
+        proposals = {}
+        for p in group["params"]:
+            state = self.state[p]
+            if not p.requires_grad:
+                for key in ("pending_grad", *_WINDOW_KEYS):
+                    state.pop(key, None)
+                continue
+            if "pending_grad" not in state:
+                continue
+            if self.horizon > 1:
+                proposals[p] = self._unroll(state, group)
+                continue
+            w = p.detach()
+            corrected, hyper_state = self.hypernet(
+                state["pending_grad"], w, state.get("hyper_state"), chunk_size=self.chunk_size
+            )
+            new_w, base_state = update(w, corrected, state, group)
+            if not new_w.requires_grad:  # a frozen hypernet: still collect g_t
+                new_w = new_w.detach().requires_grad_()
+            proposals[p] = (new_w, base_state, hyper_state, None)
+        return proposals
+
+    def _unroll(self, state: dict[str, Any], group: dict[str, Any]) -> tuple:
+        """``W_t`` from the window's anchor through its recorded gradients (``horizon > 1``).
+
+        Returns ``(W_t, base state, hypernet state, first)``, ``first`` being the same triple
+        after the window's first update (the next anchor).
+        """
+        update = _UPDATES[self.base]
+        w, base, hyper = state["anchor"], state["anchor_base"], state["anchor_hyper"]
+        first = None
+        for g in state["window"]:
+            corrected, hyper = self.hypernet(g, w.detach(), hyper, chunk_size=self.chunk_size)
+            w, base = update(w, corrected, base, group)
+            if first is None:
+                first = (w, base, hyper)
+        if not w.requires_grad:  # a frozen hypernet: still collect g_t
+            w = w.detach().requires_grad_()
+        return w, base, hyper, first
+
+    def _run_closure(
+        self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: _HyperTimer
+    ) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        """Run the closure with the meta weights replaced by ``W_t``; collect ``dL/dW_t``.
+
+        ``W_t`` keeps its gradient (``retain_grad``), so that code in the closure that reads
+        or changes the model's gradients (e.g. ``clip_grad_norm_(model.parameters())``) sees
+        ``g_t`` there; what it leaves there is what is kept.
+        """
+        sync = self._ddp.no_sync() if self._ddp is not None else nullcontext()
+        if self._ddp is not None and self._ddp.broadcast_buffers:
+            from metagrad.parallel.distributed import broadcast_tensors_
+
+            broadcast_tensors_(list(self._ddp.module.buffers()), group=self._ddp.process_group)
+        if not proposals:
+            with sync:
+                return closure(), {}
+        grads: dict[Tensor, Tensor] = {}
+        for p, (new_w, *_) in proposals.items():
+            new_w.retain_grad()
+            new_w.register_hook(timer.capture(p, grads))
+        runner = _ClosureModule(self.model, closure)
+        params = {f"model.{self._names[id(p)]}": new_w for p, (new_w, *_) in proposals.items()}
+        with timer.watch_backward(), sync:
+            loss = functional_call(runner, params, (), strict=False)
+        for p, (new_w, *_) in proposals.items():
+            # What the closure left on W_t's grad (e.g. clipped), in the layout autograd gave g_t.
+            if p in grads and new_w.grad is not None and new_w.grad is not grads[p]:
+                grads[p].copy_(new_w.grad)
+        return loss, grads
+
+    def _average(self, new_grads: dict[Tensor, Tensor], rest: list[Tensor], hyper: bool) -> None:
+        """Average the step's gradients across the DDP ranks (``comm_bits`` for the model's)."""
+        from metagrad.parallel.comm import all_reduce_mean_
+
+        group = self._ddp.process_group if self._ddp is not None else None
+        meta = [p.grad for p in self.meta_params if p.grad is not None and p not in new_grads]
+        model_grads = [*new_grads.values(), *meta, *(p.grad for p in rest)]
+        all_reduce_mean_(model_grads, bits=self.comm_bits, group=group)
+        if hyper:
+            hyper_grads = [q.grad for q in self.hypernet.parameters() if q.grad is not None]
+            all_reduce_mean_(hyper_grads, bits=32, group=group)
+
+    def _finite(
+        self, loss: Tensor, new_grads: Mapping[Tensor, Tensor], rest: list[Tensor], hyper: bool
+    ) -> bool:
+        """Whether the loss and every gradient of the step are finite (on every rank)."""
+        tensors = [*new_grads.values(), *(p.grad for p in rest)]
+        tensors += [p.grad for p in self.meta_params if p.grad is not None and p not in new_grads]
+        if hyper:
+            tensors += [q.grad for q in self.hypernet.parameters() if q.grad is not None]
+        if isinstance(loss, Tensor):
+            tensors.append(loss.detach())
+        device = tensors[0].device if tensors else torch.device("cpu")
+        flags = [torch.isfinite(t).all().to(device) for t in tensors]
+        finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
+        if self._ddp is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._ddp.process_group)
+        return bool(finite.item())
+
+    def _discard(self, rest: list[Tensor]) -> None:
+        """Forget a skipped step: no update, pending gradients kept, gradients released."""
+        for p in rest:
+            p.grad = None
+        self.hypernet.zero_grad(set_to_none=True)
+        for p in self.meta_params:
+            pending = self.state[p].get("pending_grad") if p in self.state else None
+            p.grad = pending
+
+    def _commit(
+        self,
+        group: dict[str, Any],
+        proposals: Mapping[Tensor, tuple],
+        new_grads: Mapping[Tensor, Tensor],
+    ) -> None:
+        """Write ``W_t`` and the new states; keep ``g_t`` as the pending gradient."""
+        for p in group["params"]:
+            state = self.state[p]
+            first = None
+            if p in proposals:
+                new_w, base_state, hyper_state, first = proposals[p]
+                p.copy_(new_w)
+                state.update({k: _detach(v) for k, v in base_state.items()})
+                if hyper_state:
+                    state["hyper_state"] = tuple(s.detach() for s in hyper_state)
+                grad = new_grads.get(p)
+                p.grad = None if grad is None else grad.detach()
+            grad = p.grad if p.requires_grad else None
+            if grad is None:
+                for key in ("pending_grad", *_WINDOW_KEYS):
+                    state.pop(key, None)
+            else:
+                state["pending_grad"] = grad  # the very tensor on p.grad
+                if self.horizon > 1:
+                    self._slide(p, state, grad, first)
+
+    def _slide(self, p: Tensor, state: dict[str, Any], grad: Tensor, first: tuple | None) -> None:
+        """Record ``g_t`` in the window; past ``horizon`` gradients, advance the anchor by one."""
+        if "window" not in state:  # the first gradient: the window starts at the current weights
+            state["anchor"] = p.detach().clone()
+            state["anchor_base"] = {
+                k: _detach(state[k]) for k in _BASE_KEYS[self.base] if k in state
+            }
+            hyper = state.get("hyper_state")
+            state["anchor_hyper"] = tuple(hyper) if hyper else None
+            state["window"] = []
+        state["window"].append(grad)
+        if len(state["window"]) > self.horizon and first is not None:
+            w, base, hyper = first
+            state["anchor"] = w.detach()
+            state["anchor_base"] = {k: _detach(v) for k, v in base.items()}
+            state["anchor_hyper"] = tuple(h.detach() for h in hyper) if hyper else None
+            state["window"].pop(0)
+
+    def _plain_steps(self, group: dict[str, Any]) -> None:
+        update = _UPDATES[self.base]
+        for p in group["params"]:
+            if p.grad is None or not p.requires_grad:
+                continue
+            state = self.state[p]
+            new_p, base_state = update(p, p.grad, state, group)
+            p.copy_(new_p)
+            state.update(base_state)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the model's parameters and of the hypernetwork.
+
+        A meta weight's ``.grad`` is its pending gradient (the same tensor): it is released
+        (set to None), never zeroed in place, whatever ``set_to_none`` says.
+        """
+        for p in self.meta_params:
+            p.grad = None
+        super().zero_grad(set_to_none)
+        self.hypernet.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base-rule state, pending gradients, hypernet states, the hypernet and its optimizer."""
+        state = super().state_dict()
+        state["base"] = self.base
+        state["hypernet"] = self.hypernet.state_dict()
+        state["hyper_optimizer"] = self.hyper_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        base = state_dict.pop("base", self.base)
+        if base != self.base:
+            raise ValueError(f"state_dict is from a {base!r} MetaGrad, this one is {self.base!r}")
+        hypernet = state_dict.pop("hypernet", None)
+        hyper_optimizer = state_dict.pop("hyper_optimizer", None)
+        super().load_state_dict(state_dict)
+        if hypernet is not None:
+            self.hypernet.load_state_dict(hypernet)
+        if hyper_optimizer is not None:
+            self.hyper_optimizer.load_state_dict(hyper_optimizer)
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+class _HyperTimer:
+    """Seconds spent on the hypernetwork in one step, its backward pass included.
+
+    Autograd runs the hypernetwork's backward after the whole model's (its nodes were created
+    first), so it spans from the first ``W_t`` gradient hook to the last gradient accumulated into
+    the hypernetwork's parameters.
+    """
+
+    def __init__(self, hypernet: nn.Module) -> None:
+        self.hypernet = hypernet
+        self.elapsed = 0.0
+        self.backward_start: float | None = None
+        self.backward_end: float | None = None
+
+    def capture(self, param: Tensor, grads: dict[Tensor, Tensor]) -> Callable[[Tensor], None]:
+        """A tensor hook on ``W_t`` storing (accumulating) its gradient into ``grads[param]``."""
+
+        def hook(grad: Tensor) -> None:
+            if self.backward_start is None:
+                self.backward_start = time.perf_counter()
+            grads[param] = grad if param not in grads else grads[param] + grad
+
+        return hook
+
+    def watch_backward(self) -> _HookScope:
+        def mark_end(_: Tensor) -> None:
+            self.backward_end = time.perf_counter()
+
+        return _HookScope(
+            p.register_post_accumulate_grad_hook(mark_end)
+            for p in self.hypernet.parameters()
+            if p.requires_grad
+        )
+
+    def total(self) -> float:
+        backward = 0.0
+        if self.backward_start is not None and self.backward_end is not None:
+            backward = max(0.0, self.backward_end - self.backward_start)
+        return self.elapsed + backward
+
+
+class _HookScope:
+    """Removes the given hook handles on exit."""
+
+    def __init__(self, handles: Iterable[Any]) -> None:
+        self.handles = list(handles)
+
+    def __enter__(self) -> _HookScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _check_args(
+    base: str,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    hyper_lr: float,
+    chunk_size: int | None,
+) -> None:
+    if base not in BASES:
+        raise ValueError(f"unknown base rule {base!r}; available: {', '.join(BASES)}")
+    for name, value in (
+        ("lr", lr),
+        ("momentum", momentum),
+        ("weight_decay", weight_decay),
+        ("eps", eps),
+        ("hyper_lr", hyper_lr),
+    ):
+        if isinstance(value, Tensor) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov needs momentum > 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if chunk_size not in (None, "auto") and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be an integer >= 1, None or 'auto', got {chunk_size!r}")
+
+
+def _auto_chunk_size(meta: list[Tensor], hypernet: nn.Module | None) -> int | None:
+    """``chunk_size="auto"`` for these meta weights (see :class:`MetaGrad`)."""
+    if not meta or meta[0].device.type == "cpu":
+        return CPU_CHUNK_SIZE
+    device = meta[0].device
+    if device.type != "cuda":
+        return None
+    hidden = getattr(hypernet, "hidden", None) or _widest_layer(hypernet)
+    per_element = 4 * 4 * max(hidden, 1)  # pre-activation, activation, mask and grad, float32
+    budget = torch.cuda.mem_get_info(device)[0] * ACTIVATION_MEMORY_SHARE
+    largest = max(p.numel() for p in meta)
+    if largest * per_element <= budget:
+        return None
+    return max(1, int(budget // per_element))
+
+
+def _widest_layer(module: nn.Module | None) -> int:
+    widths = (
+        [m.out_features for m in module.modules() if isinstance(m, nn.Linear)] if module else []
+    )
+    return max(widths, default=8)

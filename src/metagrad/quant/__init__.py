@@ -1,0 +1,32 @@
+"""Quantizers: number formats, scales, transforms and rounding, composed by a :class:`QuantSpec`.
+
+The bottom layer of the package (it imports only :mod:`metagrad.registry` and
+:mod:`metagrad.kernels`): :mod:`~metagrad.quant.spec` (specs and layer configs),
+:mod:`~metagrad.quant.formats`, :mod:`~metagrad.quant.scaling`, :mod:`~metagrad.quant.transforms`,
+:mod:`~metagrad.quant.quantize` (the quantizers) and :mod:`~metagrad.quant.presets` (the
+published gradient quantizers by name).
+"""
+
+from metagrad.quant.presets import list_presets, preset_config, register_preset
+from metagrad.quant.quantize import (
+    fake_quantize,
+    fake_quantize_ste,
+    prepare_transform,
+    quantize_along,
+    quantize_codes,
+)
+from metagrad.quant.spec import FULL_PRECISION_BITS, QuantConfig, QuantSpec
+
+__all__ = [
+    "FULL_PRECISION_BITS",
+    "QuantConfig",
+    "QuantSpec",
+    "fake_quantize",
+    "fake_quantize_ste",
+    "list_presets",
+    "prepare_transform",
+    "preset_config",
+    "quantize_along",
+    "quantize_codes",
+    "register_preset",
+]

@@ -1,0 +1,322 @@
+"""Symmetric uniform k-bit quantizers, for gradients and (optionally) the forward pass.
+
+A tensor is split into groups (the whole tensor, one per channel, or one per sample); each group
+gets the scale ``absmax / qmax`` with ``qmax = 2**(bits-1) - 1``, so its codes are integers in
+``[-qmax, qmax]``. Rounding is to nearest or stochastic: ``floor(x/scale + u)`` with ``u`` uniform
+on the 256 levels ``(k + 0.5) / 256``, so ``E[Q(x)]`` is within ``scale / 512`` of ``x``
+(unbiased up to that dither resolution). One 32-bit random draw serves four elements, which is
+cheaper than drawing a float per element.
+
+Scales are float32 (float64 for float64 inputs) and the codes are computed in that precision
+whatever the input's dtype, so bf16 and fp16 errors (mixed precision) quantize exactly like their
+float32 values; codes of up to 8 bits are exact in bf16 and fp16, so they can be handed to
+low-precision products as they are.
+
+The quantizer is a registered :mod:`metagrad.kernels` kernel: compiled, it fuses the group
+maximum, the scaling, the dither and the rounding into two passes over the tensor and returns
+the same codes (stochastic rounding included: the random bytes are drawn outside the kernel).
+
+Special values, by design:
+- an all-zero group quantizes to zeros (its scale is taken as 1, never 0);
+- a group holding NaN or +/-inf gets a NaN scale and all-NaN codes, so that divergence stays
+  visible to whatever checks for it downstream (e.g. ``torch.amp.GradScaler`` skips such steps)
+  instead of being silently rounded away.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metagrad.kernels import kernel
+from metagrad.quant.formats import DITHER_LEVELS, NumberFormat
+from metagrad.quant.scaling import group_scales
+from metagrad.quant.spec import QuantSpec
+from metagrad.quant.transforms import Transform, get_transform
+
+
+def scale_dtype(x: Tensor) -> torch.dtype:
+    """The dtype scales and codes are computed in for ``x``: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def group_dim(x: Tensor, granularity: str, channel_dim: int = 1) -> int | None:
+    """The dim that keeps one scale per index (None: one scale for the whole tensor)."""
+    if granularity == "tensor" or x.dim() == 0:
+        return None
+    return 0 if granularity == "sample" else channel_dim % x.dim()
+
+
+def absmax(x: Tensor, granularity: str = "tensor", channel_dim: int = 1) -> Tensor:
+    """Largest magnitude per group, shaped to broadcast against ``x`` (NaN if a group has one)."""
+    return _absmax(x, group_dim(x, granularity, channel_dim))
+
+
+def _absmax(x: Tensor, keep: int | None) -> Tensor:
+    if keep is None:
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(-lo, hi).reshape([1] * x.dim())
+    dims = tuple(d for d in range(x.dim()) if d != keep)
+    if not dims:
+        return x.abs()
+    return x.abs().amax(dim=dims, keepdim=True)
+
+
+def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform random bytes laid out like ``like`` (dense): four per 32-bit random draw."""
+    n = like.numel()
+    words = torch.empty(((n + 3) // 4,), dtype=torch.int32, device=like.device)
+    # random_ draws what randint(-2**31, 2**31 - 1) does, and also traces with symbolic sizes
+    words.random_(-(2**31), 2**31 - 1, generator=generator)
+    return words.view(torch.uint8)[:n].as_strided(like.shape, like.stride())
+
+
+@kernel
+def _codes(
+    x: Tensor, dither: Tensor | None, qmax: int, keep: int | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Codes (as ``dtype``) and scales of ``x``; ``dither``: random bytes, None for nearest."""
+    amax = _absmax(x, keep).to(scale_dtype(x))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+    codes = x / scale  # computed in the scale's precision whatever x's dtype
+    if dither is None:
+        codes = codes.round_()
+    else:
+        # floor(x/scale + (byte + 0.5)/256): |x/scale| <= qmax holds to float32 rounding, so
+        # the codes never pass qmax and need no clamp.
+        codes = codes.add_(0.5 / DITHER_LEVELS).add_(dither, alpha=1 / DITHER_LEVELS).floor_()
+    return codes.to(dtype), scale
+
+
+def quantize_codes(
+    x: Tensor,
+    spec: QuantSpec,
+    channel_dim: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to integer codes and their scale.
+
+    Returns ``(codes, scale)`` with ``codes * scale`` the quantized value: ``codes`` as ``dtype``
+    (default ``x``'s dtype; any float dtype holds them exactly, and ``torch.int8`` does for
+    finite groups), ``scale`` in float32 (float64 for float64 ``x``), broadcasting against ``x``
+    (size 1 along reduced dims). ``spec`` must be enabled.
+    """
+    if not spec.enabled:
+        raise ValueError("quantize_codes needs a spec with bits < 32")
+    if not spec.is_integer:
+        raise ValueError(
+            f"quantize_codes takes integer specs; {spec} is simulated by quantize_along"
+        )
+    keep = group_dim(x, spec.granularity, channel_dim)
+    dither = _dither(x, generator) if spec.rounding == "stochastic" else None
+    return _codes(x, dither, spec.qmax, keep, dtype or x.dtype)
+
+
+def fake_quantize(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Quantize and dequantize ``x`` (same shape and dtype); the identity when ``spec`` is off.
+
+    Blocks and transforms of a non-integer spec run along ``channel_dim``.
+    """
+    if not spec.enabled:
+        return x
+    if not spec.is_integer:
+        return quantize_along(
+            x, spec, (channel_dim,), channel_dim, generator=generator, dtype=x.dtype
+        )
+    codes, scale = quantize_codes(x, spec, channel_dim, generator=generator, dtype=scale_dtype(x))
+    return codes.mul_(scale).to(x.dtype)
+
+
+def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back."""
+    perm = [d for d in range(t.dim()) if d not in axes] + list(axes)
+    moved = t.permute(perm)
+    shape = moved.shape
+    inverse = [perm.index(d) for d in range(t.dim())]
+    length = math.prod(t.shape[d] for d in axes)
+
+    def restore(m: Tensor) -> Tensor:
+        return m.reshape(shape).permute(inverse)
+
+    return moved.reshape(-1, length), restore
+
+
+@kernel
+def _block_scales(blocks: Tensor, max_value: float, scale_format: str) -> Tensor:
+    """One scale per block along the last dim of ``blocks`` (float32+), keeping that dim."""
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    return group_scales(amax, max_value, scale_format, amax.amax())
+
+
+@kernel
+def _dequantized(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
+    """``t`` rounded onto ``fmt``'s grid times ``scale`` (broadcast), and scaled back."""
+    return fmt.round(t / scale, dither) * scale
+
+
+def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Tensor:
+    """``t`` (float32+) rounded with one scale per group (as :func:`absmax`'s ``keep``)."""
+    fmt = spec.number_format
+    scale = group_scales(_absmax(t, keep), fmt.max_value, spec.scale_format)
+    dither = _dither(t, generator) if spec.rounding == "stochastic" else None
+    return _dequantized(t, scale, dither, fmt)
+
+
+def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
+    """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them
+    (zero-padded)."""
+    fmt = spec.number_format
+    rows, length = m.shape
+    size = spec.block_size
+    padded = -(-length // size) * size
+    if padded != length:
+        m = torch.nn.functional.pad(m, (0, padded - length))
+    blocks = m.reshape(rows, padded // size, size)
+    scale = _block_scales(blocks, fmt.max_value, spec.scale_format)
+    dither = _dither(blocks, generator) if spec.rounding == "stochastic" else None
+    return _dequantized(blocks, scale, dither, fmt).reshape(rows, padded)[:, :length]
+
+
+def _transform_rows(
+    t: Tensor, transform: Transform, axes: tuple[int, ...]
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as rows along ``axes`` (flattened), zero-padded to the transform's length, and
+    the function that lays such rows (cropped) back as ``t``."""
+    rows, restore = as_rows(t, axes)
+    length = rows.shape[1]
+    padded = transform.padded_length(length)
+    if padded != length:
+        rows = torch.nn.functional.pad(rows, (0, padded - length))
+    return rows, lambda m: restore(m[:, :length])
+
+
+def _transform_axes(transform: Transform, inner: tuple[int, ...]) -> tuple[int, ...]:
+    return inner if transform.axis == "inner" else (0,)
+
+
+def prepare_transform(
+    x: Tensor, spec: QuantSpec, inner: Sequence[int], generator: torch.Generator | None = None
+) -> Any:
+    """One draw of ``spec``'s transform for ``x``: :func:`quantize_along`'s ``transform_state``."""
+    transform = get_transform(spec.transform, spec.transform_block)
+    inner = tuple(d % max(x.dim(), 1) for d in inner)
+    axes = _transform_axes(transform, inner)
+    if not transform.data_dependent:  # only the padded length, dtype and device matter
+        length = transform.padded_length(math.prod(x.shape[d] for d in axes))
+        return transform.prepare(x.new_empty((0, length), dtype=scale_dtype(x)), generator)
+    return transform.prepare(_transform_rows(x.to(scale_dtype(x)), transform, axes)[0], generator)
+
+
+def _group_axis(dim: int, rest: list[int], axes: tuple[int, ...], spec: QuantSpec) -> int:
+    """Where the groups of a channel or sample scale lie in the transformed ``(*rest, L)``."""
+    if dim in rest:
+        return rest.index(dim)
+    if axes == (dim,):
+        return len(rest)
+    raise ValueError(
+        f"{spec}: a {spec.granularity} scale is not defined on the transformed axes {axes}"
+    )
+
+
+def _transform_dtype(transform: Transform, x: Tensor) -> torch.dtype:
+    """The dtype ``transform`` runs in on ``x``: bf16/fp16 where its matrix is exact in it."""
+    if transform.low_precision and x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    return scale_dtype(x)
+
+
+def _quantize_transformed(
+    x: Tensor,
+    spec: QuantSpec,
+    transform: Transform,
+    inner: tuple[int, ...],
+    channel_dim: int,
+    generator: torch.Generator | None,
+    state: Any,
+    dtype: torch.dtype,
+) -> Tensor:
+    axes = _transform_axes(transform, inner)
+    work = _transform_dtype(transform, x)
+    rows, restore = _transform_rows(x.to(work), transform, axes)
+    if state is None:
+        state = transform.prepare(rows, generator)
+    rows = transform.forward(rows, state).to(scale_dtype(x))
+    rest = [d for d in range(x.dim()) if d not in axes]
+    if spec.granularity == "block":
+        if axes != inner:
+            raise ValueError(f"{spec}: blocks run along the contraction axis, the transform not")
+        q = _round_blocks(rows, spec, generator)
+    else:
+        grid = rows.reshape(*[x.shape[d] for d in rest], rows.shape[1])
+        keep = None
+        if spec.granularity != "tensor":
+            dim = 0 if spec.granularity == "sample" else channel_dim % x.dim()
+            keep = _group_axis(dim, rest, axes, spec)
+        q = _round_groups(grid, spec, keep, generator).reshape(rows.shape)
+    return restore(transform.inverse(q.to(work), state)).to(dtype)
+
+
+def quantize_along(
+    x: Tensor,
+    spec: QuantSpec,
+    inner: Sequence[int],
+    channel_dim: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    transform_state: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``T^-1 Q(T x)``: ``x`` quantized as any ``spec`` says, as ``dtype`` (default float32;
+    float64 for float64).
+
+    ``inner``: the dims a product contracts ``x`` over (flattened, in order): blocks of
+    ``"block"`` granularity and ``"inner"`` transforms run along them; ``"sample"`` transforms
+    run along dim 0. ``channel_dim``: the axis of ``"channel"`` granularity.
+    ``transform_state``: from :func:`prepare_transform` (to share one draw between the operands
+    of a product); None draws one from ``generator``. Scales and rounding are computed in
+    float32; a transform runs in ``x``'s dtype where its matrix is exact in it (``rht`` under
+    mixed precision: a bf16 product, as hardware computes it), else in float32.
+    """
+    dtype = dtype or scale_dtype(x)
+    if not spec.enabled:
+        return x.to(dtype)
+    nd = max(x.dim(), 1)
+    inner = tuple(d % nd for d in inner)
+    if spec.transform is not None:
+        transform = get_transform(spec.transform, spec.transform_block)
+        return _quantize_transformed(
+            x, spec, transform, inner, channel_dim, generator, transform_state, dtype
+        )
+    t = x.to(scale_dtype(x))
+    if spec.granularity == "block":
+        rows, restore = as_rows(t, inner)
+        return restore(_round_blocks(rows, spec, generator)).to(dtype)
+    return _round_groups(t, spec, group_dim(t, spec.granularity, channel_dim), generator).to(dtype)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Forward quantization with a straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: QuantSpec, channel_dim: int) -> Tensor:
+        return fake_quantize(x, spec, channel_dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+def fake_quantize_ste(x: Tensor, spec: QuantSpec, channel_dim: int = 1) -> Tensor:
+    """``fake_quantize`` in the forward pass, identity in the backward pass (QAT)."""
+    if not spec.enabled:
+        return x
+    return _FakeQuantizeSTE.apply(x, spec, channel_dim)

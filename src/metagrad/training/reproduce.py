@@ -1,0 +1,428 @@
+"""``metagrad reproduce``: the paper's CIFAR-10 table (full precision, plain and MetaGrad at INT8
+and INT4) by one command.
+
+Every run is ``metagrad train`` in its own process, ``parallel`` at a time (several share one GPU
+well), writing into ``runs_dir/<run>``: a finished run is skipped, a killed one resumed from its
+checkpoint. The report is built from every run found in ``runs_dir`` (and any ``merge`` files),
+so separate invocations (other seeds, other machines) add up to one table:
+
+- ``results.json``: one record per run (setting, seed, accuracies per epoch, step time, memory,
+  and the commit, torch, device and threads it ran with);
+- ``report.md``: mean and spread per setting, MetaGrad minus plain paired by seed, gap to fp32;
+- ``curves.png``: test accuracy per epoch, mean over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from metagrad.checkpoint import atomic_write, write_json
+from metagrad.training.config import ConfigError
+
+TENSOR = {"grad_granularity": "tensor"}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fp32": {"grad_bits": 32},
+    "int8-nearest-tensor": {"grad_bits": 8, "grad_rounding": "nearest", **TENSOR},
+    "int4-stochastic-tensor": {"grad_bits": 4, "grad_rounding": "stochastic", **TENSOR},
+    "int4-stochastic-sample": {
+        "grad_bits": 4,
+        "grad_rounding": "stochastic",
+        "grad_granularity": "sample",
+    },
+    "int4-nearest-tensor": {"grad_bits": 4, "grad_rounding": "nearest", **TENSOR},
+    "int4-nearest-sample": {
+        "grad_bits": 4,
+        "grad_rounding": "nearest",
+        "grad_granularity": "sample",
+    },
+}
+"""The table's rows; every quantized one is run plain and with MetaGrad (11 runs a seed)."""
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {"model": "vgg16", "width": 1.0, "epochs": 200},
+    "cpu": {"model": "vgg16", "width": 0.25, "epochs": 6, "amp": "off"},
+}
+"""``paper``: full width, the paper-style 200 epochs (``--epochs 30`` for a short table).
+``cpu``: width 0.25 for 6 epochs in float32, the settings of ``benchmarks/metagrad_cifar10.py``."""
+
+COMMON: dict[str, Any] = {
+    "batch_size": 128,
+    "lr": 0.1,
+    "hyper": "grad+weight",
+    "hyper_hidden": 8,
+    "hyper_lr": 1e-4,
+}
+MODELS = ("vgg16", "resnet20", "resnet56", "mobilenetv2")
+TABLE_KEYS = ("model", "width", "epochs")
+"""What makes runs belong to one table."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the table."""
+
+    setting: str
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        method = "" if self.setting == "fp32" else f"-{self.method}"
+        return f"{self.setting}{method}-seed{self.seed}"
+
+    def settings(self, base: dict[str, Any]) -> dict[str, Any]:
+        return {**base, **SETTINGS[self.setting], "method": self.method, "seed": self.seed}
+
+
+def plan(seeds: Sequence[int], only: Sequence[str] | None = None) -> list[Run]:
+    """Every run, seed by seed (all of seed 0 first), optionally only the named settings."""
+    runs = []
+    for seed in seeds:
+        for setting in SETTINGS:
+            if only and setting not in only:
+                continue
+            methods = ("plain",) if setting == "fp32" else ("plain", "metagrad")
+            runs += [Run(setting, method, seed) for method in methods]
+    return runs
+
+
+def base_settings(profile: str, model: str | None, epochs: int | None) -> dict[str, Any]:
+    """The settings every run of the table shares."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
+    base = {**COMMON, **PROFILES[profile]}
+    if model is not None:
+        if model not in MODELS:
+            raise ConfigError(f"model must be one of {', '.join(MODELS)}; got {model!r}")
+        base["model"] = model
+    if epochs is not None:
+        if epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        base["epochs"] = epochs
+    return base
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def _finished(out: Path, epochs: int) -> bool:
+    summary = out / "summary.json"
+    if not summary.is_file():
+        return False
+    data = json.loads(summary.read_text())
+    if data.get("in_progress"):
+        return False
+    done = data.get("epochs_completed", 0) >= epochs and not data.get("stopped_early")
+    return done or data.get("diverged_at_step") is not None
+
+
+def _command(run: Run, base: dict[str, Any], data: str, out: Path, threads: int) -> list[str]:
+    cmd = [sys.executable, "-m", "metagrad", "train"]
+    for key, value in run.settings(base).items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    cmd += ["--data", data, "--out", str(out), "--no-progress", "--threads", str(threads)]
+    if (out / "checkpoint.pt").exists():
+        cmd.append("--resume")
+    return cmd
+
+
+def run_all(
+    runs: list[Run],
+    base: dict[str, Any],
+    data: str,
+    runs_dir: Path,
+    parallel: int,
+    threads: int,
+) -> dict[str, int]:
+    """Train every unfinished run, ``parallel`` processes at a time; exit status per run (0 for
+    a run that diverged: its divergence is its result). Ctrl-C stops the runs too, each keeping
+    its last completed epoch."""
+    todo = [r for r in runs if not _finished(runs_dir / r.name, base["epochs"])]
+    print(f"reproduce: {len(todo)} runs to train, {len(runs) - len(todo)} finished", flush=True)
+    status: dict[str, int] = {}
+    active: dict[str, tuple[subprocess.Popen, IO[str]]] = {}
+    try:
+        while todo or active:
+            while todo and len(active) < parallel:
+                run = todo.pop(0)
+                active[run.name] = _start(run, base, data, runs_dir / run.name, threads)
+            time.sleep(1.0)
+            for name, (proc, log) in list(active.items()):
+                code = proc.poll()
+                if code is not None:
+                    log.close()
+                    del active[name]
+                    status[name] = _outcome(name, code, runs_dir / name, base["epochs"])
+    except KeyboardInterrupt:
+        for proc, _ in active.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, log in active.values():
+            proc.wait()
+            log.close()
+        raise
+    return status
+
+
+def _start(
+    run: Run, base: dict[str, Any], data: str, out: Path, threads: int
+) -> tuple[subprocess.Popen, IO[str]]:
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.txt").open("a")
+    cmd = _command(run, base, data, out, threads)
+    print(f"  start {run.name}", flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _outcome(name: str, code: int, out: Path, epochs: int) -> int:
+    diverged = code != 0 and _finished(out, epochs)
+    note = "done" if code == 0 else f"exited with {code} (see {name}/log.txt)"
+    print(f"  {name}: {'diverged (recorded)' if diverged else note}", flush=True)
+    return 0 if diverged else code
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def run_record(run_dir: Path) -> dict[str, Any] | None:
+    """The result of one run directory (None if it has no summary yet)."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    cfg = summary["config"]
+    setting = next(
+        (name for name, s in SETTINGS.items() if all(cfg.get(k) == v for k, v in s.items())),
+        None,
+    )
+    if setting is None:
+        return None
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    history = [json.loads(line) for line in lines if line.strip()]
+    history = [r for r in history if not r.get("partial")]
+    provenance = summary.get("provenance") or {
+        "torch": summary.get("torch"),
+        "device": summary.get("device"),
+        "threads": summary.get("threads"),
+    }
+    return {
+        "run": run_dir.name,
+        "setting": setting,
+        "method": cfg["method"],
+        "seed": cfg["seed"],
+        "model": cfg["model"],
+        "width": cfg["width"],
+        "epochs": cfg["epochs"],
+        "epochs_completed": summary["epochs_completed"],
+        "final_test_acc": summary["final_test_acc"],
+        "best_test_acc": summary["best_test_acc"],
+        "diverged_at_step": summary.get("diverged_at_step"),
+        "test_acc_per_epoch": [r["test_acc"] for r in history],
+        "mean_step_seconds": summary["mean_step_seconds"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "amp": summary.get("amp", "off"),
+        "compile": summary.get("compile", "off"),
+        "provenance": provenance,
+    }
+
+
+def collect(runs_dir: Path, merge: Sequence[Path], table: dict[str, Any]) -> list[dict]:
+    """Records of every run in ``runs_dir`` and the ``merge`` files that belong to ``table``
+    (same model, width and epochs); a run found in several places keeps the local one."""
+    records: dict[str, dict] = {}
+    for path in merge:
+        data = json.loads(Path(path).read_text())
+        for key in TABLE_KEYS:
+            if data["table"].get(key) != table[key]:
+                raise ConfigError(
+                    f"{path}: a table of {key}={data['table'].get(key)!r}, not {table[key]!r}"
+                )
+        records.update({r["run"]: r for r in data["runs"]})
+    if runs_dir.is_dir():
+        for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+            record = run_record(run_dir)
+            if record is not None and all(record[k] == table[k] for k in TABLE_KEYS):
+                records[record["run"]] = record
+    return sorted(records.values(), key=lambda r: (r["seed"], list(SETTINGS).index(r["setting"])))
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f} ({len(values)})"
+
+
+def _accuracy(record: dict) -> float | None:
+    """Final test accuracy; a run that diverged counts as chance (10%)."""
+    if record["diverged_at_step"] is not None:
+        return 10.0
+    if record["epochs_completed"] < record["epochs"]:
+        return None
+    return record["final_test_acc"]
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """Per setting: accuracies of plain and MetaGrad, their paired difference, gap to fp32."""
+    acc: dict[tuple[str, str], dict[int, float]] = {}
+    for r in records:
+        value = _accuracy(r)
+        if value is not None:
+            acc.setdefault((r["setting"], r["method"]), {})[r["seed"]] = value
+    fp32 = acc.get(("fp32", "plain"), {})
+    rows = {}
+    for setting in SETTINGS:
+        plain, meta = acc.get((setting, "plain"), {}), acc.get((setting, "metagrad"), {})
+        if not plain and not meta:
+            continue
+        paired = [meta[s] - plain[s] for s in sorted(plain.keys() & meta.keys())]
+        gap = [plain[s] - fp32[s] for s in sorted(plain.keys() & fp32.keys())]
+        gap_meta = [meta[s] - fp32[s] for s in sorted(meta.keys() & fp32.keys())]
+        rows[setting] = {
+            "plain": sorted(plain.items()),
+            "metagrad": sorted(meta.items()),
+            "metagrad_minus_plain": paired,
+            "plain_minus_fp32": gap,
+            "metagrad_minus_fp32": gap_meta,
+        }
+    return rows
+
+
+def report(table: dict[str, Any], records: list[dict], rows: dict[str, Any]) -> str:
+    """The markdown report."""
+    head = (
+        f"# CIFAR-10: {table['model']} (width {table['width']}), {table['epochs']} epochs\n\n"
+        "Final test accuracy (%), mean ± standard deviation (number of seeds). "
+        "A diverged run counts as 10% (chance). Differences are paired by seed.\n\n"
+        "| gradients | plain | MetaGrad | MetaGrad - plain | plain - fp32 | MetaGrad - fp32 |\n"
+        "|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for setting, row in rows.items():
+        plain = _mean_sd([v for _, v in row["plain"]])
+        if setting == "fp32":
+            lines.append(f"| {setting} | {plain} | | | | |")
+            continue
+        lines.append(
+            f"| {setting} | {plain} | {_mean_sd([v for _, v in row['metagrad']])} "
+            f"| {_mean_sd(row['metagrad_minus_plain'])} | {_mean_sd(row['plain_minus_fp32'])} "
+            f"| {_mean_sd(row['metagrad_minus_fp32'])} |"
+        )
+    runs = [
+        "\n\n## Runs\n\n| run | final | best | epochs | mean step s | amp | device | commit |\n"
+        "|---|---|---|---|---|---|---|---|"
+    ]
+    for r in records:
+        final = "diverged" if r["diverged_at_step"] is not None else r["final_test_acc"]
+        final = f"{final:.2f}" if isinstance(final, float) else final
+        prov = r["provenance"] or {}
+        commit = (prov.get("commit") or "-")[:12]
+        runs.append(
+            f"| {r['run']} | {final} | {r['best_test_acc'] or 0:.2f} "
+            f"| {r['epochs_completed']}/{r['epochs']} | {r['mean_step_seconds'] or 0:.3f} "
+            f"| {r['amp']} | {prov.get('device_name') or prov.get('device')} | {commit} |"
+        )
+    return head + "\n".join(lines) + "\n".join(runs) + "\n"
+
+
+def plot(records: list[dict], output: Path) -> Path:
+    """Test accuracy per epoch, mean over seeds: a colour per setting, MetaGrad dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple[str, str], list[list[float]]] = {}
+    for r in records:
+        if r["test_acc_per_epoch"]:
+            curves.setdefault((r["setting"], r["method"]), []).append(r["test_acc_per_epoch"])
+    colours = dict(zip(SETTINGS, plt.get_cmap("tab10").colors, strict=False))
+    fig, ax = plt.subplots(figsize=(9.0, 4.5))
+    for (setting, method), runs in curves.items():
+        length = min(len(c) for c in runs)
+        mean = [statistics.mean(c[i] for c in runs) for i in range(length)]
+        label = setting if setting == "fp32" else f"{setting} {method}"
+        style = "--" if method == "metagrad" else "-"
+        label = f"{label} ({len(runs)})"
+        ax.plot(range(1, length + 1), mean, style, color=colours[setting], label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def write_results(
+    table: dict[str, Any], runs_dir: Path, merge: Sequence[Path], out_dir: Path
+) -> dict[str, Any]:
+    """Collect, summarize and write ``results.json``, ``report.md`` and ``curves.png``."""
+    records = collect(runs_dir, merge, table)
+    rows = summarize(records)
+    result = {"table": table, "summary": rows, "runs": records}
+    write_json(result, out_dir / "results.json")
+    text = report(table, records, rows)
+    atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
+    if records:
+        plot(records, out_dir / "curves.png")
+    return result
+
+
+def reproduce(
+    *,
+    profile: str = "paper",
+    model: str | None = None,
+    epochs: int | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    only: Sequence[str] | None = None,
+    data: str = "../shared/data/cifar10-jpeg.zip",
+    runs_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    parallel: int = 1,
+    threads: int = 0,
+    merge: Sequence[str | Path] = (),
+    report_only: bool = False,
+) -> dict[str, Any]:
+    """Train the table's runs that are not finished, then write its results (see module docs)."""
+    base = base_settings(profile, model, epochs)
+    unknown = sorted(set(only or ()) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    if parallel < 1:
+        raise ConfigError(f"parallel must be >= 1, got {parallel}")
+    name = f"{base['model']}-w{base['width']:g}-e{base['epochs']}"
+    runs_path = Path(runs_dir) if runs_dir else Path("runs") / "reproduce" / name
+    out_path = Path(out_dir) if out_dir else runs_path
+    table = {
+        "profile": profile,
+        "model": base["model"],
+        "width": base["width"],
+        "epochs": base["epochs"],
+        "settings": base,
+    }
+    failed: list[str] = []
+    if not report_only:
+        if not Path(data).exists() and data != "digits":
+            raise ConfigError(f"no dataset at {data}: pass --data PATH (CIFAR-10)")
+        threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+        status = run_all(plan(seeds, only), base, data, runs_path, parallel, threads)
+        failed = sorted(n for n, code in status.items() if code != 0)
+    result = write_results(table, runs_path, [Path(m) for m in merge], out_path)
+    print(Path(out_path / "report.md").read_text())
+    print(f"wrote {out_path / 'results.json'}, report.md and curves.png")
+    if failed:
+        raise ConfigError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their log.txt)")
+    return result
