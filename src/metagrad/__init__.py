@@ -1,6 +1,6 @@
 """metagrad: low-precision backward passes for PyTorch, with MetaGrad's hypernetwork correction."""
 
-from metagrad import kernels
+from metagrad import _moved, kernels
 from metagrad.meta.hyper import create_hypernet
 from metagrad.meta.optim import MetaGrad
 from metagrad.models import create_model, list_models
@@ -30,3 +30,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_moved.install()
