@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import training_benchmark
 
+from metagrad.checkpoint import load_checkpoint
 from metagrad.meta.hyper import GAIN_FORMS, create_hypernet
 
 BASE: dict[str, Any] = {
@@ -102,7 +103,7 @@ def learned_response(run_dir: Path) -> dict[str, Any]:
     """What the trained hypernetwork does to one element: ``H / g`` before the norm-preserving
     rescale, at ``+-RESPONSE_AT`` rms, and its output for a zero element; at weight 0, or for
     the signed-gain form (which reads the weight's sign) at weight +1 rms."""
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = state["config"]
     form = cfg.get("hyper_form", "residual")
     net = create_hypernet(cfg["hyper"], hidden=cfg["hyper_hidden"], form=form)

@@ -106,7 +106,9 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def checkpoint_digest(path: Path) -> dict[str, str]:
     """Digests of a checkpoint's model and optimizer state."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from metagrad.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
     model: dict[str, Any] = {}
     _flatten("model", state["model"], model)
     optimizer: dict[str, Any] = {}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -291,9 +293,111 @@ def test_a_stale_lock_is_taken_over_with_a_warning(
     assert not (tmp_path / ".lock").exists()
 
 
-def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path: Path, live_pid: int) -> None:
+def test_release_leaves_a_lock_file_that_is_no_longer_ours(tmp_path: Path, live_pid: int) -> None:
     lock = RunLock(tmp_path)
     lock.acquire()
-    record = _write_lock(tmp_path, live_pid)  # another run took over meanwhile
+    (tmp_path / ".lock").unlink()  # removed by hand, and another run took the folder
+    record = _write_lock(tmp_path, live_pid)
     lock.release()
     assert json.loads((tmp_path / ".lock").read_text()) == record
+
+
+def _contend(folder: str, rounds: int, barrier, overlaps) -> None:
+    """Take the lock ``rounds`` times at once with the other processes; count overlaps."""
+    marker = Path(folder) / "holder"
+    for _ in range(rounds):
+        barrier.wait()
+        try:
+            lock = RunLock(folder)
+            lock.acquire()
+        except CheckpointError:
+            continue
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with overlaps.get_lock():
+                overlaps.value += 1
+        else:
+            os.close(fd)
+            time.sleep(0.002)
+            marker.unlink()
+        lock.release()
+
+
+def test_processes_racing_for_the_lock_never_hold_it_together(tmp_path: Path) -> None:
+    """Four processes take one lock at the same moment, over and over: one holder at a time."""
+    context = multiprocessing.get_context("spawn")
+    processes, rounds = 4, 60
+    barrier, overlaps = context.Barrier(processes), context.Value("i", 0)
+    workers = [
+        context.Process(target=_contend, args=(str(tmp_path), rounds, barrier, overlaps))
+        for _ in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    assert overlaps.value == 0
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_held_by_a_killed_process_is_free(tmp_path: Path) -> None:
+    """The OS drops a killed holder's lock: the next run takes over with a warning."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from metagrad.checkpoint import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+         str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with RunLock(tmp_path) as lock:
+        assert lock.record["pid"] == os.getpid()
+
+
+def test_files_are_created_with_the_process_umask(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        write_json({"a": 1}, tmp_path / "group-readable.json")
+        save_checkpoint({"a": torch.ones(1)}, tmp_path / "checkpoint.pt")
+    finally:
+        os.umask(old)
+    for name in ("group-readable.json", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o664
+
+
+def test_every_bit_flip_in_a_checkpoint_is_refused_or_harmless(tmp_path: Path) -> None:
+    """40 single-bit flips spread over the file: each is refused with one line, or loads the
+    very same state (a flip in bytes the reader ignores)."""
+    state = {"model": {"w": torch.randn(64, 64)}, "step": 7, "history": [{"loss": 0.5}]}
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(state, path)
+    raw = path.read_bytes()
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, len(raw) * 8, (40,), generator=generator).tolist()
+    refused = 0
+    for bit in positions:
+        damaged = bytearray(raw)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as err:
+            assert "\n" not in str(err) and str(path) in str(err)
+            refused += 1
+            continue
+        assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+        assert loaded["step"] == 7 and loaded["history"] == state["history"]
+    assert refused >= 30
+
+
+def test_a_checkpoint_of_an_earlier_version_still_loads(tmp_path: Path) -> None:
+    torch.save({"step": 3}, tmp_path / "old.pt")  # no checksum container
+    assert load_checkpoint(tmp_path / "old.pt") == {"step": 3}

@@ -1,8 +1,10 @@
 """Atomic checkpoints and JSON files, and the run folder's guards.
 
 A crash mid-write never leaves a torn file behind: files are written to a temporary file beside
-them and renamed over. A failed write (full disk, permissions, file size limit) raises
-:class:`CheckpointError` with one line and leaves the previous file in place.
+them and renamed over, with the permissions the process umask gives a new file. A failed write
+(full disk, permissions, file size limit) raises :class:`CheckpointError` with one line and leaves
+the previous file in place. A checkpoint carries a SHA-256 of its payload, checked on load, so a
+damaged file is refused with one line instead of loading wrong numbers.
 :func:`remove_stale_temp_files`, :func:`check_writable_dir` and :class:`RunLock` prepare a run
 folder: temporary files orphaned by a killed run, an unusable folder, two runs in one folder.
 """
@@ -11,6 +13,9 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
+import hashlib
+import io
 import json
 import logging
 import math
@@ -28,6 +33,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+CHECKPOINT_FORMAT = "metagrad-checkpoint/1"
+"""The container a checkpoint file holds: ``{"format", "sha256", "payload"}`` (``torch.save``
+bytes of the state)."""
 
 _REASONS = {
     errno.ENOSPC: "no space left on device",
@@ -73,6 +81,19 @@ def _make_dir(folder: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(folder)) from None
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through ``write(file)`` on a temporary file beside it, then rename it over.
 
@@ -86,6 +107,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     try:
         _make_dir(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -102,21 +124,45 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    """``torch.save`` ``state`` with a SHA-256 of its bytes, atomically (:func:`atomic_write`)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    container = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": payload,
+    }
+    atomic_write(Path(path), lambda f: torch.save(container, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
 
+    Its payload's SHA-256 is checked; a file written by ``torch.save`` alone (an earlier
+    version's checkpoint) loads without one.
+
     Raises:
-        CheckpointError: no file, an unreadable file, or one that does not hold a dict.
+        CheckpointError: no file, an unreadable or damaged file, or one that does not hold a
+            dict.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+            payload = state.get("payload")
+            if not isinstance(payload, bytes):
+                raise CheckpointError(f"{path}: damaged checkpoint (no payload)")
+            if hashlib.sha256(payload).hexdigest() != state.get("sha256"):
+                raise CheckpointError(
+                    f"{path}: damaged checkpoint (its checksum does not match its contents); "
+                    "resume from a copy or start the run again"
+                )
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__})") from err
     if not isinstance(state, dict):
@@ -205,9 +251,6 @@ def check_writable_dir(path: Path) -> None:
         raise CheckpointError(f"directory {path} is not writable: {_os_reason(exc)}") from None
 
 
-_HELD_LOCKS: set[str] = set()  # real paths of the lock files this process holds
-
-
 def _pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this host (one we may not signal counts as alive)."""
     if pid <= 0:
@@ -246,42 +289,70 @@ def _parse_lock(raw: bytes) -> dict[str, Any] | None:
     return record if ok else None
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class RunLock:
     """``folder/.lock``: at most one run at a time uses a run folder.
 
-    The lock file holds ``{"pid", "host", "started"}`` and is created atomically. A lock held by
-    a live process on this host, or by any process on another host (whose liveness cannot be
-    checked), is refused with :class:`CheckpointError`; a lock whose process is gone, or an
-    unreadable lock file, is stale and replaced with a warning. Use as a context manager, or call
-    :meth:`acquire` and :meth:`release`; release removes the lock only while it is still ours.
+    The lock is an OS lock (``flock``) on the lock file, which the kernel releases when its
+    process dies, so taking it is atomic and a killed run's lock is free at once. The file holds
+    ``{"pid", "host", "started"}`` for the messages, and as a second guard: a record naming a
+    live process of this host other than the holder, or any process of another host (whose lock
+    this host may not see), is refused with :class:`CheckpointError`. A lock left by a run that
+    has ended is taken over with a warning. Use as a context manager, or call :meth:`acquire`
+    and :meth:`release`.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.record: dict[str, Any] | None = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock (creating ``folder``), replacing a stale one.
+        """Take the lock (creating ``folder``), taking over one whose run has ended.
 
         Raises:
             CheckpointError: another run holds the lock, or the lock cannot be written.
         """
-        if self.record is not None:
+        if self._fd is not None:
             raise CheckpointError(f"{self.folder}: this lock is already held")
         check_writable_dir(self.folder)
-        for _ in range(3):  # a racing run may replace a stale lock between our attempts
-            if self._try_create():
-                return
-            self._remove_if_stale()
+        for _ in range(8):  # a holder may remove the file between our open and our lock
+            fd, created = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse_in_use(_read_lock(self.path))
+            except OSError as exc:
+                os.close(fd)
+                raise CheckpointError(f"could not lock {self.path}: {_os_reason(exc)}") from None
+            if not _same_file(fd, self.path):
+                os.close(fd)
+                continue
+            try:
+                self._take(fd, created)
+            except BaseException:
+                os.close(fd)
+                raise
+            return
         raise CheckpointError(f"{self.folder}: could not take {self.path} (it keeps changing)")
 
     def release(self) -> None:
-        """Remove the lock if it is still the one this object wrote."""
-        if self.record is not None and _read_lock(self.path) == self.record:
-            self.path.unlink(missing_ok=True)
-        if self.record is not None:
-            _HELD_LOCKS.discard(os.path.realpath(self.path))
+        """Remove the lock file and drop the lock."""
+        if self._fd is None:
+            return
+        if _same_file(self._fd, self.path):
+            self.path.unlink(missing_ok=True)  # while still holding it: no one can take it now
+        os.close(self._fd)
+        self._fd = None
         self.record = None
 
     def __enter__(self) -> RunLock:
@@ -296,65 +367,53 @@ class RunLock:
     ) -> None:
         self.release()
 
-    def _try_create(self) -> bool:
-        """Create the lock file if there is none; False when one exists."""
+    def _open(self) -> tuple[int, bool]:
+        """The lock file, open, and whether this call created it."""
+        try:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+            except FileExistsError:
+                return os.open(self.path, os.O_RDWR), False
+        except FileNotFoundError:
+            return self._open()  # removed between the two calls
+        except OSError as exc:
+            raise CheckpointError(f"could not write {self.path}: {_os_reason(exc)}") from None
+
+    def _take(self, fd: int, created: bool) -> None:
+        """Holding the OS lock on ``fd``: check the record left in it, then write ours."""
+        raw = os.pread(fd, 1 << 16, 0)
+        previous = _parse_lock(raw)
+        if previous is not None:
+            here = previous["host"] == socket.gethostname()
+            if not here or (previous["pid"] != os.getpid() and _pid_alive(previous["pid"])):
+                self._refuse_in_use(previous)
+            logger.warning(
+                "replacing the stale lock %s (its run, pid %s, has ended)",
+                self.path,
+                previous["pid"],
+            )
+        elif not created:  # a run that died before writing its record, or a damaged file
+            logger.warning("replacing the stale lock %s (it is unreadable)", self.path)
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
+        data = (json.dumps(record) + "\n").encode()
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
         except OSError as exc:
             raise CheckpointError(f"could not write {self.path}: {_os_reason(exc)}") from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            self.path.unlink(missing_ok=True)
-            raise CheckpointError(f"could not write {self.path}: {_os_reason(exc)}") from None
-        self.record = record
-        _HELD_LOCKS.add(os.path.realpath(self.path))
-        return True
+        self._fd, self.record = fd, record
 
-    def _holder_alive(self, pid: int) -> bool:
-        """Whether the process ``pid`` of this host still holds the lock.
-
-        Our own pid in a lock this process does not hold is an earlier process that had the same
-        pid (a restarted container, say).
-        """
-        if pid == os.getpid():
-            return os.path.realpath(self.path) in _HELD_LOCKS
-        return _pid_alive(pid)
-
-    def _remove_if_stale(self) -> None:
-        """Remove the existing lock if its run is gone; raise if it is in use."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return  # released meanwhile
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.path}: {_os_reason(exc)}") from None
-        record = _parse_lock(raw)
-        if record is not None:
-            self._refuse_if_in_use(record)
-            why = f"its run, pid {record['pid']}, has ended"
-        else:
-            why = "it is unreadable"
-        try:
-            unchanged = self.path.read_bytes() == raw  # not replaced by a racing run meanwhile
-        except FileNotFoundError:
-            return
-        if unchanged:
-            logger.warning("replacing the stale lock %s (%s)", self.path, why)
-            self.path.unlink(missing_ok=True)
-
-    def _refuse_if_in_use(self, record: dict[str, Any]) -> None:
+    def _refuse_in_use(self, record: dict[str, Any] | None) -> None:
+        if record is None:
+            raise CheckpointError(
+                f"{self.folder} is in use by another run; wait for it to finish or use "
+                "another folder"
+            )
         here = record["host"] == socket.gethostname()
-        if here and not self._holder_alive(record["pid"]):
-            return
         where = "" if here else f" on host {record['host']}"
         raise CheckpointError(
             f"{self.folder} is in use by another run (pid {record['pid']}{where}, started "
