@@ -9,7 +9,8 @@ Float results are bit-reproducible on one CPU model with one torch build and one
 across them, so the recorded values are keyed by that fingerprint; ``tests/test_golden.py``
 compares against the entry of the machine it runs on.
 
-Record (only where a change of numerics is intended): ``python tests/golden.py --record``.
+Record (only where a change of numerics is intended): ``python tests/golden.py --record``, or
+``--record --case NAME ...`` for the cases a change is meant for.
 """
 
 from __future__ import annotations
@@ -231,23 +232,38 @@ def load() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true", help="write this machine's entry")
+    parser.add_argument(
+        "--case",
+        nargs="+",
+        help="training cases to run (and, with --record, to re-record: a change of numerics "
+        "intended for these cases only); default all, and the layer cases",
+    )
     args = parser.parse_args()
-    results = compute()
     key = fingerprint()
+    if args.case:
+        workdir = Path(tempfile.mkdtemp(prefix="metagrad-golden-"))
+        try:
+            results = {"training": {name: run_training(name, workdir) for name in args.case}}
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        results = compute()
     if args.record:
         golden = load()
-        golden[key] = results
+        entry = golden.setdefault(key, {"training": {}, "layers": {}})
+        for kind, values in results.items():
+            entry[kind].update(values)
         GOLDEN_FILE.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(results['training'])} runs, {len(results['layers'])} layer cases")
+        print(f"recorded {', '.join(f'{len(v)} {k}' for k, v in results.items())} cases")
         return
     expected = load().get(key)
     if expected is None:
         sys.exit(f"no golden entry for {key}")
     differ = [
         f"{kind}/{name}"
-        for kind in ("training", "layers")
-        for name in expected[kind]
-        if results[kind].get(name) != expected[kind][name]
+        for kind, values in results.items()
+        for name in values
+        if values[name] != expected[kind].get(name)
     ]
     print("identical" if not differ else "differ: " + ", ".join(differ))
 

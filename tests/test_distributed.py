@@ -108,10 +108,13 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("method", ["plain", "metagrad"])
-def test_cli_under_torchrun_resumes_exactly_after_one_rank_is_killed(tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "comm_bits"),
+    [("plain", 32), ("plain", 8), ("plain", 4), ("metagrad", 32), ("metagrad", 4)],
+)
+def test_cli_under_torchrun_resumes_exactly_after_one_rank_is_killed(tmp_path, method, comm_bits):
     args = ["-m", "metagrad", "train", "--model", "small_cnn", "--data", "digits"]
-    args += ["--method", method, "--hyper-lr", "1e-3"]
+    args += ["--method", method, "--hyper-lr", "1e-3", "--comm-bits", str(comm_bits)]
     args += ["--epochs", "3", "--batch-size", "32", "--grad-bits", "4"]
     args += ["--grad-rounding", "stochastic", "--compile", "off", "--threads", "1"]
     args += ["--device", "cpu", "--no-progress"]

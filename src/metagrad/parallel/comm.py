@@ -396,3 +396,26 @@ def register_comm_hook(
     state = QuantizedHookState.seeded(bits, seed, group=group, block_size=block_size, device=device)
     ddp_model.register_comm_hook(state, quantized_hook)
     return state
+
+
+def data_parallel(
+    model: torch.nn.Module,
+    bits: int,
+    *,
+    seed: int = 0,
+    device_ids: list[int] | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[DistributedDataParallel, QuantizedHookState | None]:
+    """``model`` under ``DistributedDataParallel``, averaging its gradients at ``bits`` bits.
+
+    A quantized hook's blocks follow the layout of DDP's gradient buckets, which DDP rebuilds
+    after the first iteration (in the order gradients became ready): a run resumed from a
+    checkpoint would start again on the first layout, and quantize differently from a run that
+    was never stopped. For ``bits`` below 16 the model is wrapped with
+    ``find_unused_parameters=True``, under which DDP keeps its first layout for the whole run,
+    so a resumed run is bit-identical to an uninterrupted one. Returns the DDP model and the
+    hook's state (see :func:`register_comm_hook`).
+    """
+    keep_layout = bits < HALF_PRECISION_BITS
+    ddp = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=keep_layout)
+    return ddp, register_comm_hook(ddp, bits, seed=seed, block_size=block_size)

@@ -306,14 +306,11 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """``model`` under DistributedDataParallel, with ``cfg.comm_bits`` communication."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        from metagrad.parallel.comm import register_comm_hook
+        from metagrad.parallel.comm import data_parallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids)
-        if self.cfg.method == "plain":  # MetaGrad does its own averaging
-            self.comm_state = register_comm_hook(ddp, self.cfg.comm_bits, seed=self.cfg.seed)
+        bits = self.cfg.comm_bits if self.cfg.method == "plain" else 32  # MetaGrad averages
+        ddp, self.comm_state = data_parallel(model, bits, seed=self.cfg.seed, device_ids=device_ids)
         return ddp
 
     def _check_out_dir(self) -> None:
