@@ -16,7 +16,7 @@ from typing import Any
 
 from metagrad.checkpoint import write_json
 from metagrad.plot import plot_runs
-from metagrad.training.config import build_config
+from metagrad.training.config import ConfigError, build_config
 from metagrad.training.trainer import train
 
 DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
@@ -47,6 +47,9 @@ def _slug(label: str) -> str:
 
 def run_demo(out: str = "runs/demo", epochs: int = 8, seeds: int = 3) -> list[dict[str, Any]]:
     """Train every demo setting, print a side-by-side table, write ``demo.json`` and a plot."""
+    for name, value in (("epochs", epochs), ("seeds", seeds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"demo: {name} must be an integer >= 1, got {value!r}")
     root = Path(out)
     results: list[dict[str, Any]] = []
     print(f"metagrad demo: small_cnn on scikit-learn digits, {epochs} epochs, {seeds} seeds each")

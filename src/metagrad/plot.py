@@ -14,7 +14,21 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"no metrics.jsonl in {run_dir}")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable ({type(err).__name__})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise ConfigError(f"{path}, line {number}: not a JSON record") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int | float):
+            raise ConfigError(f"{path}, line {number}: not an epoch record") from None
+        records.append(record)
     return [r for r in records if not r.get("partial")]
 
 
@@ -33,8 +47,8 @@ def plot_runs(
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, run in enumerate(runs):
         records = read_metrics(run)
-        if records and metric not in records[0]:
-            raise ConfigError(f"{run}: metrics.jsonl has no key {metric!r}")
+        if any(metric not in r for r in records):
+            raise ConfigError(f"{run}: metrics.jsonl has no key {metric!r} in every record")
         label = labels[i] if labels else Path(run).name
         ax.plot(
             [r["epoch"] for r in records], [r[metric] for r in records], marker="o", label=label

@@ -1,0 +1,61 @@
+"""Malformed input gives one line that names the file and the problem, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metagrad.cli import main
+
+
+def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("metagrad: error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    for part in expected:
+        assert part in err, err
+    return err
+
+
+def _metrics(folder: Path, lines: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        (['{"epoch": 1, "test_acc": 50.0}', "{truncated"], "line 2: not a JSON record"),
+        (['{"epoch": 1, "test_acc": 50.0}', "[1, 2]"], "line 2: not an epoch record"),
+        (['{"test_acc": 50.0}'], "line 1: not an epoch record"),
+        (['{"epoch": 1, "test_acc": 50.0}', '{"epoch": 2}'], "no key 'test_acc'"),
+    ],
+    ids=["truncated", "list", "no-epoch", "missing-metric"],
+)
+def test_plot_names_a_bad_metrics_line(tmp_path, capsys, lines, problem):
+    run = _metrics(tmp_path / "run", lines)
+    _one_line_error(capsys, ["plot", str(run), "-o", str(tmp_path / "c.png")], problem)
+
+
+def test_plot_reads_a_non_utf8_metrics_file_as_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"epoch": 1, "x": "\xff"}\n')
+    _one_line_error(capsys, ["plot", str(run)], "metrics.jsonl: unreadable")
+
+
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--epochs", "0"], ["--seeds", "-2"]])
+def test_demo_refuses_zero_seeds_or_epochs(tmp_path, capsys, flag):
+    _one_line_error(capsys, ["demo", "--out", str(tmp_path), *flag], "must be an integer >= 1")
+    assert not (tmp_path / "demo.json").exists()
+
+
+def test_a_good_metrics_file_still_plots(tmp_path, capsys):
+    records = [json.dumps({"epoch": e, "test_acc": 10.0 * e}) for e in (1, 2)]
+    run = _metrics(tmp_path / "run", records)
+    assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
