@@ -7,9 +7,9 @@
 A document holds a generated table between two markers, ``<!-- tables:NAME -->`` and
 ``<!-- /tables:NAME -->``, with ``NAME`` a key of :data:`TABLES`; ``--write`` replaces what lies
 between them and leaves every other line (headings, the hand-written analysis) as it is. Each
-table is rendered from one file in ``benchmarks/results/`` and followed by the command that wrote
-that file. ``tests/test_tables.py`` checks that the committed documents are what ``--write``
-makes of the committed files.
+table is rendered from files in ``benchmarks/results/`` and followed by the command that wrote
+each file (``commands``: every such command, as one block). ``tests/test_tables.py`` checks that
+the committed documents are what ``--write`` makes of the committed files.
 """
 
 from __future__ import annotations
@@ -619,7 +619,7 @@ TABLES: dict[str, Table] = {
         "comm-training.json", comm_training_table, "python -m benchmarks.comm_training"
     ),
 }
-"""Every generated table by the name its markers use."""
+"""Every generated block by the name its markers use."""
 
 
 def available(name: str) -> bool:
