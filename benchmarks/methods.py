@@ -11,7 +11,7 @@ updates the weights against the full-precision gradient of the same batch. Final
 training steps of every setting side by side, interleaved on the same batches, relative to the
 ``plain`` preset's step (``--timing-width 1.0``: also at the paper's full width). Writes
 ``benchmarks/results/methods.json`` (``methods-gpt.json`` for the GPT; ``--output``) after every
-run, and prints the table that the README shows.
+run, and prints the table that docs/results.md shows.
 """
 
 from __future__ import annotations

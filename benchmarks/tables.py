@@ -1,27 +1,42 @@
-"""Markdown tables of the committed benchmark results (the README's Results section).
+"""Markdown tables of the committed benchmark results, written into the documentation.
 
-python benchmarks/tables.py
+    python -m benchmarks.tables            # print every table
+    python -m benchmarks.tables --write    # rewrite the tables in README.md and docs/results.md
+    python -m benchmarks.tables --check    # exit 1 if a document's tables differ from the JSON
+
+A document holds a generated table between two markers, ``<!-- tables:NAME -->`` and
+``<!-- /tables:NAME -->``, with ``NAME`` a key of :data:`TABLES`; ``--write`` replaces what lies
+between them and leaves every other line (headings, the hand-written analysis) as it is. Each
+table is rendered from files in ``benchmarks/results/`` and followed by the command that wrote
+each file (``commands``: every such command, as one block). ``tests/test_tables.py`` checks that
+the committed documents are what ``--write`` makes of the committed files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-START, END = "<!-- tables:start -->", "<!-- tables:end -->"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "results.md")
+"""The files ``--write`` and ``--check`` work on."""
+BLOCK = re.compile(
+    r"^<!-- tables:(?P<name>[\w-]+) -->\n.*?^<!-- /tables:(?P=name) -->$", re.S | re.M
+)
+"""A generated block: the markers stand alone on their lines."""
+START = re.compile(r"^<!-- tables:([\w-]+) -->$", re.M)
 
 
 METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
 """Settings the ablation table leaves out when a run has them."""
-
-
-def _load(name: str) -> dict | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _quantizer(r: dict) -> str:
@@ -128,14 +143,10 @@ def horizon_table(data: dict) -> str:
     return "\n".join(rows)
 
 
-def _spread(values: list[float], sign: bool = False) -> str:
+def _spread(values: list[float], sign: bool = False, digits: int = 2) -> str:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return (
-        f"{mean:+.2f} ± {sd:.2f} ({len(values)})"
-        if sign
-        else f"{mean:.2f} ± {sd:.2f} ({len(values)})"
-    )
+    return f"{mean:{'+' if sign else ''}.{digits}f} ± {sd:.{digits}f} ({len(values)})"
 
 
 def _cell(text: str) -> str:
@@ -330,45 +341,369 @@ def methods_table(data: dict) -> str:
     return "\n".join(rows)
 
 
-def render() -> str:
-    sections = [
-        ("quantized-baselines.json", "Plain quantized gradients", training_table),
-        ("quantized-baselines.json", "Step time side by side", step_ratio_table),
-        ("metagrad-cifar10.json", "MetaGrad on CIFAR-10", training_table),
-        ("metagrad-cifar10.json", "MetaGrad against plain, paired", paired_table),
-        ("metagrad-ablations.json", "MetaGrad ablations", ablation_table),
-        ("metagrad-signal.json", "MetaGrad's learning signal and its ceiling", signal_table),
-        ("metagrad-signal.json", "Signal-to-noise ratio against element size", snr_table),
-        ("metagrad-signal.json", "MetaGrad's meta-gradient against noise", meta_gradient_table),
-        ("metagrad-horizon.json", "MetaGrad's horizon, K = 1 to 4", horizon_table),
-        ("metagrad-overhead.json", "MetaGrad's cost", overhead_table),
-        ("methods.json", "Gradient quantizers side by side, vgg16", methods_table),
-        ("methods-gpt.json", "Gradient quantizers side by side, character GPT", methods_table),
-        ("speed-cpu.json", "Training speed on CPU, against float32 and bf16", speed_table),
-        ("speed-cuda.json", "Training speed on CUDA, against float32, TF32 and bf16", speed_table),
+def headline_table(methods: dict, gpt: dict) -> str:
+    """The README's table: every gradient quantizer on vgg16 and on the character GPT."""
+    wide = methods.get("step_time_vs_plain_at_width", {})
+    rows = [
+        "| gradients | vgg16, CIFAR-10: test acc (%) | vs fp32 | char GPT: test bits/char "
+        f"| vs fp32 | step time vs `plain` (vgg16, width {methods['timing_width']:g}) |",
+        "|---|---|---|---|---|---|",
     ]
-    out = []
-    for name, title, table in sections:
-        data = _load(name)
-        if data is not None:
-            out.append(f"#### {title} (`benchmarks/results/{name}`)\n\n{table(data)}\n")
-    return "\n".join(out)
+
+    def cells(row: dict | None, digits: int) -> str:
+        if row is None:
+            return "- | -"
+        if row["mean"] is None:
+            return "diverged | -"
+        return f"{_spread(row['values'], digits=digits)} | {row['gap_to_fp32']:+.{digits}f}"
+
+    for method, row in methods["methods"].items():
+        step = f"{wide[method]:.2f}x" if method in wide else "-"
+        rows.append(
+            f"| {method} | {cells(row, 2)} | {cells(gpt['methods'].get(method), 3)} | {step} |"
+        )
+    return "\n".join(rows)
 
 
-def main() -> None:
+def horizon_cost_table(data: dict) -> str:
+    rows = ["| run | median step s | x plain | x K = 1 |", "|---|---|---|---|"]
+    for name, seconds in data["median_step_seconds"].items():
+        rows.append(
+            f"| {name} | {seconds:.3f} | {data['ratio_to_plain'][name]:.2f} "
+            f"| {data['ratio_to_k1'][name]:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def stopped_table(data: dict) -> str:
+    """The diverged MetaGrad runs, per epoch."""
+    rows = [
+        "| hypernetwork output | epoch | train loss | train acc | test acc |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        for m in r["metrics"]:
+            rows.append(
+                f"| {r['hypernet_output']} | {m['epoch']} | {m['train_loss']:.3f} "
+                f"| {m['train_acc']:.2f} | {m['test_acc']:.2f} |"
+            )
+    return "\n".join(rows)
+
+
+def reproduce_table(data: dict) -> str:
+    """``metagrad reproduce``'s table: plain and MetaGrad per setting, paired by seed."""
+    t = data["table"]
+    rows = [
+        f"{t['model']} at width {t['width']:g}, {t['epochs']} epochs, final test accuracy (%), "
+        "mean ± standard deviation (number of seeds); differences paired by seed.",
+        "",
+        "| gradients | plain | MetaGrad | MetaGrad - plain | plain - fp32 | MetaGrad - fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def spread(values: list[float], sign: bool = False) -> str:
+        return _spread(values, sign) if values else ""
+
+    for setting, r in data["summary"].items():
+        plain = spread([v for _, v in r["plain"]])
+        if setting == "fp32":
+            rows.append(f"| {setting} | {plain} | | | | |")
+            continue
+        rows.append(
+            f"| {setting} | {plain} | {spread([v for _, v in r['metagrad']])} "
+            f"| {spread(r['metagrad_minus_plain'], True)} "
+            f"| {spread(r['plain_minus_fp32'], True)} "
+            f"| {spread(r['metagrad_minus_fp32'], True)} |"
+        )
+    return "\n".join(rows)
+
+
+def transformers_table(data: dict) -> str:
+    """Whole training steps of the two transformers, side by side per model."""
+    machine, models = data["machine"], data["models"]
+    names = [name for name in models if name in data]
+    about = "; ".join(
+        f"{name} width {m['width']:g}, batch {m['batch_size']}, {m['optimizer']}"
+        for name, m in models.items()
+    )
+    rows = [
+        f"{about}; torch {machine['torch']}, {machine['device_name']}, "
+        f"{machine['threads']} thread{'' if machine['threads'] == 1 else 's'}, median of "
+        f"{data['repetitions']} interleaved repetitions.",
+        "",
+        "| training step | " + " | ".join(f"{n} s | x fp32" for n in names) + " |",
+        "|---|" + "---|---|" * len(names),
+    ]
+    for setting in data["settings"]:
+        cells = " | ".join(
+            f"{data[n][setting]['seconds']:.3f} | {data[n][setting]['x_fp32']:.3f}" for n in names
+        )
+        rows.append(f"| {setting} | {cells} |")
+    return "\n".join(rows)
+
+
+COMM_LABELS = {
+    "fp32": "fp32 (DDP's all-reduce)",
+    "fp16": "fp16 (`fp16_compress_hook`)",
+    "bf16": "bf16 (`bf16_compress_hook`)",
+    "powerSGD r=1": "PowerSGD rank 1",
+    "powerSGD r=4": "PowerSGD rank 4",
+    "ours int8": "ours, 8 bits",
+    "ours int4": "ours, 4 bits",
+}
+
+
+def _error(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.1e}"
+
+
+def _cosine(x: float) -> str:
+    return f"{x:.6f}" if x > 0.99 else f"{x:.3f}"
+
+
+def comm_table(data: dict) -> str:
+    """One all-reduce of real gradients with each method, against the exact mean."""
+    s = data["settings"]
+    rows = [
+        f"One all-reduce of {s['model']} (width {s['width']:g}) gradients, {s['numel']:,} "
+        f"elements, {s['world_size']} {data['machine']['backend']} processes, against the exact "
+        "mean.",
+        "",
+        "| method | bytes sent per rank | fp32 bytes / bytes | relative L2 error | cosine "
+        "| ranks identical | ms |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in data["rows"]:
+        rows.append(
+            f"| {COMM_LABELS.get(r['method'], r['method'])} | {r['bytes_per_rank']:,.0f} "
+            f"| {r['compression']:.2f} | {_error(r['rel_l2_error'])} | {_cosine(r['cosine'])} "
+            f"| {'yes' if r['ranks_bit_identical'] else 'no'} "
+            f"| {r['ms_per_all_reduce_median']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def comm_training_table(data: dict) -> str:
+    """Final accuracy of training with each communication precision, paired by seed."""
+    runs: dict[str, list[dict]] = {}
+    for r in data["runs"]:
+        runs.setdefault(r["setting"], []).append(r)
+    base = {r["seed"]: r for r in runs.get("fp32", [])}
+    rows = [
+        "| comm | bytes per step per rank | fp32 bytes / bytes | final test acc (%) "
+        "| minus fp32 comm, paired by seed |",
+        "|---|---:|---:|---|---|",
+    ]
+    for setting, rs in runs.items():
+        first = rs[0]
+        ratio = next(iter(base.values()))["bytes_per_step"] / first["bytes_per_step"]
+        diffs = [r["final_test_acc"] - base[r["seed"]]["final_test_acc"] for r in rs]
+        paired = _spread(diffs, sign=True) if setting != "fp32" else ""
+        rows.append(
+            f"| {setting} | {first['bytes_per_step']:,.0f} ({first['bytes_how']}) | {ratio:.2f} "
+            f"| {_spread([r['final_test_acc'] for r in rs])} | {paired} |"
+        )
+    return "\n".join(rows)
+
+
+def demo_table(text: str) -> str:
+    """The table ``metagrad demo`` prints (its last block before the files it wrote)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("backward pass"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return "```text\n" + "\n".join(lines[start:end]) + "\n```"
+
+
+def commands_block() -> str:
+    """Every command that wrote a committed result file, once, with the files it writes."""
+    files: dict[str, list[str]] = {}
+    for table in TABLES.values():
+        for f, command in zip(table.files, table.commands, strict=True):
+            if (RESULTS / f).is_file() and f not in files.setdefault(command, []):
+                files[command].append(f)
+    lines = [f"{c}\n    # -> {', '.join(fs)}" for c, fs in files.items() if fs]
+    return "```bash\n" + "\n".join(lines) + "\n```"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A generated table: the result files it reads, how it renders them, and the command that
+    writes each file (run from the repository root)."""
+
+    files: tuple[str, ...]
+    render: Callable[..., str]
+    commands: tuple[str, ...]
+    text: bool = False  # the files are plain text, not JSON
+
+
+def _table(files: str | tuple[str, ...], render: Callable[..., str], *commands: str) -> Table:
+    files = files if isinstance(files, tuple) else (files,)
+    return Table(files, render, commands)
+
+
+METHODS = "python -m benchmarks.methods --parallel 2 --threads 1 --timing-width 1.0"
+METHODS_GPT = "python -m benchmarks.methods --task gpt --epochs 3 --parallel 2 --threads 1"
+TABLES: dict[str, Table] = {
+    "headline": _table(("methods.json", "methods-gpt.json"), headline_table, METHODS, METHODS_GPT),
+    "demo": Table(
+        ("demo.txt",), demo_table, ("metagrad demo > benchmarks/results/demo.txt",), text=True
+    ),
+    "commands": Table((), commands_block, ()),
+    "methods": _table("methods.json", methods_table, METHODS),
+    "methods-gpt": _table("methods-gpt.json", methods_table, METHODS_GPT),
+    "baselines": _table(
+        "quantized-baselines.json",
+        training_table,
+        "python -m benchmarks.quantized_baselines",
+    ),
+    "baselines-step-time": _table(
+        "quantized-baselines.json",
+        step_ratio_table,
+        "python -m benchmarks.quantized_baselines",
+    ),
+    "metagrad-cifar10": _table(
+        "metagrad-cifar10.json", training_table, "python -m benchmarks.metagrad_cifar10 --threads 1"
+    ),
+    "metagrad-paired": _table(
+        "metagrad-cifar10.json", paired_table, "python -m benchmarks.metagrad_cifar10 --threads 1"
+    ),
+    "metagrad-stopped": _table(
+        "metagrad-cifar10-stopped.json",
+        stopped_table,
+        "python -m benchmarks.metagrad_cifar10 --threads 1",
+    ),
+    "reproduce-cpu": _table(
+        "reproduce-cpu/results.json",
+        reproduce_table,
+        "metagrad reproduce --profile cpu --seeds 0 1 --parallel 2 --threads 1 "
+        "--out benchmarks/results/reproduce-cpu",
+    ),
+    "ablations": _table(
+        "metagrad-ablations.json",
+        ablation_table,
+        "python -m benchmarks.metagrad_ablations --threads 2",
+    ),
+    "ceiling": _table(
+        "metagrad-signal.json", signal_table, "python -m benchmarks.metagrad_signal --threads 1"
+    ),
+    "snr": _table(
+        "metagrad-signal.json", snr_table, "python -m benchmarks.metagrad_signal --threads 1"
+    ),
+    "meta-gradient": _table(
+        "metagrad-signal.json",
+        meta_gradient_table,
+        "python -m benchmarks.metagrad_signal --threads 1",
+    ),
+    "horizon": _table(
+        "metagrad-horizon.json",
+        horizon_table,
+        "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2",
+    ),
+    "horizon-cost": _table(
+        "metagrad-horizon-cost.json",
+        horizon_cost_table,
+        "python -m benchmarks.metagrad_horizon --cost",
+    ),
+    "overhead": _table(
+        "metagrad-overhead.json", overhead_table, "python -m benchmarks.metagrad_overhead"
+    ),
+    "speed-cpu": _table("speed-cpu.json", speed_table, "python -m benchmarks.speed"),
+    "speed-cuda": _table(
+        "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
+    ),
+    "transformers-cpu": _table(
+        "transformers-cpu.json", transformers_table, "python -m benchmarks.transformers --threads 1"
+    ),
+    "comm": _table("comm.json", comm_table, "python -m benchmarks.comm"),
+    "comm-training": _table(
+        "comm-training.json", comm_training_table, "python -m benchmarks.comm_training"
+    ),
+}
+"""Every generated block by the name its markers use."""
+
+
+def available(name: str) -> bool:
+    """Whether the result files of table ``name`` are committed."""
+    return all((RESULTS / f).is_file() for f in TABLES[name].files)
+
+
+def render(name: str, where: Path = ROOT) -> str:
+    """Table ``name`` and, below it, its source files (linked relative to the folder ``where``)
+    and the command that writes them."""
+    table = TABLES[name]
+    missing = [f for f in table.files if not (RESULTS / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"table {name!r} needs benchmarks/results/{missing[0]}")
+    texts = [(RESULTS / f).read_text() for f in table.files]
+    body = table.render(*(texts if table.text else [json.loads(t) for t in texts]))
+    if not table.files:
+        return body
+    sources = " and ".join(
+        f"[`benchmarks/results/{f}`]({Path(os.path.relpath(RESULTS / f, where)).as_posix()}), "
+        f"written by `{command}`"
+        for f, command in zip(table.files, table.commands, strict=True)
+    )
+    return f"{body}\n\nSource: {sources}."
+
+
+def fill(text: str, where: Path = ROOT) -> str:
+    """``text`` with every marked block rewritten from the result files."""
+    names = START.findall(text)
+    unknown = sorted(set(names) - TABLES.keys())
+    if unknown:
+        raise ValueError(f"unknown table {unknown[0]!r}; known: {', '.join(TABLES)}")
+    blocks = [m["name"] for m in BLOCK.finditer(text)]
+    if blocks != names:
+        unclosed = next(n for n in names if names.count(n) != blocks.count(n))
+        raise ValueError(f"<!-- tables:{unclosed} --> has no <!-- /tables:{unclosed} -->")
+    return BLOCK.sub(
+        lambda m: (
+            f"<!-- tables:{m['name']} -->\n\n{render(m['name'], where)}\n\n"
+            f"<!-- /tables:{m['name']} -->"
+        ),
+        text,
+    )
+
+
+def stale(documents: tuple[Path, ...] | None = None) -> list[Path]:
+    """The documents (default :data:`DOCUMENTS`) whose tables differ from the result files."""
+    return [d for d in documents or DOCUMENTS if fill(d.read_text(), d.parent) != d.read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", type=Path, help="rewrite this file between its markers")
-    args = parser.parse_args()
-    tables = render()
-    if args.readme is None:
-        print(tables)
-        return
-    text = args.readme.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
-    args.readme.write_text(pattern.sub(lambda _: f"{START}\n{tables}\n{END}", text))
+    parser.add_argument(
+        "names", nargs="*", help=f"tables to print (default: all): {', '.join(TABLES)}"
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
+        "--write", action="store_true", help="rewrite the tables in README.md and docs/results.md"
+    )
+    action.add_argument(
+        "--check", action="store_true", help="exit 1 if a document's tables are out of date"
+    )
+    args = parser.parse_args(argv)
+    if args.write:
+        for doc in DOCUMENTS:
+            text = doc.read_text()
+            new = fill(text, doc.parent)
+            if new != text:
+                doc.write_text(new)
+                print(f"rewrote {doc.relative_to(ROOT)}")
+        return 0
+    if args.check:
+        out_of_date = stale()
+        for doc in out_of_date:
+            name = doc.relative_to(ROOT)
+            print(f"{name}: tables out of date; run python -m benchmarks.tables --write")
+        return 1 if out_of_date else 0
+    unknown = sorted(set(args.names) - TABLES.keys())
+    if unknown:
+        parser.error(f"unknown table {unknown[0]!r}; known: {', '.join(TABLES)}")
+    for name in args.names or [n for n in TABLES if available(n)]:
+        print(f"### {name}\n\n{render(name)}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,7 @@ correction on the gradient's own scale. The final rescaling keeps each layer's g
 hypernetwork corrects the direction of the update, the learning rate keeps its size. Without it,
 the one-step-ahead training signal teaches the network to inflate the gradient (a larger step
 lowers the next loss), and on CIFAR-10 training diverged within an epoch. (With it, MetaGrad
-still diverged there within two epochs at hypernetwork lr 1e-3: see the README's results.) The
+still diverged there within two epochs at hypernetwork lr 1e-3: see docs/results.md.) The
 network's last layer starts at zero, so a fresh hypernetwork is exactly the identity on the
 quantized gradient. An all-zero gradient stays zero.
 

@@ -15,7 +15,7 @@ local grid step). Two families are built in:
 Named formats: ``int2`` ... ``int8``, ``fp8_e4m3``, ``fp8_e5m2``, ``fp4_e2m1`` (the element type of
 MXFP4 and NVFP4) and ``log4`` (1 sign and 3 exponent bits, no mantissa: zero and seven powers of
 two, the format of LUQ). A new format is one class with ``max_value`` and ``round`` and one
-:func:`register_format` call; see the README for a worked example.
+:func:`register_format` call; see docs/extending.md for a worked example.
 """
 
 from __future__ import annotations
