@@ -12,8 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-NOT_YET_HERE = {ROOT / "docs" / "architecture.md"}
-"""Linked pages that are written separately: checked once they exist."""
 
 
 def _prose(text: str) -> str:
@@ -38,8 +36,6 @@ def test_links_resolve(doc):
             continue
         path, _, anchor = target.partition("#")
         file = (doc.parent / path).resolve() if path else doc
-        if file in NOT_YET_HERE and not file.exists():
-            continue
         assert file.exists(), f"{doc.name}: {target} does not exist"
         if anchor:
             assert anchor in _anchors(file), f"{doc.name}: {target} names no heading"
