@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from metagrad.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
@@ -59,3 +66,24 @@ def test_a_good_metrics_file_still_plots(tmp_path, capsys):
     run = _metrics(tmp_path / "run", records)
     assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8])
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, delay):
+    """While torch still loads, Ctrl-C ends ``python -m metagrad`` without a traceback."""
+    command = [sys.executable, "-m", "metagrad", "train", "--model", "small_cnn", "--data"]
+    command += ["digits", "--out", str(tmp_path / "run"), "--compile", "off", "--no-progress"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert "Traceback" not in out + err
+    assert len(err.strip().splitlines()) <= 1
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

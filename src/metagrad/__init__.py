@@ -1,6 +1,10 @@
 """metagrad: low-precision backward passes for PyTorch, with MetaGrad's hypernetwork correction."""
 
-from metagrad import _moved, kernels
+from metagrad import (
+    _moved,
+    _startup,  # noqa: F401  (first, before torch loads: see its docstring)
+    kernels,
+)
 from metagrad.meta.hyper import create_hypernet
 from metagrad.meta.optim import MetaGrad
 from metagrad.models import create_model, list_models
