@@ -46,7 +46,7 @@ from metagrad.parallel.comm import (
     quantized_hook,
     ring_all_reduce_bytes,
 )
-from metagrad.training.trainer import cpu_model
+from metagrad.training.records import cpu_model
 
 OUT = Path(__file__).resolve().parent / "results" / "comm.json"
 WORLD = 2

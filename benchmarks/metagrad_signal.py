@@ -55,7 +55,7 @@ from metagrad.meta.diagnostics import gradient_draws, paired_gradients
 from metagrad.nn.layers import quantized_layers
 from metagrad.quant.spec import QuantSpec
 from metagrad.training.config import build_config
-from metagrad.training.trainer import build_model, build_optimizer
+from metagrad.training.setup import build_model, build_optimizer
 
 BASE: dict[str, Any] = {
     "model": "vgg16",

@@ -28,8 +28,8 @@ from metagrad.data import BatchLoader, ImageDataset
 from metagrad.data.corpus import CharCorpus
 from metagrad.models import model_task
 from metagrad.training.config import build_config
+from metagrad.training.setup import build_model, build_optimizer, resolve_amp, resolve_device
 from metagrad.training.tasks import task_for_model
-from metagrad.training.trainer import build_model, build_optimizer, resolve_amp, resolve_device
 
 PROBE_STEPS = 3
 

@@ -45,7 +45,7 @@ from metagrad.data import load_cifar10
 from metagrad.nn import functional
 from metagrad.quant.quantize import quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
-from metagrad.training.trainer import cpu_model
+from metagrad.training.records import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}

@@ -27,7 +27,7 @@ from runner import synthetic_data, time_steps
 from metagrad import kernels
 from metagrad.data import load_cifar10
 from metagrad.data.corpus import load_char_corpus
-from metagrad.training.trainer import cpu_model
+from metagrad.training.records import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
