@@ -1,6 +1,6 @@
 """Markdown tables of the committed benchmark results (the README's Results section).
 
-python benchmarks/tables.py
+python -m benchmarks.tables
 """
 
 from __future__ import annotations
