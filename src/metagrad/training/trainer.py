@@ -358,7 +358,9 @@ class Trainer(CheckpointState):
             self.batch += 1
             self.step += 1
             if cfg.diag_every and self.step % cfg.diag_every == 0 and self.is_main:
-                report = gradient_report(self.model, x, y, self.optimizer, self.task.loss)
+                report = gradient_report(
+                    self.model, x, y, self.optimizer, self.task.loss, amp=self.amp
+                )
                 self.gradient_records.append({"step": self.step, **report})
             if result is not None:
                 loss_sum, correct = result
