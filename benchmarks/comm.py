@@ -1,6 +1,6 @@
 """Averaging real gradients across 2 gloo ranks: bytes, error and time of each DDP comm method.
 
-    PYTHONPATH=src python benchmarks/comm.py    # -> benchmarks/results/comm.json
+    PYTHONPATH=src python -m benchmarks.comm    # -> benchmarks/results/comm.json
 
 Each rank takes one backward of vgg16 at width 0.25 on its own random batch (32 images 3x32x32,
 random labels, seeded by rank); the exact average of those gradients (float64) is the
@@ -46,7 +46,7 @@ from metagrad.parallel.comm import (
     quantized_hook,
     ring_all_reduce_bytes,
 )
-from metagrad.training.trainer import cpu_model
+from metagrad.training.records import cpu_model
 
 OUT = Path(__file__).resolve().parent / "results" / "comm.json"
 WORLD = 2
@@ -250,7 +250,7 @@ def main() -> dict[str, Any]:
         assert row["bytes_per_rank"] == expected, (name, row["bytes_per_rank"], expected)
     result = {
         "benchmark": "comm",
-        "command": "python benchmarks/comm.py",
+        "command": "python -m benchmarks.comm",
         "machine": {
             "torch": torch.__version__,
             "cpu": cpu_model(),

@@ -1,6 +1,6 @@
 """Training with quantized gradient communication: vgg16 width 0.25, 4 epochs, 2 processes.
 
-    python benchmarks/comm_training.py --data ../shared/data/cifar10-jpeg.zip
+    python -m benchmarks.comm_training --data ../shared/data/cifar10-jpeg.zip
 
 Each setting is a ``torchrun --nproc_per_node 2 -m metagrad train`` run (gloo, one thread per
 process, global batch 128) that differs only in ``--comm-bits``: 32 (DDP's float32 all-reduce),
@@ -8,7 +8,8 @@ process, global batch 128) that differs only in ``--comm-bits``: 32 (DDP's float
 (:func:`~metagrad.parallel.comm.quantized_hook`). Gradients are computed in full precision, so
 the communication is the only difference. Seeds 0, 1, 2.
 Writes ``benchmarks/results/comm-training.json`` (after every run; finished runs are skipped and
-stopped ones resumed when started again) and prints the table.
+stopped ones resumed when started again, by :mod:`metagrad.training.launcher`) and prints the
+table.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.runner import command_line
+from metagrad.training.launcher import Launch, launch_runs
+from metagrad.training.run_files import METRICS, read_summary
 
 SETTINGS = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4}
 BASE: dict[str, Any] = {
@@ -34,25 +37,6 @@ BASE: dict[str, Any] = {
     "compile": "off",
     "device": "cpu",
 }
-
-
-def run(name: str, settings: dict[str, Any], data: str, runs_dir: Path, nproc: int) -> dict:
-    """Train (or finish) one run under torchrun; its summary."""
-    out = runs_dir / name
-    summary_path = out / "summary.json"
-    finished = summary_path.is_file() and not json.loads(summary_path.read_text())["in_progress"]
-    if not finished:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += [f"--nproc_per_node={nproc}", "-m", "metagrad", "train", "--no-progress"]
-        if (out / "checkpoint.pt").exists():
-            cmd += ["--resume", "--out", str(out)]
-        else:
-            for key, value in settings.items():
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-            cmd += ["--data", data, "--out", str(out)]
-        print(f"== {name}", flush=True)
-        subprocess.run(cmd, check=True)
-    return json.loads(summary_path.read_text())
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -96,40 +80,56 @@ def main() -> None:
 
     output = Path(args.output)
     done = json.loads(output.read_text())["runs"] if output.is_file() else []
+    runs_dir = Path(args.runs_dir)
+    planned: dict[str, tuple[str, int, int]] = {}  # run name -> (setting, seed, comm bits)
+    launches = []
     for seed in args.seeds:
         for name, bits in SETTINGS.items():
             if args.only and name not in args.only:
                 continue
             settings = {**BASE, "epochs": args.epochs, "seed": seed, "comm_bits": bits}
-            summary = run(
-                f"{name}-seed{seed}", settings, args.data, Path(args.runs_dir), args.nproc
-            )
-            record = {
-                "setting": name,
-                "seed": seed,
-                "comm_bits": bits,
-                "final_test_acc": summary["final_test_acc"],
-                "test_acc_per_epoch": None,
-                "bytes_per_step": summary["communication"]["bytes_per_step"],
-                "bytes_how": summary["communication"]["bytes_how"],
-                "mean_step_seconds": summary["mean_step_seconds"],
-                "epochs": summary["epochs_completed"],
-                "commit": summary["provenance"]["commit"],
-            }
-            metrics = Path(args.runs_dir) / f"{name}-seed{seed}" / "metrics.jsonl"
-            record["test_acc_per_epoch"] = [
-                json.loads(line)["test_acc"] for line in metrics.read_text().splitlines()
-            ]
-            done = [r for r in done if (r["setting"], r["seed"]) != (name, seed)] + [record]
-            result = {
-                "benchmark": "comm-training",
-                "command": " ".join(["python", *sys.argv]),
-                "settings": {**BASE, "epochs": args.epochs, "processes": args.nproc},
-                "torch": torch.__version__,
-                "runs": sorted(done, key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"])),
-            }
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(result, indent=2) + "\n")
+            planned[f"{name}-seed{seed}"] = (name, seed, bits)
+            launches.append(Launch(f"{name}-seed{seed}", settings, runs_dir / f"{name}-seed{seed}"))
+
+    def add(launch: Launch) -> None:
+        """Record the run's result and rewrite the results file."""
+        nonlocal done
+        name, seed, bits = planned[launch.name]
+        summary = read_summary(launch.out)
+        assert summary is not None  # a run with a result has a summary
+        record = {
+            "setting": name,
+            "seed": seed,
+            "comm_bits": bits,
+            "final_test_acc": summary["final_test_acc"],
+            "test_acc_per_epoch": None,
+            "bytes_per_step": summary["communication"]["bytes_per_step"],
+            "bytes_how": summary["communication"]["bytes_how"],
+            "mean_step_seconds": summary["mean_step_seconds"],
+            "epochs": summary["epochs_completed"],
+            "commit": summary["provenance"]["commit"],
+        }
+        metrics = launch.out / METRICS
+        record["test_acc_per_epoch"] = [
+            json.loads(line)["test_acc"] for line in metrics.read_text().splitlines()
+        ]
+        done = [r for r in done if (r["setting"], r["seed"]) != (name, seed)] + [record]
+        result = {
+            "benchmark": "comm-training",
+            "command": command_line(),
+            "settings": {**BASE, "epochs": args.epochs, "processes": args.nproc},
+            "torch": torch.__version__,
+            "runs": sorted(done, key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"])),
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
+    status = launch_runs(
+        launches, args.data, nproc=args.nproc, log=False, label="comm-training", on_result=add
+    )
+    failed = sorted(name for name, code in status.items() if code != 0)
+    if failed:
+        raise SystemExit(f"metagrad train failed for {', '.join(failed)}")
     print(table(json.loads(output.read_text())["runs"]))
 
 

@@ -32,7 +32,7 @@ python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider > "$OUT/cuda
 log "   $(tail -n 1 "$OUT/cuda-tests.txt")"
 
 log "2. speed benchmark ($DEVICE)"
-python3 benchmarks/speed.py --device "$DEVICE" --data "$DATA" ${QUICK:+--quick} \
+python3 -m benchmarks.speed --device "$DEVICE" --data "$DATA" ${QUICK:+--quick} \
     --out "$OUT/speed-$DEVICE.json" > "$OUT/speed.log" 2>&1
 log "   $(tail -n 1 "$OUT/speed.log")"
 

@@ -1,6 +1,6 @@
 """Why MetaGrad does not beat plain INT4 training: ablations with gradient diagnostics.
 
-    python benchmarks/metagrad_ablations.py --data ../shared/data/cifar10-jpeg.zip
+    python -m benchmarks.metagrad_ablations --data ../shared/data/cifar10-jpeg.zip
 
 vgg16 at width 0.25, 3 epochs, INT4 stochastic per-tensor gradients (the quantizer the goal names),
 seed 0, every run with ``--diag-every 50``: every 50 steps, on that step's batch, each quantized
@@ -20,15 +20,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import training_benchmark
-
+from benchmarks.runner import training_benchmark
 from metagrad.checkpoint import load_checkpoint
 from metagrad.meta.hyper import GAIN_FORMS, create_hypernet
 

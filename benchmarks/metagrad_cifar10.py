@@ -1,6 +1,6 @@
 """MetaGrad against plain quantized gradients on CIFAR-10: vgg16 at width 0.25, 6 epochs.
 
-    python benchmarks/metagrad_cifar10.py --data ../shared/data/cifar10-jpeg.zip
+    python -m benchmarks.metagrad_cifar10 --data ../shared/data/cifar10-jpeg.zip
 
 Runs (seed 0 of every setting first, then seed 1): full precision; INT4 stochastic per tensor and
 per sample, plain and MetaGrad, seeds 0 and 1; INT4 nearest per tensor and INT8 nearest per
@@ -11,12 +11,9 @@ rewritten after every run with all the runs finished so far.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import training_benchmark
+from benchmarks.runner import training_benchmark
 
 BASE: dict[str, Any] = {
     "model": "vgg16",

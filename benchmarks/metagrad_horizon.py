@@ -1,6 +1,6 @@
 """Does a longer horizon help? MetaGrad trained through its last K updates, K = 1 to 4.
 
-    python benchmarks/metagrad_horizon.py --data ../shared/data/cifar10-jpeg.zip \\
+    python -m benchmarks.metagrad_horizon --data ../shared/data/cifar10-jpeg.zip \\
         --threads 1 --parallel 2
 
 The ablation setting (``metagrad_ablations.py``): vgg16 at width 0.25, 3 epochs, batch 128, lr
@@ -16,7 +16,7 @@ accuracy, cosine of the used and of the quantized gradient to the full-precision
 the learned response ``H / g`` at +-0.5..8 rms, and the step time. Resumable; writes
 ``benchmarks/results/metagrad-horizon.json`` after every run.
 
-    python benchmarks/metagrad_horizon.py --cost --data ../shared/data/cifar10-jpeg.zip
+    python -m benchmarks.metagrad_horizon --cost --data ../shared/data/cifar10-jpeg.zip
 
 measures the cost instead, on an idle machine: median step time of plain INT4 training and of
 MetaGrad at each K, interleaved on the same batches in one process (eager kernels, 2 threads),
@@ -29,9 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metagrad_ablations import BASE, METAGRAD, diagnostics, learned_response
-from runner import training_benchmark
+from benchmarks.metagrad_ablations import BASE, METAGRAD, diagnostics, learned_response
+from benchmarks.runner import command_line, training_benchmark
 
 GRADIENTS: dict[str, dict[str, Any]] = {
     "int4-stochastic-tensor": {"grad_bits": 4, "grad_rounding": "stochastic"},
@@ -85,8 +84,8 @@ def cost(data_path: str, steps: int = 20) -> None:
     import json
 
     import torch
-    from runner import time_steps
 
+    from benchmarks.runner import time_steps
     from metagrad.data import load_cifar10
 
     torch.set_num_threads(2)
@@ -97,7 +96,7 @@ def cost(data_path: str, steps: int = 20) -> None:
     seconds = time_steps(settings, load_cifar10(data_path), base, steps=steps)
     result = {
         "benchmark": "metagrad-horizon-cost",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "settings": base,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

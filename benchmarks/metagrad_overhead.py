@@ -1,28 +1,25 @@
 """MetaGrad's cost next to a plain quantized step: time and peak memory, side by side.
 
-    python benchmarks/metagrad_overhead.py --data ../shared/data/cifar10-jpeg.zip
+    python -m benchmarks.metagrad_overhead --data ../shared/data/cifar10-jpeg.zip
 
 vgg16 at width 0.25, batch 128, INT4 stochastic per-tensor gradients, float32, compiled kernels.
 Step time: every setting's steps interleaved in one process on the same CIFAR-10 batches
 (median). Memory: each setting in a fresh process on synthetic CIFAR-shaped data; the figure is
 the growth of tensor memory over training steps (optimizer state, gradients, activations,
-hypernetwork), from :func:`runner.probe_memory`. Full width and bf16: ``benchmarks/speed.py``.
-Writes ``benchmarks/results/metagrad-overhead.json``.
+hypernetwork), from :func:`benchmarks.runner.probe_memory`. Full width and bf16:
+:mod:`benchmarks.speed`. Writes ``benchmarks/results/metagrad-overhead.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import step_memory, time_steps
-
+from benchmarks.runner import command_line, step_memory, time_steps
 from metagrad.data import load_cifar10
 
 BASE: dict[str, Any] = {
@@ -63,7 +60,7 @@ def main() -> None:
     }
     result = {
         "benchmark": "metagrad-overhead",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "settings": BASE,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

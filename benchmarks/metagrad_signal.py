@@ -1,6 +1,6 @@
 """MetaGrad's learning signal, and what any coordinate-wise correction could recover at best.
 
-    python benchmarks/metagrad_signal.py --data ../shared/data/cifar10-jpeg.zip --threads 1
+    python -m benchmarks.metagrad_signal --data ../shared/data/cifar10-jpeg.zip --threads 1
 
 vgg16 at width 0.25, batch 128, SGD (lr 0.05, momentum 0.9, Nesterov, weight decay 5e-4), seed 0.
 
@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,12 +49,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.ceiling import SNRProfile, coordinatewise_ceiling, snr_profile
+from benchmarks.runner import command_line
 from metagrad.data import BatchLoader, ImageDataset, load_cifar10
 from metagrad.meta.diagnostics import gradient_draws, paired_gradients
 from metagrad.nn.layers import quantized_layers
 from metagrad.quant.spec import QuantSpec
 from metagrad.training.config import build_config
-from metagrad.training.trainer import build_model, build_optimizer
+from metagrad.training.setup import build_model, build_optimizer
 
 BASE: dict[str, Any] = {
     "model": "vgg16",
@@ -586,7 +586,7 @@ def main() -> None:
     wall["meta_gradients"] = time.perf_counter() - start
     record = {
         "benchmark": "metagrad-signal",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "settings": {
             **BASE,
             "points": points,

@@ -1,7 +1,7 @@
 """The published gradient quantizers side by side, plain and with MetaGrad.
 
-    python benchmarks/methods.py --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
-    python benchmarks/methods.py --task gpt          # the character GPT, bits per character
+    python -m benchmarks.methods --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
+    python -m benchmarks.methods --task gpt          # the character GPT, bits per character
 
 Trains full-precision gradients and every preset of :mod:`metagrad.quant.presets` (4 bits; FP8 for
 ``fp8-e5m2``) on each seed, then MetaGrad on the two presets with the best mean result, each run
@@ -19,18 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import time_steps, train_run
-
+from benchmarks.runner import command_line, time_steps, train_runs
 from metagrad.quant.presets import list_presets
 from metagrad.training.config import build_config
 from metagrad.training.tasks import task_for_model
@@ -197,7 +192,6 @@ def main() -> None:
         base["max_steps"] = args.max_steps
     records: list[dict[str, Any]] = []
     methods = ["fp32", *args.presets]
-    lock = threading.Lock()
 
     def write(chosen: list[str], timing: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rewrite the results file with every run finished so far."""
@@ -206,7 +200,7 @@ def main() -> None:
             "benchmark": "methods",
             "task": args.task,
             "metric": task.label,
-            "command": " ".join(["python", *sys.argv]),
+            "command": command_line(),
             "settings": base,
             "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
             "metagrad_on": chosen,
@@ -218,20 +212,23 @@ def main() -> None:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         return table
 
-    def run_one(job: tuple[str, int]) -> None:
-        method, seed = job
-        name = f"{method}-s{seed}"
-        settings = {**base, **settings_of(method), "seed": seed}
-        record = train_run(name, settings, args.data, Path(args.runs_dir))
-        record.update(method_name=method, **gradient_fidelity(Path(args.runs_dir) / name))
-        with lock:
-            records.append(record)
-            write(chosen)
+    method_of: dict[str, str] = {}  # run name -> method
+
+    def add(name: str, record: dict[str, Any]) -> None:
+        record.update(method_name=method_of[name], **gradient_fidelity(Path(args.runs_dir) / name))
+        records.append(record)
+        write(chosen)
 
     def run(names: list[str]) -> None:
-        jobs = [(m, seed) for seed in args.seeds for m in names if f"{m}-s{seed}" not in args.skip]
-        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            list(pool.map(run_one, jobs))
+        jobs = []
+        for seed in args.seeds:
+            for method in names:
+                name = f"{method}-s{seed}"
+                if name not in args.skip:
+                    method_of[name] = method
+                    jobs.append((name, {**base, **settings_of(method), "seed": seed}))
+        runs_dir = Path(args.runs_dir)
+        train_runs(jobs, args.data, runs_dir, parallel=max(1, args.parallel), on_record=add)
 
     chosen: list[str] = list(args.metagrad or [])
     if args.metagrad is None:  # MetaGrad on the best two presets, once they are known

@@ -1,6 +1,6 @@
 """Plain quantized-gradient baselines on CIFAR-10: vgg16 at width 0.25, 4 epochs, seed 0.
 
-    python benchmarks/quantized_baselines.py --data ../shared/data/cifar10-jpeg.zip
+    python -m benchmarks.quantized_baselines --data ../shared/data/cifar10-jpeg.zip
 
 Trains full-precision gradients, INT8 nearest, INT4 nearest, INT4 stochastic (per tensor) and
 INT4 stochastic per sample, each in its own process (so peak memory is per run), and writes one
@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import step_memory, time_steps, train_run
-
+from benchmarks.runner import command_line, step_memory, time_steps, train_runs
 from metagrad.data import load_cifar10
 
 RUNS: dict[str, dict[str, Any]] = {
@@ -59,10 +56,9 @@ def main() -> None:
     base = {**BASE, "epochs": args.epochs, "threads": args.threads}
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = [
-        train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
-        for name, settings in RUNS.items()
-    ]
+    runs = [(name, {**base, **settings}) for name, settings in RUNS.items()]
+    trained = train_runs(runs, args.data, Path(args.runs_dir))
+    records = [trained[name] for name in RUNS]
     print("== side-by-side step timing", flush=True)
     medians = time_steps(
         RUNS, load_cifar10(args.data), {**base, "data": args.data}, steps=args.timing_steps
@@ -79,7 +75,7 @@ def main() -> None:
     }
     result = {
         "benchmark": "quantized-baselines",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "settings": base,
         "machine": {
             "torch": torch.__version__,

@@ -1,8 +1,9 @@
 """What the training benchmarks share: running ``metagrad train`` per setting, and step timing.
 
-Each training run is its own process (so peak memory is per run) and resumes from its checkpoint
-if the benchmark is started again. Step timing interleaves the settings (one step of each in turn,
-on the same batches), which keeps the ratios robust to the machine's background load.
+Each training run is its own process (so peak memory is per run), launched by
+:mod:`metagrad.training.launcher`, and resumes from its checkpoint if the benchmark is started
+again. Step timing interleaves the settings (one step of each in turn, on the same batches), which
+keeps the ratios robust to the machine's background load.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +27,61 @@ from metagrad.data import BatchLoader, ImageDataset
 from metagrad.data.corpus import CharCorpus
 from metagrad.models import model_task
 from metagrad.training.config import build_config
+from metagrad.training.launcher import Launch, launch_runs
+from metagrad.training.run_files import METRICS, SUMMARY, read_summary
+from metagrad.training.setup import build_model, build_optimizer, resolve_amp, resolve_device
 from metagrad.training.tasks import task_for_model
-from metagrad.training.trainer import build_model, build_optimizer, resolve_amp, resolve_device
 
 PROBE_STEPS = 3
 
 
-def cli_flags(settings: dict[str, Any]) -> list[str]:
-    """``{"grad_bits": 4}`` -> ``["--grad-bits", "4"]``."""
-    out = []
-    for key, value in settings.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
+def command_line() -> str:
+    """The command that started this process, as run from the repository root:
+    ``python -m benchmarks.NAME ARGS`` for a benchmark module."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return " ".join(["python", *program, *sys.argv[1:]])
 
 
-def train_run(name: str, settings: dict[str, Any], data: str, runs_dir: Path) -> dict[str, Any]:
-    """Train (or finish) one setting in its own process; its benchmark record.
+def train_runs(
+    runs: list[tuple[str, dict[str, Any]]],
+    data: str,
+    runs_dir: Path,
+    *,
+    parallel: int = 1,
+    on_record: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train (or finish) each of ``runs`` (name, ``metagrad train`` settings) in its own process
+    under ``runs_dir/<name>``, ``parallel`` at a time (:mod:`metagrad.training.launcher`); their
+    benchmark records by name.
 
-    A run that diverged (non-finite loss) is recorded as such, and not started again.
+    A finished run is read, not trained again; a run that diverged (non-finite loss) is recorded
+    as such, and not started again. ``on_record(name, record)`` is called as each record is read.
+    Raises RuntimeError, once the others are done, if a run failed.
     """
-    out = runs_dir / name
-    summary_path = out / "summary.json"
-    if not _diverged(summary_path) and not _finished(summary_path, settings):
-        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-        cmd = [sys.executable, "-m", "metagrad", "train", *cli_flags(settings)]
-        cmd += ["--data", data, "--out", str(out), "--no-progress", *resume]
-        print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-        code = subprocess.run(cmd).returncode
-        if code != 0 and not _diverged(summary_path):
-            raise RuntimeError(f"{name}: metagrad train exited with status {code}")
-    summary = json.loads(summary_path.read_text())
-    metrics = out / "metrics.jsonl"  # absent if the run diverged in its first epoch
+    records: dict[str, dict[str, Any]] = {}
+
+    def read(launch: Launch) -> None:
+        records[launch.name] = read_record(launch.name, launch.out)
+        if on_record is not None:
+            on_record(launch.name, records[launch.name])
+
+    launches = [Launch(name, settings, runs_dir / name) for name, settings in runs]
+    status = launch_runs(
+        launches, data, parallel=parallel, log=False, label=runs_dir.name, on_result=read
+    )
+    failed = sorted(name for name, code in status.items() if code != 0)
+    if failed:
+        raise RuntimeError(f"metagrad train failed for {', '.join(failed)}")
+    return records
+
+
+def read_record(name: str, out: Path) -> dict[str, Any]:
+    """The benchmark record of the run in ``out`` (from its summary and metrics)."""
+    summary = read_summary(out)
+    if summary is None:
+        raise RuntimeError(f"{name}: no {SUMMARY} in {out}")
+    metrics = out / METRICS  # absent if the run diverged in its first epoch
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     return run_record(name, summary, [json.loads(line) for line in lines])
 
@@ -75,7 +98,7 @@ def training_benchmark(
     extend: Extend | None = None,
 ) -> None:
     """The command line of a resumable training benchmark: each of ``runs`` (name, settings on
-    top of ``base``) is trained or finished by :func:`train_run` (``--parallel`` at a time), and
+    top of ``base``) is trained or finished by :func:`train_runs` (``--parallel`` at a time), and
     ``benchmarks/results/<benchmark>.json`` is rewritten after every run with all finished so far
     (records from earlier invocations kept)."""
     parser = argparse.ArgumentParser(description=description)
@@ -92,50 +115,30 @@ def training_benchmark(
     done: dict[str, dict[str, Any]] = {}
     if output.is_file():
         done = {r["run"]: r for r in json.loads(output.read_text())["runs"]}
-    lock = threading.Lock()
 
-    def run(name: str, settings: dict[str, Any]) -> None:
-        record = train_run(name, {**base, **settings}, args.data, Path(args.runs_dir))
-        with lock:
-            done[name] = extend(name, record, Path(args.runs_dir) / name) if extend else record
-            result = {
-                "benchmark": benchmark,
-                "command": " ".join(["python", *sys.argv]),
-                "settings": base,
-                "torch": torch.__version__,
-                "threads": args.threads or torch.get_num_threads(),
-                "runs": [done[n] for n, _ in runs if n in done],
-            }
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(result, indent=2) + "\n")
-            acc, bpc = done[name]["final_test_acc"], done[name].get("final_test_bpc")
-            reached = f"final test acc {acc:.2f}%" if acc is not None else "diverged"
-            if bpc is not None:
-                reached = f"final test bpc {bpc:.3f}"
-            print(f"   {name}: {reached}")
+    def write(name: str, record: dict[str, Any]) -> None:
+        done[name] = extend(name, record, Path(args.runs_dir) / name) if extend else record
+        result = {
+            "benchmark": benchmark,
+            "command": command_line(),
+            "settings": base,
+            "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
+            "runs": [done[n] for n, _ in runs if n in done],
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        acc, bpc = done[name]["final_test_acc"], done[name].get("final_test_bpc")
+        reached = f"final test acc {acc:.2f}%" if acc is not None else "diverged"
+        if bpc is not None:
+            reached = f"final test bpc {bpc:.3f}"
+        print(f"   {name}: {reached}")
 
-    todo = [(n, s) for n, s in runs if not args.only or n in args.only]
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        for future in [pool.submit(run, n, s) for n, s in todo]:
-            future.result()
-    print(f"wrote {output}")
-
-
-def _finished(summary_path: Path, settings: dict[str, Any]) -> bool:
-    """Whether the run in that directory trained every epoch ``settings`` asks for."""
-    if not summary_path.is_file() or settings.get("max_steps"):
-        return False
-    summary = json.loads(summary_path.read_text())
-    return not summary.get("in_progress", True) and summary.get("epochs_completed") == settings.get(
-        "epochs"
+    todo = [(n, {**base, **s}) for n, s in runs if not args.only or n in args.only]
+    train_runs(
+        todo, args.data, Path(args.runs_dir), parallel=max(1, args.parallel), on_record=write
     )
-
-
-def _diverged(summary_path: Path) -> bool:
-    """Whether the run's summary says its loss became non-finite."""
-    if not summary_path.is_file():
-        return False
-    return json.loads(summary_path.read_text()).get("diverged_at_step") is not None
+    print(f"wrote {output}")
 
 
 def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict:
@@ -270,7 +273,7 @@ def probe_memory(settings: dict[str, Any]) -> dict[str, float]:
 
 def step_memory(settings: dict[str, Any]) -> dict[str, float]:
     """:func:`probe_memory` of ``settings`` in a fresh process."""
-    cmd = [sys.executable, __file__, "--probe", json.dumps(settings)]
+    cmd = [sys.executable, "-m", "benchmarks.runner", "--probe", json.dumps(settings)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -1,8 +1,8 @@
 """Training speed against the baselines users run: float32, TF32 (CUDA) and bf16 autocast.
 
-    python benchmarks/speed.py                  # CPU  -> benchmarks/results/speed-cpu.json
-    python benchmarks/speed.py --device cuda    # CUDA -> benchmarks/results/speed-cuda.json
-    python benchmarks/speed.py --quick          # few repetitions (a smoke run)
+    python -m benchmarks.speed                  # CPU  -> benchmarks/results/speed-cpu.json
+    python -m benchmarks.speed --device cuda    # CUDA -> benchmarks/results/speed-cuda.json
+    python -m benchmarks.speed --quick          # few repetitions (a smoke run)
 
 Every comparison is made side by side in one process, repetitions interleaved, medians kept:
 
@@ -28,7 +28,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,16 +35,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import step_memory, synthetic_data, time_steps
-
+from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps
 from metagrad import kernels
 from metagrad.backward import int8
 from metagrad.data import load_cifar10
 from metagrad.nn import functional
 from metagrad.quant.quantize import quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
-from metagrad.training.trainer import cpu_model
+from metagrad.training.records import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}
@@ -145,7 +142,7 @@ def bench_steps(data, device: torch.device, reps: int, warmup: int) -> dict[str,
 
 def error_shapes(data, device: torch.device) -> list[tuple]:
     """Shape, strides and dtype of every error one INT4 bf16 training step quantizes."""
-    from runner import training_step
+    from benchmarks.runner import training_step
 
     seen: list[tuple] = []
     original = functional.quantize_codes
@@ -327,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict[str, Any] = {
         "benchmark": "speed",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "machine": machine(device),
         "settings": {**BASE, "data": str(data_path) if data_path.exists() else "synthetic"},
         "step_settings": STEPS,

@@ -1,8 +1,8 @@
 """Training steps of the transformers: ViT-Tiny on CIFAR-10 batches, the character GPT on text.
 
-    python benchmarks/transformers.py                # CPU  -> results/transformers-cpu.json
-    python benchmarks/transformers.py --device cuda  # CUDA -> results/transformers-cuda.json
-    python benchmarks/transformers.py --quick        # few repetitions (a smoke run)
+    python -m benchmarks.transformers                # CPU  -> results/transformers-cpu.json
+    python -m benchmarks.transformers --device cuda  # CUDA -> results/transformers-cuda.json
+    python -m benchmarks.transformers --quick        # few repetitions (a smoke run)
 
 Whole training steps (forward, backward, optimizer: Adam), as ``metagrad train`` runs them, of
 ``vit_tiny`` (width 1, batch 128, CIFAR-10 or random images when the zip is absent) and
@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import synthetic_data, time_steps
-
+from benchmarks.runner import command_line, synthetic_data, time_steps
 from metagrad import kernels
 from metagrad.data import load_cifar10
 from metagrad.data.corpus import load_char_corpus
-from metagrad.training.trainer import cpu_model
+from metagrad.training.records import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_path = Path(args.data)
     result: dict[str, Any] = {
         "benchmark": "transformers",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "machine": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -231,3 +231,44 @@ def test_train_command_with_bf16_on_cpu_records_it(tmp_path):
     assert summary["amp"] == "bfloat16"
     assert summary["final_test_acc"] > 50
     assert summary["provenance"]["torch"] == torch.__version__
+
+
+def test_gradient_diagnostics_run_the_forward_under_the_runs_autocast(tmp_path, monkeypatch):
+    """--diag-every under --amp bf16: the diagnostic forward passes are the training step's."""
+    from metagrad.meta.diagnostics import paired_gradients
+    from metagrad.nn.layers import quantized_layers
+    from metagrad.training import trainer
+    from metagrad.training.config import build_config
+
+    outputs: list[torch.dtype] = []
+    original = trainer.gradient_report
+
+    def spy(model, x, y, *args, **kwargs):
+        """gradient_report, noting the dtype of every quantized layer's output."""
+        hooks = [
+            layer.register_forward_hook(lambda m, inputs, out: outputs.append(out.dtype))
+            for _, layer in quantized_layers(model)
+        ]
+        try:
+            return original(model, x, y, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(trainer, "gradient_report", spy)
+    settings = {"model": "small_cnn", "data": "digits", "batch_size": 32, "epochs": 1}
+    settings |= {"grad_bits": 4, "compile": "off", "progress": False, "max_steps": 2}
+    out = tmp_path / "run"
+    trainer.train(build_config({**settings, "amp": "bf16", "diag_every": 1, "out": str(out)}))
+    records = [json.loads(line) for line in (out / "gradients.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert outputs and set(outputs) == {torch.bfloat16}
+
+    # The full-precision reference of a bf16 forward is not the float32 forward's.
+    torch.manual_seed(0)
+    model = quantize(create_model("small_cnn", num_classes=10, in_channels=1), QuantConfig())
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    bf16 = paired_gradients(model, x, y, amp=torch.bfloat16)
+    fp32 = paired_gradients(model, x, y)
+    assert bf16.keys() == fp32.keys()
+    assert all(not torch.equal(bf16[k][0], fp32[k][0]) for k in bf16)

@@ -32,11 +32,14 @@ from metagrad.data import (
     ImageDataset,
     augment_batch,
     download_cifar10,
+    image_folder,
     load_cifar10,
     load_digits_dataset,
     needs_download,
     normalize,
+    release,
 )
+from metagrad.data.safe_read import read_bounded
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -244,15 +247,15 @@ def test_image_folder_layouts(tmp_path: Path, layout: str) -> None:
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Wrap data.<name> so that calls are counted in the returned one-element list."""
+    """Wrap image_folder.<name> so that calls are counted in the returned one-element list."""
     calls = [0]
-    original = getattr(data, name)
+    original = getattr(image_folder, name)
 
     def counted(*args: object) -> object:
         calls[0] += 1
         return original(*args)
 
-    monkeypatch.setattr(data, name, counted)
+    monkeypatch.setattr(image_folder, name, counted)
     return calls
 
 
@@ -277,8 +280,8 @@ def test_cache_hit_does_not_decode(
     cache = tmp_path / "cache"
     first = load_cifar10(path, cache_dir=cache)
     assert len(list(cache.iterdir())) == 1  # one .pt, no temp files left
-    monkeypatch.setattr(data, "_decode_image", _refuse)
-    monkeypatch.setattr(data, "_load_pickle", _refuse)
+    monkeypatch.setattr(image_folder, "_decode_image", _refuse)
+    monkeypatch.setattr(release, "_load_pickle", _refuse)
     _assert_same(first, load_cifar10(path, cache_dir=cache))
 
 
@@ -309,7 +312,7 @@ def test_corrupt_cache_is_rewritten(
     _assert_same(first, load_cifar10(path, cache_dir=cache))
     assert calls[0] == 9  # decoded again ...
     assert [p.name for p in cache.iterdir()] == [cache_file.name]
-    monkeypatch.setattr(data, "_decode_image", _refuse)
+    monkeypatch.setattr(image_folder, "_decode_image", _refuse)
     _assert_same(first, load_cifar10(path, cache_dir=cache))  # ... and the cache is good again
 
 
@@ -734,17 +737,19 @@ def test_oversized_member_or_file_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, container: str
 ) -> None:
     if container in ("zip", "image-dir"):
-        monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 4000)  # the test PNGs take about 3.1 KiB
+        monkeypatch.setattr(
+            image_folder, "MAX_IMAGE_BYTES", 4000
+        )  # the test PNGs take about 3.1 KiB
         members = _image_folder_members()[0] | {"train/cat/big.png": bytes(5000)}
         write = _write_zip if container == "zip" else _write_dir
         path = write(tmp_path / f"images.{container}", members)
         name, kind = "train/cat/big.png", "4.88 KiB is larger than the 3.91 KiB limit for one image"
     elif container == "tar":
-        monkeypatch.setattr(data, "MAX_BATCH_BYTES", 5000)  # the test batches take 9 KiB
+        monkeypatch.setattr(release, "MAX_BATCH_BYTES", 5000)  # the test batches take 9 KiB
         path = _write_release_tar(tmp_path / "cifar-10-python.tar.gz", _release_files()[0])
         name, kind = "(member cifar-10-batches-py/data_batch_1)", "limit for one CIFAR-10 batch"
     else:
-        monkeypatch.setattr(data, "MAX_META_BYTES", 10)
+        monkeypatch.setattr(release, "MAX_META_BYTES", 10)
         path = _write_release_dir(tmp_path, _release_files()[0])
         name, kind = "batches.meta", "is larger than the 10 bytes limit for one batches.meta"
     message = _assert_dataset_error(path, match=kind)
@@ -784,9 +789,9 @@ def test_a_zip_member_that_understates_its_size_is_read_bounded(tmp_path: Path) 
 def test_bounded_read_stops_at_the_limit() -> None:
     stream = io.BytesIO(bytes(100))
     with pytest.raises(DatasetError, match=r"holds more than the 50 bytes limit .* given as 10"):
-        data._read_bounded(stream, 10, 50, "where", "image file")
+        read_bounded(stream, 10, 50, "where", "image file")
     assert stream.tell() == 51
-    assert data._read_bounded(io.BytesIO(bytes(50)), 10, 50, "where", "image file") == bytes(50)
+    assert read_bounded(io.BytesIO(bytes(50)), 10, 50, "where", "image file") == bytes(50)
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -16,7 +16,8 @@ from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from metagrad.cli import main
 from metagrad.models import create_model
 from metagrad.training.config import ConfigError, build_config
-from metagrad.training.trainer import CHECKPOINT, Trainer, train
+from metagrad.training.run_files import CHECKPOINT
+from metagrad.training.trainer import Trainer, train
 
 DIGITS = {
     "model": "small_cnn",

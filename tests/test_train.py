@@ -9,7 +9,9 @@ from metagrad import kernels
 from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagrad.cli import main
 from metagrad.training.config import ConfigError, build_config, read_config_file
-from metagrad.training.trainer import build_model, load_dataset, train
+from metagrad.training.setup import build_model
+from metagrad.training.tasks import load_dataset
+from metagrad.training.trainer import train
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 # Compiled kernels are tested in test_kernels.py and by the CIFAR-10 run below; here they would

@@ -21,7 +21,8 @@ USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from metagrad.training.trainer import saved_config, train
+    from metagrad.training.run_files import saved_config
+    from metagrad.training.trainer import train
 
     flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "func"}}
     base = read_config_file(args.config) if args.config else None

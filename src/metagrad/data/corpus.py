@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metagrad.data import DatasetError, _error, _read_file, _seeded_generator, _size
+from metagrad.data.errors import DatasetError, dataset_error, format_size
+from metagrad.data.loader import seeded_generator
+from metagrad.data.safe_read import read_file
 from metagrad.parallel.distributed import shard_bounds
 
 __all__ = [
@@ -98,7 +100,7 @@ class CharCorpus:
             have = len(getattr(self, split))
             if have < need:
                 total = len(self.train) + len(self.test)
-                raise _error(
+                raise dataset_error(
                     self.source,
                     f"{total} characters give a {split} split of {have}, fewer than one window "
                     f"of context {context} + 1 = {need} needs; the text must be longer",
@@ -129,24 +131,26 @@ def load_char_corpus(
         path = Path(source)
         name = str(path)
         if not path.exists():
-            raise _error(path, "no such file; expected a UTF-8 text file (or 'pydoc')")
+            raise dataset_error(path, "no such file; expected a UTF-8 text file (or 'pydoc')")
         if not path.is_file():
-            raise _error(path, "expected a UTF-8 text file, not a directory or special file")
-        raw = _read_file(path, MAX_TEXT_BYTES, "text file")
+            raise dataset_error(path, "expected a UTF-8 text file, not a directory or special file")
+        raw = read_file(path, MAX_TEXT_BYTES, "text file")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _error(
+            raise dataset_error(
                 path,
                 f"expected UTF-8 text; byte 0x{raw[exc.start]:02x} at offset {exc.start} is not "
-                f"UTF-8 ({_size(len(raw))} file)",
+                f"UTF-8 ({format_size(len(raw))} file)",
             ) from None
     if not text:
-        raise _error(name, "is empty; expected UTF-8 text")
+        raise dataset_error(name, "is empty; expected UTF-8 text")
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     vocab_codes = np.unique(codes)  # sorted code points: the order of sorted(set(text))
     if len(vocab_codes) < 2:
-        raise _error(name, f"has only 1 distinct character ({text[0]!r}); expected at least 2")
+        raise dataset_error(
+            name, f"has only 1 distinct character ({text[0]!r}); expected at least 2"
+        )
     ids = torch.from_numpy(np.searchsorted(vocab_codes, codes).astype(np.int32))
     split = len(ids) - max(1, round(len(ids) * val_fraction))
     return CharCorpus(
@@ -223,7 +227,7 @@ class WindowLoader:
 
     def starts(self, epoch: int, i: int) -> Tensor:
         """The window starts of batch ``i`` of ``epoch`` (all shards)."""
-        generator = _seeded_generator(self.seed, epoch, _WINDOW_STREAM, i)
+        generator = seeded_generator(self.seed, epoch, _WINDOW_STREAM, i)
         high = len(self.tokens) - self.context  # exclusive: the last window ends at the end
         return torch.randint(0, high, (self.batch_size,), generator=generator)
 

@@ -6,7 +6,9 @@ cosine similarity and relative error of the latter two against the first, and th
 correction (``|used - quantized| / |quantized|``, 0 for plain training). The model's buffers
 (batch-norm statistics) and the random-number state are restored, so diagnostics never change
 the training run they observe. The loss is cross-entropy, or ``loss_fn(out, y)`` where given
-(e.g. a task's loss over every position of a language model's windows).
+(e.g. a task's loss over every position of a language model's windows). With ``amp`` (the run's
+autocast dtype, e.g. ``torch.bfloat16``) the model's forward runs under that autocast, as in the
+training step it observes, and the loss is taken of its output outside it.
 """
 
 from __future__ import annotations
@@ -63,18 +65,36 @@ def _full_precision_backward(model: nn.Module):
             layer.config = config
 
 
+def _loss(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None, amp: torch.dtype | None
+) -> Tensor:
+    """The loss on ``(x, y)``, the forward under autocast to ``amp`` when given (as in training)."""
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
+        out = model(x)
+    return (loss_fn or F.cross_entropy)(out, y)
+
+
 def _weight_grads(
-    model: nn.Module, weights: list[Tensor], x: Tensor, y: Tensor, loss_fn: LossFn | None = None
+    model: nn.Module,
+    weights: list[Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn | None = None,
+    amp: torch.dtype | None = None,
 ) -> list[Tensor]:
-    loss = (loss_fn or F.cross_entropy)(model(x), y)
-    return list(torch.autograd.grad(loss, weights))
+    return list(torch.autograd.grad(_loss(model, x, y, loss_fn, amp), weights))
 
 
 def paired_gradients(
-    model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn | None = None,
+    amp: torch.dtype | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per quantized layer, its weight gradient on ``(x, y)``: ``(full precision, quantized)``.
 
+    Both backward passes start from one forward pass each, under autocast to ``amp`` when given.
     The model's buffers and the random-number state are left as they were.
     """
     named = quantized_layers(model)
@@ -82,8 +102,8 @@ def paired_gradients(
     weights = [layer.weight for layer in layers]
     with _untouched(model):
         with _full_precision_backward(model):
-            reference = _weight_grads(model, weights, x, y, loss_fn)
-        quantized = _weight_grads(model, weights, x, y, loss_fn)
+            reference = _weight_grads(model, weights, x, y, loss_fn, amp)
+        quantized = _weight_grads(model, weights, x, y, loss_fn, amp)
     return {name: (ref, q) for (name, _), ref, q in zip(named, reference, quantized, strict=True)}
 
 
@@ -110,13 +130,16 @@ def gradient_report(
     y: Tensor,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: LossFn | None = None,
+    amp: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Per-layer cosine similarity and relative error of the used gradients against fp32.
 
     ``quantized`` is the plain quantized gradient; ``used`` is what updates the weights: the
-    quantized gradient, or its hypernetwork correction when ``optimizer`` is a MetaGrad.
+    quantized gradient, or its hypernetwork correction when ``optimizer`` is a MetaGrad. The
+    forward passes run under autocast to ``amp`` when given (the run's ``--amp``); the reference
+    differs from the quantized gradient only in its full-precision backward.
     """
-    pairs = paired_gradients(model, x, y, loss_fn)
+    pairs = paired_gradients(model, x, y, loss_fn, amp)
     reference = [ref for ref, _ in pairs.values()]
     quantized = [q for _, q in pairs.values()]
     used = quantized
@@ -144,7 +167,12 @@ def gradient_report(
 
 
 def gradient_draws(
-    model: nn.Module, x: Tensor, y: Tensor, repeats: int, loss_fn: LossFn | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    repeats: int,
+    loss_fn: LossFn | None = None,
+    amp: torch.dtype | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per quantized layer: the full-precision weight gradient and ``repeats`` quantized ones.
 
@@ -152,7 +180,7 @@ def gradient_draws(
     and ``repeats`` backward passes on the same batch and weights: under stochastic rounding
     they differ only by the rounding's random draws (from the global torch generator), under
     rounding to nearest not at all. The model's buffers and the random-number state are left as
-    they were.
+    they were. The forward passes run under autocast to ``amp`` when given.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
@@ -161,8 +189,8 @@ def gradient_draws(
     weights = [layer.weight for layer in layers]
     with _untouched(model):
         with _full_precision_backward(model):
-            reference = _weight_grads(model, weights, x, y, loss_fn)
-        loss = (loss_fn or F.cross_entropy)(model(x), y)
+            reference = _weight_grads(model, weights, x, y, loss_fn, amp)
+        loss = _loss(model, x, y, loss_fn, amp)
         draws = [
             torch.autograd.grad(loss, weights, retain_graph=i < repeats - 1) for i in range(repeats)
         ]

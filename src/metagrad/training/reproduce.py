@@ -2,9 +2,10 @@
 and INT4) by one command.
 
 Every run is ``metagrad train`` in its own process, ``parallel`` at a time (several share one GPU
-well), writing into ``runs_dir/<run>``: a finished run is skipped, a killed one resumed from its
-checkpoint. The report is built from every run found in ``runs_dir`` (and any ``merge`` files),
-so separate invocations (other seeds, other machines) add up to one table:
+well; :mod:`metagrad.training.launcher`), writing into ``runs_dir/<run>``: a finished or diverged
+run is skipped, a killed one resumed from its checkpoint. The report is built from every run
+found in ``runs_dir`` (and any ``merge`` files), so separate invocations (other seeds, other
+machines) add up to one table:
 
 - ``results.json``: one record per run (setting, seed, accuracies per epoch, step time, memory,
   and the commit, torch, device and threads it ran with);
@@ -16,18 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from metagrad.checkpoint import atomic_write, write_json
 from metagrad.training.config import ConfigError
+from metagrad.training.launcher import Launch, launch_runs
+from metagrad.training.run_files import METRICS, read_summary
 
 TENSOR = {"grad_granularity": "tensor"}
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -115,27 +114,6 @@ def base_settings(profile: str, model: str | None, epochs: int | None) -> dict[s
 # ------------------------------------------------------------------------------ running
 
 
-def _finished(out: Path, epochs: int) -> bool:
-    summary = out / "summary.json"
-    if not summary.is_file():
-        return False
-    data = json.loads(summary.read_text())
-    if data.get("in_progress"):
-        return False
-    done = data.get("epochs_completed", 0) >= epochs and not data.get("stopped_early")
-    return done or data.get("diverged_at_step") is not None
-
-
-def _command(run: Run, base: dict[str, Any], data: str, out: Path, threads: int) -> list[str]:
-    cmd = [sys.executable, "-m", "metagrad", "train"]
-    for key, value in run.settings(base).items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    cmd += ["--data", data, "--out", str(out), "--no-progress", "--threads", str(threads)]
-    if (out / "checkpoint.pt").exists():
-        cmd.append("--resume")
-    return cmd
-
-
 def run_all(
     runs: list[Run],
     base: dict[str, Any],
@@ -147,47 +125,8 @@ def run_all(
     """Train every unfinished run, ``parallel`` processes at a time; exit status per run (0 for
     a run that diverged: its divergence is its result). Ctrl-C stops the runs too, each keeping
     its last completed epoch."""
-    todo = [r for r in runs if not _finished(runs_dir / r.name, base["epochs"])]
-    print(f"reproduce: {len(todo)} runs to train, {len(runs) - len(todo)} finished", flush=True)
-    status: dict[str, int] = {}
-    active: dict[str, tuple[subprocess.Popen, IO[str]]] = {}
-    try:
-        while todo or active:
-            while todo and len(active) < parallel:
-                run = todo.pop(0)
-                active[run.name] = _start(run, base, data, runs_dir / run.name, threads)
-            time.sleep(1.0)
-            for name, (proc, log) in list(active.items()):
-                code = proc.poll()
-                if code is not None:
-                    log.close()
-                    del active[name]
-                    status[name] = _outcome(name, code, runs_dir / name, base["epochs"])
-    except KeyboardInterrupt:
-        for proc, _ in active.values():
-            proc.send_signal(signal.SIGINT)
-        for proc, log in active.values():
-            proc.wait()
-            log.close()
-        raise
-    return status
-
-
-def _start(
-    run: Run, base: dict[str, Any], data: str, out: Path, threads: int
-) -> tuple[subprocess.Popen, IO[str]]:
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "log.txt").open("a")
-    cmd = _command(run, base, data, out, threads)
-    print(f"  start {run.name}", flush=True)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
-
-
-def _outcome(name: str, code: int, out: Path, epochs: int) -> int:
-    diverged = code != 0 and _finished(out, epochs)
-    note = "done" if code == 0 else f"exited with {code} (see {name}/log.txt)"
-    print(f"  {name}: {'diverged (recorded)' if diverged else note}", flush=True)
-    return 0 if diverged else code
+    launches = [Launch(run.name, run.settings(base), runs_dir / run.name) for run in runs]
+    return launch_runs(launches, data, parallel=parallel, threads=threads, label="reproduce")
 
 
 # ------------------------------------------------------------------------------ results
@@ -195,10 +134,9 @@ def _outcome(name: str, code: int, out: Path, epochs: int) -> int:
 
 def run_record(run_dir: Path) -> dict[str, Any] | None:
     """The result of one run directory (None if it has no summary yet)."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
+    summary = read_summary(run_dir)
+    if summary is None:
         return None
-    summary = json.loads(summary_path.read_text())
     cfg = summary["config"]
     setting = next(
         (name for name, s in SETTINGS.items() if all(cfg.get(k) == v for k, v in s.items())),
@@ -206,7 +144,7 @@ def run_record(run_dir: Path) -> dict[str, Any] | None:
     )
     if setting is None:
         return None
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     history = [json.loads(line) for line in lines if line.strip()]
     history = [r for r in history if not r.get("partial")]

@@ -1,17 +1,16 @@
 """The training loop behind ``metagrad train``: metrics, summary, atomic checkpoints, resume.
 
 What is trained on (data, batches, loss, evaluation, metrics) comes from the model's task
-(:mod:`metagrad.training.tasks`): image classification or character language modelling.
+(:mod:`metagrad.training.tasks`); what a run is built from, from :mod:`metagrad.training.setup`;
+what its checkpoint holds, from :mod:`metagrad.training.checkpoint_state`; the files it writes,
+from :mod:`metagrad.training.run_files`.
 """
 
 from __future__ import annotations
 
 import math
 import platform
-import resource
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,164 +18,59 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from metagrad import kernels
 from metagrad.backward import fallback_report
 from metagrad.checkpoint import (
     CheckpointError,
     RunLock,
     check_writable_dir,
-    load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
     write_json,
     write_jsonl,
 )
 from metagrad.meta.diagnostics import gradient_report
-from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
-from metagrad.nn.convert import quantize_
 from metagrad.nn.layers import quantized_layers
 from metagrad.parallel import distributed
-from metagrad.training.config import HYPER_KEYS, RESUMABLE_KEYS, ConfigError, TrainConfig
-from metagrad.training.tasks import (  # noqa: F401  (the image task's helpers, re-exported)
-    CROP_PADDING,
-    EVAL_BATCH,
-    dataset_signature,
-    evaluate,
-    load_dataset,
-    task_for_model,
+from metagrad.training.checkpoint_state import CheckpointState, nonfinite_entries
+from metagrad.training.config import ConfigError, TrainConfig
+from metagrad.training.records import (
+    communication_summary,
+    cpu_model,
+    hypernet_summary,
+    peak_memory_mb,
+    provenance,
 )
+from metagrad.training.run_files import (
+    CHECKPOINT,
+    GRADIENTS,
+    METRICS,
+    OUTPUT_FILES,
+    SUMMARY,
+    saved_config,
+)
+from metagrad.training.setup import (
+    build_model,
+    build_optimizer,
+    resolve_amp,
+    resolve_compile,
+    resolve_device,
+    warmup_cosine,
+)
+from metagrad.training.tasks import load_dataset, task_for_model
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-GRADIENTS = "gradients.jsonl"
-SUMMARY = "summary.json"
-OUTPUT_FILES = (CHECKPOINT, METRICS, GRADIENTS, SUMMARY)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` (``auto``: bf16 on CUDA, off elsewhere)."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "off"
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def resolve_compile(name: str, device: torch.device) -> str:
-    """What ``--compile`` does here: ``off``, ``kernels`` or ``model``; turns kernels on or off.
-
-    ``auto`` means ``kernels`` where ``torch.compile`` works. Where it does not, an explicit
-    request falls back to ``off`` with a warning.
-    """
-    if name == "auto":
-        name = "kernels" if kernels.available(device)[0] else "off"
-    if name == "off":
-        kernels.set_compile(False)
-        return name
-    return name if kernels.set_compile(True, device) else "off"
-
-
-def provenance(device: torch.device) -> dict[str, Any]:
-    """What a result depends on besides its settings: code version, torch, device, threads."""
-    return {
-        "commit": _git_commit(),
-        "metagrad": _package_version(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-        ),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    """The commit of the source tree this package runs from (``+dirty`` if modified), or None."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "") if head else None
-
-
-def _package_version() -> str:
-    from metagrad import __version__
-
-    return __version__
-
-
-def build_model(cfg: TrainConfig, dataset: Any, device: torch.device) -> nn.Module:
-    """The registry's model, quantized as ``cfg`` says, checked against the data (its task's:
-    an :class:`~metagrad.data.ImageDataset` or a :class:`~metagrad.data.corpus.CharCorpus`)."""
-    task = task_for_model(cfg.model)
-    model = create_model(cfg.model, width=cfg.width, **task.model_kwargs(dataset))
-    skip = {FIRST_CONV_NAME, CLASSIFIER_NAME} if cfg.fp_first_last else set()
-    report = quantize_(model, cfg.quant_config(), filter_fn=lambda m, name: name not in skip)
-    model.quantization_coverage = report.to_dict()  # for the run's summary
-    model = model.to(device, memory_format=torch.channels_last)
-    task.check_model(cfg, model, dataset)
-    return model.train()
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The run's optimizer; ``model`` may be DDP-wrapped (MetaGrad then averages gradients)."""
-    if cfg.method == "metagrad":
-        from metagrad.meta.hyper import create_hypernet
-        from metagrad.meta.optim import MetaGrad
-
-        return MetaGrad(
-            model,
-            lr=cfg.lr,
-            base=cfg.optimizer,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-            hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden, form=cfg.hyper_form),
-            hyper_lr=cfg.hyper_lr,
-            comm_bits=cfg.comm_bits,
-            horizon=cfg.hyper_horizon,
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
+__all__ = [  # the run, and (re-exported) what its callers build and read it with
+    "CHECKPOINT",
+    "Trainer",
+    "all_finite",
+    "build_model",
+    "build_optimizer",
+    "cpu_model",
+    "load_dataset",
+    "resolve_amp",
+    "resolve_device",
+    "saved_config",
+    "train",
+]
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -186,56 +80,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
-    """Paths of the floating-point tensors in a (nested) state dict that hold NaN or inf."""
-    if isinstance(state, Tensor):
-        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
-        return [] if finite else [prefix or "tensor"]
-    items = (
-        state.items()
-        if isinstance(state, dict)
-        else enumerate(state)
-        if isinstance(state, list | tuple)
-        else ()
-    )
-    return [bad for k, v in items for bad in nonfinite_entries(v, f"{prefix}.{k}".strip("."))]
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def _brief(value: Any, limit: int = 40) -> str:
-    """``repr(value)`` on one line, cut to about ``limit`` characters (long vocabularies)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: CUDA's allocator peak, or the process's peak resident set on CPU.
-
-    On Linux the peak is ``VmHWM`` of ``/proc/self/status``: unlike ``getrusage``'s maxrss, it
-    does not inherit the peak of the parent process that started this one.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024, "process_max_rss"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
-
-
-class Trainer:
+class Trainer(CheckpointState):
     """One training run in ``cfg.out``; ``fit()`` runs it (or resumes it) to the end.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains its part of every
@@ -337,115 +182,6 @@ class Trainer:
             self.lock = None
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The run's state; under torchrun a collective (every rank's RNG state is gathered)."""
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {
-            "config": self.cfg.to_dict(),
-            "dataset": self.task.signature(self.data),
-            "world_size": self.dist.world_size if self.dist else 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
-            "history": self.history,
-            "partial": self.partial,
-            "step_seconds": self.step_seconds,
-            "hyper_seconds": self.hyper_seconds,
-            "peak_memory_mb": peak_memory_mb(self.device)[0],
-            "gradient_records": self.gradient_records,
-            "torch_rng": rng,
-            "cuda_rng": cuda_rng,
-            "rank_rng": self._gather_rng(rng, cuda_rng),
-            "comm": self._comm_state_dict(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "skipped_steps": self.skipped_steps,
-            "nonfinite_steps": self.nonfinite_steps,
-        }
-
-    def _gather_rng(self, rng: Tensor, cuda_rng: Tensor | None) -> list[dict[str, Any]] | None:
-        if not self.dist:
-            return None
-        cpu = distributed.all_gather_tensors(rng)
-        cuda = distributed.all_gather_tensors(cuda_rng) if cuda_rng is not None else None
-        return [
-            {"torch_rng": cpu[r], "cuda_rng": None if cuda is None else cuda[r]}
-            for r in range(self.dist.world_size)
-        ]
-
-    def _comm_state_dict(self) -> list[dict[str, Any]] | None:
-        state = self.comm_state
-        if state is None or not self.dist:
-            return None
-        states: list[Any] = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(states, state.state_dict())
-        return states
-
-    def _resume(self) -> None:
-        path = self.out / CHECKPOINT
-        state = load_checkpoint(path)
-        try:
-            self._load_state(state)
-        except CheckpointError:
-            raise
-        except KeyError as err:
-            raise CheckpointError(f"{path} lacks {err}; not a metagrad run") from None
-        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"{path}: damaged or incompatible ({reason})") from None
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        # A setting added after the checkpoint was written takes its default.
-        saved = {**TrainConfig.defaults(), **state["config"]}
-        now = self.cfg.to_dict()
-        inert = HYPER_KEYS if now["method"] == "plain" else frozenset()
-        changed = sorted(
-            k for k in now if k not in RESUMABLE_KEYS | inert and saved.get(k) != now[k]
-        )
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise CheckpointError(f"cannot resume {self.out}: settings differ ({diffs})")
-        signature, expected = self.task.signature(self.data), state.get("dataset")
-        if expected is not None and expected != signature:
-            diffs = ", ".join(
-                f"{k} {_brief(expected.get(k))} -> {_brief(v)}"
-                for k, v in signature.items()
-                if expected.get(k) != v
-            )
-            raise CheckpointError(
-                f"cannot resume {self.out}: the dataset differs from the run's ({diffs})"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        pos = state["position"]
-        self.epoch, self.batch, self.step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
-        if not (0 <= self.batch <= len(self.loader) and self.epoch >= 0 and self.step >= 0):
-            raise CheckpointError(f"{self.out / CHECKPOINT}: position {pos} is out of range")
-        self.history = list(state["history"])
-        self.partial = dict(state["partial"])
-        self.step_seconds = list(state["step_seconds"])
-        self.hyper_seconds = state.get("hyper_seconds", 0.0)
-        self.earlier_peak_memory_mb = state.get("peak_memory_mb", 0.0)
-        self.gradient_records = list(state.get("gradient_records", []))
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        rank = self.dist.rank if self.dist else 0
-        rank_rng = state.get("rank_rng") or [
-            {"torch_rng": state["torch_rng"], "cuda_rng": state.get("cuda_rng")}
-        ]
-        if rank < len(rank_rng):  # another number of processes: new ranks start fresh streams
-            torch.set_rng_state(rank_rng[rank]["torch_rng"])
-            cuda_rng = rank_rng[rank].get("cuda_rng")
-            if cuda_rng is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng, self.device)
-        comm = state.get("comm")
-        if comm and self.comm_state is not None and rank < len(comm):
-            self.comm_state.load_state_dict(comm[rank])
-        if state.get("grad_scaler") is not None and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["grad_scaler"])
-
     def _save(self, partial_record: dict[str, Any] | None = None) -> None:
         """Write the checkpoint, metrics and summary (rank 0), only from a finite state."""
         state = self.state_dict()
@@ -619,7 +355,9 @@ class Trainer:
             self.batch += 1
             self.step += 1
             if cfg.diag_every and self.step % cfg.diag_every == 0 and self.is_main:
-                report = gradient_report(self.model, x, y, self.optimizer, self.task.loss)
+                report = gradient_report(
+                    self.model, x, y, self.optimizer, self.task.loss, amp=self.amp
+                )
                 self.gradient_records.append({"step": self.step, **report})
             if result is not None:
                 loss_sum, correct = result
@@ -650,48 +388,10 @@ class Trainer:
         self._save()
         return bool(cfg.max_steps and self.step >= cfg.max_steps)
 
-    def _communication_summary(self) -> dict[str, Any] | None:
-        """Bytes each rank sent per step for the model's gradients (torchrun runs).
-
-        Counted by the quantized hook; otherwise the ring all-reduce's cost model (32 and 16
-        bits) or the quantized payload of one all-reduce of every gradient (MetaGrad).
-        """
-        if not self.dist:
-            return None
-        from metagrad.parallel.comm import payload_bytes, ring_all_reduce_bytes
-
-        bits, world_size = self.cfg.comm_bits, self.dist.world_size
-        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        state = self.comm_state
-        if state is not None and state.calls:
-            per_step, how = state.bytes_sent / max(1, self.step), "counted"
-        elif bits in (32, 16):
-            per_step, how = ring_all_reduce_bytes(numel, bits // 8, world_size), "ring model"
-        else:
-            per_step, how = payload_bytes(numel, bits, world_size), "payload"
-        return {
-            "world_size": self.dist.world_size,
-            "comm_bits": bits,
-            "bytes_per_step": per_step,
-            "bytes_how": how,
-        }
-
-    def _hypernet_summary(self) -> dict[str, Any] | None:
-        hypernet = getattr(self.optimizer, "hypernet", None)
-        if hypernet is None:
-            return None
-        return {
-            "kind": self.cfg.hyper,
-            "form": self.cfg.hyper_form,
-            "hidden": self.cfg.hyper_hidden,
-            "lr": self.cfg.hyper_lr,
-            "horizon": self.cfg.hyper_horizon,
-            "parameters": sum(p.numel() for p in hypernet.parameters()),
-        }
-
     def _summary(
         self, stopped_early: bool, diverged_at_step: int | None = None, in_progress: bool = False
     ) -> dict[str, Any]:
+        """The record of ``summary.json``: settings, results, timings, memory, provenance."""
         records = self.history + ([self.partial_record] if self.partial_record else [])
         accs = [r["test_acc"] for r in records if "test_acc" in r]  # image classification
         final = accs[-1] if accs else None
@@ -708,11 +408,13 @@ class Trainer:
             "nonfinite_policy": self.cfg.nonfinite,
             "nonfinite_steps": self.nonfinite_steps,
             "world_size": self.dist.world_size if self.dist else 1,
-            "communication": self._communication_summary(),
+            "communication": communication_summary(
+                self.dist, self.cfg.comm_bits, self.model, self.comm_state, self.step
+            ),
             "provenance": provenance(self.device),
             "quantization": str(self.cfg.quant_config()),
             "quantization_spec": self.cfg.quant_config().to_dict(),
-            "hypernet": self._hypernet_summary(),
+            "hypernet": hypernet_summary(self.cfg, self.optimizer),
             "quantized_layers": len(quantized_layers(self.model)),
             "quantization_coverage": self.model.quantization_coverage,
             "backend": self.cfg.backend,
@@ -739,16 +441,6 @@ class Trainer:
             "torch": torch.__version__,
             "python": platform.python_version(),
         }
-
-
-def saved_config(out: str | Path) -> dict[str, Any]:
-    """The settings saved with the run in ``out`` (for ``--resume``)."""
-    path = Path(out) / CHECKPOINT
-    state = load_checkpoint(path)
-    config = state.get("config")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds no run settings; not a metagrad run")
-    return config
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

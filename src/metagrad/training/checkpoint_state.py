@@ -1,0 +1,190 @@
+"""What a run's checkpoint holds, and how ``--resume`` restores a run from it.
+
+:class:`CheckpointState` is the part of the :class:`~metagrad.training.trainer.Trainer` that
+turns the run into a state dict (model, optimizer, schedule, position in the data, history,
+timings and every rank's random-number state) and back, refusing a checkpoint whose settings or
+dataset differ from the run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from metagrad.checkpoint import CheckpointError, load_checkpoint
+from metagrad.parallel import distributed
+from metagrad.training.config import HYPER_KEYS, RESUMABLE_KEYS, TrainConfig
+from metagrad.training.records import peak_memory_mb
+from metagrad.training.run_files import CHECKPOINT
+from metagrad.training.tasks import Loader, Task
+
+if TYPE_CHECKING:
+    from metagrad.parallel.comm import QuantizedHookState
+
+__all__ = ["CheckpointState", "nonfinite_entries"]
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Paths of the floating-point tensors in a (nested) state dict that hold NaN or inf."""
+    if isinstance(state, Tensor):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return [] if finite else [prefix or "tensor"]
+    items = (
+        state.items()
+        if isinstance(state, dict)
+        else enumerate(state)
+        if isinstance(state, list | tuple)
+        else ()
+    )
+    return [bad for k, v in items for bad in nonfinite_entries(v, f"{prefix}.{k}".strip("."))]
+
+
+def _brief(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` on one line, cut to about ``limit`` characters (long vocabularies)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+class CheckpointState:
+    """The checkpointed state of a training run: saved by :meth:`state_dict`, restored by
+    :meth:`_resume`. The attributes below are the run's (set up by the trainer)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dist: distributed.Distributed | None
+    task: Task
+    data: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    comm_state: QuantizedHookState | None
+    loader: Loader
+    epoch: int
+    batch: int
+    step: int
+    history: list[dict[str, Any]]
+    partial: dict[str, Any]
+    step_seconds: list[float]
+    hyper_seconds: float
+    earlier_peak_memory_mb: float
+    gradient_records: list[dict[str, Any]]
+    skipped_steps: int
+    nonfinite_steps: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state; under torchrun a collective (every rank's RNG state is gathered)."""
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {
+            "config": self.cfg.to_dict(),
+            "dataset": self.task.signature(self.data),
+            "world_size": self.dist.world_size if self.dist else 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "history": self.history,
+            "partial": self.partial,
+            "step_seconds": self.step_seconds,
+            "hyper_seconds": self.hyper_seconds,
+            "peak_memory_mb": peak_memory_mb(self.device)[0],
+            "gradient_records": self.gradient_records,
+            "torch_rng": rng,
+            "cuda_rng": cuda_rng,
+            "rank_rng": self._gather_rng(rng, cuda_rng),
+            "comm": self._comm_state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def _gather_rng(self, rng: Tensor, cuda_rng: Tensor | None) -> list[dict[str, Any]] | None:
+        """Every rank's random-number states (torchrun runs), else None."""
+        if not self.dist:
+            return None
+        cpu = distributed.all_gather_tensors(rng)
+        cuda = distributed.all_gather_tensors(cuda_rng) if cuda_rng is not None else None
+        return [
+            {"torch_rng": cpu[r], "cuda_rng": None if cuda is None else cuda[r]}
+            for r in range(self.dist.world_size)
+        ]
+
+    def _comm_state_dict(self) -> list[dict[str, Any]] | None:
+        """Every rank's state of the quantized communication hook, else None."""
+        state = self.comm_state
+        if state is None or not self.dist:
+            return None
+        states: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, state.state_dict())
+        return states
+
+    def _resume(self) -> None:
+        """Restore the run from its checkpoint; any problem with it raises CheckpointError."""
+        path = self.out / CHECKPOINT
+        state = load_checkpoint(path)
+        try:
+            self._load_state(state)
+        except CheckpointError:
+            raise
+        except KeyError as err:
+            raise CheckpointError(f"{path} lacks {err}; not a metagrad run") from None
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{path}: damaged or incompatible ({reason})") from None
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore the run from ``state``, refusing other settings or another dataset."""
+        # A setting added after the checkpoint was written takes its default.
+        saved = {**TrainConfig.defaults(), **state["config"]}
+        now = self.cfg.to_dict()
+        inert = HYPER_KEYS if now["method"] == "plain" else frozenset()
+        changed = sorted(
+            k for k in now if k not in RESUMABLE_KEYS | inert and saved.get(k) != now[k]
+        )
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise CheckpointError(f"cannot resume {self.out}: settings differ ({diffs})")
+        signature, expected = self.task.signature(self.data), state.get("dataset")
+        if expected is not None and expected != signature:
+            diffs = ", ".join(
+                f"{k} {_brief(expected.get(k))} -> {_brief(v)}"
+                for k, v in signature.items()
+                if expected.get(k) != v
+            )
+            raise CheckpointError(
+                f"cannot resume {self.out}: the dataset differs from the run's ({diffs})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        pos = state["position"]
+        self.epoch, self.batch, self.step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
+        if not (0 <= self.batch <= len(self.loader) and self.epoch >= 0 and self.step >= 0):
+            raise CheckpointError(f"{self.out / CHECKPOINT}: position {pos} is out of range")
+        self.history = list(state["history"])
+        self.partial = dict(state["partial"])
+        self.step_seconds = list(state["step_seconds"])
+        self.hyper_seconds = state.get("hyper_seconds", 0.0)
+        self.earlier_peak_memory_mb = state.get("peak_memory_mb", 0.0)
+        self.gradient_records = list(state.get("gradient_records", []))
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        rank = self.dist.rank if self.dist else 0
+        rank_rng = state.get("rank_rng") or [
+            {"torch_rng": state["torch_rng"], "cuda_rng": state.get("cuda_rng")}
+        ]
+        if rank < len(rank_rng):  # another number of processes: new ranks start fresh streams
+            torch.set_rng_state(rank_rng[rank]["torch_rng"])
+            cuda_rng = rank_rng[rank].get("cuda_rng")
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+        comm = state.get("comm")
+        if comm and self.comm_state is not None and rank < len(comm):
+            self.comm_state.load_state_dict(comm[rank])
+        if state.get("grad_scaler") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
