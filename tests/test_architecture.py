@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "registry": 0,
     "kernels": 0,
     "checkpoint": 0,
+    "_version": 0,
     # 1: what to quantize and how
     "quant": 1,
     # 2: the backward products
@@ -39,6 +40,7 @@ LAYERS: dict[str, int] = {
     "__main__": 6,
     "__init__": 6,
     "_moved": 6,
+    "_startup": 6,
 }
 
 

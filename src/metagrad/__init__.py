@@ -5,6 +5,7 @@ from metagrad import (
     _startup,  # noqa: F401  (first, before torch loads: see its docstring)
     kernels,
 )
+from metagrad._version import __version__ as __version__
 from metagrad.meta.hyper import create_hypernet
 from metagrad.meta.optim import MetaGrad
 from metagrad.models import create_model, list_models
@@ -33,6 +34,5 @@ __all__ = [
     "register_handler",
 ]
 
-__version__ = "0.1.0"
 
 _moved.install()

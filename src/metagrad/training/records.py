@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from metagrad._version import __version__
 from metagrad.parallel.distributed import Distributed
 from metagrad.training.config import TrainConfig
 
@@ -80,8 +81,6 @@ def _git_commit() -> str | None:
 
 
 def _package_version() -> str:
-    from metagrad import __version__
-
     return __version__
 
 
