@@ -232,3 +232,63 @@ def test_download_into_an_existing_empty_directory_downloads(tmp_path, monkeypat
     empty.mkdir()
     dataset = tasks.load_dataset(build_config({"data": str(empty), "download": True}))
     assert len(dataset.classes) >= 2 and (empty / "cifar-10-python.tar.gz").is_file()
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor of the model (weights and buffers) and of the optimizer state."""
+    tensors = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value.clone()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+
+    walk("optimizer", trainer.optimizer.state_dict())
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["plain", "metagrad"])
+def test_skipped_steps_change_no_weight_state_or_buffer(tmp_path, method):
+    """A learning rate of 1000 makes most steps non-finite, some through the batch-norm
+    statistics of a finite forward pass: every skipped step leaves the model's weights and
+    buffers and the optimizer's state exactly as they were, and the run ends with a finite
+    checkpoint."""
+    cfg = build_config(
+        {**DIGITS, "batch_size": 32, "epochs": 2, "lr": 1000.0, "nonfinite": "skip",
+         "method": method, "out": str(tmp_path / "run")}
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    step = trainer.train_step
+    skipped = 0
+
+    def checked(x, y, n):
+        nonlocal skipped
+        before = _state(trainer)
+        result = step(x, y, n)
+        if result is None:
+            skipped += 1
+            after = _state(trainer)
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[k], after[k]) for k in before), trainer.step
+        return result
+
+    trainer.train_step = checked
+    summary = trainer.fit()
+    assert skipped > 10 and summary["nonfinite_steps"] == skipped
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_stop_with_no_checkpoint_yet_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "small_cnn", "--data", "digits", "--batch-size", "32"]
+    argv += ["--compile", "off", "--no-progress", "--lr", "1000", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint was written yet in {out}" in err
+    assert "keeps the last good state" not in err

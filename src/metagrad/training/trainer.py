@@ -189,7 +189,7 @@ class Trainer(CheckpointState):
         if bad:
             raise FloatingPointError(
                 f"non-finite values in {', '.join(bad[:3])} at step {self.step}; checkpoint not "
-                f"written, {self.out / CHECKPOINT} keeps the last good state"
+                f"written, {self._last_good()}"
             )
         if not self.is_main:
             return
@@ -206,9 +206,10 @@ class Trainer(CheckpointState):
         targets (samples, or characters for a language model).
 
         Returns the global batch's summed loss and number of correct predictions, or None if
-        the step was skipped because its loss or gradients were not finite (``--nonfinite
-        skip``); with ``--nonfinite stop`` that raises ``FloatingPointError`` instead, before
-        anything is applied.
+        the step was skipped because its loss, its gradients or the model's buffers after its
+        forward pass (batch-norm statistics) were not finite (``--nonfinite skip``: weights,
+        optimizer state and buffers are left as they were); with ``--nonfinite stop`` that
+        raises ``FloatingPointError`` instead, before anything is applied.
         """
         outputs: list[Tensor] = []
         sums: list[Tensor] = []
@@ -221,11 +222,14 @@ class Trainer(CheckpointState):
                 out = self.forward(x)
             if world_size == 1:
                 loss = task.loss(out, y)
-                sums.append(loss.detach() * y.numel())
+                total = loss.detach() * y.numel()
             else:  # DDP averages over ranks: weight each rank's sum by its share of the batch
                 loss_sum = task.loss(out, y, reduction="sum")
-                sums.append(loss_sum.detach())
+                total = loss_sum.detach()
                 loss = loss_sum * (world_size / global_size)
+            if not all_finite(list(self.model.buffers())):  # e.g. batch-norm statistics: the
+                loss, total = loss * math.nan, total * math.nan  # step is non-finite (skipped)
+            sums.append(total)
             scaler.scale(loss).backward()
             outputs.append(out.detach())
             return loss
@@ -239,6 +243,9 @@ class Trainer(CheckpointState):
             return loss_sum, int(n_correct)
 
         hyper_before = getattr(self.optimizer, "hyper_time", 0.0)
+        # a skipped step's forward pass still updates buffers (batch-norm statistics, perhaps
+        # with NaN): keep them to put back, so that a skipped step changes nothing
+        buffers = [b.clone() for b in self.model.buffers()] if self.cfg.nonfinite == "skip" else []
         if scaler.is_enabled():  # fp16: loss scaling, non-finite gradients skipped by the scaler
             closure()
             scale = scaler.get_scale()
@@ -264,26 +271,36 @@ class Trainer(CheckpointState):
         self.scheduler.step()
         if not applied:
             self._nonfinite(loss_sum)
+            with torch.no_grad():
+                for buffer, kept in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(kept)
             return None
         if not all_finite(list(self.model.parameters())):
             raise FloatingPointError(
                 f"the weights became non-finite at step {self.step} (finite loss and "
-                f"gradients); stopping, {self.out / CHECKPOINT} keeps the last good state"
+                f"gradients); stopping, {self._last_good()}"
             )
         return loss_sum, correct
+
+    def _last_good(self) -> str:
+        """Where the run's last good state is, for the messages of a run that stops."""
+        if (self.out / CHECKPOINT).exists():
+            return f"{self.out / CHECKPOINT} keeps the last good state"
+        return f"no checkpoint was written yet in {self.out}"
 
     def _nonfinite(self, loss_sum: float) -> None:
         """Apply ``--nonfinite`` to a step whose loss or gradients were not finite."""
         if self.cfg.nonfinite == "stop":
             raise FloatingPointError(
-                f"non-finite loss or gradients at step {self.step} (loss {loss_sum}); stopped "
-                f"before applying them, {self.out / CHECKPOINT} keeps the last good state "
-                "(--nonfinite skip skips such steps instead)"
+                f"non-finite loss, gradients or buffers at step {self.step} (loss {loss_sum}); "
+                "stopped "
+                f"before applying them, {self._last_good()} (--nonfinite skip skips such steps "
+                "instead)"
             )
         self.nonfinite_steps += 1
         if self.nonfinite_steps in (1, 10, 100, 1000):
             tqdm.write(
-                f"step {self.step}: non-finite loss or gradients, step skipped "
+                f"step {self.step}: non-finite loss, gradients or buffers, step skipped "
                 f"({self.nonfinite_steps} so far)"
             )
 
