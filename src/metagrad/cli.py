@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from metagrad.checkpoint import CheckpointError
@@ -16,6 +18,7 @@ from metagrad.training.config import (
     read_config_file,
     resume_config,
 )
+from metagrad.training.launcher import Terminated
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError)
 
@@ -128,8 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         args.func(args)
     except USER_ERRORS as err:
@@ -138,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metagrad: interrupted; resume from the last checkpoint with --resume")
         return 130
+    except Terminated as stop:
+        print("metagrad: terminated; resume from the last checkpoint with --resume")
+        return int(stop.code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -3,14 +3,19 @@
 A :class:`Launch` is a run's name, its settings and its ``--out`` directory. A finished run (its
 summary final, with the requested epochs) is read, not trained again; a diverged one is recorded,
 not restarted (its divergence is its result); any other is started, and resumed from its
-checkpoint when it has one. Ctrl-C stops the runs too, each keeping its last completed epoch.
+checkpoint when it has one. Ctrl-C or SIGTERM stops the runs too, each keeping its last completed
+epoch, and waits for them; on Linux a run also ends when its launcher is killed outright
+(``PR_SET_PDEATHSIG``), so no run outlives it holding its folder's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +30,14 @@ __all__ = ["LOG", "Launch", "has_result", "launch_runs", "train_command", "train
 LOG = "log.txt"
 """A launched run's output, in its directory (when the launcher logs to files)."""
 _POLL_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the launcher waits, so that it stops its runs before it exits."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -91,8 +104,9 @@ def launch_runs(
 
     ``log``: each run's output is appended to ``LOG`` in its directory, else it goes to this
     process's. ``on_result(run)`` is called, in this thread, for every run with a result: found
-    finished or diverged, or trained with exit status 0 or to its divergence. Ctrl-C (or any
-    error) stops the runs with SIGINT, each keeping its last completed epoch, and is raised.
+    finished or diverged, or trained with exit status 0 or to its divergence. Ctrl-C, SIGTERM
+    (raised as :class:`Terminated`) or any error stops the runs with SIGINT, each keeping its
+    last completed epoch, waits for them, and is raised.
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -105,6 +119,7 @@ def launch_runs(
     print(f"{label}: {len(todo)} runs to train, {len(runs) - len(todo)} finished", flush=True)
     status: dict[str, int] = {}
     active: dict[str, tuple[Launch, subprocess.Popen, IO[str] | None]] = {}
+    previous = _on_sigterm()
     try:
         while todo or active:
             while todo and len(active) < parallel:
@@ -128,7 +143,27 @@ def launch_runs(
             if log_file is not None:
                 log_file.close()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return status
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` (main thread only); the handler it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: SIGTERM when the launcher dies (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _start(
@@ -139,9 +174,12 @@ def _start(
     cmd = train_command(run, data, threads, nproc)
     print(f"  start {run.name}", flush=True)
     if not log:
-        return subprocess.Popen(cmd), None
+        return subprocess.Popen(cmd, preexec_fn=_die_with_parent), None
     log_file = (run.out / LOG).open("a")
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT), log_file
+    proc = subprocess.Popen(
+        cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
+    return proc, log_file
 
 
 def _outcome(run: Launch, code: int, log: bool) -> int:
