@@ -71,7 +71,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (each field is also a command-line flag)."""
+    """Everything that defines a training run (each field is also a command-line flag).
+
+    Building one imports the ``plugins`` first, then writes the spec settings
+    (:data:`SPEC_KEYS`) in their canonical form and validates everything.
+    """
 
     model: str = "vgg16"
     width: float = 1.0

@@ -102,7 +102,10 @@ FLAGS = {"plugins": "--plugin"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are suppressed so that only given flags override a file."""
-    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
+    parser.add_argument(
+        "--config",
+        help="YAML or TOML file with the same keys as the flags (plugins: a list of modules)",
+    )
     texts = help_texts()
     defaults = TrainConfig.defaults()
     for f in fields(TrainConfig):
