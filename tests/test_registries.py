@@ -17,6 +17,7 @@ from metagrad.nn.convert import quantize, register_handler
 from metagrad.quant import formats, presets, scaling, transforms
 from metagrad.quant.spec import BACKENDS, QuantConfig, QuantSpec
 from metagrad.registry import Registry
+from metagrad.training.config import ConfigError, build_config
 
 
 def test_every_registry_is_a_registry():
@@ -74,6 +75,11 @@ def test_a_new_base_rule_is_one_registration(monkeypatch):
         assert moved.max() == pytest.approx(2 if name.endswith("weight") else 3, abs=1e-4)
     with pytest.raises(ValueError, match="unknown base rule 'rmsprop'; available: sgd, adam"):
         MetaGrad(nn.Linear(2, 2), 0.1, base="rmsprop")
+    # by name in a run's settings: MetaGrad only, as it has no torch.optim twin
+    settings = {"model": "small_cnn", "optimizer": "sign-sgd"}
+    assert build_config({**settings, "method": "metagrad"}).optimizer == "sign-sgd"
+    with pytest.raises(ConfigError, match="'sign-sgd' is a MetaGrad base rule with no optimizer"):
+        build_config(settings)
 
 
 def test_a_new_hypernetwork_kind_and_form_are_one_registration(monkeypatch):

@@ -6,7 +6,8 @@ written with differentiable ops, so that the loss after the step can be differen
 it, with the per-parameter state passed in and returned instead of changed in place. ``group`` is
 the parameter group (``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``betas``, ``eps``).
 A new base rule is one function and one :func:`register_base_rule` call that names the keys of
-its state.
+its state (and, for training without MetaGrad, the ``torch.optim`` optimizer that takes the same
+steps).
 """
 
 from __future__ import annotations
@@ -17,29 +18,39 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from metagrad import kernels
 from metagrad.registry import Registry
 
 BaseState = dict[str, Any]
 UpdateFn = Callable[[Tensor, Tensor, BaseState, Mapping[str, Any]], tuple[Tensor, BaseState]]
+OptimizerFn = Callable[..., Optimizer]
+"""``fn(params, *, lr, momentum, nesterov, weight_decay) -> Optimizer``."""
 
 
 @dataclass(frozen=True)
 class BaseRule:
-    """A registered base rule: its update and the keys of the state it keeps per parameter."""
+    """A registered base rule: its update, the keys of the state it keeps per parameter, and the
+    ``torch.optim`` optimizer that takes the same steps without MetaGrad (None: none)."""
 
     update: UpdateFn
     state_keys: tuple[str, ...]
+    optimizer: OptimizerFn | None = None
 
 
 BASE_RULES: Registry[BaseRule] = Registry("base rule")
 """The registered base rules by name (``MetaGrad(base=...)``, ``--optimizer``)."""
 
 
-def register_base_rule(name: str, update: UpdateFn, state_keys: tuple[str, ...]) -> BaseRule:
-    """Make ``update`` available as ``MetaGrad(base=name)``; ``state_keys``: its state's keys."""
-    return BASE_RULES.add(name, BaseRule(update, tuple(state_keys)))
+def register_base_rule(
+    name: str,
+    update: UpdateFn,
+    state_keys: tuple[str, ...],
+    optimizer: OptimizerFn | None = None,
+) -> BaseRule:
+    """Make ``update`` available as ``MetaGrad(base=name)`` (see :class:`BaseRule`)."""
+    return BASE_RULES.add(name, BaseRule(update, tuple(state_keys), optimizer))
 
 
 def get_base_rule(name: str) -> BaseRule:
@@ -147,5 +158,25 @@ def adam_update(
     return new_param, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
-register_base_rule("sgd", sgd_update, ("momentum_buffer",))
-register_base_rule("adam", adam_update, ("step", "exp_avg", "exp_avg_sq"))
+def sgd_optimizer(
+    params: Any, *, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> Optimizer:
+    """``torch.optim.SGD`` with these settings (Nesterov only with momentum)."""
+    return torch.optim.SGD(
+        params,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov and momentum > 0,
+        weight_decay=weight_decay,
+    )
+
+
+def adam_optimizer(
+    params: Any, *, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> Optimizer:
+    """``torch.optim.Adam`` with these settings (``momentum`` and ``nesterov`` do not apply)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+register_base_rule("sgd", sgd_update, ("momentum_buffer",), sgd_optimizer)
+register_base_rule("adam", adam_update, ("step", "exp_avg", "exp_avg_sq"), adam_optimizer)

@@ -151,6 +151,11 @@ class TrainConfig:
             "step (use compile 'kernels')",
         )
         _require(
+            self.method != "plain" or BASE_RULES[self.optimizer].optimizer is not None,
+            f"optimizer {self.optimizer!r} is a MetaGrad base rule with no optimizer of its own "
+            "for method plain; use method metagrad",
+        )
+        _require(
             not (self.amp == "fp16" and self.method == "metagrad"),
             "amp 'fp16' needs loss scaling, which MetaGrad's step does not do; use amp 'bf16'",
         )
