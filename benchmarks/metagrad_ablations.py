@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.runner import training_benchmark
 from metagrad.checkpoint import load_checkpoint
-from metagrad.meta.hyper import GAIN_FORMS, create_hypernet
+from metagrad.meta.forms import HYPERNET_FORMS
+from metagrad.meta.hyper import create_hypernet
 
 BASE: dict[str, Any] = {
     "model": "vgg16",
@@ -107,12 +108,12 @@ def learned_response(run_dir: Path) -> dict[str, Any]:
     net.load_state_dict(state["optimizer"]["hypernet"])
     g = torch.tensor([-x for x in reversed(RESPONSE_AT)] + [0.0, *RESPONSE_AT])
     weight = torch.full_like(g, 1.0 if form == "signed-gain" else 0.0)
-    feature = {"gain": g.abs(), "signed-gain": g * weight.sign()}.get(form, g)
+    feature = HYPERNET_FORMS[form].feature(g, weight)
     features = torch.stack([feature, weight])[: net.in_features]
     hidden_state = net.initial_state(g.numel(), features)
     with torch.no_grad():
         delta = net.core(features, *hidden_state)[0]
-    corrected = g * (1 + delta) if form in GAIN_FORMS else g + delta
+    corrected = g * (1 + delta) if HYPERNET_FORMS[form].gain else g + delta
     nonzero = g != 0
     return {
         "at_rms": g[nonzero].tolist(),

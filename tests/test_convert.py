@@ -32,7 +32,7 @@ EIGHT = QuantConfig(grad=QuantSpec(bits=8))
 @pytest.fixture(autouse=True)
 def _own_registry(monkeypatch):
     """Handlers registered by a test stay in that test."""
-    monkeypatch.setattr(convert, "_HANDLERS", dict(convert._HANDLERS))
+    monkeypatch.setattr(convert, "_HANDLERS", convert._HANDLERS.copy())
 
 
 def _no_conversion_warning(fn, *args, **kwargs):

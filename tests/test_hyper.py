@@ -237,7 +237,10 @@ def test_create_hypernet_rejects_bad_arguments() -> None:
         create_hypernet("grad", hidden=0)
     with pytest.raises(ValueError, match="eps"):
         create_hypernet("grad", eps=0.0)
-    with pytest.raises(ValueError, match="form must be one of residual, gain, signed-gain"):
+    with pytest.raises(
+        ValueError,
+        match="unknown hypernetwork form 'additive'; available: residual, gain, signed-gain",
+    ):
         create_hypernet("grad", form="additive")
     with pytest.raises(ValueError, match="differ"):
         create_hypernet()(torch.zeros(3), torch.zeros(4))

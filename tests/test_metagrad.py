@@ -317,10 +317,10 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 
 def test_auto_chunk_size_follows_the_free_memory(monkeypatch) -> None:
-    from metagrad.meta import optim
+    from metagrad.meta import chunking
 
     model = _small_cnn(INT4_GRADS)
-    assert MetaGrad(model, lr=0.1).chunk_size == optim.CPU_CHUNK_SIZE  # CPU: cache-sized chunks
+    assert MetaGrad(model, lr=0.1).chunk_size == chunking.CPU_CHUNK_SIZE  # CPU: cache-sized chunks
 
     class OnCuda:  # stands in for a CUDA meta weight: the rule needs only device and size
         device = torch.device("cuda", 0)
@@ -334,10 +334,10 @@ def test_auto_chunk_size_follows_the_free_memory(monkeypatch) -> None:
     net = create_hypernet(hidden=8)  # 8 hidden units: 4 * 4 * 8 = 128 bytes per element
     free = 1 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 2 * free))
-    budget = free * optim.ACTIVATION_MEMORY_SHARE
+    budget = free * chunking.ACTIVATION_MEMORY_SHARE
     fits = int(budget // 128)
-    assert optim._auto_chunk_size([OnCuda(fits)], net) is None  # unchunked when it fits
-    assert optim._auto_chunk_size([OnCuda(fits + 1), OnCuda(10)], net) == fits
+    assert chunking.auto_chunk_size([OnCuda(fits)], net) is None  # unchunked when it fits
+    assert chunking.auto_chunk_size([OnCuda(fits + 1), OnCuda(10)], net) == fits
 
 
 # -- torch.optim behaviours ---------------------------------------------------------------------
@@ -481,7 +481,7 @@ def test_horizon_meta_gradient_equals_finite_differences_in_float64() -> None:
     """
     from torch.func import functional_call
 
-    from metagrad.meta.optim import sgd_update
+    from metagrad.meta.updates import sgd_update
 
     torch.manual_seed(0)
     model = _mlp(FP32_GRADS)  # deterministic gradients: finite differences need them

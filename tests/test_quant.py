@@ -170,7 +170,7 @@ def test_nonsense_specs_are_rejected_with_a_clear_message(kwargs, message):
 
 
 def test_spec_names_itself():
-    assert str(QuantSpec(4, "stochastic", "sample")) == "int4-stochastic-sample"
+    assert str(QuantSpec(4, "stochastic", "sample")) == "int4:sample:stochastic"
     assert str(QuantSpec()) == "fp32"
 
 

@@ -13,11 +13,11 @@ from metagrad.data import DatasetError
 from metagrad.training.config import (
     ConfigError,
     TrainConfig,
-    add_arguments,
     build_config,
     read_config_file,
     resume_config,
 )
+from metagrad.training.flags import add_arguments
 from metagrad.training.launcher import Terminated
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError)

@@ -13,7 +13,6 @@ training step it observes, and the loss is taken of its output outside it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.nn.layers import quantized_layers
-from metagrad.quant.spec import QuantConfig, QuantSpec
+from metagrad.quant.spec import QuantConfig
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(model_output, targets) -> scalar loss``."""
@@ -49,15 +48,7 @@ def _full_precision_backward(model: nn.Module):
     layers = [m for m in model.modules() if isinstance(getattr(m, "config", None), QuantConfig)]
     configs = [layer.config for layer in layers]
     for layer, config in zip(layers, configs, strict=True):
-        layer.config = dataclasses.replace(
-            config,
-            grad=QuantSpec(),
-            grad_for_weight_grad=None,
-            weight_for_input_grad=None,
-            input_for_weight_grad=None,
-            backward_operand_bits=32,
-            backend="simulate",
-        )
+        layer.config = config.without_backward(backend="simulate")
     try:
         yield
     finally:

@@ -19,14 +19,15 @@ recomputation (``torch.utils.checkpoint``), so the memory held for the backward 
 and outputs plus one chunk's activations at a time. Chunked and unchunked results are equal.
 
 With compiled kernels on (:mod:`metagrad.kernels`), the default one-hidden-layer MLP runs fused
-(:class:`FusedMLP`): one generated kernel computes features, network, correction and rescaling
-element by element, and its hand-derived backward recomputes the hidden units in two passes
-instead of storing them, so no ``numel * hidden`` activation is ever held and no chunking is
-needed.
+(:mod:`metagrad.meta.fused`): one generated kernel computes features, network, correction and
+rescaling element by element, and its hand-derived backward recomputes the hidden units in two
+passes instead of storing them, so no ``numel * hidden`` activation is ever held and no chunking
+is needed.
 
 Variants (:func:`create_hypernet`): ``"grad"`` (an MLP of the gradient), ``"grad+weight"`` (an MLP
 of gradient and weight, the default) and ``"lstm"`` (a coordinate-wise ``nn.LSTMCell`` whose
-``(h, c)`` per weight element is carried across iterations by the caller).
+``(h, c)`` per weight element is carried across iterations by the caller); a new kind is one
+factory and one :func:`register_hypernet` call.
 
 Forms of the correction: ``"residual"`` (above) and ``"gain"``, a learned gain per element,
 
@@ -38,6 +39,7 @@ update where the gradient has none, nor one whose sign ignores the gradient's. I
 not whether the gradient points along the weight or against it; ``"signed-gain"`` feeds
 ``g * sign(W) / rms(g)`` instead, so the gain can depend on that (e.g. damp updates that shrink
 the weight and not those that grow it); it keeps zero elements at zero but is no longer odd.
+Forms are registered in :mod:`metagrad.meta.forms`.
 """
 
 from __future__ import annotations
@@ -50,20 +52,31 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metagrad import kernels
+from metagrad.meta.forms import DEFAULT_FORM, HYPERNET_FORMS
+from metagrad.meta.fused import FusedMLP
+from metagrad.registry import Registry
 
 HyperState = tuple[Tensor, ...]
 """Per-layer recurrent state of a hypernetwork, one column per weight element (``()`` if none)."""
 
-HYPERNET_KINDS: tuple[str, ...] = ("grad", "grad+weight", "lstm")
 DEFAULT_KIND = "grad+weight"
-HYPERNET_FORMS: tuple[str, ...] = ("residual", "gain", "signed-gain")
-GAIN_FORMS: tuple[str, ...] = ("gain", "signed-gain")
-DEFAULT_FORM = "residual"
 DEFAULT_HIDDEN = 8
 """Hidden width. The cost grows with ``numel * hidden`` (``benchmarks/metagrad_overhead.py``
 measures widths and variants); MetaQuant's width 100 would cost more than the model's own step."""
 DEFAULT_EPS = 1e-12
 """Floor on ``rms`` when normalising inputs (an all-zero tensor then gives zero features)."""
+
+
+HypernetFactory = Callable[..., "Hypernet"]
+"""``factory(*, hidden, layers, form, eps) -> Hypernet`` (see :func:`create_hypernet`)."""
+
+HYPERNET_KINDS: Registry[HypernetFactory] = Registry("hypernetwork kind")
+"""The registered hypernetwork kinds by name (``create_hypernet(kind)``)."""
+
+
+def register_hypernet(name: str, factory: HypernetFactory) -> HypernetFactory:
+    """Make ``factory(*, hidden, layers, form, eps) -> Hypernet`` available as a kind."""
+    return HYPERNET_KINDS.add(name, factory)
 
 
 def rms(x: Tensor) -> Tensor:
@@ -120,8 +133,7 @@ class Hypernet(nn.Module):
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        if form not in HYPERNET_FORMS:
-            raise ValueError(f"form must be one of {', '.join(HYPERNET_FORMS)}, got {form!r}")
+        self.correction = HYPERNET_FORMS.lookup(form)  # raises on an unknown name
         self.use_weight = use_weight
         self.form = form
         self.eps = eps
@@ -146,7 +158,7 @@ class Hypernet(nn.Module):
 
     def features(self, grad: Tensor, weight: Tensor) -> Tensor:
         """The normalised inputs, ``(in_features, numel)``: one column per weight element."""
-        g = _gradient_feature(grad, weight, self.form)
+        g = self.correction.feature(grad, weight)
         cols = [g / rms(grad).clamp_min(self.eps)]
         if self.use_weight:
             cols.append(weight / rms(weight).clamp_min(self.eps))
@@ -177,7 +189,7 @@ class Hypernet(nn.Module):
         delta, *new_state = apply_chunked(self.core, (features, *state), chunk_size)
         scale = rms(grad)
         delta = delta.view_as(grad).to(grad.dtype)
-        if self.form in GAIN_FORMS:
+        if self.correction.gain:
             corrected = grad + grad * delta
         else:
             corrected = grad + scale.to(grad.dtype) * delta
@@ -303,105 +315,6 @@ class LSTMHypernet(Hypernet):
         return _linear(self.head, h).squeeze(0), h, c
 
 
-# ------------------------------------------------------------------------------------------
-# The fused one-hidden-layer MLP
-# ------------------------------------------------------------------------------------------
-
-
-def _gradient_feature(g: Tensor, w: Tensor, form: str) -> Tensor:
-    """What the network sees of the gradient (before normalisation) in each form."""
-    if form == "gain":
-        return g.abs()
-    if form == "signed-gain":
-        return g * torch.sign(w)
-    return g
-
-
-def _mlp_features(g, w, use_weight: bool, form: str, eps: float):
-    """``rms(g)`` and the two normalised features (multiplications by reciprocals: cheaper)."""
-    scale_g = g.square().mean().sqrt()
-    f0 = _gradient_feature(g, w, form) * scale_g.clamp_min(eps).reciprocal()
-    f1 = w * w.square().mean().sqrt().clamp_min(eps).reciprocal() if use_weight else None
-    return scale_g, f0, f1
-
-
-def _mlp_hidden(f0, f1, w1, b1, j: int) -> Tensor:
-    """Pre-activation of hidden unit ``j`` for every element."""
-    a = w1[j, 0] * f0 + b1[j]
-    return a if f1 is None else a + w1[j, 1] * f1
-
-
-def _mlp_delta(f0, f1, w1, b1, w2, b2) -> Tensor:
-    delta = b2[0]
-    for j in range(w1.shape[0]):
-        delta = delta + w2[0, j] * torch.relu(_mlp_hidden(f0, f1, w1, b1, j))
-    return delta
-
-
-@kernels.kernel(recompute=True)
-def _mlp_forward(g, w, w1, b1, w2, b2, use_weight: bool, form: str, eps: float):
-    """The corrected gradient, and ``rms(c)`` of ``c`` before its rescaling (flat ``g``, ``w``)."""
-    gain = form in GAIN_FORMS
-    scale_g, f0, f1 = _mlp_features(g, w, use_weight, form, eps)
-    delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
-    c = g + (g if gain else scale_g) * delta
-    scale_c = c.square().mean().sqrt()
-    return c * (scale_g / scale_c.clamp_min(eps)), scale_c
-
-
-@kernels.kernel(recompute=True)
-def _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, use_weight: bool, form: str, eps: float):
-    """Gradients of the four parameters (hidden weight/bias, head weight/bias)."""
-    gain = form in GAIN_FORMS
-    scale_g, f0, f1 = _mlp_features(g, w, use_weight, form, eps)
-    delta = _mlp_delta(f0, f1, w1, b1, w2, b2)
-    c = g + (g if gain else scale_g) * delta
-    k = scale_g / scale_c.clamp_min(eps)
-    # d rms(c)/dc = c / (n rms(c)); zero where the clamp holds (rms(c) < eps)
-    through_rms = torch.where(
-        scale_c >= eps, scale_g * (dout * c).sum() / (c.numel() * scale_c.pow(3)), 0.0
-    )
-    d_delta = (k * dout - through_rms * c) * (g if gain else scale_g)
-    grads_w1, grads_b1, grads_w2 = [], [], []
-    for j in range(w1.shape[0]):
-        a = _mlp_hidden(f0, f1, w1, b1, j)
-        grads_w2.append((d_delta * torch.relu(a)).sum())
-        d_a = torch.where(a > 0, w2[0, j] * d_delta, 0.0)
-        grads_b1.append(d_a.sum())
-        row = [(d_a * f0).sum()] + ([(d_a * f1).sum()] if use_weight else [])
-        grads_w1.append(torch.stack(row))
-    return (
-        torch.stack(grads_w1),
-        torch.stack(grads_b1),
-        torch.stack(grads_w2).unsqueeze(0),
-        d_delta.sum().reshape(1),
-    )
-
-
-class FusedMLP(torch.autograd.Function):
-    """:class:`MLPHypernet` with one hidden layer, as one elementwise kernel per pass.
-
-    ``apply(g, w, hidden.weight, hidden.bias, head.weight, head.bias, use_weight, form, eps)``
-    on flat ``g`` and ``w`` returns the corrected gradient. Gradients flow to the four parameters
-    only (``g`` and ``w`` are data). The backward recomputes the hidden units from ``g`` and ``w``
-    (two passes: one reduction for the rescaling's gradient, one for all parameter gradients).
-    Run compiled (:mod:`metagrad.kernels`); eagerly the same code is the reference.
-    """
-
-    @staticmethod
-    def forward(ctx, g, w, w1, b1, w2, b2, use_weight, form, eps):
-        out, scale_c = _mlp_forward(g, w, w1, b1, w2, b2, use_weight, form, eps)
-        ctx.save_for_backward(g, w, w1, b1, w2, b2, scale_c)
-        ctx.options = (use_weight, form, eps)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        g, w, w1, b1, w2, b2, scale_c = ctx.saved_tensors
-        grads = _mlp_backward(dout, g, w, w1, b1, w2, b2, scale_c, *ctx.options)
-        return (None, None, *grads, None, None, None)
-
-
 def _check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -415,20 +328,32 @@ def create_hypernet(
     form: str = DEFAULT_FORM,
     eps: float = DEFAULT_EPS,
 ) -> Hypernet:
-    """Build a hypernetwork by name: ``"grad"``, ``"grad+weight"`` or ``"lstm"``.
+    """Build a registered hypernetwork kind: ``"grad"``, ``"grad+weight"`` or ``"lstm"``.
 
     Args:
-        kind: the variant (see the module docs).
+        kind: the variant (see the module docs; :data:`HYPERNET_KINDS`).
         hidden: hidden width.
         layers: hidden layers of the MLP variants (the LSTM has one cell: only 1 is accepted).
-        form: ``"residual"``, ``"gain"`` or ``"signed-gain"`` correction (see the module docs).
+        form: a registered correction form, ``"residual"``, ``"gain"`` or ``"signed-gain"``
+            (see the module docs; :data:`HYPERNET_FORMS`).
         eps: floor on ``rms`` when normalising inputs.
     """
-    if kind in ("grad", "grad+weight"):
-        use_weight = kind == "grad+weight"
+    return HYPERNET_KINDS.lookup(kind)(hidden=hidden, layers=layers, form=form, eps=eps)
+
+
+def _mlp_kind(use_weight: bool) -> HypernetFactory:
+    def build(*, hidden: int, layers: int, form: str, eps: float) -> Hypernet:
         return MLPHypernet(use_weight=use_weight, hidden=hidden, layers=layers, form=form, eps=eps)
-    if kind == "lstm":
-        if layers != 1:
-            raise ValueError(f"the lstm hypernetwork has a single cell; got layers={layers!r}")
-        return LSTMHypernet(hidden=hidden, form=form, eps=eps)
-    raise ValueError(f"unknown hypernetwork kind {kind!r}; available: {', '.join(HYPERNET_KINDS)}")
+
+    return build
+
+
+def _lstm_kind(*, hidden: int, layers: int, form: str, eps: float) -> Hypernet:
+    if layers != 1:
+        raise ValueError(f"the lstm hypernetwork has a single cell; got layers={layers!r}")
+    return LSTMHypernet(hidden=hidden, form=form, eps=eps)
+
+
+register_hypernet("grad", _mlp_kind(use_weight=False))
+register_hypernet("grad+weight", _mlp_kind(use_weight=True))
+register_hypernet("lstm", _lstm_kind)

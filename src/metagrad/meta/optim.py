@@ -18,7 +18,7 @@ have taken ``n - 1`` updates while the other parameters have taken ``n``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,100 +28,15 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from metagrad import kernels
+from metagrad.meta.chunking import auto_chunk_size, check_chunk_size
+from metagrad.meta.horizon import WINDOW_KEYS, detach, slide, unroll
 from metagrad.meta.hyper import DEFAULT_KIND, Hypernet, create_hypernet
+from metagrad.meta.timing import HyperTimer
+from metagrad.meta.updates import BaseState, check_settings, get_base_rule
 from metagrad.nn.layers import quantized_weights
-
-BASES: tuple[str, ...] = ("sgd", "adam")
-CPU_CHUNK_SIZE = 1 << 17
-"""Weight elements per hypernetwork chunk on CPU under ``chunk_size="auto"``: a chunk's
-activations stay in cache, which is faster there than one pass over a whole layer."""
-ACTIVATION_MEMORY_SHARE = 0.25
-"""Share of the device's free memory the hypernetwork's activations may take before
-``chunk_size="auto"`` chunks them (CUDA)."""
-
-COMM_BITS: tuple[int, ...] = (32, 16, 8, 4)
-"""Bits of the gradient all-reduce under DistributedDataParallel (16: bfloat16)."""
+from metagrad.parallel.comm import COMM_BITS
 
 Closure = Callable[[], Tensor]
-BaseState = dict[str, Any]
-
-
-def _safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)`` for ``x >= 0`` whose gradient at 0 is 0 instead of ``inf`` (no ``inf * 0``)."""
-    if not x.requires_grad:
-        return x.sqrt()
-    positive = x > 0
-    root = torch.where(positive, x, torch.ones_like(x)).sqrt()
-    return torch.where(positive, root, torch.zeros_like(x))
-
-
-def sgd_update(
-    param: Tensor, grad: Tensor, state: BaseState, group: Mapping[str, Any]
-) -> tuple[Tensor, BaseState]:
-    """One ``torch.optim.SGD`` step (no dampening) out of place: ``(new_param, new_state)``.
-
-    Differentiable in ``grad``; the same arithmetic as ``torch.optim.SGD``'s single-tensor path.
-    """
-    lr = torch.as_tensor(group["lr"], dtype=param.dtype, device=param.device)
-    new_param, buf = _sgd_arithmetic(
-        param,
-        grad,
-        state.get("momentum_buffer"),
-        lr,
-        group["momentum"],
-        group["weight_decay"],
-        group["nesterov"],
-    )
-    return new_param, ({} if buf is None else {"momentum_buffer": buf})
-
-
-@kernels.kernel
-def _sgd_arithmetic(
-    param: Tensor,
-    grad: Tensor,
-    buf: Tensor | None,
-    lr: Tensor,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """``(new_param, new_momentum_buffer)``; ``lr`` a tensor, so that schedules never recompile."""
-    if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
-    if momentum != 0:
-        buf = grad.clone() if buf is None else buf.mul(momentum).add(grad)
-        grad = grad.add(buf, alpha=momentum) if nesterov else buf
-    else:
-        buf = None
-    return param - lr * grad, buf
-
-
-def adam_update(
-    param: Tensor, grad: Tensor, state: BaseState, group: Mapping[str, Any]
-) -> tuple[Tensor, BaseState]:
-    """One ``torch.optim.Adam`` step (L2 weight decay, no amsgrad) out of place.
-
-    Differentiable in ``grad``; the same arithmetic as ``torch.optim.Adam``'s single-tensor path.
-    """
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    if group["weight_decay"] != 0:
-        grad = grad.add(param, alpha=group["weight_decay"])
-    step = state.get("step", 0) + 1
-    exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
-    if exp_avg is None or exp_avg_sq is None:
-        exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
-    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
-    exp_avg_sq = torch.addcmul(exp_avg_sq.mul(beta2), grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    denom = (_safe_sqrt(exp_avg_sq) / (1 - beta2**step) ** 0.5).add(eps)
-    new_param = torch.addcdiv(param, exp_avg, denom, value=-step_size)
-    return new_param, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-
-
-_UPDATES = {"sgd": sgd_update, "adam": adam_update}
-_WINDOW_KEYS = ("anchor", "anchor_base", "anchor_hyper", "window")
-_BASE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
 
 
 class _ClosureModule(nn.Module):
@@ -150,7 +65,7 @@ class MetaGrad(Optimizer):
             :func:`~metagrad.nn.layers.quantized_weights`) are the meta weights, every other
             trainable parameter takes plain base-rule steps.
         lr: learning rate (read from the param groups at every step, so schedulers work).
-        base: ``"sgd"`` or ``"adam"``.
+        base: a registered base rule (:mod:`metagrad.meta.updates`): ``"sgd"`` or ``"adam"``.
         momentum, nesterov, weight_decay: as ``torch.optim.SGD`` (``weight_decay`` also for Adam,
             as L2 added to the gradient like ``torch.optim.Adam``).
         betas, eps: as ``torch.optim.Adam``.
@@ -163,8 +78,8 @@ class MetaGrad(Optimizer):
             CIFAR-10 that made MetaGrad diverge within two epochs, 1e-4 did not.
         chunk_size: weight elements per hypernetwork chunk (``None``: no chunking);
             ``"auto"``: on CUDA unchunked when the activations of the largest layer fit in
-            :data:`ACTIVATION_MEMORY_SHARE` of the free memory (else chunks that do), on CPU
-            :data:`CPU_CHUNK_SIZE`. A fused hypernetwork (compiled kernels, see
+            a share of the free memory (else chunks that do), on CPU cache-sized chunks
+            (:mod:`metagrad.meta.chunking`). A fused hypernetwork (compiled kernels, see
             :mod:`metagrad.meta.hyper`) holds no activations and ignores it.
         skip_nonfinite: skip steps whose loss or gradients are not finite (see below).
         comm_bits: bits of the gradient all-reduce when ``model`` is DDP-wrapped (see below).
@@ -234,7 +149,9 @@ class MetaGrad(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _check_args(base, lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr, chunk_size)
+        get_base_rule(base)  # raises on an unknown name
+        check_settings(lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr=hyper_lr)
+        check_chunk_size(chunk_size)
         if comm_bits not in COMM_BITS:
             raise ValueError(f"comm_bits must be one of {COMM_BITS}, got {comm_bits!r}")
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
@@ -274,7 +191,7 @@ class MetaGrad(Optimizer):
             broadcast_tensors_(
                 [*hypernet.parameters(), *hypernet.buffers()], group=self._ddp.process_group
             )
-        self.chunk_size = _auto_chunk_size(meta, hypernet) if chunk_size == "auto" else chunk_size
+        self.chunk_size = auto_chunk_size(meta, hypernet) if chunk_size == "auto" else chunk_size
         if hyper_optimizer is None:
             hyper_optimizer = torch.optim.Adam(hypernet.parameters(), lr=hyper_lr)
         self.hyper_optimizer = hyper_optimizer
@@ -357,7 +274,7 @@ class MetaGrad(Optimizer):
             )
         meta_groups = [g for g in self.param_groups if g["meta"]]
         rest_groups = [g for g in self.param_groups if not g["meta"]]
-        timer = _HyperTimer(self.hypernet)
+        timer = HyperTimer(self.hypernet)
         device_type = self.meta_params[0].device.type if self.meta_params else "cpu"
         with torch.enable_grad():
             start = time.perf_counter()
@@ -396,18 +313,19 @@ class MetaGrad(Optimizer):
         A weight frozen since the last step (``requires_grad`` False) is left out and its
         pending gradient dropped.
         """
-        update = _UPDATES[self.base]
+        update = get_base_rule(self.base).update
         proposals = {}
         for p in group["params"]:
             state = self.state[p]
             if not p.requires_grad:
-                for key in ("pending_grad", *_WINDOW_KEYS):
+                for key in ("pending_grad", *WINDOW_KEYS):
                     state.pop(key, None)
                 continue
             if "pending_grad" not in state:
                 continue
             if self.horizon > 1:
-                proposals[p] = self._unroll(state, group)
+                rule = get_base_rule(self.base)
+                proposals[p] = unroll(state, group, self.hypernet, rule, self.chunk_size)
                 continue
             w = p.detach()
             corrected, hyper_state = self.hypernet(
@@ -419,26 +337,8 @@ class MetaGrad(Optimizer):
             proposals[p] = (new_w, base_state, hyper_state, None)
         return proposals
 
-    def _unroll(self, state: dict[str, Any], group: dict[str, Any]) -> tuple:
-        """``W_t`` from the window's anchor through its recorded gradients (``horizon > 1``).
-
-        Returns ``(W_t, base state, hypernet state, first)``, ``first`` being the same triple
-        after the window's first update (the next anchor).
-        """
-        update = _UPDATES[self.base]
-        w, base, hyper = state["anchor"], state["anchor_base"], state["anchor_hyper"]
-        first = None
-        for g in state["window"]:
-            corrected, hyper = self.hypernet(g, w.detach(), hyper, chunk_size=self.chunk_size)
-            w, base = update(w, corrected, base, group)
-            if first is None:
-                first = (w, base, hyper)
-        if not w.requires_grad:  # a frozen hypernet: still collect g_t
-            w = w.detach().requires_grad_()
-        return w, base, hyper, first
-
     def _run_closure(
-        self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: _HyperTimer
+        self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: HyperTimer
     ) -> tuple[Tensor, dict[Tensor, Tensor]]:
         """Run the closure with the meta weights replaced by ``W_t``; collect ``dL/dW_t``.
 
@@ -521,40 +421,22 @@ class MetaGrad(Optimizer):
             if p in proposals:
                 new_w, base_state, hyper_state, first = proposals[p]
                 p.copy_(new_w)
-                state.update({k: _detach(v) for k, v in base_state.items()})
+                state.update({k: detach(v) for k, v in base_state.items()})
                 if hyper_state:
                     state["hyper_state"] = tuple(s.detach() for s in hyper_state)
                 grad = new_grads.get(p)
                 p.grad = None if grad is None else grad.detach()
             grad = p.grad if p.requires_grad else None
             if grad is None:
-                for key in ("pending_grad", *_WINDOW_KEYS):
+                for key in ("pending_grad", *WINDOW_KEYS):
                     state.pop(key, None)
             else:
                 state["pending_grad"] = grad  # the very tensor on p.grad
                 if self.horizon > 1:
-                    self._slide(p, state, grad, first)
-
-    def _slide(self, p: Tensor, state: dict[str, Any], grad: Tensor, first: tuple | None) -> None:
-        """Record ``g_t`` in the window; past ``horizon`` gradients, advance the anchor by one."""
-        if "window" not in state:  # the first gradient: the window starts at the current weights
-            state["anchor"] = p.detach().clone()
-            state["anchor_base"] = {
-                k: _detach(state[k]) for k in _BASE_KEYS[self.base] if k in state
-            }
-            hyper = state.get("hyper_state")
-            state["anchor_hyper"] = tuple(hyper) if hyper else None
-            state["window"] = []
-        state["window"].append(grad)
-        if len(state["window"]) > self.horizon and first is not None:
-            w, base, hyper = first
-            state["anchor"] = w.detach()
-            state["anchor_base"] = {k: _detach(v) for k, v in base.items()}
-            state["anchor_hyper"] = tuple(h.detach() for h in hyper) if hyper else None
-            state["window"].pop(0)
+                    slide(p, state, grad, first, self.horizon, get_base_rule(self.base))
 
     def _plain_steps(self, group: dict[str, Any]) -> None:
-        update = _UPDATES[self.base]
+        update = get_base_rule(self.base).update
         for p in group["params"]:
             if p.grad is None or not p.requires_grad:
                 continue
@@ -596,117 +478,3 @@ class MetaGrad(Optimizer):
             self.hypernet.load_state_dict(hypernet)
         if hyper_optimizer is not None:
             self.hyper_optimizer.load_state_dict(hyper_optimizer)
-
-
-def _detach(value: Any) -> Any:
-    return value.detach() if isinstance(value, Tensor) else value
-
-
-class _HyperTimer:
-    """Seconds spent on the hypernetwork in one step, its backward pass included.
-
-    Autograd runs the hypernetwork's backward after the whole model's (its nodes were created
-    first), so it spans from the first ``W_t`` gradient hook to the last gradient accumulated into
-    the hypernetwork's parameters.
-    """
-
-    def __init__(self, hypernet: nn.Module) -> None:
-        self.hypernet = hypernet
-        self.elapsed = 0.0
-        self.backward_start: float | None = None
-        self.backward_end: float | None = None
-
-    def capture(self, param: Tensor, grads: dict[Tensor, Tensor]) -> Callable[[Tensor], None]:
-        """A tensor hook on ``W_t`` storing (accumulating) its gradient into ``grads[param]``."""
-
-        def hook(grad: Tensor) -> None:
-            if self.backward_start is None:
-                self.backward_start = time.perf_counter()
-            grads[param] = grad if param not in grads else grads[param] + grad
-
-        return hook
-
-    def watch_backward(self) -> _HookScope:
-        def mark_end(_: Tensor) -> None:
-            self.backward_end = time.perf_counter()
-
-        return _HookScope(
-            p.register_post_accumulate_grad_hook(mark_end)
-            for p in self.hypernet.parameters()
-            if p.requires_grad
-        )
-
-    def total(self) -> float:
-        backward = 0.0
-        if self.backward_start is not None and self.backward_end is not None:
-            backward = max(0.0, self.backward_end - self.backward_start)
-        return self.elapsed + backward
-
-
-class _HookScope:
-    """Removes the given hook handles on exit."""
-
-    def __init__(self, handles: Iterable[Any]) -> None:
-        self.handles = list(handles)
-
-    def __enter__(self) -> _HookScope:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _check_args(
-    base: str,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    hyper_lr: float,
-    chunk_size: int | None,
-) -> None:
-    if base not in BASES:
-        raise ValueError(f"unknown base rule {base!r}; available: {', '.join(BASES)}")
-    for name, value in (
-        ("lr", lr),
-        ("momentum", momentum),
-        ("weight_decay", weight_decay),
-        ("eps", eps),
-        ("hyper_lr", hyper_lr),
-    ):
-        if isinstance(value, Tensor) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if nesterov and momentum == 0:
-        raise ValueError("nesterov needs momentum > 0")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if chunk_size not in (None, "auto") and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be an integer >= 1, None or 'auto', got {chunk_size!r}")
-
-
-def _auto_chunk_size(meta: list[Tensor], hypernet: nn.Module | None) -> int | None:
-    """``chunk_size="auto"`` for these meta weights (see :class:`MetaGrad`)."""
-    if not meta or meta[0].device.type == "cpu":
-        return CPU_CHUNK_SIZE
-    device = meta[0].device
-    if device.type != "cuda":
-        return None
-    hidden = getattr(hypernet, "hidden", None) or _widest_layer(hypernet)
-    per_element = 4 * 4 * max(hidden, 1)  # pre-activation, activation, mask and grad, float32
-    budget = torch.cuda.mem_get_info(device)[0] * ACTIVATION_MEMORY_SHARE
-    largest = max(p.numel() for p in meta)
-    if largest * per_element <= budget:
-        return None
-    return max(1, int(budget // per_element))
-
-
-def _widest_layer(module: nn.Module | None) -> int:
-    widths = (
-        [m.out_features for m in module.modules() if isinstance(m, nn.Linear)] if module else []
-    )
-    return max(widths, default=8)

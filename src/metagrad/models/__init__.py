@@ -28,6 +28,8 @@ from typing import overload
 
 from torch import nn
 
+from metagrad.registry import Registry
+
 __all__ = [
     "CLASSIFIER_NAME",
     "FIRST_CONV_NAME",
@@ -59,8 +61,8 @@ ModelFn = Callable[..., nn.Module]
 TASKS = ("image", "charlm")
 """What a registered model is trained on: image classification, or character language modelling."""
 
-_REGISTRY: dict[str, ModelFn] = {}
-_TASKS: dict[str, str] = {}
+_REGISTRY: Registry[ModelFn] = Registry("model")
+_TASKS: dict[str, str] = {}  # a model's task, when not "image"
 
 
 @overload
@@ -79,11 +81,8 @@ def register_model(
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
 
     def register(fn: ModelFn) -> ModelFn:
-        name = fn.__name__
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = fn
-        _TASKS[name] = task
+        _REGISTRY.add(fn.__name__, fn)
+        _TASKS[fn.__name__] = task
         return fn
 
     return register if fn is None else register(fn)
@@ -96,8 +95,7 @@ def list_models() -> list[str]:
 
 def model_task(name: str) -> str:
     """The task (one of :data:`TASKS`) the registered model ``name`` is trained on."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    _REGISTRY.lookup(name)  # raises on an unknown name
     return _TASKS.get(name, "image")
 
 
@@ -112,15 +110,14 @@ def create_model(
         width: multiplier on every hidden channel count (finite, > 0).
         in_channels: channels of the input images (>= 1).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    build = _REGISTRY.lookup(name)  # raises on an unknown name
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_channels", in_channels)
     if isinstance(width, bool) or not isinstance(width, Real) or not math.isfinite(width):
         raise ValueError(f"width must be a finite positive number, got {width!r}")
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width!r}")
-    return _REGISTRY[name](num_classes=num_classes, width=float(width), in_channels=in_channels)
+    return build(num_classes=num_classes, width=float(width), in_channels=in_channels)
 
 
 def _check_positive_int(arg: str, value: object) -> None:

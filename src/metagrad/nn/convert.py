@@ -24,6 +24,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from metagrad.nn.attention import QuantMultiheadAttention, unfuse_
 from metagrad.nn.layers import QuantConv2d, QuantLinear, twin
 from metagrad.quant.spec import QuantConfig
+from metagrad.registry import Registry
 
 FilterFn = Callable[[nn.Module, str], bool]
 Handler = Callable[[nn.Module, QuantConfig], nn.Module | None]
@@ -64,7 +65,8 @@ class _Handler:
     methods: tuple[str, ...]
 
 
-_HANDLERS: dict[type[nn.Module], _Handler] = {}
+_HANDLERS: Registry[_Handler] = Registry("conversion handler")
+"""The registered handlers, keyed by module type."""
 
 
 def register_handler(module_type: type[nn.Module], *, methods: Iterable[str] = ("forward",)):
@@ -76,7 +78,8 @@ def register_handler(module_type: type[nn.Module], *, methods: Iterable[str] = (
     one of ``methods`` (the ones that compute the output): then it is reported, not converted.
     A converted module should share the original's ``Parameter`` objects
     (:func:`metagrad.nn.layers.twin` builds such a copy), so that optimizers keep working.
-    Submodules of the converted module are converted by their own handlers afterwards.
+    Submodules of the converted module are converted by their own handlers afterwards. A type
+    takes one handler: registering another for it raises ``ValueError``.
 
     Example, for a module type of your own::
 
@@ -101,7 +104,7 @@ def register_handler(module_type: type[nn.Module], *, methods: Iterable[str] = (
     methods = tuple(methods)
 
     def register(fn: H) -> H:
-        _HANDLERS[module_type] = _Handler(fn, methods)
+        _HANDLERS.add(module_type, _Handler(fn, methods))
         return fn
 
     return register

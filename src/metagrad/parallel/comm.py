@@ -50,6 +50,9 @@ HOOK_BITS: tuple[int, ...] = (
     HALF_PRECISION_BITS,
     *range(MIN_BITS, MAX_BITS + 1),
 )
+COMM_BITS: tuple[int, ...] = (FULL_PRECISION_BITS, HALF_PRECISION_BITS, 8, 4)
+"""The all-reduce payloads a training run offers (``MetaGrad(comm_bits=...)``, ``--comm-bits``):
+full precision, bfloat16, 8 and 4 bits."""
 _SCALE_BYTES = 4  # float32
 _MAX_CODES_PER_BYTE = 4
 

@@ -1,12 +1,13 @@
 """Quantizers: number formats, scales, transforms and rounding, composed by a :class:`QuantSpec`.
 
 The bottom layer of the package (it imports only :mod:`metagrad.registry` and
-:mod:`metagrad.kernels`): :mod:`~metagrad.quant.spec` (specs and layer configs),
+:mod:`metagrad.kernels`): :mod:`~metagrad.quant.spec` (specs, their text, and layer configs),
 :mod:`~metagrad.quant.formats`, :mod:`~metagrad.quant.scaling`, :mod:`~metagrad.quant.transforms`,
 :mod:`~metagrad.quant.quantize` (the quantizers) and :mod:`~metagrad.quant.presets` (the
 published gradient quantizers by name).
 """
 
+from metagrad.quant.formats import register_format
 from metagrad.quant.presets import list_presets, preset_config, register_preset
 from metagrad.quant.quantize import (
     fake_quantize,
@@ -15,7 +16,9 @@ from metagrad.quant.quantize import (
     quantize_along,
     quantize_codes,
 )
+from metagrad.quant.scaling import register_scale_format
 from metagrad.quant.spec import FULL_PRECISION_BITS, QuantConfig, QuantSpec
+from metagrad.quant.transforms import register_transform
 
 __all__ = [
     "FULL_PRECISION_BITS",
@@ -28,5 +31,8 @@ __all__ = [
     "preset_config",
     "quantize_along",
     "quantize_codes",
+    "register_format",
     "register_preset",
+    "register_scale_format",
+    "register_transform",
 ]

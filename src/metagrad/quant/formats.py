@@ -169,7 +169,16 @@ class FloatFormat:
         return f"fp_e{self.exponent}m{self.mantissa}"
 
 
-_FORMATS: Registry[NumberFormat] = Registry("number format")
+NAME_CHARS = "A-Za-z0-9_.+-"
+"""Characters of the names written in spec strings (formats, scale formats, transforms)."""
+NAME_PATTERN = rf"[A-Za-z][{NAME_CHARS}]*"
+NAME_HELP = "a letter, then letters, digits or any of _.+-"
+FULL_PRECISION_NAMES = ("fp32", "off")
+"""What a spec string says for "leave in full precision" (never format names)."""
+
+_FORMATS: Registry[NumberFormat] = Registry(
+    "number format", pattern=NAME_PATTERN, pattern_help=NAME_HELP, reserved=FULL_PRECISION_NAMES
+)
 
 
 def register_format(name: str, fmt: NumberFormat) -> NumberFormat:

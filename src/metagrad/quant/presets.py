@@ -57,16 +57,7 @@ def preset_config(name: str, base: QuantConfig | None = None) -> QuantConfig:
     The preset's backward specs replace ``base``'s; ``base`` defaults to ``QuantConfig()``.
     """
     preset = _PRESETS.lookup(name)()
-    if base is None:
-        return preset
-    return dataclasses.replace(
-        base,
-        grad=preset.grad,
-        grad_for_weight_grad=preset.grad_for_weight_grad,
-        weight_for_input_grad=preset.weight_for_input_grad,
-        input_for_weight_grad=preset.input_for_weight_grad,
-        backward_operand_bits=preset.backward_operand_bits,
-    )
+    return preset if base is None else base.with_backward_of(preset)
 
 
 @register_preset("plain")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from metagrad.kernels import kernel
 from metagrad.quant.formats import DITHER_LEVELS, NumberFormat
-from metagrad.quant.scaling import group_scales
+from metagrad.quant.scaling import ScaleRule, get_scale_rule, group_scales, scales_by_rule
 from metagrad.quant.spec import QuantSpec
 from metagrad.quant.transforms import Transform, get_transform
 
@@ -151,10 +151,10 @@ def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], 
 
 
 @kernel
-def _block_scales(blocks: Tensor, max_value: float, scale_format: str) -> Tensor:
+def _block_scales(blocks: Tensor, max_value: float, rule: ScaleRule) -> Tensor:
     """One scale per block along the last dim of ``blocks`` (float32+), keeping that dim."""
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    return group_scales(amax, max_value, scale_format, amax.amax())
+    return scales_by_rule(amax, max_value, rule, amax.amax())
 
 
 @kernel
@@ -181,7 +181,7 @@ def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
     if padded != length:
         m = torch.nn.functional.pad(m, (0, padded - length))
     blocks = m.reshape(rows, padded // size, size)
-    scale = _block_scales(blocks, fmt.max_value, spec.scale_format)
+    scale = _block_scales(blocks, fmt.max_value, get_scale_rule(spec.scale_format))
     dither = _dither(blocks, generator) if spec.rounding == "stochastic" else None
     return _dequantized(blocks, scale, dither, fmt).reshape(rows, padded)[:, :length]
 

@@ -1,20 +1,23 @@
 """What to quantize and how: :class:`QuantSpec` (one tensor) and :class:`QuantConfig` (a layer).
 
 The bottom of the package: specs are plain frozen values, validated when built, that every other
-layer reads. ``str(spec)`` names a spec and :meth:`QuantSpec.parse` reads that name back.
-A config names its backend; backends register themselves in :data:`BACKENDS` (from
-:mod:`metagrad.backward`), so a config is checked against the backend it names without this
-module importing any backend.
+layer reads. ``str(spec)`` writes a spec in the spec syntax and :meth:`QuantSpec.parse` reads it
+back (see :class:`QuantSpec`). A config names its backend; backends register themselves in
+:data:`BACKENDS` (from :mod:`metagrad.backward`), so a config is checked against the backend it
+names without this module importing any backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from metagrad.quant.formats import IntFormat, NumberFormat, get_format
-from metagrad.quant.transforms import get_transform
+from metagrad.quant.formats import FULL_PRECISION_NAMES, IntFormat, NumberFormat, get_format
+from metagrad.quant.formats import list_formats as _list_formats
+from metagrad.quant.scaling import get_scale_rule, list_scale_formats
+from metagrad.quant.transforms import get_transform, list_transforms
 from metagrad.registry import Registry
 
 
@@ -31,15 +34,17 @@ BACKENDS: Registry[BackendInfo] = Registry("backend")
 
 Rounding = Literal["nearest", "stochastic"]
 Granularity = Literal["tensor", "channel", "sample", "block"]
-ScaleFormat = Literal["float32", "e8m0", "e4m3"]
 
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 INTEGER_GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
 GRANULARITIES: tuple[str, ...] = (*INTEGER_GRANULARITIES, "block")
-SCALE_FORMATS: tuple[str, ...] = ("float32", "e8m0", "e4m3")
 FULL_PRECISION_BITS = 32
 MIN_BITS, MAX_BITS = 2, 8
 MAX_BLOCK_SIZE = 1 << 16
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_TRANSFORM_BLOCK = 128
+SEPARATOR = ":"
+"""Between the tokens of a spec string."""
 
 
 @dataclass(frozen=True)
@@ -58,22 +63,42 @@ class QuantSpec:
             ``"fp4_e2m1"``, ``"log4"``, ...); None: the integers of ``bits`` bits. An integer
             format given by name (``"int4"``) is the same spec as ``bits=4``.
         block_size: elements per scale when ``granularity`` is ``"block"``.
-        scale_format: ``"float32"`` scales; ``"e8m0"``: powers of two (MX), rounded up so that
-            no element is clipped; ``"e4m3"``: FP8 E4M3 scales under one float32 scale per
-            tensor (NVFP4's two levels), rounded up likewise.
+        scale_format: a registered scale format (:mod:`metagrad.quant.scaling`): ``"float32"``
+            scales; ``"e8m0"``: powers of two (MX), rounded up so that no element is clipped;
+            ``"e4m3"``: FP8 E4M3 scales under one float32 scale per tensor (NVFP4's two
+            levels), rounded up likewise.
         transform: a registered orthogonal transform (:mod:`metagrad.quant.transforms`: ``"rht"``,
             ``"bhq"``) applied before quantization and undone after; None for none.
         transform_block: the transform's block (``rht``) or group (``bhq``) size.
+
+    Settings that do not apply take their defaults, so that two specs that quantize alike are
+    equal: a full-precision spec is ``QuantSpec()`` whatever else it was given, ``bits`` is 32
+    under a non-integer ``format``, ``block_size`` is 32 without ``"block"`` granularity and
+    ``transform_block`` 128 without a transform.
+
+    Text (``str(spec)``, :meth:`parse`): tokens joined by ``:``, the number format first, then
+    any of (in any order, each at most once; defaults left out)
+
+    - a granularity: ``tensor`` (default), ``channel``, ``sample`` or ``block<N>`` (``block``
+      alone: 32 elements per scale);
+    - a scale format: ``float32`` (default), ``e8m0``, ``e4m3`` or another registered one;
+    - a rounding: ``nearest`` (default) or ``stochastic``;
+    - a transform with its block: ``rht<N>``, ``bhq<N>`` or another registered one (the name
+      alone: block 128).
+
+    ``fp32`` (or ``off``) alone is full precision. ``str`` writes this order, with block sizes
+    always given: ``fp4_e2m1:block32:e8m0:stochastic:rht32``, ``int4:sample:stochastic``,
+    ``fp8_e5m2``, ``fp32``.
     """
 
     bits: int = FULL_PRECISION_BITS
     rounding: Rounding = "nearest"
     granularity: Granularity = "tensor"
     format: str | None = None
-    block_size: int = 32
-    scale_format: ScaleFormat = "float32"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    scale_format: str = "float32"
     transform: str | None = None
-    transform_block: int = 128
+    transform_block: int = DEFAULT_TRANSFORM_BLOCK
 
     def __post_init__(self) -> None:
         if self.format is not None:
@@ -98,12 +123,23 @@ class QuantSpec:
         size = self.block_size
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be an integer in 1..{MAX_BLOCK_SIZE}, got {size!r}")
-        if self.scale_format not in SCALE_FORMATS:
-            raise ValueError(
-                f"scale_format must be one of {SCALE_FORMATS}, got {self.scale_format!r}"
-            )
+        get_scale_rule(self.scale_format)  # raises on an unknown name
         if self.transform is not None:
             get_transform(self.transform, self.transform_block)  # validates name and size
+        self._drop_unused_settings()
+
+    def _drop_unused_settings(self) -> None:
+        """Give the settings that do not apply their defaults (see the class docs)."""
+        if not self.enabled:
+            for f in dataclasses.fields(self):
+                object.__setattr__(self, f.name, f.default)
+            return
+        if self.format is not None:
+            object.__setattr__(self, "bits", FULL_PRECISION_BITS)
+        if self.granularity != "block":
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE)
+        if self.transform is None:
+            object.__setattr__(self, "transform_block", DEFAULT_TRANSFORM_BLOCK)
 
     @property
     def enabled(self) -> bool:
@@ -141,16 +177,90 @@ class QuantSpec:
 
     def __str__(self) -> str:
         if not self.enabled:
-            return "fp32"
-        fmt = self.format or f"int{self.bits}"
-        text = f"{fmt}-{self.rounding}-{self.granularity}"
+            return FULL_PRECISION_NAMES[0]
+        tokens = [self.format or f"int{self.bits}"]
         if self.granularity == "block":
-            text += str(self.block_size)
+            tokens.append(f"block{self.block_size}")
+        elif self.granularity != "tensor":
+            tokens.append(self.granularity)
         if self.scale_format != "float32":
-            text += f"-{self.scale_format}"
+            tokens.append(self.scale_format)
+        if self.rounding != "nearest":
+            tokens.append(self.rounding)
         if self.transform is not None:
-            text += f"-{self.transform}{self.transform_block}"
-        return text
+            tokens.append(f"{self.transform}{self.transform_block}")
+        return SEPARATOR.join(tokens)
+
+    @classmethod
+    def parse(cls, text: str) -> QuantSpec:
+        """The spec that ``text`` writes (the syntax of the class docs; ``str`` inverts it).
+
+        Raises:
+            ValueError: one line naming the token that is wrong and the choices.
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"a spec is a string such as 'int4:stochastic', got {text!r}")
+        head, *options = [token.strip() for token in text.strip().split(SEPARATOR)]
+        if head in FULL_PRECISION_NAMES:
+            if options:
+                raise ValueError(f"spec {text!r}: {head} (full precision) takes no options")
+            return cls()
+        if head not in _list_formats():
+            choices = ", ".join([*FULL_PRECISION_NAMES, *_list_formats()])
+            raise ValueError(f"spec {text!r}: unknown number format {head!r}; available: {choices}")
+        settings: dict[str, Any] = {"format": head}
+        for token in options:
+            for name, value in _parse_option(text, token).items():
+                if name in settings:
+                    raise ValueError(f"spec {text!r}: {token!r} gives the {_ROLE[name]} again")
+                settings[name] = value
+        try:
+            return cls(**settings)
+        except ValueError as err:
+            raise ValueError(f"spec {text!r}: {err}") from None
+
+
+_ROLE = {
+    "granularity": "granularity",
+    "block_size": "granularity",
+    "scale_format": "scale format",
+    "rounding": "rounding",
+    "transform": "transform",
+    "transform_block": "transform",
+}
+_SIZED = re.compile(r"(?P<name>.*?)(?P<size>[0-9]+)")
+
+
+def _parse_option(text: str, token: str) -> dict[str, Any]:
+    """The settings one option token of the spec ``text`` gives (see :class:`QuantSpec`)."""
+    sized = _SIZED.fullmatch(token)
+    name, size = (sized["name"], int(sized["size"])) if sized else (token, None)
+    readings = []
+    if token in ROUNDINGS:
+        readings.append({"rounding": token})
+    if token in INTEGER_GRANULARITIES:
+        readings.append({"granularity": token})
+    if name == "block":
+        block = DEFAULT_BLOCK_SIZE if size is None else size
+        readings.append({"granularity": "block", "block_size": block})
+    if token in list_scale_formats():
+        readings.append({"scale_format": token})
+    if name in list_transforms():
+        block = DEFAULT_TRANSFORM_BLOCK if size is None else size
+        readings.append({"transform": name, "transform_block": block})
+    if len(readings) == 1:
+        return readings[0]
+    if readings:
+        roles = " and ".join(sorted({_ROLE[next(iter(r))] for r in readings}))
+        raise ValueError(f"spec {text!r}: option {token!r} is ambiguous (both {roles})")
+    if not token:
+        raise ValueError(f"spec {text!r}: empty option (two '{SEPARATOR}' in a row?)")
+    raise ValueError(
+        f"spec {text!r}: unknown option {token!r}; expected a granularity "
+        f"({', '.join(INTEGER_GRANULARITIES)}, block<N>), a scale format "
+        f"({', '.join(list_scale_formats())}), a rounding ({', '.join(ROUNDINGS)}) or a "
+        f"transform ({', '.join(f'{t}<N>' for t in list_transforms())})"
+    )
 
 
 OPERAND_BITS = 8
@@ -158,6 +268,15 @@ OPERAND_BITS = 8
 OPERAND_BITS_CHOICES: tuple[int, ...] = (OPERAND_BITS, FULL_PRECISION_BITS)
 
 PRODUCT_SPECS = ("grad_for_weight_grad", "weight_for_input_grad", "input_for_weight_grad")
+FULL_PRECISION_BACKWARD: dict[str, Any] = {
+    "grad": QuantSpec(),
+    **dict.fromkeys(PRODUCT_SPECS),
+    "backward_operand_bits": FULL_PRECISION_BITS,
+}
+"""The fields of a :class:`QuantConfig` that say how its backward products are quantized, with
+the values of a full-precision backward pass."""
+BACKWARD_FIELDS = tuple(FULL_PRECISION_BACKWARD)
+SPEC_FIELDS = ("grad", "weight", "activation", *PRODUCT_SPECS)
 
 
 @dataclass(frozen=True)
@@ -223,6 +342,31 @@ class QuantConfig:
                     f"QuantConfig.{name} (forward quantization) takes integer specs, "
                     f"got {getattr(self, name)}"
                 )
+
+    @classmethod
+    def from_specs(cls, **settings: Any) -> QuantConfig:
+        """A config whose spec fields may be given as spec strings (:meth:`QuantSpec.parse`).
+
+        ``QuantConfig.from_specs(grad="fp4_e2m1:block16:e4m3:stochastic",
+        input_for_weight_grad="int8")``; other fields (``backend``, ...) as in the constructor.
+        """
+        for name in SPEC_FIELDS:
+            if isinstance(settings.get(name), str):
+                settings[name] = QuantSpec.parse(settings[name])
+        return cls(**settings)
+
+    def with_backward_of(self, other: QuantConfig, **changes: Any) -> QuantConfig:
+        """This config with ``other``'s backward quantization (:data:`BACKWARD_FIELDS`).
+
+        ``changes``: fields to replace at the same time, backward ones included (they take
+        precedence); the result is validated once.
+        """
+        backward = {name: getattr(other, name) for name in BACKWARD_FIELDS}
+        return dataclasses.replace(self, **{**backward, **changes})
+
+    def without_backward(self, **changes: Any) -> QuantConfig:
+        """This config with a full-precision backward pass (and ``changes``, as above)."""
+        return dataclasses.replace(self, **{**FULL_PRECISION_BACKWARD, **changes})
 
     @property
     def uses_integer_path(self) -> bool:

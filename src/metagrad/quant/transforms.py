@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from metagrad.quant.formats import NAME_CHARS, NAME_HELP
 from metagrad.registry import Registry
 
 MIN_RHT_BLOCK, MAX_RHT_BLOCK = 2, 1024
@@ -214,7 +215,11 @@ class BlockHouseholder:
 
 TransformFactory = Callable[[int], Transform]
 
-_TRANSFORMS: Registry[TransformFactory] = Registry("transform")
+_TRANSFORMS: Registry[TransformFactory] = Registry(
+    "transform",
+    pattern=rf"[A-Za-z](?:[{NAME_CHARS}]*[A-Za-z_.+-])?",
+    pattern_help=f"{NAME_HELP}, not ending in a digit (a spec writes its block after it: rht32)",
+)
 
 
 def register_transform(name: str, factory: TransformFactory) -> TransformFactory:

@@ -1,31 +1,62 @@
-"""The training run's settings: one dataclass, validated once, loadable from YAML/TOML and flags."""
+"""The training run's settings: one dataclass, validated once, loadable from YAML/TOML and flags
+(:mod:`metagrad.training.flags`).
+
+The choices of the named settings (models, presets, backends, base rules, hypernetwork kinds and
+forms, spec formats) are those of their registries when the settings are checked, so a plugin
+(``--plugin MODULE``, imported first) can add to them.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from metagrad.backward.backend import list_backends
+from metagrad.meta.forms import HYPERNET_FORMS
+from metagrad.meta.hyper import HYPERNET_KINDS
+from metagrad.meta.updates import BASE_RULES
 from metagrad.models import list_models
+from metagrad.parallel.comm import COMM_BITS
+from metagrad.plugins import PluginError, load_plugins
 from metagrad.quant.presets import list_presets, preset_config
-from metagrad.quant.spec import INTEGER_GRANULARITIES, ROUNDINGS, QuantConfig, QuantSpec
+from metagrad.quant.spec import (
+    FULL_PRECISION_BITS,
+    INTEGER_GRANULARITIES,
+    ROUNDINGS,
+    QuantConfig,
+    QuantSpec,
+)
 
 METHODS = ("plain", "metagrad")
-OPTIMIZERS = ("sgd", "adam")
-HYPERNETS = ("grad", "grad+weight", "lstm")
-HYPER_FORMS = ("residual", "gain", "signed-gain")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
 NONFINITE_POLICIES = ("stop", "skip")
-COMM_BITS = (32, 16, 8, 4)
+
+SPEC_KEYS = {
+    "grad_spec": "grad",
+    "grad_spec_wgrad": "grad_for_weight_grad",
+    "weight_spec_dgrad": "weight_for_input_grad",
+    "input_spec_wgrad": "input_for_weight_grad",
+    "weight_spec": "weight",
+    "act_spec": "activation",
+}
+"""Settings written in the spec syntax (:meth:`QuantSpec.parse`) -> the QuantConfig field each
+sets."""
+SPEC_REPLACES = {
+    "grad_spec": ("grad_bits", "grad_rounding", "grad_granularity"),
+    "weight_spec": ("weight_bits",),
+    "act_spec": ("act_bits",),
+}
+"""The settings a spec replaces: giving one of them (other than its default) too is refused."""
+PRESET_FIXES = ("grad_spec", "grad_spec_wgrad")
+"""Spec settings of the error's quantizer, which a gradient preset fixes."""
 
 MAX_SEED = 2**32 - 1  # the digits split (scikit-learn) takes seeds in [0, 2**32)
 MAX_WIDTH = 16.0  # a sanity bound: parameter counts grow with the square of the width
@@ -40,7 +71,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (each field is also a command-line flag)."""
+    """Everything that defines a training run (each field is also a command-line flag).
+
+    Building one imports the ``plugins`` first, then writes the spec settings
+    (:data:`SPEC_KEYS`) in their canonical form and validates everything.
+    """
 
     model: str = "vgg16"
     width: float = 1.0
@@ -58,8 +93,14 @@ class TrainConfig:
     grad_rounding: str = "stochastic"
     grad_granularity: str = "tensor"
     grad_quant: str | None = None
+    grad_spec: str | None = None
+    grad_spec_wgrad: str | None = None
+    weight_spec_dgrad: str | None = None
+    input_spec_wgrad: str | None = None
     weight_bits: int = 32
+    weight_spec: str | None = None
     act_bits: int = 32
+    act_spec: str | None = None
     backend: str = "simulate"
     fp_first_last: bool = False
     method: str = "plain"
@@ -80,17 +121,22 @@ class TrainConfig:
     out: str = "runs/default"
     resume: bool = False
     progress: bool = True
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.plugins = _coerce("plugins", self.plugins, [])
+        _load(self.plugins)
+        for name in SPEC_KEYS:  # the canonical text: equal specs are equal settings
+            setattr(self, name, canonical_spec(name, getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
         self._validate_numbers()
         _choice("model", self.model, tuple(list_models()))
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optimizer", self.optimizer, tuple(BASE_RULES))
         _choice("method", self.method, METHODS)
-        _choice("hyper", self.hyper, HYPERNETS)
-        _choice("hyper_form", self.hyper_form, HYPER_FORMS)
+        _choice("hyper", self.hyper, tuple(HYPERNET_KINDS))
+        _choice("hyper_form", self.hyper_form, tuple(HYPERNET_FORMS))
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile", self.compile, COMPILE_MODES)
@@ -105,29 +151,52 @@ class TrainConfig:
             "step (use compile 'kernels')",
         )
         _require(
+            self.method != "plain" or BASE_RULES[self.optimizer].optimizer is not None,
+            f"optimizer {self.optimizer!r} is a MetaGrad base rule with no optimizer of its own "
+            "for method plain; use method metagrad",
+        )
+        _require(
             not (self.amp == "fp16" and self.method == "metagrad"),
             "amp 'fp16' needs loss scaling, which MetaGrad's step does not do; use amp 'bf16'",
         )
         _choice("backend", self.backend, tuple(list_backends()))
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _choice("grad_granularity", self.grad_granularity, INTEGER_GRANULARITIES)
-        if self.grad_quant is not None:
-            _choice("grad_quant", self.grad_quant, tuple(list_presets()))
-            custom = {
-                "grad_bits": (self.grad_bits, 32),
-                "grad_rounding": (self.grad_rounding, "stochastic"),
-                "grad_granularity": (self.grad_granularity, "tensor"),
-            }
-            for name, (value, default) in custom.items():
-                _require(
-                    value == default,
-                    f"grad_quant {self.grad_quant!r} fixes the gradient quantizer; "
-                    f"{name} {value!r} would be ignored (give one or the other)",
-                )
+        self._validate_specs()
         try:
             self.quant_config()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _validate_specs(self) -> None:
+        """Refuse settings that contradict each other: a spec and the settings it replaces, a
+        gradient preset and the error's specs or the operand specs it sets itself."""
+        defaults = self.defaults()
+        for spec, replaced in SPEC_REPLACES.items():
+            for name in replaced:
+                value = getattr(self, name)
+                _require(
+                    getattr(self, spec) is None or value == defaults[name],
+                    f"{spec} {getattr(self, spec)!r} replaces {name}; {name} {value!r} "
+                    "would be ignored (give one or the other)",
+                )
+        if self.grad_quant is None:
+            return
+        _choice("grad_quant", self.grad_quant, tuple(list_presets()))
+        preset = preset_config(self.grad_quant)
+        fixed = {name: defaults[name] for name in SPEC_REPLACES["grad_spec"]}
+        fixed.update(dict.fromkeys(PRESET_FIXES))
+        for name in ("weight_spec_dgrad", "input_spec_wgrad"):
+            operand_bits = preset.backward_operand_bits
+            if getattr(preset, SPEC_KEYS[name]) is not None or operand_bits != FULL_PRECISION_BITS:
+                fixed[name] = None
+        for name, default in fixed.items():
+            value = getattr(self, name)
+            _require(
+                value == default,
+                f"grad_quant {self.grad_quant!r} fixes the gradient quantizer; "
+                f"{name} {value!r} would be ignored (give one or the other)",
+            )
 
     def _validate_numbers(self) -> None:
         """Ranges of the numeric settings; NaN and infinities fail every check."""
@@ -156,15 +225,33 @@ class TrainConfig:
         _require(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
     def quant_config(self) -> QuantConfig:
-        """The layers' quantization settings."""
+        """The layers' quantization settings.
+
+        The spec settings where given, else the bits (and rounding, granularity) settings; a
+        gradient preset then sets the backward error's quantizers, and the operand specs, the
+        other operand of each backward product.
+        """
+        specs = {key: self._spec(name) for name, key in SPEC_KEYS.items()}
         config = QuantConfig(
-            grad=QuantSpec(self.grad_bits, self.grad_rounding, self.grad_granularity),
-            weight=QuantSpec(self.weight_bits, "nearest", "channel"),
-            activation=QuantSpec(self.act_bits, "nearest", "tensor"),
+            grad=specs["grad"]
+            or QuantSpec(self.grad_bits, self.grad_rounding, self.grad_granularity),
+            weight=specs["weight"] or QuantSpec(self.weight_bits, "nearest", "channel"),
+            activation=specs["activation"] or QuantSpec(self.act_bits, "nearest", "tensor"),
+            grad_for_weight_grad=specs["grad_for_weight_grad"],
         )
         if self.grad_quant is not None:
             config = preset_config(self.grad_quant, config)
-        return dataclasses.replace(config, backend=self.backend)
+        operands = {
+            key: specs[key]
+            for key in ("weight_for_input_grad", "input_for_weight_grad")
+            if specs[key] is not None
+        }
+        return dataclasses.replace(config, backend=self.backend, **operands)
+
+    def _spec(self, name: str) -> QuantSpec | None:
+        """The spec setting ``name`` as a :class:`QuantSpec` (None where not given)."""
+        text = getattr(self, name)
+        return None if text is None else QuantSpec.parse(text)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,7 +259,10 @@ class TrainConfig:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every setting's default value."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        return {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+        }
 
 
 def _require(ok: bool, message: str) -> None:
@@ -185,6 +275,24 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _load(plugins: list[str]) -> None:
+    """Import the plugin modules (:mod:`metagrad.plugins`); a failure is one ConfigError line."""
+    try:
+        load_plugins(plugins)
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
+
+
+def canonical_spec(name: str, text: str | None) -> str | None:
+    """The spec setting ``name``'s text in the canonical form (``str(QuantSpec.parse(text))``)."""
+    if text is None:
+        return None
+    try:
+        return str(QuantSpec.parse(text))
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = frozenset(
     {"epochs", "max_steps", "resume", "progress", "out", "threads", "data", "compile", "nonfinite"}
@@ -193,63 +301,6 @@ RESUMABLE_KEYS = frozenset(
 PER_INVOCATION_KEYS = frozenset({"max_steps", "progress", "resume", "out"})
 # Keys that only matter with method "metagrad".
 HYPER_KEYS = frozenset({"hyper", "hyper_form", "hyper_hidden", "hyper_lr", "hyper_horizon"})
-
-HELP = {
-    "model": "model name from the registry (vgg16, resnet20, resnet56, mobilenetv2, small_cnn, "
-    "vit_tiny; gpt_char: a character language model)",
-    "width": "width multiplier of the model's channels",
-    "data": "CIFAR-10 (python release .tar.gz or folder, image-folder dir or .zip) or 'digits'; "
-    "for gpt_char a UTF-8 text file or 'pydoc' (the default: Python's documentation)",
-    "download": "download the CIFAR-10 python release into --data if it is not there",
-    "warmup_epochs": "linear learning-rate warm-up, then cosine decay to zero",
-    "grad_bits": "bits of the backward error (2..8, or 32 for full precision)",
-    "grad_quant": "a published gradient quantizer by name (plain, psq, bhq, luq, rht-mxfp4, "
-    "rht-nvfp4, fp8-e5m2); replaces --grad-bits/--grad-rounding/--grad-granularity",
-    "weight_bits": "forward (QAT) bits of weights, 32 = off",
-    "act_bits": "forward (QAT) bits of activations, 32 = off",
-    "backend": "simulate (float products) or int8 (integer products)",
-    "fp_first_last": "keep the first conv and the classifier unquantized",
-    "method": "plain quantized gradients or MetaGrad's hypernetwork correction",
-    "hyper": "hypernetwork kind (MetaGrad)",
-    "hyper_form": "residual correction, or a gain per element (odd in g, keeps zeros) seeing "
-    "|g| (gain) or g * sign(W) (signed-gain)",
-    "hyper_hidden": "hypernetwork hidden width (MetaGrad)",
-    "hyper_lr": "hypernetwork learning rate, Adam (MetaGrad)",
-    "hyper_horizon": "updates the hypernetwork is trained through: 1 (the one-step method) or K "
-    "(the loss after its last K updates, recomputed each step; MetaGrad)",
-    "diag_every": "every N steps, compare used and full-precision gradients (gradients.jsonl)",
-    "amp": "mixed precision: off, bf16 or fp16 (fp16 with loss scaling); auto: bf16 on CUDA, "
-    "off on CPU",
-    "compile": "torch.compile: off, kernels (fused quantizer and hypernetwork), model (kernels "
-    "and the model's training forward, method plain); auto: kernels where torch.compile works",
-    "threads": "torch CPU threads (0: torch's default)",
-    "nonfinite": "a step with a non-finite loss or gradient: stop the run before applying it, "
-    "or skip it and count it (summary.json: nonfinite_steps)",
-    "comm_bits": "under torchrun: bits of the gradient all-reduce (32; 16: bfloat16; 8 or 4: "
-    "stochastically rounded integers with block scales)",
-    "max_steps": "stop after this many steps in total (0: no limit)",
-    "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
-    "resume": "continue the run in --out with its saved settings; only epochs, max-steps, "
-    "data, threads, progress, compile and nonfinite may be given again",
-    "progress": "show a progress bar",
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; defaults are suppressed so that only given flags override a file."""
-    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": HELP.get(f.name, "")}
-        default = f.default
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = type(default) if default is not None else str
-            kwargs["metavar"] = f.name.upper()
-        if kwargs["help"] is not None:
-            kwargs["help"] += f" (default: {default})"
-        parser.add_argument(flag, **kwargs)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -272,21 +323,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then ``base`` (a config file), then ``overrides`` (flags); types are checked."""
     values = {**(base or {}), **overrides}
-    known = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
+    defaults = TrainConfig.defaults()
+    unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     for name, value in values.items():
-        values[name] = _coerce(name, value, known[name].default)
+        values[name] = _coerce(name, value, defaults[name])
     return TrainConfig(**values)
 
 
 def resume_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
     """The settings of a resumed run: the saved ones, with the given ``RESUMABLE_KEYS``.
 
-    Other given keys must equal the saved values; a setting the checkpoint predates takes its
-    default, and so do the settings of one invocation (``PER_INVOCATION_KEYS``: a run stopped
-    by ``--max-steps`` and resumed without it trains to the end).
+    Other given keys must equal the saved values (specs compared in their canonical form); a
+    setting the checkpoint predates takes its default, and so do the settings of one invocation
+    (``PER_INVOCATION_KEYS``: a run stopped by ``--max-steps`` and resumed without it trains to
+    the end). The saved plugins are imported first.
     """
     defaults = TrainConfig.defaults()
     saved = {**defaults, **saved, **{k: defaults[k] for k in PER_INVOCATION_KEYS}}
@@ -294,9 +346,10 @@ def resume_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(given) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    _load(_coerce("plugins", saved["plugins"], []))  # the run's registrations, for its specs
     fixed = {k: v for k, v in given.items() if k not in RESUMABLE_KEYS}
-    coerced = {k: _coerce(k, v, TrainConfig.defaults()[k]) for k, v in fixed.items()}
-    changed = sorted(k for k, v in coerced.items() if saved.get(k) != v)
+    coerced = {k: _canonical(k, _coerce(k, v, defaults[k])) for k, v in fixed.items()}
+    changed = sorted(k for k, v in coerced.items() if _canonical(k, saved.get(k)) != v)
     if changed:
         diffs = ", ".join(f"{k} (saved {saved.get(k)!r}, given {coerced[k]!r})" for k in changed)
         raise ConfigError(
@@ -306,7 +359,19 @@ def resume_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
     return build_config({**resumable, "resume": True}, {k: saved[k] for k in known})
 
 
+def _canonical(name: str, value: Any) -> Any:
+    """``value`` of setting ``name`` as the config holds it (a spec in its canonical form)."""
+    return canonical_spec(name, value) if name in SPEC_KEYS and isinstance(value, str) else value
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, list):  # a list of names; one name alone is a list of one
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(
+            isinstance(item, str) and item for item in items
+        ):
+            raise ConfigError(f"{name} must be a list of names, got {value!r}")
+        return list(items)
     if default is None or value is None:
         return value if value is None else str(value)
     kind = type(default)
