@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "kernels": 0,
     "checkpoint": 0,
     "_version": 0,
+    "plugins": 0,
     # 1: what to quantize and how
     "quant": 1,
     # 2: the backward products

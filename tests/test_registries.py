@@ -22,7 +22,7 @@ from metagrad.training.config import ConfigError, build_config
 
 def test_every_registry_is_a_registry():
     registries = [
-        models._REGISTRY,
+        models.MODELS,
         convert._HANDLERS,
         hyper.HYPERNET_KINDS,
         forms.HYPERNET_FORMS,

@@ -63,7 +63,7 @@ def poisoned_cnn(**kwargs) -> nn.Module:
 @pytest.fixture
 def poisoned(monkeypatch):
     """``poisoned_cnn`` in the model registry for one test; the poison counter reset."""
-    monkeypatch.setitem(models._REGISTRY, "poisoned_cnn", poisoned_cnn)
+    monkeypatch.setitem(models.MODELS, "poisoned_cnn", poisoned_cnn)
     _PoisonGradient.calls = 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import init_transformer_weights, register_model
+from .init import init_transformer_weights
+from .registry import register_model
 from .transformer import TransformerBlock, scale_dim
 
 GPT_CHAR_DIM = 128

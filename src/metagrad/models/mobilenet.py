@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import init_weights, register_model
+from .init import init_weights
+from .registry import register_model
 
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import init_weights, register_model, scale_channels
+from .init import init_weights, scale_channels
+from .registry import register_model
 
 SMALL_CNN_CHANNELS = (16, 32, 64)
 """Output channels of the three conv3×3-BN-ReLU layers."""

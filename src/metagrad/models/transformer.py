@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import scale_channels
+from .init import scale_channels
 
 
 class TransformerBlock(nn.TransformerEncoderLayer):

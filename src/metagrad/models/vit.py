@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import init_transformer_weights, register_model
+from .init import init_transformer_weights
+from .registry import register_model
 from .transformer import TransformerBlock, scale_dim
 
 VIT_TINY_DIM = 192

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from metagrad import kernels
+from metagrad.meta.updates import get_base_rule
 from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
 from metagrad.nn.convert import quantize_
 from metagrad.training.config import ConfigError, TrainConfig
@@ -86,13 +87,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
             comm_bits=cfg.comm_bits,
             horizon=cfg.hyper_horizon,
         )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
+    make = get_base_rule(cfg.optimizer).optimizer  # config refuses a rule without one
+    return make(
         model.parameters(),
         lr=cfg.lr,
         momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
+        nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
     )
 
