@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.runner import command_line, time_steps, train_runs
 from metagrad.quant.presets import list_presets
-from metagrad.training.config import build_config
+from metagrad.training.config import TrainConfig, build_config
+from metagrad.training.records import gradient_record
 from metagrad.training.tasks import task_for_model
 
 PRESETS = ["plain", "psq", "bhq", "luq", "rht-mxfp4", "rht-nvfp4", "fp8-e5m2"]
@@ -86,6 +87,24 @@ def settings_of(method: str) -> dict[str, Any]:
     if method.startswith("metagrad+"):
         return {**METAGRAD, "grad_quant": method.removeprefix("metagrad+")}
     return {"grad_quant": method}
+
+
+OLD_LABELS = ("method", "bits", "rounding", "granularity")
+"""What records of earlier versions said ran (from ``grad_bits`` alone: presets read as fp32)."""
+
+
+def relabel(path: Path) -> None:
+    """Rewrite what each record of the results file ``path`` says ran, from the settings of its
+    method name and of the file (:func:`~metagrad.training.records.gradient_record`)."""
+    results = json.loads(path.read_text())
+    for record in results["runs"]:
+        settings = {**results["settings"], **settings_of(record["method_name"])}
+        settings = {k: v for k, v in settings.items() if k in TrainConfig.defaults()}
+        described = gradient_record(build_config({**settings, "seed": record["seed"]}))
+        kept = {k: v for k, v in record.items() if k not in OLD_LABELS}
+        record.clear()
+        record.update(run=kept.pop("run"), **described, **kept)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def gradient_fidelity(run_dir: Path) -> dict[str, float | None]:
@@ -179,11 +198,20 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     parser.add_argument("--skip", nargs="*", default=[], help="runs not to train (METHOD-sSEED)")
+    parser.add_argument(
+        "--relabel",
+        action="store_true",
+        help="train nothing: rewrite what each record of --output says ran (method, preset, "
+        "specs) from its settings",
+    )
     args = parser.parse_args()
     task = TASKS[args.task]
     args.data = args.data or task.base.get("data", "../shared/data/cifar10-jpeg.zip")
     args.runs_dir = args.runs_dir or task.runs_dir
     args.output = args.output or task.output
+    if args.relabel:
+        relabel(Path(args.output))
+        return
     base = {k: v for k, v in task.base.items() if k != "data"}
     base.update(threads=args.threads, diag_every=args.diag_every)
     if args.epochs:

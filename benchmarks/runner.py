@@ -26,8 +26,9 @@ from metagrad import kernels
 from metagrad.data import BatchLoader, ImageDataset
 from metagrad.data.corpus import CharCorpus
 from metagrad.models import model_task
-from metagrad.training.config import build_config
+from metagrad.training.config import TrainConfig, build_config
 from metagrad.training.launcher import Launch, launch_runs
+from metagrad.training.records import gradient_record
 from metagrad.training.run_files import METRICS, SUMMARY, read_summary
 from metagrad.training.setup import build_model, build_optimizer, resolve_amp, resolve_device
 from metagrad.training.tasks import task_for_model
@@ -141,16 +142,18 @@ def training_benchmark(
     print(f"wrote {output}")
 
 
+def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
+    """The settings a summary recorded, as a ``TrainConfig`` (keys of other versions ignored)."""
+    known = TrainConfig.defaults()
+    return build_config({k: v for k, v in saved.items() if k in known and k != "resume"})
+
+
 def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict:
     """One line of a results file: the setting and what it reached."""
     cfg = summary["config"]
-    quantized = cfg["grad_bits"] < 32
     record = {
         "run": name,
-        "method": "full-precision" if cfg["method"] == "plain" and not quantized else cfg["method"],
-        "bits": cfg["grad_bits"],
-        "rounding": cfg["grad_rounding"] if quantized else None,
-        "granularity": cfg["grad_granularity"] if quantized else None,
+        **gradient_record(saved_train_config(cfg)),
         "seed": cfg["seed"],
         "epochs": summary["epochs_completed"],
         "steps": summary["steps"],

@@ -145,3 +145,26 @@ def hypernet_summary(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict
         "horizon": cfg.hyper_horizon,
         "parameters": sum(p.numel() for p in hypernet.parameters()),
     }
+
+
+def gradient_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run's backward pass quantizes, read from its resolved configuration: the method,
+    the preset (None for specs given directly), each backward operand's spec in the spec syntax
+    (``"fp32"``: full precision) and a ``label`` that names the run's gradients in tables."""
+    error_dx, error_dw, weight_dx, input_dw = cfg.quant_config().backward_specs
+    record = {
+        "method": cfg.method,
+        "preset": cfg.grad_quant,
+        "grad_spec": str(error_dx),
+        "grad_spec_wgrad": str(error_dw),
+        "weight_spec_dgrad": str(weight_dx),
+        "input_spec_wgrad": str(input_dw),
+    }
+    label = cfg.grad_quant or str(error_dx)
+    if cfg.grad_quant is None and error_dw != error_dx:
+        label += f", wgrad {error_dw}"
+    for name, spec in (("weight", weight_dx), ("input", input_dw)):
+        if spec.enabled:
+            label += f", {name} {spec}"
+    record["label"] = f"metagrad+{label}" if cfg.method == "metagrad" else label
+    return record

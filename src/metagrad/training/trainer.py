@@ -36,6 +36,7 @@ from metagrad.training.config import ConfigError, TrainConfig
 from metagrad.training.records import (
     communication_summary,
     cpu_model,
+    gradient_record,
     hypernet_summary,
     peak_memory_mb,
     provenance,
@@ -429,6 +430,7 @@ class Trainer(CheckpointState):
                 self.dist, self.cfg.comm_bits, self.model, self.comm_state, self.step
             ),
             "provenance": provenance(self.device),
+            "gradients": gradient_record(self.cfg),
             "quantization": str(self.cfg.quant_config()),
             "quantization_spec": self.cfg.quant_config().to_dict(),
             "hypernet": hypernet_summary(self.cfg, self.optimizer),
