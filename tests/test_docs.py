@@ -104,3 +104,10 @@ def test_extending_examples_run(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
+    command = _code(ROOT / "docs" / "extending.md", "bash")[-1].replace("\\\n", " ").split()
+    assert command[:2] == ["metagrad", "train"]
+    out = tmp_path / "runs" / "mine"
+    command = [sys.executable, "-m", "metagrad", *command[1:], "--max-steps", "2", "--no-progress"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "summary.json").is_file()
