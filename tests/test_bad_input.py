@@ -87,3 +87,25 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, delay):
     assert "Traceback" not in out + err
     assert len(err.strip().splitlines()) <= 1
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--lr", "1e300"], "lr must be <= 1e+06"),
+        (["--hyper-lr", "1e300"], "hyper_lr must be <= 1e+06"),
+        (["--warmup-epochs", "1e308"], "warmup_epochs must be <= epochs (4)"),
+        (["--out", ""], "out must name a directory"),
+        (["--out", "   "], "out must name a directory"),
+    ],
+)
+def test_out_of_range_settings_are_one_line(tmp_path, capsys, flags, problem):
+    argv = ["train", "--model", "small_cnn", "--data", "digits", "--out", str(tmp_path / "r")]
+    _one_line_error(capsys, [*argv, *flags], problem)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b'lr: 0.1\nmodel: "sm\xffall"\n')
+    _one_line_error(capsys, ["train", "--config", str(config)], f"{config}: not UTF-8 text", "0xff")

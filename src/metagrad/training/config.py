@@ -63,6 +63,7 @@ MAX_WIDTH = 16.0  # a sanity bound: parameter counts grow with the square of the
 MAX_THREADS = 4096  # torch.set_num_threads takes a C int; no machine has more cores
 MAX_HYPER_HIDDEN = 4096  # a sanity bound on the hypernetwork's hidden width
 MAX_HYPER_HORIZON = 64  # each step runs the hypernetwork this many times
+MAX_RATE = 1e6  # a sanity bound on learning rates and weight decay: larger ones only diverge
 
 
 class ConfigError(ValueError):
@@ -220,7 +221,15 @@ class TrainConfig:
                 value >= 0 and math.isfinite(value),
                 f"{name} must be a finite number >= 0, got {value!r}",
             )
+        _require(
+            self.warmup_epochs <= self.epochs,
+            f"warmup_epochs must be <= epochs ({self.epochs}), got {self.warmup_epochs!r}",
+        )
         _require(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number")
+        for name in ("lr", "weight_decay", "hyper_lr"):
+            value = getattr(self, name)
+            _require(value <= MAX_RATE, f"{name} must be <= {MAX_RATE:g}, got {value!r}")
+        _require(bool(self.out.strip()), "out must name a directory for the run, got ''")
         _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
         _require(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
@@ -308,7 +317,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
     try:
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
