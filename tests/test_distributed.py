@@ -177,3 +177,40 @@ def test_a_run_resumes_with_another_number_of_processes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and summary["communication"]["world_size"] == 2
     assert summary["steps"] == 43  # the same batches: 1347 digits in batches of 32
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_frozen_rank_stops_the_others_with_one_line_naming_it(tmp_path):
+    """SIGSTOP of rank 1: within --dist-timeout rank 0 stops, and says rank 1 did not report."""
+    args = ["-m", "metagrad", "train", "--model", "small_cnn", "--data", "digits"]
+    args += ["--epochs", "50", "--batch-size", "32", "--compile", "off", "--threads", "1"]
+    args += ["--device", "cpu", "--no-progress", "--dist-timeout", "4", "--out", str(tmp_path)]
+    launcher = subprocess.Popen(
+        _torchrun(2, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    frozen, main = _rank_pid(launcher.pid, 1), _rank_pid(launcher.pid, 0)
+    assert frozen is not None and main is not None
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        while Path(f"/proc/{main}").exists() and "Z" not in _state(main):
+            assert time.monotonic() - stopped < 60, "rank 0 still waits"
+            time.sleep(0.1)
+    finally:
+        os.kill(frozen, signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("metagrad: error: rank 0:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "waited more than 4 s (--dist-timeout)" in lines[0]
+    assert "rank 1 did not report" in lines[0]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return "Z"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from metagrad.checkpoint import CheckpointError
 from metagrad.data import DatasetError
+from metagrad.parallel.distributed import CollectiveFailure
 from metagrad.training.config import (
     ConfigError,
     TrainConfig,
@@ -20,7 +21,7 @@ from metagrad.training.config import (
 from metagrad.training.flags import add_arguments
 from metagrad.training.launcher import Terminated
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FloatingPointError, CollectiveFailure)
 
 
 def _train(args: argparse.Namespace) -> None:

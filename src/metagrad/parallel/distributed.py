@@ -7,8 +7,10 @@ through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +40,22 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def from_environment(device: torch.device) -> Distributed | None:
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a collective waits for the other ranks before the run stops (``--dist-timeout``)."""
+REPORT_SECONDS = 5.0
+"""How long a rank whose collective failed waits for the others to report the failure too."""
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed or timed out; the message names the ranks that did not report."""
+
+
+def from_environment(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Distributed | None:
     """Join the process group that ``torchrun`` describes (None for a single process).
 
     Uses gloo for CPU training and NCCL for CUDA; on CUDA each process takes the device of its
-    ``LOCAL_RANK``.
+    ``LOCAL_RANK``. A collective that waits ``timeout`` seconds for another rank fails (see
+    :func:`collective_failure`).
     """
     if not launched_by_torchrun():
         return None
@@ -59,8 +72,58 @@ def from_environment(device: torch.device) -> Distributed | None:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        limit = datetime.timedelta(seconds=timeout)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=limit)
     return Distributed(rank, world_size, local_rank, backend)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that timed out or lost a peer."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    marks = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL")
+    return isinstance(err, RuntimeError) and any(mark in text for mark in marks)
+
+
+def collective_failure(err: BaseException, place: Distributed, timeout: float) -> str:
+    """One line on a failed collective: each rank reports the failure through ``torchrun``'s
+    store, then waits :data:`REPORT_SECONDS` for the others; a rank that never reports is frozen
+    (a stopped process, a hung device) or gone."""
+    missing = _unreported_ranks(place)
+    if missing is None:
+        who = "the other ranks could not be asked which one is missing"
+    elif missing:
+        ranks = ", ".join(map(str, missing))
+        who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not report: frozen or gone"
+    else:
+        who = "every rank reported it: " + (str(err).strip().splitlines() or ["?"])[0][-160:]
+    return (
+        f"rank {place.rank}: a collective failed or waited more than {timeout:g} s "
+        f"(--dist-timeout); {who}. Stopping: resume from the last checkpoint with --resume"
+    )
+
+
+def _unreported_ranks(place: Distributed) -> list[int] | None:
+    """The ranks that have not reported a failed collective (None: the store is unreachable)."""
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=REPORT_SECONDS),
+        )
+        prefix = f"metagrad/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/failed/"
+        store.set(f"{prefix}{place.rank}", "1")
+        keys = [f"{prefix}{r}" for r in range(place.world_size)]
+        deadline = time.monotonic() + REPORT_SECONDS
+        while True:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except (KeyError, ValueError, RuntimeError):
+        return None
 
 
 def rank_seed(seed: int, rank: int) -> int:

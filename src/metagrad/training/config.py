@@ -23,6 +23,7 @@ from metagrad.meta.hyper import HYPERNET_KINDS
 from metagrad.meta.updates import BASE_RULES
 from metagrad.models import list_models
 from metagrad.parallel.comm import COMM_BITS
+from metagrad.parallel.distributed import DEFAULT_TIMEOUT
 from metagrad.plugins import PluginError, load_plugins
 from metagrad.quant.presets import list_presets, preset_config
 from metagrad.quant.spec import (
@@ -63,6 +64,7 @@ MAX_WIDTH = 16.0  # a sanity bound: parameter counts grow with the square of the
 MAX_THREADS = 4096  # torch.set_num_threads takes a C int; no machine has more cores
 MAX_HYPER_HIDDEN = 4096  # a sanity bound on the hypernetwork's hidden width
 MAX_HYPER_HORIZON = 64  # each step runs the hypernetwork this many times
+MAX_DIST_TIMEOUT = 7 * 24 * 3600.0  # a sanity bound: a week
 MAX_RATE = 1e6  # a sanity bound on learning rates and weight decay: larger ones only diverge
 
 
@@ -118,6 +120,7 @@ class TrainConfig:
     threads: int = 0
     nonfinite: str = "stop"
     comm_bits: int = 32
+    dist_timeout: float = DEFAULT_TIMEOUT
     max_steps: int = 0
     out: str = "runs/default"
     resume: bool = False
@@ -230,6 +233,10 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value <= MAX_RATE, f"{name} must be <= {MAX_RATE:g}, got {value!r}")
         _require(bool(self.out.strip()), "out must name a directory for the run, got ''")
+        _require(
+            0 < self.dist_timeout <= MAX_DIST_TIMEOUT,
+            f"dist_timeout must be in (0, {MAX_DIST_TIMEOUT:g}] seconds, got {self.dist_timeout!r}",
+        )
         _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
         _require(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
@@ -304,7 +311,18 @@ def canonical_spec(name: str, text: str | None) -> str | None:
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = frozenset(
-    {"epochs", "max_steps", "resume", "progress", "out", "threads", "data", "compile", "nonfinite"}
+    {
+        "epochs",
+        "max_steps",
+        "resume",
+        "progress",
+        "out",
+        "threads",
+        "data",
+        "compile",
+        "nonfinite",
+        "dist_timeout",
+    }
 )
 # Keys of one invocation, not restored by --resume.
 PER_INVOCATION_KEYS = frozenset({"max_steps", "progress", "resume", "out"})

@@ -85,10 +85,13 @@ def help_texts() -> dict[str, str]:
         "it, or skip it and count it (summary.json: nonfinite_steps)",
         "comm_bits": f"under torchrun: bits of the gradient all-reduce ({comm}; 16: bfloat16; "
         "8 or 4: stochastically rounded integers with block scales)",
+        "dist_timeout": "under torchrun: seconds a collective waits for the other ranks; then "
+        "every rank stops with one line naming the ranks that did not answer",
         "max_steps": "stop after this many steps in total (0: no limit)",
         "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
         "resume": "continue the run in --out with its saved settings (plugins included); only "
-        "epochs, max-steps, data, threads, progress, compile and nonfinite may be given again",
+        "epochs, max-steps, data, threads, progress, compile, nonfinite and dist-timeout may be "
+        "given again",
         "progress": "show a progress bar",
         "plugins": "a module to import before the settings are checked, so that what it "
         "registers (formats, scale formats, transforms, presets, backends, models, "

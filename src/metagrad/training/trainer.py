@@ -96,7 +96,7 @@ class Trainer(CheckpointState):
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
-        self.dist = distributed.from_environment(self.device)
+        self.dist = distributed.from_environment(self.device, cfg.dist_timeout)
         rank, world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
         if self.dist and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -471,6 +471,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         trainer = Trainer(cfg)
         return trainer.fit()
+    except RuntimeError as err:
+        place = trainer.dist if trainer is not None else None
+        if place is None or not distributed.is_collective_failure(err):
+            raise
+        message = distributed.collective_failure(err, place, cfg.dist_timeout)
+        raise distributed.CollectiveFailure(message) from None
     finally:
         del trainer  # the DDP model must go before the process group
         distributed.shutdown()
