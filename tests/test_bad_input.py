@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from metagrad.cli import main
 
@@ -292,3 +293,50 @@ def test_run_files_are_parsed_in_one_place():
     package = SRC / "metagrad"
     for module in ("training/reproduce.py", "training/launcher.py", "plot.py"):
         assert "json.load" not in (package / module).read_text(), module
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda s: s.update(partial={}), "partial lacks 'loss_sum'"),
+        (lambda s: s.update(step_seconds="abc"), "step_seconds is 'abc', expected a list, each"),
+        (lambda s: s["step_seconds"].append("x"), "step_seconds[3] is 'x', expected a finite"),
+        (lambda s: s["partial"].update(seen=-1), "partial.seen is -1, expected an integer >= 0"),
+        (lambda s: s.update(history=[{}]), "history[0] is a dict, expected an epoch record"),
+        (lambda s: s.update(hyper_seconds="1"), "hyper_seconds is '1', expected a finite number"),
+        (lambda s: s.update(skipped_steps=1.5), "skipped_steps is 1.5, expected an integer"),
+        (lambda s: s.update(torch_rng=torch.zeros(3)), "torch_rng is a Tensor, expected a uint8"),
+        (lambda s: s.update(grad_scaler=[]), "grad_scaler is a list, expected a state dict"),
+        (lambda s: s.update(optimizer=None), "optimizer is None, expected a state dict"),
+        (lambda s: s["position"].update(step=True), "position.step is True, expected an integer"),
+    ],
+    ids=[
+        "empty-partial",
+        "string-step-seconds",
+        "string-step-time",
+        "negative-seen",
+        "history-dict",
+        "string-hyper-seconds",
+        "float-count",
+        "float-rng",
+        "scaler-list",
+        "no-optimizer",
+        "bool-step",
+    ],
+)
+def test_a_hand_edited_checkpoint_names_the_bad_field(tmp_path, capsys, edit, problem):
+    from metagrad.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "small_cnn", "--data", "digits", "--batch-size", "32"]
+    args += ["--compile", "off", "--no-progress", "--max-steps", "3", "--out", str(out)]
+    assert main(args) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    edit(state)
+    save_checkpoint(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    resume = ["train", "--resume", "--out", str(out), "--no-progress", "--max-steps", "5"]
+    _one_line_error(capsys, resume, f"{out / 'checkpoint.pt'}: damaged or incompatible ({problem}")
