@@ -340,3 +340,22 @@ def test_a_hand_edited_checkpoint_names_the_bad_field(tmp_path, capsys, edit, pr
     capsys.readouterr()
     resume = ["train", "--resume", "--out", str(out), "--no-progress", "--max-steps", "5"]
     _one_line_error(capsys, resume, f"{out / 'checkpoint.pt'}: damaged or incompatible ({problem}")
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def test_a_corpus_with_too_many_distinct_characters_is_refused(tmp_path, capsys, monkeypatch):
+    from metagrad.data import corpus
+
+    text = "".join(chr(0x400 + i) for i in range(300)) * 4
+    path = tmp_path / "many.txt"
+    path.write_text(text, encoding="utf-8")
+    assert corpus.load_char_corpus(path).vocab_size == 300
+    monkeypatch.setattr(corpus, "MAX_VOCAB", 256)
+    argv = ["train", "--model", "gpt_char", "--data", str(path), "--out", str(tmp_path / "r")]
+    _one_line_error(
+        capsys,
+        [*argv, "--compile", "off", "--no-progress"],
+        f"{path}: has 300 distinct characters, more than the 256 a character vocabulary",
+    )
