@@ -756,6 +756,113 @@ def test_oversized_member_or_file_is_refused(
     assert name in message and "refusing to read it" in message
 
 
+def _spy_on_extraction(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the tar members the reader opens, as it opens them."""
+    opened: list[str] = []
+    extractfile = tarfile.TarFile.extractfile
+
+    def spy(self: tarfile.TarFile, member: tarfile.TarInfo | str) -> object:
+        opened.append(getattr(member, "name", member))
+        return extractfile(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    return opened
+
+
+def test_a_batch_member_over_the_limit_is_refused_before_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(release, "MAX_BATCH_BYTES", 5000)  # the test batches take 9 KiB
+    opened = _spy_on_extraction(monkeypatch)
+    path = _write_release_tar(tmp_path / "cifar-10-python.tar.gz", _release_files()[0])
+    message = _assert_dataset_error(path, match="limit for one CIFAR-10 batch file")
+    assert "(member cifar-10-batches-py/data_batch_1)" in message
+    assert opened == []
+
+
+def test_an_unrelated_member_over_the_limit_is_refused_before_it_is_decompressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Passing a member of a gzip stream decompresses it: a huge one is refused by the size its
+    header declares, and nothing after it is read."""
+    monkeypatch.setattr(release, "MAX_BATCH_BYTES", 16 << 10)
+    opened = _spy_on_extraction(monkeypatch)
+    files = _release_files()[0]
+    members = {f"cifar-10-batches-py/{n}": files.pop(n) for n in ("batches.meta", "data_batch_1")}
+    members["cifar-10-batches-py/zeros.bin"] = bytes(64 << 10)
+    members |= {f"cifar-10-batches-py/{n}": raw for n, raw in files.items()}
+    path = _write_tar(tmp_path / "cifar-10-python.tar.gz", members)
+    message = _assert_dataset_error(
+        path, match="64 KiB is larger than the 16 KiB limit for one member of the release"
+    )
+    assert "(member cifar-10-batches-py/zeros.bin)" in message
+    assert opened == ["cifar-10-batches-py/batches.meta", "cifar-10-batches-py/data_batch_1"]
+
+
+@pytest.mark.parametrize("name", ["cifar-10-python.tar.gz", "release.bin"])
+def test_an_oversized_extended_tar_header_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """tarfile reads a pax header whole: one over the limit is refused by its declared size,
+    also where a file of another name is probed for being a tar."""
+    monkeypatch.setattr(release, "MAX_HEADER_BYTES", 1024)
+    path = tmp_path / name
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+        info.pax_headers = {"comment": "x" * 4000}
+        tar.addfile(info, io.BytesIO(b""))
+    _assert_dataset_error(path, match="an extended tar header of 3.92 KiB, larger than the 1 KiB")
+    assert release.is_tar(path)
+
+
+@pytest.mark.parametrize(
+    ("limit", "value", "problem"),
+    [
+        ("MAX_ARCHIVE_MEMBERS", 3, "holds more than 3 members"),
+        ("MAX_ARCHIVE_BYTES", 20 << 10, "the members so far declare"),
+    ],
+)
+def test_an_archive_of_too_many_members_or_bytes_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str, value: int, problem: str
+) -> None:
+    monkeypatch.setattr(release, limit, value)
+    path = _write_release_tar(tmp_path / "cifar-10-python.tar.gz", _release_files()[0])
+    _assert_dataset_error(path, match=problem)
+
+
+@pytest.mark.parametrize("mode", ["w", "w:bz2", "w:xz"])
+def test_a_release_tar_of_any_compression_reads(tmp_path: Path, mode: str) -> None:
+    files, expected = _release_files()
+    path = tmp_path / "release.tar"
+    with tarfile.open(path, mode) as tar:
+        for name, raw in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    _assert_matches(load_cifar10(path, cache_dir=tmp_path / "cache"), expected)
+    renamed = path.rename(tmp_path / "release.data")  # found by content, not by name
+    _assert_matches(load_cifar10(renamed, cache_dir=tmp_path / "cache"), expected)
+
+
+def test_a_zip_member_over_the_limit_is_refused_before_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_folder, "MAX_IMAGE_BYTES", 4000)
+    path = _write_zip(
+        tmp_path / "images.zip", _image_folder_members()[0] | {"train/cat/big.png": bytes(5000)}
+    )
+    opened: list[str] = []
+    zip_open = zipfile.ZipFile.open
+
+    def spy(self: zipfile.ZipFile, name: zipfile.ZipInfo | str, *args: object) -> object:
+        opened.append(getattr(name, "filename", name))
+        return zip_open(self, name, *args)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    _assert_dataset_error(path, match="train/cat/big.png")
+    assert "train/cat/big.png" not in opened
+
+
 def _understate_zip_member(path: Path, name: str, size: int) -> None:
     """Patch the zip's local and central headers so that ``name`` claims ``size`` bytes."""
     raw = bytearray(path.read_bytes())

@@ -1,35 +1,15 @@
-"""Learning curves from runs' ``metrics.jsonl`` files."""
+"""Learning curves from runs' ``metrics.jsonl`` files (read by
+:func:`metagrad.training.run_files.read_metrics`: a bad line is one error naming the file and
+line)."""
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from metagrad.training.config import ConfigError
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of a run directory (partial-epoch records left out)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"no metrics.jsonl in {run_dir}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: unreadable ({type(err).__name__})") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise ConfigError(f"{path}, line {number}: not a JSON record") from None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int | float):
-            raise ConfigError(f"{path}, line {number}: not an epoch record") from None
-        records.append(record)
-    return [r for r in records if not r.get("partial")]
+from metagrad.training.run_files import METRICS, is_number, json_kind, read_metrics
 
 
 def plot_runs(
@@ -49,10 +29,15 @@ def plot_runs(
         records = read_metrics(run)
         if any(metric not in r for r in records):
             raise ConfigError(f"{run}: metrics.jsonl has no key {metric!r} in every record")
+        for r in records:
+            if r[metric] is not None and not is_number(r[metric]):
+                raise ConfigError(
+                    f"{Path(run) / METRICS}: {metric} of epoch {r['epoch']} is "
+                    f"{json_kind(r[metric])}, not a number"
+                )
+        values = [math.nan if r[metric] is None else r[metric] for r in records]  # a gap
         label = labels[i] if labels else Path(run).name
-        ax.plot(
-            [r["epoch"] for r in records], [r[metric] for r in records], marker="o", label=label
-        )
+        ax.plot([r["epoch"] for r in records], values, marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from metagrad.data.release import (
     ARCHIVE_NAME,
     BATCH_FILES,
     BATCHES_DIR,
+    is_tar,
     release_from_dir,
     release_from_tar,
 )
@@ -58,7 +58,7 @@ def find_source(path: Path) -> tuple[str, Path]:
             return "release-tar", path
         if zipfile.is_zipfile(path):
             return "images-zip", path
-        if tarfile.is_tarfile(path):
+        if is_tar(path):
             return "release-tar", path
         raise dataset_error(path, f"unknown file type; {_LAYOUTS}")
     if any((path / name).is_file() for name in BATCH_FILES):

@@ -32,6 +32,7 @@ from metagrad.parallel.distributed import shard_bounds
 
 __all__ = [
     "MAX_TEXT_BYTES",
+    "MAX_VOCAB",
     "PYDOC",
     "VALIDATION_FRACTION",
     "CharCorpus",
@@ -46,6 +47,11 @@ VALIDATION_FRACTION = 0.1
 """Share of the characters, at the end of the text, held out for validation."""
 MAX_TEXT_BYTES = 64 << 20
 """Largest text file read (its characters are held in memory as 32-bit ids)."""
+MAX_VOCAB = 65_536
+"""Most distinct characters a corpus may have. The model holds a row per character in its
+embedding and output layers, and every position of a batch a logit per character, so a text of
+all 1.1M Unicode code points would need tens of GB; 65,536 covers the Basic Multilingual Plane
+(every living script) and is refused, before anything is built, above that."""
 _WINDOW_STREAM = 3  # distinct from the image loader's streams
 
 
@@ -147,6 +153,12 @@ def load_char_corpus(
         raise dataset_error(name, "is empty; expected UTF-8 text")
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     vocab_codes = np.unique(codes)  # sorted code points: the order of sorted(set(text))
+    if len(vocab_codes) > MAX_VOCAB:
+        raise dataset_error(
+            name,
+            f"has {len(vocab_codes):,} distinct characters, more than the {MAX_VOCAB:,} a "
+            "character vocabulary may hold (metagrad.data.corpus.MAX_VOCAB)",
+        )
     if len(vocab_codes) < 2:
         raise dataset_error(
             name, f"has only 1 distinct character ({text[0]!r}); expected at least 2"

@@ -2,7 +2,8 @@
 
 Sorted class names give the label indices. Every image must be a 32×32 JPEG or PNG; each is
 read within :data:`MAX_IMAGE_BYTES` and its size checked before any pixel is decoded. Zips are
-read member by member and never extracted.
+read member by member and never extracted: a member's declared size is checked before it is
+opened, and members that are not images of the layout are never read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from metagrad.data.images import (
     checked_dataset,
     too_few_classes,
 )
-from metagrad.data.safe_read import check_member_name, read_bounded, read_file
+from metagrad.data.safe_read import (
+    check_declared_size,
+    check_member_name,
+    read_bounded,
+    read_file,
+)
 
 __all__ = ["MAX_IMAGE_BYTES", "image_folder_from_dir", "image_folder_from_zip"]
 
@@ -176,6 +182,7 @@ def image_folder_from_zip(archive: Path) -> ImageDataset:
             def read(rel: str) -> bytes:
                 try:
                     info = zf.getinfo(prefix + rel)
+                    check_declared_size(info.file_size, MAX_IMAGE_BYTES, where(rel), "image file")
                     with zf.open(info) as member:
                         return read_bounded(
                             member, info.file_size, MAX_IMAGE_BYTES, where(rel), "image file"

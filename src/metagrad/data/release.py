@@ -3,26 +3,36 @@
 The tar archive is streamed, member by member, and never extracted; each batch file is read
 within its size limit (:data:`MAX_BATCH_BYTES`, :data:`MAX_META_BYTES`) and unpickled by an
 unpickler that only builds numpy arrays.
+
+A stream cannot skip a member without decompressing it, so every member's declared size is
+checked before the reader reads or passes it: a member over :data:`MAX_BATCH_BYTES`, members
+declaring more than :data:`MAX_ARCHIVE_BYTES` together, more than :data:`MAX_ARCHIVE_MEMBERS`
+members, an extended header over :data:`MAX_HEADER_BYTES` or a sparse member are refused with one
+line, before their data is decompressed. Decompression (gzip, bzip2, xz) is incremental, so no
+single read inflates more than it returns.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import importlib
 import io
 import lzma
 import pickle
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from metagrad.data.errors import DatasetError, dataset_error, describe
+from metagrad.data.errors import DatasetError, dataset_error, describe, format_size
 from metagrad.data.images import (
     CIFAR10_CHANNELS,
     CIFAR10_MEAN,
@@ -32,14 +42,23 @@ from metagrad.data.images import (
     checked_dataset,
     too_few_classes,
 )
-from metagrad.data.safe_read import check_member_name, read_bounded, read_file
+from metagrad.data.safe_read import (
+    check_declared_size,
+    check_member_name,
+    read_bounded,
+    read_file,
+)
 
 __all__ = [
     "ARCHIVE_NAME",
     "BATCHES_DIR",
     "BATCH_FILES",
+    "MAX_ARCHIVE_BYTES",
+    "MAX_ARCHIVE_MEMBERS",
     "MAX_BATCH_BYTES",
+    "MAX_HEADER_BYTES",
     "MAX_META_BYTES",
+    "is_tar",
     "release_from_dir",
     "release_from_tar",
 ]
@@ -59,6 +78,21 @@ that size leaves room for batches re-pickled with other protocols.
 """
 MAX_META_BYTES = 1 << 20
 """Largest ``batches.meta`` read: it holds only the class names and two counts."""
+MAX_ARCHIVE_BYTES = 1 << 30
+"""Most bytes all members of a release archive may declare together: the real release holds
+about 178 MB (six batches, the meta file and a readme)."""
+MAX_ARCHIVE_MEMBERS = 1024
+"""Most members of a release archive read: the real release has 9 (a folder and 8 files)."""
+MAX_HEADER_BYTES = 1 << 20
+"""Largest extended header (pax, GNU long name) of a tar member: a few names and numbers."""
+_HEADER_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 # --------------------------------------------------------------------------- restricted unpickling
@@ -190,6 +224,90 @@ def _missing(source: Path, files: Iterable[str]) -> DatasetError:
     )
 
 
+# --------------------------------------------------------------------------- bounded tar reading
+
+
+class _Refused(Exception):
+    """A tar header that the reader refuses before tarfile reads what it declares."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses, before tarfile reads their data into memory, extended headers
+    over :data:`MAX_HEADER_BYTES` and sparse members (which the release never has)."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise _Refused(
+                f"an extended tar header of {format_size(self.size)}, larger than the "
+                f"{format_size(MAX_HEADER_BYTES)} limit; refusing to read it"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Refused(f"sparse member {self.name!r}: not a CIFAR-10 release file")
+        return super()._proc_member(archive)
+
+    def _refuse_sparse(self, *args: Any) -> None:
+        raise _Refused("a sparse member: not a CIFAR-10 release file")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+def _decompressed(archive: Path) -> IO[bytes]:
+    """``archive``'s bytes, decompressed incrementally (gzip, bzip2 or xz by its magic)."""
+    with archive.open("rb") as file:
+        magic = file.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(archive, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(archive, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(archive, "rb")
+    return archive.open("rb")
+
+
+@contextmanager
+def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
+    """``archive`` as a tar stream (one pass, nothing extracted) of bounded headers."""
+    with (
+        _decompressed(archive) as stream,
+        tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar,
+    ):
+        yield tar
+
+
+def is_tar(path: Path) -> bool:
+    """Whether ``path`` is a tar archive (plain or compressed); reads its first header only,
+    bounded (``tarfile.is_tarfile`` would read any extended header it declares whole)."""
+    try:
+        with _open_tar(path):
+            return True
+    except _Refused:
+        return True
+    except _TAR_ERRORS:
+        return False
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo, count: int, total: int) -> None:
+    """Refuse, by its declared size and before it is read or passed, the ``count``-th member,
+    which brings the sizes declared so far to ``total``."""
+    where = f"{archive} (member {member.name})"
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise dataset_error(
+            archive, f"holds more than {MAX_ARCHIVE_MEMBERS} members; not a CIFAR-10 release"
+        )
+    name = PurePosixPath(member.name).name
+    if member.isfile() and name in BATCH_FILES:
+        limit, kind = _batch_limit(name)
+    else:  # passing a member of a stream decompresses it
+        limit, kind = MAX_BATCH_BYTES, "member of the release"
+    check_declared_size(member.size, limit, where, kind)
+    if total > MAX_ARCHIVE_BYTES:
+        raise dataset_error(
+            where,
+            f"the members so far declare {format_size(total)}, more than the "
+            f"{format_size(MAX_ARCHIVE_BYTES)} limit for a release; refusing to read on",
+        )
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -206,12 +324,16 @@ def release_from_dir(folder: Path) -> ImageDataset:
 
 
 def release_from_tar(archive: Path) -> ImageDataset:
-    """The dataset of ``cifar-10-python.tar.gz`` (any tar), read in one pass, nothing extracted."""
+    """The dataset of ``cifar-10-python.tar.gz`` (any tar), read in one pass, nothing extracted;
+    every member is checked by its declared size before it is read or passed."""
     files: dict[str, tuple[str, bytes]] = {}
+    count = total = 0
     try:
-        with tarfile.open(archive, mode="r|*") as tar:  # streaming: one pass, nothing extracted
+        with _open_tar(archive) as tar:
             for member in tar:
                 check_member_name(archive, member.name)
+                count, total = count + 1, total + member.size
+                _check_member(archive, member, count, total)
                 name = PurePosixPath(member.name).name
                 if not (member.isfile() and name in BATCH_FILES):
                     continue
@@ -224,7 +346,9 @@ def release_from_tar(archive: Path) -> ImageDataset:
                 where = f"{archive} (member {member.name})"
                 limit, kind = _batch_limit(name)
                 files[name] = (where, read_bounded(stream, member.size, limit, where, kind))
-    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+    except _Refused as exc:
+        raise dataset_error(archive, str(exc)) from None
+    except _TAR_ERRORS as exc:
         raise dataset_error(
             archive, f"expected a readable {ARCHIVE_NAME} (tar) archive: {exc}"
         ) from exc

@@ -13,7 +13,18 @@ from typing import IO
 
 from metagrad.data.errors import dataset_error, format_size
 
-__all__ = ["check_member_name", "read_bounded", "read_file"]
+__all__ = ["check_declared_size", "check_member_name", "read_bounded", "read_file"]
+
+
+def check_declared_size(declared: int, limit: int, where: str, kind: str) -> None:
+    """Refuse a file or member whose ``declared`` size (``TarInfo.size``, ``ZipInfo.file_size``,
+    ``st_size``) is over ``limit``, before anything of it is read or decompressed."""
+    if declared > limit:
+        raise dataset_error(
+            where,
+            f"{format_size(declared)} is larger than the {format_size(limit)} limit for one "
+            f"{kind}; refusing to read it",
+        )
 
 
 def read_bounded(stream: IO[bytes], declared: int, limit: int, where: str, kind: str) -> bytes:
@@ -23,12 +34,7 @@ def read_bounded(stream: IO[bytes], declared: int, limit: int, where: str, kind:
     the read exceed the limit either. ``where`` and ``kind`` (``"image file"``) name it in the
     DatasetError.
     """
-    if declared > limit:
-        raise dataset_error(
-            where,
-            f"{format_size(declared)} is larger than the {format_size(limit)} limit for one "
-            f"{kind}; refusing to read it",
-        )
+    check_declared_size(declared, limit, where, kind)
     raw = stream.read(limit + 1)
     if len(raw) > limit:
         raise dataset_error(

@@ -3,11 +3,14 @@
 :class:`CheckpointState` is the part of the :class:`~metagrad.training.trainer.Trainer` that
 turns the run into a state dict (model, optimizer, schedule, position in the data, history,
 timings and every rank's random-number state) and back, refusing a checkpoint whose settings or
-dataset differ from the run's.
+dataset differ from the run's. Every field is type-checked (:func:`state_problem`) before any is
+restored, so a damaged or hand-edited checkpoint is one line naming the field, never a crash
+later in training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +21,13 @@ from metagrad.checkpoint import CheckpointError, load_checkpoint
 from metagrad.parallel import distributed
 from metagrad.training.config import HYPER_KEYS, RESUMABLE_KEYS, TrainConfig
 from metagrad.training.records import peak_memory_mb
-from metagrad.training.run_files import CHECKPOINT
+from metagrad.training.run_files import CHECKPOINT, is_number
 from metagrad.training.tasks import Loader, Task
 
 if TYPE_CHECKING:
     from metagrad.parallel.comm import QuantizedHookState
 
-__all__ = ["CheckpointState", "nonfinite_entries"]
+__all__ = ["CheckpointState", "nonfinite_entries", "state_problem"]
 
 
 def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
@@ -46,6 +49,134 @@ def _brief(value: Any, limit: int = 40) -> str:
     """``repr(value)`` on one line, cut to about ``limit`` characters (long vocabularies)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _what(value: Any) -> str:
+    """A value for a message: scalars as their repr, anything else as its type's name."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return _brief(value)
+    return f"a {type(value).__name__}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _rng(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+Check = Callable[[Any], str | None]
+"""A field's check: None if the value is right, else the problem after the field's name
+(``" is 'abc', expected a list"``, ``"[2] is None, ..."``, ``" lacks 'seen'"``)."""
+
+
+def _is(ok: Callable[[Any], bool], expected: str, optional: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        right = (optional and value is None) or ok(value)
+        return None if right else f" is {_what(value)}, expected {expected}"
+
+    return check
+
+
+def _list_of(ok: Callable[[Any], bool], item: str, optional: bool = False) -> Check:
+    """A list whose every element passes ``ok``; ``item``: one, with its article ("a dict")."""
+
+    def check(value: Any) -> str | None:
+        if optional and value is None:
+            return None
+        if not isinstance(value, list):
+            return f" is {_what(value)}, expected a list, each element {item}"
+        bad = next((i for i, element in enumerate(value) if not ok(element)), None)
+        if bad is None:
+            return None
+        return f"[{bad}] is {_what(value[bad])}, expected {item}"
+
+    return check
+
+
+def _dict_of(numbers: dict[str, bool]) -> Check:
+    """A dict of ``numbers``: {key: an integer >= 0 (True) or any number (False)}."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f" is {_what(value)}, expected a dict of {', '.join(numbers)}"
+        for name, integer in numbers.items():
+            if name not in value:
+                return f" lacks {name!r}"
+            number = value[name]
+            if not (_is_int(number) and number >= 0 if integer else _is_real(number)):
+                expected = "an integer >= 0" if integer else "a number"
+                return f".{name} is {_what(number)}, expected {expected}"
+        return None
+
+    return check
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _epoch_record(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_int(value.get("epoch"))
+        and _is_real(value.get("train_loss"))
+    )
+
+
+def _rank_rng(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _rng(value.get("torch_rng"))
+        and (value.get("cuda_rng") is None or _rng(value["cuda_rng"]))
+    )
+
+
+_REQUIRED: dict[str, Check] = {
+    "config": _is(_is_dict, "a dict of settings"),
+    "model": _is(_is_dict, "a state dict"),
+    "optimizer": _is(_is_dict, "a state dict"),
+    "scheduler": _is(_is_dict, "a state dict"),
+    "position": _dict_of({"epoch": True, "batch": True, "step": True}),
+    "history": _list_of(_epoch_record, "an epoch record (a dict with epoch and train_loss)"),
+    "partial": _dict_of({"loss_sum": False, "correct": True, "seen": True, "seconds": False}),
+    "step_seconds": _list_of(is_number, "a finite number"),
+}
+"""The fields every checkpoint has, with their checks."""
+_OPTIONAL: dict[str, Check] = {
+    "dataset": _is(_is_dict, "a dict", optional=True),
+    "hyper_seconds": _is(is_number, "a finite number"),
+    "peak_memory_mb": _is(is_number, "a finite number"),
+    "gradient_records": _list_of(_is_dict, "a dict"),
+    "skipped_steps": _is(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "nonfinite_steps": _is(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "cuda_rng": _is(_rng, "a uint8 tensor", optional=True),
+    "rank_rng": _list_of(_rank_rng, "a dict of uint8 torch_rng and cuda_rng", optional=True),
+    "comm": _list_of(_is_dict, "a dict", optional=True),
+    "grad_scaler": _is(_is_dict, "a state dict", optional=True),
+}
+"""Fields a checkpoint of an earlier version may lack (they take their defaults)."""
+
+
+def state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's fields (``"step_seconds[0] is 'a', expected a finite
+    number"``), or None: every field :meth:`CheckpointState._load_state` reads is checked."""
+    for key, check in (*_REQUIRED.items(), *_OPTIONAL.items()):
+        if key not in state:
+            if key in _REQUIRED:
+                return f"lacks {key!r}"
+            continue
+        problem = check(state[key])
+        if problem is not None:
+            return f"{key}{problem}"
+    if not state.get("rank_rng") and not _rng(state.get("torch_rng")):
+        return f"torch_rng is {_what(state.get('torch_rng'))}, expected a uint8 tensor"
+    return None
 
 
 class CheckpointState:
@@ -139,6 +270,9 @@ class CheckpointState:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         """Restore the run from ``state``, refusing other settings or another dataset."""
+        problem = state_problem(state)
+        if problem is not None:
+            raise CheckpointError(f"{self.out / CHECKPOINT}: damaged or incompatible ({problem})")
         # A setting added after the checkpoint was written takes its default.
         saved = {**TrainConfig.defaults(), **state["config"]}
         now = self.cfg.to_dict()

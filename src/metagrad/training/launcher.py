@@ -3,9 +3,10 @@
 A :class:`Launch` is a run's name, its settings and its ``--out`` directory. A finished run (its
 summary final, with the requested epochs) is read, not trained again; a diverged one is recorded,
 not restarted (its divergence is its result); any other is started, and resumed from its
-checkpoint when it has one. Ctrl-C or SIGTERM stops the runs too, each keeping its last completed
-epoch, and waits for them; on Linux a run also ends when its launcher is killed outright
-(``PR_SET_PDEATHSIG``), so no run outlives it holding its folder's lock.
+checkpoint when it has one; a run whose summary cannot be read counts as not finished. Ctrl-C
+or SIGTERM stops the runs too, each keeping its last completed epoch, and waits for them; on
+Linux a run also ends when its launcher is killed outright (``PR_SET_PDEATHSIG``), so no run
+outlives it holding its folder's lock.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from metagrad.training.config import TrainConfig
-from metagrad.training.run_files import CHECKPOINT, is_diverged, is_finished, read_summary
+from metagrad.training.run_files import (
+    CHECKPOINT,
+    RunFileError,
+    is_diverged,
+    is_finished,
+    read_summary,
+    warn,
+)
 
 __all__ = ["LOG", "Launch", "has_result", "launch_runs", "train_command", "train_flags"]
 
@@ -80,9 +88,26 @@ def train_command(
 
 
 def has_result(launch: Launch) -> bool:
-    """Whether ``launch`` is finished or diverged: there is nothing left to train."""
-    summary = read_summary(launch.out)
+    """Whether ``launch`` is finished or diverged: there is nothing left to train.
+
+    An unreadable or malformed ``summary.json`` (a torn or hand-edited file) is no result: the
+    run is trained again (resumed from its checkpoint when it has one, which rewrites the
+    summary), with a one-line warning naming the file.
+    """
+    try:
+        summary = read_summary(launch.out)
+    except RunFileError as err:
+        warn(f"{err}; {launch.name} counts as not finished")
+        return False
     return is_finished(summary, launch.epochs) or is_diverged(summary)
+
+
+def _summary_or_none(out: Path) -> dict[str, Any] | None:
+    """The run's summary, None if it has none or it cannot be read."""
+    try:
+        return read_summary(out)
+    except RunFileError:
+        return None
 
 
 def launch_runs(
@@ -184,7 +209,7 @@ def _start(
 
 def _outcome(run: Launch, code: int, log: bool) -> int:
     """Report how ``run`` ended; its status (0 for done or diverged)."""
-    diverged = code != 0 and is_diverged(read_summary(run.out))
+    diverged = code != 0 and is_diverged(_summary_or_none(run.out))
     failed = f"exited with {code}" + (f" (see {run.name}/{LOG})" if log else "")
     note = "done" if code == 0 else failed
     print(f"  {run.name}: {'diverged (recorded)' if diverged else note}", flush=True)

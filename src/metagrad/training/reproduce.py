@@ -11,11 +11,18 @@ machines) add up to one table:
   and the commit, torch, device and threads it ran with);
 - ``report.md``: mean and spread per setting, MetaGrad minus plain paired by seed, gap to fp32;
 - ``curves.png``: test accuracy per epoch, mean over seeds.
+
+Every record is checked, field by field, before it is used (:mod:`.run_records`). A ``merge``
+file that is missing, not JSON or holds a malformed record stops the report with one line that
+names the file, the record and the problem. A run folder whose ``summary.json`` cannot be read
+(a torn or hand-edited file) is trained again by the launcher, or left out of a
+``--report-only`` report with a warning naming the file; a bad line in its ``metrics.jsonl``
+leaves only its curve out (the table needs only the summary), with a warning naming the file
+and the line.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -26,7 +33,18 @@ from typing import Any
 from metagrad.checkpoint import atomic_write, write_json
 from metagrad.training.config import ConfigError
 from metagrad.training.launcher import Launch, launch_runs
-from metagrad.training.run_files import METRICS, read_summary
+from metagrad.training.run_files import (
+    METRICS,
+    SUMMARY,
+    RunFileError,
+    is_number,
+    json_kind,
+    read_json,
+    read_metrics,
+    read_summary,
+    warn,
+)
+from metagrad.training.run_records import check_fields, check_record, completed
 
 TENSOR = {"grad_granularity": "tensor"}
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -132,63 +150,116 @@ def run_all(
 # ------------------------------------------------------------------------------ results
 
 
+_CONFIG_FIELDS = ("method", "seed", "model", "width", "epochs")
+"""What a run record takes from the run's settings, and from its summary:"""
+_SUMMARY_FIELDS = ("epochs_completed", "final_test_acc", "best_test_acc")
+
+
+def _curve(run_dir: Path) -> list[float]:
+    """Test accuracy per completed epoch; [] with a warning if ``metrics.jsonl`` is bad."""
+    if not (run_dir / METRICS).is_file():
+        return []
+    try:
+        history = read_metrics(run_dir)
+        for record in history:
+            if not (is_number(record.get("test_acc")) and 0 <= record["test_acc"] <= 100):
+                raise RunFileError(
+                    f"{run_dir / METRICS}: test_acc of epoch {record['epoch']} is "
+                    f"{json_kind(record.get('test_acc'))}"
+                )
+    except RunFileError as err:
+        warn(f"{err}; the curve of {run_dir.name} is left out")
+        return []
+    return [record["test_acc"] for record in history]
+
+
 def run_record(run_dir: Path) -> dict[str, Any] | None:
-    """The result of one run directory (None if it has no summary yet)."""
+    """The result of one run directory (None if it has no summary yet, or no table setting).
+
+    Raises:
+        RunFileError: its ``summary.json`` is unreadable, or lacks or mistypes a field (one
+            line naming the file). A bad ``metrics.jsonl`` only leaves the curve out (warning).
+    """
     summary = read_summary(run_dir)
     if summary is None:
         return None
-    cfg = summary["config"]
+    where = str(run_dir / SUMMARY)
+    cfg = summary.get("config")
+    if not isinstance(cfg, dict):
+        raise RunFileError(f"{where}: config is {json_kind(cfg)}, expected an object")
+    missing = [f"config.{k}" for k in _CONFIG_FIELDS if k not in cfg]
+    missing += [k for k in _SUMMARY_FIELDS if k not in summary]
+    if missing:
+        raise RunFileError(f"{where}: lacks {', '.join(missing)}")
     setting = next(
         (name for name, s in SETTINGS.items() if all(cfg.get(k) == v for k, v in s.items())),
         None,
     )
     if setting is None:
         return None
-    metrics = run_dir / METRICS
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    history = [json.loads(line) for line in lines if line.strip()]
-    history = [r for r in history if not r.get("partial")]
     provenance = summary.get("provenance") or {
         "torch": summary.get("torch"),
         "device": summary.get("device"),
         "threads": summary.get("threads"),
     }
-    return {
+    record = {
         "run": run_dir.name,
         "setting": setting,
-        "method": cfg["method"],
-        "seed": cfg["seed"],
-        "model": cfg["model"],
-        "width": cfg["width"],
-        "epochs": cfg["epochs"],
-        "epochs_completed": summary["epochs_completed"],
-        "final_test_acc": summary["final_test_acc"],
-        "best_test_acc": summary["best_test_acc"],
+        **{key: cfg[key] for key in _CONFIG_FIELDS},
+        **{key: summary[key] for key in _SUMMARY_FIELDS},
         "diverged_at_step": summary.get("diverged_at_step"),
-        "test_acc_per_epoch": [r["test_acc"] for r in history],
-        "mean_step_seconds": summary["mean_step_seconds"],
-        "peak_memory_mb": summary["peak_memory_mb"],
+        "test_acc_per_epoch": [],
+        "mean_step_seconds": summary.get("mean_step_seconds"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
         "amp": summary.get("amp", "off"),
         "compile": summary.get("compile", "off"),
         "provenance": provenance,
     }
+    record = check_fields(record, where, SETTINGS)
+    record["test_acc_per_epoch"] = _curve(run_dir)
+    return record
+
+
+def read_merge_file(path: Path, table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checked run records of a ``results.json`` of the same ``table`` (``--merge``).
+
+    Raises:
+        RunFileError: a missing or unreadable file, not JSON, not a results object, or a
+            malformed record (one line naming the file and the record).
+        ConfigError: a table of another model, width or epochs.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunFileError(
+            f"{path}: expected a results.json object with a table and runs, got {json_kind(data)}"
+        )
+    for key, kind, expected in (("table", dict, "an object"), ("runs", list, "a list")):
+        if key not in data:
+            raise RunFileError(f"{path}: no {key!r}; not a results.json of metagrad reproduce")
+        if not isinstance(data[key], kind):
+            raise RunFileError(f"{path}: {key!r} is {json_kind(data[key])}, expected {expected}")
+    for key in TABLE_KEYS:
+        if data["table"].get(key) != table[key]:
+            raise ConfigError(
+                f"{path}: a table of {key}={data['table'].get(key)!r}, not {table[key]!r}"
+            )
+    return [check_record(r, f"{path}, runs[{i}]", SETTINGS) for i, r in enumerate(data["runs"])]
 
 
 def collect(runs_dir: Path, merge: Sequence[Path], table: dict[str, Any]) -> list[dict]:
     """Records of every run in ``runs_dir`` and the ``merge`` files that belong to ``table``
-    (same model, width and epochs); a run found in several places keeps the local one."""
+    (same model, width and epochs); a run found in several places keeps the local one. A run
+    folder whose summary cannot be read is left out, with a warning naming the file."""
     records: dict[str, dict] = {}
     for path in merge:
-        data = json.loads(Path(path).read_text())
-        for key in TABLE_KEYS:
-            if data["table"].get(key) != table[key]:
-                raise ConfigError(
-                    f"{path}: a table of {key}={data['table'].get(key)!r}, not {table[key]!r}"
-                )
-        records.update({r["run"]: r for r in data["runs"]})
+        records.update({r["run"]: r for r in read_merge_file(Path(path), table)})
     if runs_dir.is_dir():
         for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-            record = run_record(run_dir)
+            try:
+                record = run_record(run_dir)
+            except RunFileError as err:
+                warn(f"{err}; {run_dir.name} is left out of the report")
+                continue
             if record is not None and all(record[k] == table[k] for k in TABLE_KEYS):
                 records[record["run"]] = record
     return sorted(records.values(), key=lambda r: (r["seed"], list(SETTINGS).index(r["setting"])))
@@ -205,9 +276,7 @@ def _accuracy(record: dict) -> float | None:
     """Final test accuracy; a run that diverged counts as chance (10%)."""
     if record["diverged_at_step"] is not None:
         return 10.0
-    if record["epochs_completed"] < record["epochs"]:
-        return None
-    return record["final_test_acc"]
+    return record["final_test_acc"] if completed(record) else None
 
 
 def summarize(records: list[dict]) -> dict[str, Any]:
@@ -296,7 +365,8 @@ def plot(records: list[dict], output: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if curves:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
