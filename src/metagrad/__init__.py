@@ -2,7 +2,7 @@
 
 from metagrad import (
     _moved,
-    _startup,  # noqa: F401  (first, before torch loads: see its docstring)
+    _startup,  # first, before torch loads: see its docstring
     kernels,
 )
 from metagrad._version import __version__ as __version__
@@ -36,3 +36,4 @@ __all__ = [
 
 
 _moved.install()
+_startup.started()
