@@ -57,6 +57,9 @@ def absmax(x: Tensor, granularity: str = "tensor", channel_dim: int = 1) -> Tens
 
 
 def _absmax(x: Tensor, keep: int | None) -> Tensor:
+    if x.numel() == 0:  # no element: the scale of an all-zero group
+        shape = [x.shape[d] if d == keep else 1 for d in range(x.dim())]
+        return x.new_zeros(shape)
     if keep is None:
         lo, hi = torch.aminmax(x)
         return torch.maximum(-lo, hi).reshape([1] * x.dim())
@@ -67,12 +70,14 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
 
 
 def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniform random bytes laid out like ``like`` (dense): four per 32-bit random draw."""
+    """Uniform random bytes shaped like ``like``, in its logical (row-major) order whatever its
+    memory layout, so a view, a transpose or a channels-last tensor draws what its contiguous
+    copy draws: four bytes per 32-bit random draw."""
     n = like.numel()
     words = torch.empty(((n + 3) // 4,), dtype=torch.int32, device=like.device)
     # random_ draws what randint(-2**31, 2**31 - 1) does, and also traces with symbolic sizes
     words.random_(-(2**31), 2**31 - 1, generator=generator)
-    return words.view(torch.uint8)[:n].as_strided(like.shape, like.stride())
+    return words.view(torch.uint8)[:n].view(like.shape)
 
 
 @kernel
@@ -287,7 +292,7 @@ def quantize_along(
     mixed precision: a bf16 product, as hardware computes it), else in float32.
     """
     dtype = dtype or scale_dtype(x)
-    if not spec.enabled:
+    if not spec.enabled or x.numel() == 0:
         return x.to(dtype)
     nd = max(x.dim(), 1)
     inner = tuple(d % nd for d in inner)
