@@ -74,9 +74,11 @@ def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
     memory layout, so a view, a transpose or a channels-last tensor draws what its contiguous
     copy draws: four bytes per 32-bit random draw."""
     n = like.numel()
-    words = torch.empty(((n + 3) // 4,), dtype=torch.int32, device=like.device)
-    # random_ draws what randint(-2**31, 2**31 - 1) does, and also traces with symbolic sizes
-    words.random_(-(2**31), 2**31 - 1, generator=generator)
+    # out of place, so that torch.compile traces it (an in-place random_ breaks the graph)
+    words = torch.randint(
+        -(2**31), 2**31 - 1, ((n + 3) // 4,), dtype=torch.int32, device=like.device,
+        generator=generator,
+    )  # fmt: skip
     return words.view(torch.uint8)[:n].view(like.shape)
 
 
