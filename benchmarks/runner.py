@@ -24,7 +24,7 @@ import torch
 
 from metagrad import kernels
 from metagrad.data import BatchLoader, ImageDataset
-from metagrad.data.corpus import CharCorpus
+from metagrad.data.corpus import CharCorpus, load_char_corpus
 from metagrad.models import model_task
 from metagrad.training.config import TrainConfig, build_config
 from metagrad.training.launcher import Launch, launch_runs
@@ -238,12 +238,11 @@ def probe_memory(settings: dict[str, Any]) -> dict[str, float]:
     allocator's caching. A twin runs first and is freed, so that compiling kernels is not
     counted.
     """
-    data = synthetic_data(settings["batch_size"])
     device = resolve_device(settings.get("device", "auto"))
-    x = ((data.train_images[: settings["batch_size"]].float() / 255 - 0.5) / 0.5).to(
-        device, memory_format=torch.channels_last
-    )
-    y = data.train_labels[: settings["batch_size"]].to(device)
+    data, (x, y) = _probe_batch(settings)
+    x, y = x.to(device), y.to(device)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     warm = training_step(settings, data)
     for _ in range(2):
         warm(x, y)
@@ -272,6 +271,21 @@ def probe_memory(settings: dict[str, Any]) -> dict[str, float]:
         totals = [sum(s) for s in sizes]
         before, peak = totals[0], max(totals)
     return {"peak_mb": peak / 2**20, "growth_mb": (peak - before) / 2**20}
+
+
+def _probe_batch(settings: dict[str, Any]) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The data and one training batch for a memory probe: random CIFAR-shaped images for an
+    image model, the first windows of the built-in corpus for a language model."""
+    if model_task(settings.get("model", "vgg16")) == "image":
+        data = synthetic_data(settings["batch_size"])
+        x = (data.train_images[: settings["batch_size"]].float() / 255 - 0.5) / 0.5
+        return data, (x, data.train_labels[: settings["batch_size"]])
+    data = load_char_corpus()
+    cfg = build_config({**settings, "out": "unused"})
+    cpu = torch.device("cpu")
+    model = build_model(cfg, data, cpu)
+    loader = task_for_model(cfg.model).train_loader(cfg, data, model, cpu, (0, 1))
+    return data, next(iter(loader.epoch(0)))
 
 
 def step_memory(settings: dict[str, Any]) -> dict[str, float]:

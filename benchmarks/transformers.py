@@ -8,7 +8,9 @@ Whole training steps (forward, backward, optimizer: Adam), as ``metagrad train``
 ``vit_tiny`` (width 1, batch 128, CIFAR-10 or random images when the zip is absent) and
 ``gpt_char`` (its defaults, batch 64 windows of the built-in corpus): float32, bf16 autocast,
 INT4-stochastic gradients under bf16 (compiled kernels) and MetaGrad on top of them. The settings
-of one model are timed side by side in one process, repetitions interleaved, medians kept.
+of one model are timed side by side in one process, repetitions interleaved, medians kept;
+MetaGrad's step and its tensor memory (peak and growth over the step, each setting probed in a
+fresh process) are also given against the quantized step it corrects.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.runner import command_line, synthetic_data, time_steps
+from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps
 from metagrad import kernels
 from metagrad.data import load_cifar10
 from metagrad.data.corpus import load_char_corpus
@@ -41,13 +43,30 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def bench_model(name: str, data, device: torch.device, reps: int, warmup: int) -> dict:
+QUANTIZED, METAGRAD = "int4-stochastic bf16", "metagrad int4-stochastic bf16"
+
+
+def bench_model(
+    name: str, data, device: torch.device, reps: int, warmup: int, memory: bool
+) -> dict:
     base = {**MODELS[name], "device": device.type}
     seconds = time_steps(SETTINGS, data, base, steps=reps, warmup=warmup)
-    rows = {}
+    rows: dict[str, Any] = {}
     for setting, s in seconds.items():
         rows[setting] = {"seconds": round(s, 5), "x_fp32": round(s / seconds["fp32"], 3)}
         print(f"{name} {setting:32s} {s:8.3f} s/step  {s / seconds['fp32']:.3f}x fp32", flush=True)
+    rows["metagrad_vs_quantized"] = {"step": round(seconds[METAGRAD] / seconds[QUANTIZED], 3)}
+    if memory:  # MetaGrad's memory against the quantized step it corrects, each in a fresh process
+        probes = {s: step_memory({**base, **SETTINGS[s]}) for s in (QUANTIZED, METAGRAD)}
+        for setting, probe in probes.items():
+            rows[setting].update({k: round(v, 1) for k, v in probe.items()})
+        rows["metagrad_vs_quantized"].update(
+            {
+                f"{k.removesuffix('_mb')}": round(probes[METAGRAD][k] / probes[QUANTIZED][k], 3)
+                for k in ("peak_mb", "growth_mb")
+            }
+        )
+    print(f"{name} MetaGrad vs the quantized step: {rows['metagrad_vs_quantized']}", flush=True)
     return rows
 
 
@@ -58,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="few repetitions")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="models to time")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the memory probes (fresh processes)"
+    )
     parser.add_argument("--out", type=Path, help="default benchmarks/results/transformers-<device>")
     args = parser.parse_args(argv)
     if args.threads:
@@ -91,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["vit_tiny_data"] = str(data_path) if data_path.exists() else "synthetic"
         else:
             data = load_char_corpus()
-        result[name] = bench_model(name, data, device, reps, warmup)
+        result[name] = bench_model(name, data, device, reps, warmup, not args.no_memory)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
