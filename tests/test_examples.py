@@ -86,11 +86,12 @@ def test_hf_trainer_trains_converted_gpt2_and_bert(capsys):
     for name, run in runs.items():
         _trains(run["losses"], example.STEPS)
         assert f"{name}: {len(run['report'].converted)} converted" in out
-        names = {n for n, _ in quantized_layers(run["model"])}
-        assert names == set(run["report"].converted)
-    # GPT-2's lm_head is an nn.Linear (tied to the embedding); its other layers are HF's Conv1D.
-    assert "lm_head" in runs["gpt2"]["report"].converted
-    assert len(runs["bert"]["report"].converted) == 14
+        assert {n for n, _ in quantized_layers(run["model"])} <= set(run["report"].converted)
+    # GPT-2's lm_head is an nn.Linear (tied to the embedding); its other layers are HF's Conv1D,
+    # converted only where a handler for it is registered.
+    assert "lm_head" in dict(quantized_layers(runs["gpt2"]["model"]))
+    bert = runs["bert"]
+    assert len(quantized_layers(bert["model"])) == len(bert["report"].converted) == 14
 
 
 def test_hf_trainer_calls_step_without_the_closure_metagrad_needs(tmp_path):
