@@ -33,6 +33,7 @@ from metagrad.meta.horizon import WINDOW_KEYS, detach, slide, unroll
 from metagrad.meta.hyper import DEFAULT_KIND, Hypernet, create_hypernet
 from metagrad.meta.timing import HyperTimer
 from metagrad.meta.updates import BaseState, check_settings, get_base_rule
+from metagrad.meta.wrapped import adopt_ddp_wrapper
 from metagrad.nn.layers import quantized_weights
 from metagrad.parallel.comm import COMM_BITS
 
@@ -122,7 +123,9 @@ class MetaGrad(Optimizer):
     before they become the pending gradients the hypernetwork sees, and the hypernetwork's own
     gradients in float32; rank 0's buffers (batch-norm statistics) are broadcast before each
     forward as DDP does, and rank 0's hypernetwork at construction. Every rank applies the same
-    update.
+    update. Given the inner module instead (as Lightning's DDP strategy does), it adopts at the
+    first step the wrapper the closure calls, and then does the same
+    (:mod:`metagrad.meta.wrapped`).
 
     ``hyper_time`` accumulates seconds spent on the hypernetwork: its forward and the refined
     update, its backward (timed from autograd hooks) and its optimizer's step.
@@ -283,7 +286,8 @@ class MetaGrad(Optimizer):
                 for group in meta_groups:
                     proposals.update(self._propose(group))
             timer.elapsed += time.perf_counter() - start
-            loss, new_grads = self._run_closure(closure, proposals, timer)
+            with adopt_ddp_wrapper(self):  # a DDP wrapper of the model, called in the closure
+                loss, new_grads = self._run_closure(closure, proposals, timer)
         with torch.no_grad():
             rest = [p for g in rest_groups for p in g["params"] if p.grad is not None]
             if self._ddp is not None:
