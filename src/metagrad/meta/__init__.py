@@ -1,0 +1,1 @@
+"""MetaGrad: hypernetworks, the optimizer and its base rules, gradient diagnostics."""

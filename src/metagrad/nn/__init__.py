@@ -1,0 +1,1 @@
+"""Quantized layers, their autograd functions, and the conversion of any model (quantize_)."""

@@ -1,0 +1,1 @@
+"""Several processes under torchrun: process groups, collectives, quantized communication."""

@@ -1,0 +1,1 @@
+"""A training run: settings and flags, tasks, the trainer, run records and files, the launcher."""
