@@ -183,3 +183,16 @@ def test_modules_holding_weights_no_handler_knows_are_reported():
     report = _quiet(mg.quantize_, model, {"0": None, "*": FOUR})
     assert report.unconverted == {"0": "excluded by config"}
     assert report.not_applicable == {"1": "Table", "2": "Embedding", "3": "LayerNorm"}
+
+
+def test_public_names_and_the_typed_marker():
+    import tomllib
+    from pathlib import Path
+
+    from metagrad.quant import presets
+
+    assert mg.preset_config is presets.preset_config and mg.list_presets is presets.list_presets
+    assert mg.unquantize_ is convert.unquantize_ and "rht-nvfp4" in mg.list_presets()
+    assert (Path(mg.__file__).parent / "py.typed").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["metagrad"]

@@ -4,7 +4,8 @@
 :func:`metagrad.nn.functional.linear` (each its own quantized product, with its own scales, also
 when the weights are packed in ``in_proj_weight``) and the output projection with its
 ``out_proj`` submodule (a :class:`~metagrad.nn.layers.QuantLinear`). The attention itself
-(``softmax(q k^T / sqrt(d)) v``) runs in full precision, through
+(``softmax(q k^T / sqrt(d)) v``) is not quantized: it runs in the run's precision (float32, or
+the autocast dtype), through
 ``torch.nn.functional.scaled_dot_product_attention``, or explicitly when the attention weights
 are asked for. Without a recorded gradient and without forward quantization it runs
 ``nn.MultiheadAttention``'s own forward (fast path included): the same numbers, nothing saved.
