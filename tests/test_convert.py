@@ -1,6 +1,7 @@
 """quantize_: handlers by type, coverage report, per-layer configs."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -18,10 +19,12 @@ from metagrad import (
     quantize,
     quantize_,
     register_handler,
+    register_non_matmul,
 )
-from metagrad.nn import convert
+from metagrad.nn import convert, coverage
 from metagrad.nn import functional as QF
 from metagrad.nn.convert import ConversionWarning
+from metagrad.nn.coverage import ATTENTION_SCORES
 from metagrad.nn.layers import twin
 
 FULL = QuantConfig(grad=QuantSpec())
@@ -31,8 +34,9 @@ EIGHT = QuantConfig(grad=QuantSpec(bits=8))
 
 @pytest.fixture(autouse=True)
 def _own_registry(monkeypatch):
-    """Handlers registered by a test stay in that test."""
+    """Handlers and non-matmul types registered by a test stay in that test."""
     monkeypatch.setattr(convert, "_HANDLERS", convert._HANDLERS.copy())
+    monkeypatch.setattr(coverage, "_NON_MATMUL", coverage._NON_MATMUL.copy())
 
 
 def _no_conversion_warning(fn, *args, **kwargs):
@@ -134,7 +138,8 @@ def test_a_subclass_overriding_forward_is_reported_until_it_has_its_own_handler(
 
     register_handler(Gated)(lambda module, config: module)
     report = _no_conversion_warning(quantize_, model, FOUR)
-    assert report.converted == {"0": "Gated", "1": "QuantLinear"}
+    assert report.converted == {"0": "Gated"}
+    assert report.already_converted == {"1": "QuantLinear"}
 
 
 def test_a_handler_may_decline():
@@ -227,6 +232,10 @@ class TinyGPT(nn.Module):
 
 def test_a_gpt_like_model_is_fully_covered_and_trains():
     torch.manual_seed(0)
+    report, message = _one_warning(quantize_, TinyGPT(), FOUR)  # its raw position parameter
+    assert report.gaps == {"": "no handler for TinyGPT, which holds 'position' (3-D)"}
+    assert "<model> (no handler for TinyGPT" in message
+    register_non_matmul(TinyGPT, "position")  # added to the tokens, never multiplied by
     original = TinyGPT()
     idx = torch.randint(0, 32, (4, 8))
     full = quantize(original, FULL)
@@ -238,6 +247,7 @@ def test_a_gpt_like_model_is_fully_covered_and_trains():
     for i in range(2):
         expected |= _projections(f"blocks.layers.{i}", ("self_attn",))
     assert set(report.converted) == expected and report.unconverted == {}
+    assert report.not_applicable == {"": "TinyGPT", "tokens": "Embedding"}
     logits = model(idx)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, 32), idx[:, 1:].reshape(-1))
     loss.backward()
@@ -306,10 +316,17 @@ def test_report_formats():
     data = report.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert data["unconverted"]["rnn"] == "excluded by filter"
+    assert data["attention_scores"] == report.attention_scores
     text = str(report)
     assert text.splitlines()[0] == "1 converted, 3 unconverted"
     assert "head" in text and "no handler for Conv1d" in text
-    assert str(ConversionReport()) == "0 converted, 0 unconverted"
+    assert text.splitlines()[-1] == f"attention scores (QK^T, PV): {ATTENTION_SCORES}"
+    assert str(ConversionReport()).splitlines()[0] == "0 converted, 0 unconverted"
+    model, only_head = Mixed(), lambda m, name: name == "head"
+    quantize_(model, FOUR, filter_fn=only_head)
+    again = str(quantize_(model, FOUR, filter_fn=only_head))
+    assert again.splitlines()[0] == "0 converted, 3 unconverted, 1 already converted"
+    assert re.search(r"\nhead +QuantLinear +already converted\n", again)
 
 
 def test_lazy_modules_are_reported_until_initialized():
@@ -347,13 +364,13 @@ def test_a_module_no_pattern_matches_is_reported():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     report, _ = _one_warning(quantize_, model, {"0": FOUR})
     assert report.unconverted == {"1": "no config pattern matches its name"}
-    assert _no_conversion_warning(quantize_, model, {"0": FOUR, "*": None}).converted == {
-        "0": "QuantLinear"
-    }
+    again = _no_conversion_warning(quantize_, model, {"0": FOUR, "*": None})
+    assert again.already_converted == {"0": "QuantLinear"} and again.converted == {}
+    assert again.unconverted == {"1": "excluded by config"}
 
 
 def test_bad_config_mappings_are_rejected():
-    with pytest.raises(TypeError, match="QuantConfig or None"):
+    with pytest.raises(TypeError, match=r"QuantConfig, a preset name .* or None, got int"):
         quantize_(nn.Sequential(nn.Linear(2, 2)), {"*": 4})
     with pytest.raises(TypeError, match="patterns must be strings"):
         quantize_(nn.Sequential(nn.Linear(2, 2)), {0: FOUR})

@@ -214,7 +214,8 @@ def test_quantize_rejects_a_bare_layer_and_reconfigures_quantized_ones():
     with pytest.raises(ValueError, match="inside a model"):
         quantize_(nn.Linear(3, 3))
     model = quantize(_model(), _config(4))
-    assert list(quantize_(model, _config(8)).converted) == ["0", "3.0", "6"]
+    report = quantize_(model, _config(8))
+    assert list(report.already_converted) == ["0", "3.0", "6"] and not report.converted
     assert model[0].config.grad.bits == 8
 
 

@@ -92,18 +92,40 @@ def test_identity_hypernet_follows_torch_trajectory_with_one_step_lag(case: str)
         torch.testing.assert_close(rest, snapshots[step + 1][1], rtol=1e-6, atol=1e-6)
 
 
-def test_without_quantized_layers_it_is_the_plain_base_rule() -> None:
-    torch.manual_seed(0)
+def test_a_model_without_quantized_layers_is_refused() -> None:
     model = create_model("small_cnn", width=0.5)
-    reference = copy.deepcopy(model)
-    opt = MetaGrad(model, 0.1, momentum=0.9)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    assert opt.meta_params == []
-    for step in range(3):
-        batch = _batch(step)
-        opt.step(_closure(model, opt, batch))
-        ref_opt.step(_closure(reference, ref_opt, batch))
-    torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"call metagrad\.quantize_\(model, config\) first"):
+        MetaGrad(model, 0.1, momentum=0.9)
+    frozen = _small_cnn(INT4_GRADS)
+    for p in meta_parameters(frozen):
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        MetaGrad(frozen, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("base", "kwargs", "ignored"),
+    [
+        ("adam", dict(momentum=0.9), "momentum=0.9"),
+        ("adam", dict(momentum=0.9, nesterov=True), "momentum=0.9, nesterov=True"),
+        ("sgd", dict(betas=(0.8, 0.9)), r"betas=\(0\.8, 0\.9\)"),
+        ("sgd", dict(eps=1e-6, momentum=0.9), "eps=1e-06"),
+    ],
+)
+def test_settings_the_base_rule_ignores_are_refused(base, kwargs, ignored) -> None:
+    other = "sgd" if base == "adam" else "adam"
+    with pytest.raises(ValueError, match=f"{ignored} would be ignored: .*base={other!r}") as info:
+        MetaGrad(_small_cnn(INT4_GRADS), 0.1, base=base, **kwargs)
+    takes = "weight_decay, betas, eps" if base == "adam" else "momentum, nesterov, weight_decay"
+    assert str(info.value).startswith(f"MetaGrad(base={base!r}) takes {takes}; ")
+
+
+def test_settings_not_given_take_torch_defaults_in_every_group() -> None:
+    opt = MetaGrad(_small_cnn(INT4_GRADS), 0.1, base="adam", weight_decay=1e-2)
+    for group in opt.param_groups:
+        assert group["momentum"] == 0.0 and group["nesterov"] is False
+        assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+        assert group["weight_decay"] == 1e-2
 
 
 def test_first_step_only_records_the_gradient() -> None:

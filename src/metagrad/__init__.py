@@ -10,8 +10,16 @@ from metagrad.meta.hyper import create_hypernet
 from metagrad.meta.optim import MetaGrad
 from metagrad.models import create_model, list_models
 from metagrad.nn.attention import QuantMultiheadAttention
-from metagrad.nn.convert import ConversionReport, quantize, quantize_, register_handler
+from metagrad.nn.convert import (
+    ConversionReport,
+    quantize,
+    quantize_,
+    register_handler,
+    unquantize_,
+)
+from metagrad.nn.coverage import register_non_matmul
 from metagrad.nn.layers import QuantConv2d, QuantLinear
+from metagrad.quant.presets import list_presets, preset_config
 from metagrad.quant.quantize import fake_quantize, quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
 
@@ -28,10 +36,14 @@ __all__ = [
     "fake_quantize",
     "kernels",
     "list_models",
+    "list_presets",
+    "preset_config",
     "quantize",
     "quantize_",
     "quantize_codes",
     "register_handler",
+    "register_non_matmul",
+    "unquantize_",
 ]
 
 

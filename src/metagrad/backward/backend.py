@@ -53,7 +53,9 @@ class Backend:
     ) -> tuple[Tensor, Saved]:
         """``(y, saved)``: a linear layer's output and what its backward needs besides its
         input and weight. When ``config.quantizes_operands`` the weight arrives in its own
-        precision and the backend quantizes it (and the input) itself."""
+        precision and the backend quantizes it (and the input) itself. Without a recorded
+        gradient (inference) a layer calls it only in that case with forward quantization on,
+        and drops ``saved``; otherwise it runs ``F.linear`` itself."""
         return F.linear(x, weight, bias), ()
 
     def conv2d_forward(

@@ -32,7 +32,7 @@ from metagrad.meta.chunking import auto_chunk_size, check_chunk_size
 from metagrad.meta.horizon import WINDOW_KEYS, detach, slide, unroll
 from metagrad.meta.hyper import DEFAULT_KIND, Hypernet, create_hypernet
 from metagrad.meta.timing import HyperTimer
-from metagrad.meta.updates import BaseState, check_settings, get_base_rule
+from metagrad.meta.updates import BaseState, check_settings, get_base_rule, rule_settings
 from metagrad.meta.wrapped import adopt_ddp_wrapper
 from metagrad.nn.layers import quantized_weights
 from metagrad.parallel.comm import COMM_BITS
@@ -52,6 +52,14 @@ class _ClosureModule(nn.Module):
         return self.closure()
 
 
+_NO_META = (
+    "MetaGrad needs a model with quantized layers (their weights are what the hypernetwork "
+    "updates) and this one has none: call metagrad.quantize_(model, config) first",
+    "MetaGrad needs trainable quantized weights, and every weight of this model's quantized "
+    "layers has requires_grad=False",
+)
+
+
 def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable weights that enter the model's quantized products (each once)."""
     return [w for _, w in quantized_weights(model) if w.requires_grad]
@@ -64,12 +72,16 @@ class MetaGrad(Optimizer):
         model: the model; the weights that enter its quantized products (those of quantized
             convolutions, linear layers and attention projections:
             :func:`~metagrad.nn.layers.quantized_weights`) are the meta weights, every other
-            trainable parameter takes plain base-rule steps.
+            trainable parameter takes plain base-rule steps. A model without trainable meta
+            weights (not converted by ``metagrad.quantize_``) raises ``ValueError``.
         lr: learning rate (read from the param groups at every step, so schedulers work).
         base: a registered base rule (:mod:`metagrad.meta.updates`): ``"sgd"`` or ``"adam"``.
         momentum, nesterov, weight_decay: as ``torch.optim.SGD`` (``weight_decay`` also for Adam,
-            as L2 added to the gradient like ``torch.optim.Adam``).
-        betas, eps: as ``torch.optim.Adam``.
+            as L2 added to the gradient like ``torch.optim.Adam``); ``momentum`` and
+            ``nesterov`` are SGD's only.
+        betas, eps: as ``torch.optim.Adam`` (Adam's only). A setting the base rule does not
+            read (``BaseRule.settings``) raises ``ValueError``; one not given takes
+            ``torch.optim``'s default.
         hypernet: a :class:`~metagrad.meta.hyper.Hypernet` or any module with its ``forward``
             signature (default ``create_hypernet("grad+weight")``, in float64 for a float64
             model); moved to the meta weights' device.
@@ -137,11 +149,11 @@ class MetaGrad(Optimizer):
         lr: float,
         *,
         base: str = "sgd",
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        momentum: float | None = None,
+        nesterov: bool | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         hypernet: Hypernet | nn.Module | None = None,
         hyper_optimizer: Optimizer | None = None,
         hyper_lr: float = 1e-4,
@@ -152,8 +164,9 @@ class MetaGrad(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        get_base_rule(base)  # raises on an unknown name
-        check_settings(lr, momentum, nesterov, weight_decay, betas, eps, hyper_lr=hyper_lr)
+        given = dict(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        settings = rule_settings(base, {**given, "betas": betas, "eps": eps})  # base: known?
+        check_settings(lr, **settings, hyper_lr=hyper_lr)
         check_chunk_size(chunk_size)
         if comm_bits not in COMM_BITS:
             raise ValueError(f"comm_bits must be one of {COMM_BITS}, got {comm_bits!r}")
@@ -164,16 +177,11 @@ class MetaGrad(Optimizer):
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self._names = {id(p): name for name, p in model.named_parameters()}
         meta = meta_parameters(model)
+        if not meta:
+            raise ValueError(_NO_META[bool(quantized_weights(model))])
         meta_ids = {id(p) for p in meta}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in meta_ids]
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            betas=tuple(betas),
-            eps=eps,
-        )
+        defaults = dict(lr=lr, **{**settings, "betas": tuple(settings["betas"])})
         groups = [{"params": meta, "meta": True}, {"params": rest, "meta": False}]
         super().__init__(groups, defaults)
         self.base = base

@@ -29,14 +29,29 @@ OptimizerFn = Callable[..., Optimizer]
 """``fn(params, *, lr, momentum, nesterov, weight_decay) -> Optimizer``."""
 
 
+SETTINGS: tuple[str, ...] = ("momentum", "nesterov", "weight_decay", "betas", "eps")
+"""The base-rule settings ``MetaGrad`` takes (its arguments and the param groups' keys)."""
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "momentum": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+}
+"""The value of each setting a base rule does not take (param groups hold every key)."""
+
+
 @dataclass(frozen=True)
 class BaseRule:
-    """A registered base rule: its update, the keys of the state it keeps per parameter, and the
-    ``torch.optim`` optimizer that takes the same steps without MetaGrad (None: none)."""
+    """A registered base rule: its update, the keys of the state it keeps per parameter, the
+    ``torch.optim`` optimizer that takes the same steps without MetaGrad (None: none), and the
+    settings (of :data:`SETTINGS`) it reads; ``MetaGrad`` refuses the others."""
 
     update: UpdateFn
     state_keys: tuple[str, ...]
     optimizer: OptimizerFn | None = None
+    settings: tuple[str, ...] = SETTINGS
 
 
 BASE_RULES: Registry[BaseRule] = Registry("base rule")
@@ -48,14 +63,38 @@ def register_base_rule(
     update: UpdateFn,
     state_keys: tuple[str, ...],
     optimizer: OptimizerFn | None = None,
+    settings: tuple[str, ...] = SETTINGS,
 ) -> BaseRule:
     """Make ``update`` available as ``MetaGrad(base=name)`` (see :class:`BaseRule`)."""
-    return BASE_RULES.add(name, BaseRule(update, tuple(state_keys), optimizer))
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown base-rule settings {unknown}; known: {', '.join(SETTINGS)}")
+    rule = BaseRule(update, tuple(state_keys), optimizer, tuple(settings))
+    return BASE_RULES.add(name, rule)
 
 
 def get_base_rule(name: str) -> BaseRule:
     """The registered base rule ``name``."""
     return BASE_RULES.lookup(name)
+
+
+def rule_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting for base rule ``name``: ``given`` (those not None) over the defaults.
+
+    A given setting the rule does not read raises one ``ValueError`` naming them all.
+    """
+    rule = get_base_rule(name)
+    given = {k: v for k, v in given.items() if v is not None}
+    ignored = [k for k in given if k not in rule.settings]
+    if ignored:
+        others = [n for n, r in BASE_RULES.items() if n != name and set(ignored) <= set(r.settings)]
+        hint = f" (or use base={others[0]!r})" if others else ""
+        raise ValueError(
+            f"MetaGrad(base={name!r}) takes {', '.join(rule.settings)}; "
+            f"{', '.join(f'{k}={given[k]!r}' for k in ignored)} would be ignored: "
+            f"remove {'it' if len(ignored) == 1 else 'them'}{hint}"
+        )
+    return {**DEFAULT_SETTINGS, **given}
 
 
 def check_settings(
@@ -178,5 +217,13 @@ def adam_optimizer(
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-register_base_rule("sgd", sgd_update, ("momentum_buffer",), sgd_optimizer)
-register_base_rule("adam", adam_update, ("step", "exp_avg", "exp_avg_sq"), adam_optimizer)
+register_base_rule(
+    "sgd", sgd_update, ("momentum_buffer",), sgd_optimizer, ("momentum", "nesterov", "weight_decay")
+)
+register_base_rule(
+    "adam",
+    adam_update,
+    ("step", "exp_avg", "exp_avg_sq"),
+    adam_optimizer,
+    ("weight_decay", "betas", "eps"),
+)

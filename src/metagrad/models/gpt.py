@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metagrad.nn.coverage import register_non_matmul
+
 from .init import init_transformer_weights
 from .registry import register_model
 from .transformer import TransformerBlock, scale_dim
@@ -63,6 +65,9 @@ class CharGPT(nn.Module):
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
         return self.classifier(self.norm(x))
+
+
+register_non_matmul(CharGPT, "position")  # learned positions, added to the tokens
 
 
 @register_model(task="charlm")

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metagrad.nn.coverage import register_non_matmul
+
 from .init import init_transformer_weights
 from .registry import register_model
 from .transformer import TransformerBlock, scale_dim
@@ -61,6 +63,9 @@ class VisionTransformer(nn.Module):
             position = F.interpolate(position, size=x.shape[-2:], mode="bilinear")
         tokens = (x + position).permute(0, 2, 3, 1).flatten(1, 2)  # B×(h·w)×D
         return self.classifier(self.norm(self.blocks(tokens).mean(1)))
+
+
+register_non_matmul(VisionTransformer, "position")  # learned positions, added to the tokens
 
 
 @register_model

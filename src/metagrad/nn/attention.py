@@ -4,9 +4,11 @@
 :func:`metagrad.nn.functional.linear` (each its own quantized product, with its own scales, also
 when the weights are packed in ``in_proj_weight``) and the output projection with its
 ``out_proj`` submodule (a :class:`~metagrad.nn.layers.QuantLinear`). The attention itself
-(``softmax(q k^T / sqrt(d)) v``) runs in full precision, through
+(``softmax(q k^T / sqrt(d)) v``) is not quantized: it runs in the run's precision (float32, or
+the autocast dtype), through
 ``torch.nn.functional.scaled_dot_product_attention``, or explicitly when the attention weights
-are asked for.
+are asked for. Without a recorded gradient and without forward quantization it runs
+``nn.MultiheadAttention``'s own forward (fast path included): the same numbers, nothing saved.
 
 PyTorch's ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` take a fused inference
 path in eval mode without gradients, which reads the weights directly and so would bypass the
@@ -37,6 +39,8 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
     those of a linear layer applied to the same tensors.
     """
 
+    unquantized_class: type[nn.Module] = nn.MultiheadAttention
+
     def __init__(self, *args, config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config = config if config is not None else QuantConfig()
@@ -60,6 +64,32 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        args = (key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+        if self._plain_forward(query, key, value):
+            return super().forward(query, key, value, *args)
+        return self._quantized_forward(query, key, value, *args)
+
+    def _plain_forward(self, *inputs: Tensor) -> bool:
+        """Whether ``nn.MultiheadAttention.forward`` computes the output: no gradient recorded,
+        no forward quantization here or in ``out_proj`` (a quantized or plain ``Linear``)."""
+        out_proj = self.out_proj
+        if self.config.quantizes_forward or type(out_proj).forward not in _PLAIN_LINEAR_FORWARDS:
+            return False
+        if getattr(out_proj, "config", None) is not None and out_proj.config.quantizes_forward:
+            return False
+        return not QF.records_grad(*inputs, *self.parameters())
+
+    def _quantized_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
     ) -> tuple[Tensor, Tensor | None]:
         is_batched = F._mha_shape_check(
             query, key, value, key_padding_mask, attn_mask, self.num_heads
@@ -154,6 +184,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
 
     def extra_repr(self) -> str:
         return f"config={self.config}"
+
+
+_PLAIN_LINEAR_FORWARDS = (nn.Linear.forward, QuantLinear.forward)
 
 
 class _Layout:
@@ -263,10 +296,28 @@ def unfused_class(cls: type[nn.TransformerEncoderLayer]) -> type[nn.TransformerE
     return type(f"Unfused{cls.__name__}", (cls,), namespace)
 
 
+_FUSED = "_metagrad_fused"
+"""The attribute where :func:`unfuse_` keeps what it changed, for :func:`refuse_`."""
+
+
 def unfuse_(module: nn.Module) -> None:
     """Keep an encoder layer or encoder of PyTorch's off its fused inference path, in place."""
+    before: dict[str, object] = {}
     if isinstance(module, nn.TransformerEncoderLayer):
-        module.__class__ = unfused_class(type(module))
+        cls = unfused_class(type(module))
+        if cls is not type(module):
+            before["__class__"] = type(module)
+            module.__class__ = cls
     if isinstance(module, nn.TransformerEncoder):
+        before["enable_nested_tensor"] = module.enable_nested_tensor
+        before["use_nested_tensor"] = module.use_nested_tensor
         module.enable_nested_tensor = False
         module.use_nested_tensor = False
+    if before and _FUSED not in vars(module):
+        vars(module)[_FUSED] = before
+
+
+def refuse_(module: nn.Module) -> None:
+    """Undo :func:`unfuse_` on ``module`` (nothing if it did not change it)."""
+    for name, value in vars(module).pop(_FUSED, {}).items():
+        setattr(module, name, value)

@@ -2,10 +2,13 @@
 
 :func:`quantize_` walks the model and converts each module whose type (or a base class of it)
 has a handler registered with :func:`register_handler`. Built in: ``nn.Linear`` (subclasses
-included, e.g. the ``out_proj`` of ``nn.MultiheadAttention``), ``nn.Conv2d`` and
-``nn.MultiheadAttention``. Every module that multiplies by weights and is left out (no handler,
-excluded, a subclass with its own ``forward``) is listed in the returned
-:class:`ConversionReport`, with the reason.
+included, e.g. the ``out_proj`` of ``nn.MultiheadAttention``), ``nn.Conv2d``,
+``nn.MultiheadAttention`` and Hugging Face's ``Conv1D`` (:mod:`metagrad.nn.hf`, matched by its
+import path, without importing transformers). Every module that multiplies by weights and is
+left out (no handler, excluded, a subclass with its own ``forward``), and every other module
+holding a parameter of 2 or more dimensions that is not known to be no matmul
+(:mod:`metagrad.nn.coverage`), is listed in the returned :class:`ConversionReport`, with the
+reason. :func:`unquantize_` turns converted modules back.
 """
 
 from __future__ import annotations
@@ -15,20 +18,45 @@ import fnmatch
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from metagrad.nn.attention import QuantMultiheadAttention, unfuse_
+from metagrad.nn.attention import QuantMultiheadAttention, refuse_, unfuse_
+from metagrad.nn.coverage import (
+    EXCLUDED_BY_CONFIG,
+    EXCLUDED_BY_FILTER,
+    ConversionReport,
+    explicit,
+    undeclared,
+    weights,
+)
+from metagrad.nn.hf import CONV1D_PATHS, conv1d_twin
 from metagrad.nn.layers import QuantConv2d, QuantLinear, twin
-from metagrad.quant.spec import QuantConfig
+from metagrad.nn.restore import is_converted, record, restore, unquantize_
+from metagrad.quant.presets import list_presets, preset_config
+from metagrad.quant.spec import QuantConfig, QuantSpec
 from metagrad.registry import Registry
+
+__all__ = [
+    "EXCLUDED_BY_CONFIG",
+    "EXCLUDED_BY_FILTER",
+    "MATMUL_TYPES",
+    "ConversionReport",
+    "ConversionWarning",
+    "find_handler",
+    "quantize",
+    "quantize_",
+    "register_handler",
+    "unquantize_",
+]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Handler = Callable[[nn.Module, QuantConfig], nn.Module | None]
-ConfigArg = QuantConfig | Mapping[str, QuantConfig | None] | None
+LayerConfig = QuantConfig | str | None
+ConfigArg = QuantConfig | str | Mapping[str, LayerConfig] | None
 H = TypeVar("H", bound=Handler)
 
 MATMUL_TYPES: tuple[type[nn.Module], ...] = (
@@ -46,8 +74,6 @@ MATMUL_TYPES: tuple[type[nn.Module], ...] = (
 )
 """PyTorch's module types that multiply by their weights; with no handler they are reported."""
 
-EXCLUDED_BY_FILTER = "excluded by filter"
-EXCLUDED_BY_CONFIG = "excluded by config"
 MAX_WARNED = 10
 
 _OPAQUE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
@@ -66,20 +92,24 @@ class _Handler:
 
 
 _HANDLERS: Registry[_Handler] = Registry("conversion handler")
-"""The registered handlers, keyed by module type."""
+"""The registered handlers, keyed by module type or by a type's import path."""
 
 
-def register_handler(module_type: type[nn.Module], *, methods: Iterable[str] = ("forward",)):
+def register_handler(module_type: type[nn.Module] | str, *, methods: Iterable[str] = ("forward",)):
     """Register ``fn(module, config) -> nn.Module | None`` to convert ``module_type``.
 
+    ``module_type`` is a class, or the import path of one (``"package.module.ClassName"``, the
+    class's ``__module__`` and ``__qualname__``): a path matches without importing anything, so
+    a handler for an optional dependency's type costs nothing when it is absent.
     The handler returns the converted module (it may be ``module`` itself, changed in place), or
     None to leave it as it is (reported as declined). It applies to subclasses of
     ``module_type`` too, unless a more specific handler is registered, or the subclass overrides
     one of ``methods`` (the ones that compute the output): then it is reported, not converted.
     A converted module should share the original's ``Parameter`` objects
-    (:func:`metagrad.nn.layers.twin` builds such a copy), so that optimizers keep working.
-    Submodules of the converted module are converted by their own handlers afterwards. A type
-    takes one handler: registering another for it raises ``ValueError``.
+    (:func:`metagrad.nn.layers.twin` builds such a copy, which :func:`unquantize_` can turn
+    back), so that optimizers keep working. Submodules of the converted module are converted by
+    their own handlers afterwards. A type takes one handler: registering another for it raises
+    ``ValueError``.
 
     Example, for a module type of your own::
 
@@ -102,6 +132,8 @@ def register_handler(module_type: type[nn.Module], *, methods: Iterable[str] = (
             return new
     """
     methods = tuple(methods)
+    if isinstance(module_type, str) and "." not in module_type:
+        raise ValueError(f"a type's import path is 'package.module.Class', got {module_type!r}")
 
     def register(fn: H) -> H:
         _HANDLERS.add(module_type, _Handler(fn, methods))
@@ -110,11 +142,17 @@ def register_handler(module_type: type[nn.Module], *, methods: Iterable[str] = (
     return register
 
 
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def find_handler(module_type: type[nn.Module]) -> tuple[type[nn.Module], _Handler] | None:
-    """The most specific registered base of ``module_type`` (by its MRO) and its handler."""
+    """The most specific registered base of ``module_type`` (by its MRO, a class before its
+    import path) and its handler."""
     for base in module_type.__mro__:
-        if base in _HANDLERS:
-            return base, _HANDLERS[base]
+        for key in (base, _path(base)):
+            if key in _HANDLERS:
+                return base, _HANDLERS[key]
     return None
 
 
@@ -150,47 +188,28 @@ def _multihead_attention(module: nn.Module, config: QuantConfig) -> nn.Module:
     return new
 
 
-@register_handler(QuantLinear)
-@register_handler(QuantConv2d)
-@register_handler(QuantMultiheadAttention)
-def _reconfigure(module: nn.Module, config: QuantConfig) -> nn.Module:
-    module.config = config
-    return module
+for _conv1d_path in CONV1D_PATHS:
+    register_handler(_conv1d_path)(conv1d_twin)
 
 
-@dataclass
-class ConversionReport:
-    """What :func:`quantize_` converted and which matmul-bearing modules it left out.
-
-    ``converted`` maps qualified names to the original type's name, ``unconverted`` to the
-    reason (``"excluded by filter"``, ``"excluded by config"``, ``"no handler for LSTM"``, ...).
-    """
-
-    converted: dict[str, str] = field(default_factory=dict)
-    unconverted: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def gaps(self) -> dict[str, str]:
-        """The unconverted modules that were not explicitly excluded."""
-        return {n: r for n, r in self.unconverted.items() if not _explicit(r)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"converted": dict(self.converted), "unconverted": dict(self.unconverted)}
-
-    def __str__(self) -> str:
-        rows = [(n, t, "converted") for n, t in self.converted.items()]
-        rows += [(n, r, "unconverted") for n, r in self.unconverted.items()]
-        head = f"{len(self.converted)} converted, {len(self.unconverted)} unconverted"
-        if not rows:
-            return head
-        width = max(len(r[0]) for r in rows)
-        kind = max(len(r[1]) for r in rows)
-        lines = [f"{n:<{width}}  {t:<{kind}}  {s}" for n, t, s in rows]
-        return "\n".join([head, *lines])
+# ----------------------------------------------------------------------------------- configs
 
 
-def _explicit(reason: str) -> bool:
-    return reason.startswith((EXCLUDED_BY_FILTER, EXCLUDED_BY_CONFIG))
+def _layer_config(value: Any, where: str) -> QuantConfig | None:
+    """A config, a preset name or None, as a config (or None); anything else raises."""
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, str):
+        return preset_config(value)
+    if isinstance(value, QuantSpec):
+        raise TypeError(
+            f"{where} is a QuantSpec (how one tensor is quantized), not a QuantConfig: "
+            "QuantConfig(grad=spec) quantizes the backward error with it"
+        )
+    raise TypeError(
+        f"{where} must be a QuantConfig, a preset name ({', '.join(list_presets())}) or None, "
+        f"got {type(value).__name__}"
+    )
 
 
 class _Configs:
@@ -204,12 +223,18 @@ class _Configs:
         self.default: QuantConfig | None = None
         self.patterns: list[tuple[Callable[[str], bool], QuantConfig | None]] = []
         if not isinstance(config, Mapping):
-            self.default = config if config is not None else QuantConfig()
+            where = "quantize_'s config"
+            if config is not None and not isinstance(config, (QuantConfig, str, QuantSpec)):
+                raise TypeError(
+                    f"{where} must be a QuantConfig, a preset name ({', '.join(list_presets())})"
+                    f" or a mapping from module-name patterns to those (or None), got "
+                    f"{type(config).__name__}"
+                )
+            self.default = _layer_config(config, where) or QuantConfig()
             return
         for pattern, value in config.items():
-            if value is not None and not isinstance(value, QuantConfig):
-                raise TypeError(f"config for {pattern!r} must be a QuantConfig or None")
-            self.patterns.append((_matcher(pattern), value))
+            matcher = _matcher(pattern)
+            self.patterns.append((matcher, _layer_config(value, f"the config for {pattern!r}")))
 
     def lookup(self, name: str) -> tuple[bool, QuantConfig | None]:
         """``(matched, config)``; a config of None keeps the module in full precision."""
@@ -248,13 +273,17 @@ class _Converter:
         if id(module) in self.done:
             return self.done[id(module)]
         new, reason = module, None
-        if _is_matmul(module):
+        if is_converted(module):
+            new, reason = self._again(module, name)
+        elif _is_matmul(module):
             new, reason = self._convert(module, name)
+        elif weights(module):
+            self._weights(module, name)
         self.done[id(module)] = new
         if reason is not None:
             self.report.unconverted[name] = reason
-            if isinstance(module, _OPAQUE):
-                self._leave_inside(module, name, reason)
+            if isinstance(new, _OPAQUE):
+                self._leave_inside(new, name, reason)
                 return new
         for child_name, child in list(new._modules.items()):  # shared children too
             if child is None:
@@ -264,13 +293,20 @@ class _Converter:
                 setattr(new, child_name, converted)
         return new
 
-    def _convert(self, module: nn.Module, name: str) -> tuple[nn.Module, str | None]:
-        """The converted module and None, or ``module`` and why it stays as it is."""
+    def _excluded(self, module: nn.Module, name: str) -> tuple[str | None, QuantConfig | None]:
+        """Why ``module`` stays in full precision on purpose (or None), and its config."""
         if self.filter_fn is not None and not self.filter_fn(module, name):
-            return module, EXCLUDED_BY_FILTER
+            return EXCLUDED_BY_FILTER, None
         matched, config = self.configs.lookup(name)
         if matched and config is None:
-            return module, EXCLUDED_BY_CONFIG
+            return EXCLUDED_BY_CONFIG, None
+        return None, config
+
+    def _convert(self, module: nn.Module, name: str) -> tuple[nn.Module, str | None]:
+        """The converted module and None, or ``module`` and why it stays as it is."""
+        excluded, config = self._excluded(module, name)
+        if excluded is not None:
+            return module, excluded
         type_name = type(module).__name__
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
             return module, "uninitialized lazy module: run a forward pass first"
@@ -286,24 +322,67 @@ class _Converter:
         new = handler.fn(module, config)
         if new is None:
             return module, f"declined by the handler for {base.__name__}"
+        if new is not module:
+            record(module, new)
         self.report.converted[name] = type_name
         return new, None
 
+    def _again(self, module: nn.Module, name: str) -> tuple[nn.Module, str | None]:
+        """An already converted module: reconfigured, left as it is, or turned back (a None
+        config); the filter leaves it as it is."""
+        matched, config = self.configs.lookup(name)
+        if matched and config is None:
+            new = restore(module)
+            self.report.restored[name] = type(new).__name__
+            return new, EXCLUDED_BY_CONFIG
+        filtered = self.filter_fn is not None and not self.filter_fn(module, name)
+        if config is not None and not filtered and getattr(module, "config", config) != config:
+            module.config = config
+        self.report.already_converted[name] = type(module).__name__
+        return module, None
+
+    def _weights(self, module: nn.Module, name: str) -> None:
+        """Report a module of no handler's type that holds parameters of 2+ dimensions."""
+        found = weights(module)
+        left = undeclared(module, found)
+        type_name = type(module).__name__
+        if not left:
+            self.report.not_applicable[name] = type_name
+            return
+        excluded, _ = self._excluded(module, name)
+        held = ", ".join(f"{n!r} ({found[n]}-D)" for n in left)
+        self.report.unconverted[name] = (
+            excluded or f"no handler for {type_name}, which holds {held}"
+        )
+
     def _leave_inside(self, module: nn.Module, name: str, reason: str) -> None:
-        """Report the matmuls inside an unconverted opaque module with its reason."""
-        inherited = reason if _explicit(reason) else f"inside unconverted {name or 'model'}"
-        for sub_name, sub in module.named_modules(prefix=name):
-            if sub is not module and _is_matmul(sub):
-                self.report.unconverted[sub_name] = inherited
+        """Report the matmuls inside an unconverted opaque module with its reason (turning
+        back the converted ones, which its forward would bypass)."""
+        inherited = reason if explicit(reason) else f"inside unconverted {name or 'model'}"
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            full = f"{name}.{child_name}"
+            if is_converted(child):
+                restored = restore(child)
+                setattr(module, child_name, restored)
+                self.report.restored[full] = type(restored).__name__
+                child = restored
+            if _is_matmul(child):
+                self.report.unconverted[full] = inherited
+            self._leave_inside(child, full, reason)
 
     def unfuse(self, model: nn.Module) -> None:
-        """Keep transformer encoders holding converted modules off PyTorch's fused path."""
-        converted = list(self.report.converted)
+        """Keep transformer encoders holding converted modules off PyTorch's fused path (and
+        put back on it those that no longer hold any)."""
+        converted = list(self.report.converted)  # converted in place by a handler too
         for name, module in model.named_modules():
             if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
                 continue
             prefix = f"{name}." if name else ""
-            if not any(c.startswith(prefix) for c in converted):
+            inside = any(c.startswith(prefix) for c in converted)
+            if not inside and not any(is_converted(m) for m in module.modules()):
+                refuse_(module)
                 continue
             base, cls = nn.TransformerEncoderLayer, type(module)
             if (
@@ -327,19 +406,23 @@ def quantize_(
     Args:
         model: any ``nn.Module``; its submodules are converted (a bare layer cannot be replaced
             in place: wrap it first, or use :func:`quantize`).
-        config: one :class:`~metagrad.nn.functional.QuantConfig` for every module (default
-            ``QuantConfig()``), or a mapping from qualified-name patterns to configs: ``fnmatch``
-            patterns (``"encoder.layers.*.linear1"``, ``"*"``) or ``"re:<regex>"``; the first
-            match in mapping order wins, None keeps the module in full precision. A module no
-            pattern matches stays in full precision and is reported.
+        config: one :class:`~metagrad.quant.spec.QuantConfig` for every module (default
+            ``QuantConfig()``) or a preset name (:func:`~metagrad.quant.presets.preset_config`:
+            ``"rht-nvfp4"``, ...), or a mapping from qualified-name patterns to those (or None):
+            ``fnmatch`` patterns (``"encoder.layers.*.linear1"``, ``"*"``) or ``"re:<regex>"``;
+            the first match in mapping order wins, None keeps the module in full precision. A
+            module no pattern matches stays in full precision and is reported. Anything else
+            (a ``QuantSpec`` included) raises ``TypeError``.
         filter_fn: ``filter_fn(module, qualified_name)``; False keeps the module in full
             precision (e.g. ``lambda m, name: name not in {"stem.0", "classifier"}``).
 
     Converted modules keep the very same ``Parameter`` objects (an optimizer built before the
-    call still updates them), buffers and hooks; already quantized ones take the new config.
-    Transformer encoder layers and encoders holding converted modules are kept off PyTorch's
-    fused inference path. When a matmul-bearing module is left out for another reason than the
-    filter or a None config, one :class:`ConversionWarning` names them.
+    call still updates them), buffers and hooks. Calling it again is safe: modules already
+    quantized are reported as ``already_converted`` and take the new config, or, where the
+    config is None, turn back into their original class (``restored``); ``filter_fn`` leaves
+    them as they are. Transformer encoder layers and encoders holding converted modules are
+    kept off PyTorch's fused inference path. When a matmul-bearing module is left out for
+    another reason than the filter or a None config, one :class:`ConversionWarning` names them.
     """
     return _quantize(model, config, filter_fn, stacklevel=3)
 

@@ -10,6 +10,13 @@ Mixed precision: under ``torch.autocast`` the layer computes its forward in the 
 and runs both backward products in that dtype on the error's integer codes, with the scales
 applied in float32 (:mod:`metagrad.backward.products`) straight into the dtypes of the inputs
 (a float32 weight gets a float32 gradient, not a rounded bf16 one).
+
+Inference: when no gradient is recorded (``torch.no_grad()``, ``torch.inference_mode()``, or no
+input, weight or bias requiring grad), ``linear``/``conv2d`` are ``F.linear``/``F.conv2d`` on the
+forward-quantized operands (QAT's forward quantization still applies: it changes the values),
+with no autograd Function and nothing saved for a backward pass. The one exception is a config
+whose backend quantizes the operands itself (``config.quantizes_operands``) with forward
+quantization on: the backend's forward then computes the output, as it does when training.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metagrad.backward import get_backend
-from metagrad.quant.quantize import fake_quantize_ste
+from metagrad.quant.quantize import fake_quantize, fake_quantize_ste
 from metagrad.quant.spec import QuantConfig
 
 IntPair = tuple[int, int]
@@ -77,6 +84,25 @@ def _forward_operands(x, weight, bias, config: QuantConfig):
     return x, weight, bias, low
 
 
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an operation on ``tensors`` now (else it is inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _linear_forward(x, weight, bias, config: QuantConfig):
+    """``(y, x, weight, saved)``: the backend's linear forward on the operands it takes."""
+    x, weight, bias, low = _forward_operands(x, weight, bias, config)
+    y, saved = get_backend(config.backend).linear_forward(x, weight, bias, config)
+    return (y if low is None else y.to(low)), x, weight, saved
+
+
+def _conv2d_forward(x, weight, bias, conv, config: QuantConfig):
+    """``(y, x, weight, saved)``: the backend's convolution forward, as :func:`_linear_forward`."""
+    x, weight, bias, low = _forward_operands(x, weight, bias, config)
+    y, saved = get_backend(config.backend).conv2d_forward(x, weight, bias, conv, config)
+    return (y if low is None else y.to(low)), x, weight, saved
+
+
 class _QuantConv2dFn(torch.autograd.Function):
     """Convolution with a quantized backward, both computed by ``config``'s backend.
 
@@ -92,10 +118,9 @@ class _QuantConv2dFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.config = config
         ctx.dtypes = _dtypes(x, weight, bias)
-        x, weight, bias, low = _forward_operands(x, weight, bias, config)
-        y, saved = get_backend(config.backend).conv2d_forward(x, weight, bias, ctx.conv, config)
+        y, x, weight, saved = _conv2d_forward(x, weight, bias, ctx.conv, config)
         ctx.save_for_backward(x, weight, *saved)
-        return y if low is None else y.to(low)
+        return y
 
     @staticmethod
     def backward(ctx, e: Tensor):
@@ -116,10 +141,9 @@ class _QuantLinearFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.config = config
         ctx.dtypes = _dtypes(x, weight, bias)
-        x, weight, bias, low = _forward_operands(x, weight, bias, config)
-        y, saved = get_backend(config.backend).linear_forward(x, weight, bias, config)
+        y, x, weight, saved = _linear_forward(x, weight, bias, config)
         ctx.save_for_backward(x, weight, *saved)
-        return y if low is None else y.to(low)
+        return y
 
     @staticmethod
     def backward(ctx, e: Tensor):
@@ -143,9 +167,17 @@ def conv2d(
     *,
     config: QuantConfig,
 ) -> Tensor:
-    """``F.conv2d`` with forward and backward quantization as ``config`` says."""
+    """``F.conv2d`` with forward and backward quantization as ``config`` says (without a
+    recorded gradient: plain ``F.conv2d`` on the forward-quantized operands)."""
     stride, dilation = _pair(stride), _pair(dilation)
     padding = resolve_padding(padding, (weight.shape[2], weight.shape[3]), dilation)
+    if not records_grad(input, weight, bias):
+        if config.quantizes_operands and config.quantizes_forward:
+            conv = (stride, padding, dilation, groups)
+            return _conv2d_forward(input, weight, bias, conv, config)[0]
+        weight = fake_quantize(weight, config.weight, channel_dim=0)
+        input = fake_quantize(input, config.activation, channel_dim=1)
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if config.quantizes_operands:  # forward quantization happens inside the Function
         return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
     weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
@@ -156,7 +188,14 @@ def conv2d(
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, config: QuantConfig):
-    """``F.linear`` with forward and backward quantization as ``config`` says."""
+    """``F.linear`` with forward and backward quantization as ``config`` says (without a
+    recorded gradient: plain ``F.linear`` on the forward-quantized operands)."""
+    if not records_grad(input, weight, bias):
+        if config.quantizes_operands and config.quantizes_forward:
+            return _linear_forward(input, weight, bias, config)[0]
+        weight = fake_quantize(weight, config.weight, channel_dim=0)
+        input = fake_quantize(input, config.activation, channel_dim=-1)
+        return F.linear(input, weight, bias)
     if config.quantizes_operands:  # forward quantization happens inside the Function
         return _QuantLinearFn.apply(input, weight, bias, config)
     weight = fake_quantize_ste(weight, config.weight, channel_dim=0)

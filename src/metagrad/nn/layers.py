@@ -21,6 +21,7 @@ class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward and backward are quantized as ``config`` says."""
 
     quantized_weight_names: tuple[str, ...] = ("weight",)
+    unquantized_class: type[nn.Module] = nn.Conv2d
 
     def __init__(self, *args, config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -50,6 +51,7 @@ class QuantLinear(nn.Linear):
     """``nn.Linear`` whose forward and backward are quantized as ``config`` says."""
 
     quantized_weight_names: tuple[str, ...] = ("weight",)
+    unquantized_class: type[nn.Module] = nn.Linear
 
     def __init__(self, *args, config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -406,6 +406,11 @@ class QuantConfig:
         )
 
     @property
+    def quantizes_forward(self) -> bool:
+        """Whether the forward pass quantizes the weight or the layer input (QAT)."""
+        return self.weight.enabled or self.activation.enabled
+
+    @property
     def quantizes_operands(self) -> bool:
         """Whether the backward products use 8-bit operands (a backend that always does, such as
         ``int8``, or ``backward_operand_bits=8``).

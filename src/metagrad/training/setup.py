@@ -75,13 +75,14 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         from metagrad.meta.hyper import create_hypernet
         from metagrad.meta.optim import MetaGrad
 
+        settings = {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
+        settings["weight_decay"] = cfg.weight_decay
+        taken = get_base_rule(cfg.optimizer).settings  # Adam: no momentum, no nesterov
         return MetaGrad(
             model,
             lr=cfg.lr,
             base=cfg.optimizer,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
+            **{k: v for k, v in settings.items() if k in taken},
             hypernet=create_hypernet(cfg.hyper, hidden=cfg.hyper_hidden, form=cfg.hyper_form),
             hyper_lr=cfg.hyper_lr,
             comm_bits=cfg.comm_bits,
