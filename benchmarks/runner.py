@@ -179,9 +179,12 @@ def run_record(name: str, summary: dict[str, Any], history: list[dict[str, Any]]
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def training_step(settings: dict[str, Any], data: ImageDataset | CharCorpus) -> Step:
+def training_step(
+    settings: dict[str, Any], data: ImageDataset | CharCorpus, *, fullgraph: bool = False
+) -> Step:
     """One training step of ``settings`` (``metagrad train`` keys, plus ``tf32`` on CUDA), as
-    ``metagrad train`` runs it: autocast as ``amp`` says, compiled kernels as ``compile`` says.
+    ``metagrad train`` runs it: autocast as ``amp`` says, compiled kernels as ``compile`` says
+    (``model``: ``torch.compile(model, fullgraph=fullgraph)``).
 
     Global switches (compiled kernels, TF32) are set at every call, so steps of settings that
     differ in them can be interleaved in one process.
@@ -195,7 +198,7 @@ def training_step(settings: dict[str, Any], data: ImageDataset | CharCorpus) -> 
     optimizer = build_optimizer(cfg, model)
     amp = resolve_amp(cfg.amp, device)
     compiled = cfg.compile in ("auto", "kernels", "model")
-    forward = torch.compile(model) if cfg.compile == "model" else model
+    forward = torch.compile(model, fullgraph=fullgraph) if cfg.compile == "model" else model
     task = task_for_model(cfg.model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -306,6 +309,27 @@ def time_steps(
 
     Image models take augmented CIFAR batches; language models random windows of ``data``.
     """
+    batches = step_batches(data, base, warmup + steps)
+    runs = {
+        name: training_step({**base, **overrides}, data) for name, overrides in settings.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for i, (x, y) in enumerate(batches):
+        for name, step in runs.items():
+            _sync(x.device)
+            t0 = time.perf_counter()
+            step(x, y)
+            _sync(x.device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_batches(
+    data: ImageDataset | CharCorpus, base: dict[str, Any], count: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` training batches of ``base``'s model on ``data``, on its device:
+    augmented CIFAR batches for image models, random windows of ``data`` for language models."""
     if model_task(base.get("model", "vgg16")) == "image":
         loader: Any = BatchLoader(
             data.train_images,
@@ -323,21 +347,8 @@ def time_steps(
         model = build_model(cfg, data, cpu)
         loader = task_for_model(cfg.model).train_loader(cfg, data, model, cpu, (0, 1))
     device = resolve_device(base.get("device", "auto"))
-    batches = list(zip(range(warmup + steps), loader.epoch(0), strict=False))
-    runs = {
-        name: training_step({**base, **overrides}, data) for name, overrides in settings.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    for i, (x, y) in batches:
-        x, y = x.to(device), y.to(device)
-        for name, step in runs.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            step(x, y)
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    batches = zip(range(count), loader.epoch(0), strict=False)
+    return [(x.to(device), y.to(device)) for _, (x, y) in batches]
 
 
 def _sync(device: torch.device) -> None:

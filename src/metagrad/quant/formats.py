@@ -114,9 +114,7 @@ class FloatFormat:
         if self.specials == "fn" and self.mantissa == 0:
             raise ValueError("specials 'fn' needs mantissa bits (its NaN takes the top mantissa)")
         # a plain float, computed once: compiled kernels read it as a constant
-        steps = 2**self.mantissa - (2 if self.specials == "fn" else 1)
-        top = math.ldexp(1 + steps / 2**self.mantissa, self.max_exponent)
-        object.__setattr__(self, "_max_value", top)
+        object.__setattr__(self, "_max_value", self._largest())
 
     @property
     def bias(self) -> int:
@@ -134,7 +132,16 @@ class FloatFormat:
 
     @property
     def max_value(self) -> float:
+        if torch.compiler.is_compiling():
+            # traced from the int fields: under torch.compile(dynamic=True) a float attribute
+            # is a symbolic input, which the backward of an autograd.Function cannot capture
+            return self._largest()
         return self._max_value
+
+    def _largest(self) -> float:
+        """The largest finite magnitude (exact: a power of two times a short fraction)."""
+        steps = 2**self.mantissa - (2 if self.specials == "fn" else 1)
+        return (1 + steps / 2**self.mantissa) * 2.0**self.max_exponent
 
     @property
     def min_normal(self) -> float:

@@ -74,11 +74,15 @@ def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
     memory layout, so a view, a transpose or a channels-last tensor draws what its contiguous
     copy draws: four bytes per 32-bit random draw."""
     n = like.numel()
-    # out of place, so that torch.compile traces it (an in-place random_ breaks the graph)
-    words = torch.randint(
-        -(2**31), 2**31 - 1, ((n + 3) // 4,), dtype=torch.int32, device=like.device,
-        generator=generator,
-    )  # fmt: skip
+    low, high, size = -(2**31), 2**31 - 1, ((n + 3) // 4,)
+    if generator is None:
+        # out of place (an in-place random_ breaks torch.compile's graph), and shaped by a
+        # tensor, which traces with symbolic sizes (torch.randint's size must be concrete);
+        # the numbers of torch.randint
+        words = torch.randint_like(like.new_empty(size, dtype=torch.int32), low, high)
+    else:
+        words = torch.randint(low, high, size, dtype=torch.int32, device=like.device,
+                              generator=generator)  # fmt: skip
     return words.view(torch.uint8)[:n].view(like.shape)
 
 
@@ -149,7 +153,7 @@ def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], 
     moved = t.permute(perm)
     shape = moved.shape
     inverse = [perm.index(d) for d in range(t.dim())]
-    length = math.prod(t.shape[d] for d in axes)
+    length = math.prod([t.shape[d] for d in axes])
 
     def restore(m: Tensor) -> Tensor:
         return m.reshape(shape).permute(inverse)
@@ -218,7 +222,7 @@ def prepare_transform(
     inner = tuple(d % max(x.dim(), 1) for d in inner)
     axes = _transform_axes(transform, inner)
     if not transform.data_dependent:  # only the padded length, dtype and device matter
-        length = transform.padded_length(math.prod(x.shape[d] for d in axes))
+        length = transform.padded_length(math.prod([x.shape[d] for d in axes]))
         return transform.prepare(x.new_empty((0, length), dtype=scale_dtype(x)), generator)
     return transform.prepare(_transform_rows(x.to(scale_dtype(x)), transform, axes)[0], generator)
 

@@ -73,11 +73,26 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
     return _sign_hadamard(n, dtype, device) / math.sqrt(n)
 
 
-@functools.lru_cache(maxsize=64)
 def _sign_hadamard(n: int, dtype: torch.dtype, device) -> Tensor:
-    """The Sylvester-Hadamard matrix of order ``n`` with entries +-1 (cached; do not modify)."""
+    """The Sylvester-Hadamard matrix of order ``n`` with entries +-1 (do not modify).
+
+    Cached in eager code; under ``torch.compile`` built in the graph from its closed form
+    ``H[i, j] = (-1)**popcount(i & j)`` (the same matrix, a few fused integer ops).
+    """
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard matrix needs a power-of-two order, got {n}")
+    if torch.compiler.is_compiling():
+        index = torch.arange(n, device=device)
+        both = index[:, None] & index[None, :]
+        parity = torch.zeros_like(both)
+        for bit in range(n.bit_length() - 1):
+            parity ^= (both >> bit) & 1
+        return (1 - 2 * parity).to(dtype)
+    return _cached_sign_hadamard(n, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sign_hadamard(n: int, dtype: torch.dtype, device) -> Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -113,7 +128,9 @@ class RandomizedHadamard:
 
     def block_for(self, length: int) -> int:
         """The block used on rows of ``length``: ``block``, or less for shorter rows."""
-        return min(self.block, 1 << max(length - 1, 1).bit_length())
+        if length >= self.block:  # also for a symbolic length (torch.compile, dynamic shapes)
+            return self.block
+        return min(self.block, 1 << max(int(length) - 1, 1).bit_length())
 
     def padded_length(self, length: int) -> int:
         b = self.block_for(length)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metagrad.backward.int8.intmm import _CPU_CHUNK, _MIN_ROWS, _matrix, _padded, _scratch, int_mm
+from metagrad.backward.int8.intmm import (
+    _CPU_CHUNK,
+    _MIN_ROWS,
+    _cpu_eager,
+    _matrix,
+    _padded,
+    _scratch,
+    int_mm,
+)
 from metagrad.backward.products import Operand, OperandFn
 from metagrad.quant.quantize import quantize_codes, scale_dtype
 from metagrad.quant.spec import QuantSpec
@@ -52,6 +60,8 @@ def _absmax(x: Tensor, keep: Sequence[int]) -> Tensor:
     dims = [d for d in range(x.dim()) if d not in keep]
     if not dims:
         return x.abs()
+    if torch.compiler.is_compiling():  # one fused reduction (the layouts below need strides)
+        return x.abs().amax(dims, keepdim=True)
     if len(dims) == x.dim():
         lo, hi = torch.aminmax(_flat(x))
         return torch.maximum(-lo, hi).reshape([1] * x.dim())
@@ -68,7 +78,7 @@ def _leading_absmax(x: Tensor, dims: list[int]) -> Tensor | None:
     """
     order = _stride_order(x)
     lead = len(dims)
-    if x.device.type != "cpu" or sorted(order[:lead]) != sorted(dims):
+    if not _cpu_eager(x.device) or sorted(order[:lead]) != sorted(dims):
         return None
     xp = x.permute(order)
     if not xp.is_contiguous():
@@ -114,7 +124,7 @@ def _round_into(x: Tensor, factor: Tensor, out: Tensor, *, divide: bool) -> None
     if out.numel() == 0:
         return
     op = torch.div if divide else torch.mul
-    if x.device.type != "cpu":
+    if not _cpu_eager(x.device):
         out.copy_(op(x, factor).round_())
         return
     perm = _stride_order(out)
@@ -233,7 +243,7 @@ def _rescale(acc: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """
     out = torch.empty(acc.shape, dtype=scale.dtype, device=acc.device)
     size = acc.shape[0] if acc.dim() else 1
-    step = size if acc.device.type != "cpu" else max(1, _CPU_CHUNK // max(acc[0].numel(), 1))
+    step = size if not _cpu_eager(acc.device) else max(1, _CPU_CHUNK // max(acc[0].numel(), 1))
     for start in range(0, size, step):
         part = out[start : start + step]
         part.copy_(acc[start : start + step])

@@ -29,12 +29,21 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
+def _cpu_eager(device: torch.device) -> bool:
+    """Whether the CPU-only memory tricks apply: the workspace and cache-sized chunks.
+
+    Not under ``torch.compile``, which plans memory and fuses passes itself: traced code takes
+    the plain route other devices take (the same numbers).
+    """
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _scratch(name: str, numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A flat temporary of ``numel`` elements; on CPU a reused per-thread buffer named ``name``.
 
     Only for temporaries that die within one call (never returned or saved for backward).
     """
-    if device.type != "cpu":
+    if not _cpu_eager(device):
         return torch.empty(numel, dtype=dtype, device=device)
     key = (name, dtype)
     buf = _WORKSPACE.buffers.get(key)
