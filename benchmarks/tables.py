@@ -439,6 +439,88 @@ def transformers_table(data: dict) -> str:
             f"{data[n][setting]['seconds']:.3f} | {data[n][setting]['x_fp32']:.3f}" for n in names
         )
         rows.append(f"| {setting} | {cells} |")
+    cost = {
+        n: data[n]["metagrad_vs_quantized"] for n in names if "metagrad_vs_quantized" in data[n]
+    }
+    if cost:
+        rows += [
+            "",
+            "MetaGrad against the quantized step it corrects (step time; tensor memory of a "
+            "step, peak and growth over it, each setting probed in a fresh process):",
+            "",
+            "| model | step | peak memory | memory growth |",
+            "|---|---:|---:|---:|",
+        ]
+        for n, c in cost.items():
+            memory = " | ".join(f"{c[k]:.2f}x" if k in c else "" for k in ("peak", "growth"))
+            rows.append(f"| {n} | {c['step']:.2f}x | {memory} |")
+    return "\n".join(rows)
+
+
+def integrations_table(data: dict) -> str:
+    """Hugging Face models converted by ``quantize_``: coverage, graph breaks, costs."""
+    machine = data["machine"]
+    rows = [
+        f"{data['config']}; batch {data['batch_size']}, bf16 autocast, AdamW; torch "
+        f"{machine['torch']}, {machine['cpu']}, {machine['threads']} threads, median of "
+        f"{data['repetitions']} interleaved repetitions.",
+        "",
+        "| model | matmuls converted | graph breaks | training step vs unconverted "
+        "| inference vs unconverted | MetaGrad step vs quantized step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in data["models"].items():
+        m = r["matmuls"]
+        rows.append(
+            f"| {name} | {m['converted']} / {m['total']} | {r['graph_breaks']['count']} "
+            f"| {r['step']['converted_vs_unconverted']:.2f}x "
+            f"| {r['inference']['converted_vs_unconverted']:.2f}x "
+            f"| {r['metagrad_vs_quantized_step']:.2f}x |"
+        )
+    return "\n".join(rows)
+
+
+def compile_step_table(data: dict) -> str:
+    """Quantized training steps, eager against ``torch.compile(model, fullgraph=True)``."""
+    machine = data["machine"]
+    names = [n for n in data["models"] if n in data]
+    rows = [
+        f"bf16 autocast, Adam; torch {machine['torch']}, {machine['cpu']}, {machine['threads']} "
+        f"threads; median of {data['steps']} interleaved steps after {data['warmup']} "
+        "(compilation timed apart).",
+        "",
+        "| model | gradients | eager ms | compiled ms | compiled / eager | graph breaks "
+        "| compile s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        for grad in data["grads"]:
+            eager, compiled = data[name][f"{grad} eager"], data[name][f"{grad} compiled model"]
+            rows.append(
+                f"| {name} | {grad} | {eager['seconds'] * 1e3:.1f} "
+                f"| {compiled['seconds'] * 1e3:.1f} | {compiled['x_eager']:.3f} "
+                f"| {compiled['graph_breaks']} | {compiled['compile_seconds']:.1f} |"
+            )
+    return "\n".join(rows)
+
+
+def inference_table(data: dict) -> str:
+    """Eval-mode forward passes of converted models against the unconverted ones."""
+    machine = data["machine"]
+    rows = [
+        f"`torch.{data['mode']}()`, {data['config']}; torch {machine['torch']}, {machine['cpu']}, "
+        f"{machine['threads']} threads, median of {data['reps']} interleaved repetitions.",
+        "",
+        "| model | unconverted ms | converted ms | converted / unconverted | outputs identical |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, r in data["models"].items():
+        if "skipped" in r:
+            continue
+        rows.append(
+            f"| {name} | {r['unconverted_seconds'] * 1e3:.3f} | {r['converted_seconds'] * 1e3:.3f}"
+            f" | {r['ratio']:.3f} | {'yes' if r['identical'] else 'no'} |"
+        )
     return "\n".join(rows)
 
 
@@ -613,6 +695,15 @@ TABLES: dict[str, Table] = {
     ),
     "transformers-cpu": _table(
         "transformers-cpu.json", transformers_table, "python -m benchmarks.transformers --threads 1"
+    ),
+    "integrations-cpu": _table(
+        "integrations-cpu.json", integrations_table, "python -m benchmarks.integrations"
+    ),
+    "compile-step-cpu": _table(
+        "compile-step-cpu.json", compile_step_table, "python -m benchmarks.compile_step"
+    ),
+    "inference-cpu": _table(
+        "inference-cpu.json", inference_table, "python -m benchmarks.inference"
     ),
     "comm": _table("comm.json", comm_table, "python -m benchmarks.comm"),
     "comm-training": _table(
