@@ -201,3 +201,32 @@ def test_train_command_on_cuda_defaults_to_bf16_and_compiled_kernels(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["amp"] == "bfloat16" and summary["device"].startswith("cuda")
     assert summary["compile"] in ("kernels", "off")
+
+
+@pytest.mark.parametrize("name", ["default", "int8", "rht-nvfp4"])
+def test_compiled_model_trains_on_cuda_under_bf16(name):
+    """``torch.compile(fullgraph=True)`` of a converted transformer on CUDA (Triton, inductor's
+    ``_int_mm`` for the ``int8`` backend): finite, decreasing loss."""
+    from metagrad.quant import preset_config
+
+    configs = {
+        "default": QuantConfig(),
+        "int8": QuantConfig(grad=QuantSpec(8, "stochastic"), backend="int8"),
+    }
+    torch.manual_seed(0)
+    model = create_model("gpt_char", width=0.25, num_classes=64, in_channels=64).to(CUDA)
+    model = quantize(model, configs.get(name) or preset_config(name))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.randint(0, 64, (2, 8, 32), device=CUDA)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(x)
+        loss = F.cross_entropy(out.reshape(-1, 64).float(), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
