@@ -142,7 +142,7 @@ def test_no_graph_break_in_gpt_char(name):
     assert graph_breaks(gpt(config_for(name)), gpt_batch()[0]) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("model", ["gpt_char", "vit_tiny"])
 def test_no_graph_break_in_the_transformers(name, model):
@@ -183,7 +183,7 @@ SYMBOLIC = [
         dynamic,
         name,
         id=f"{'dynamic' if dynamic else 'automatic'}-{name}",
-        marks=() if (dynamic, name) in FAST_SYMBOLIC else pytest.mark.slow,
+        marks=() if (dynamic, name) in FAST_SYMBOLIC else pytest.mark.exhaustive,
     )
     for dynamic in (None, True)
     for name in CONFIGS
@@ -209,13 +209,13 @@ def test_fullgraph_training_compiled_by_inductor(name):
     assert_trains(train(conv_net(config_for(name)), conv_batch(), 4, "inductor"))
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fullgraph_training_compiled_by_inductor_every_config(name):
     assert_trains(train(conv_net(config_for(name)), conv_batch(), 4, "inductor"))
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize(
     ("model", "name"),
     [
@@ -275,7 +275,7 @@ def test_nearest_rounding_gives_eager_gradients_under_inductor(name):
     _assert_close(grads(model, conv_batch(), compiled), want)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n not in INDUCTOR_NEAREST])
 def test_nearest_rounding_gives_eager_gradients_under_inductor_every_config(name):
     """``rht``'s random signs come from eager's generator here (``fallback_random``)."""
@@ -329,7 +329,7 @@ def test_stochastic_rounding_compiled_is_unbiased(name):
     _assert_unbiased(name, 256)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("name", ["default", "int8", "psq", "bhq", "luq", "rht-mxfp4"])
 def test_stochastic_rounding_compiled_is_unbiased_every_config(name):
     _assert_unbiased(name, 256)
