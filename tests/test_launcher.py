@@ -83,7 +83,7 @@ def test_benchmark_runs_train_then_read_their_records(tmp_path):
     seen: list[str] = []
     first = train_runs(runs, "digits", tmp_path, parallel=2, on_record=lambda n, r: seen.append(n))
     assert sorted(seen) == ["fp32", "int4"] and set(first) == {"fp32", "int4"}
-    assert first["int4"]["bits"] == 4 and first["int4"]["epochs"] == 1
+    assert first["int4"]["grad_spec"] == "int4:stochastic" and first["int4"]["epochs"] == 1
     assert not (tmp_path / "fp32" / "log.txt").exists()  # output goes to the terminal
     mtime = (tmp_path / "fp32" / "checkpoint.pt").stat().st_mtime_ns
     again = train_runs(runs, "digits", tmp_path)
