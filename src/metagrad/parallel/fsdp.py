@@ -1,0 +1,101 @@
+"""Sharded data parallelism with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+:func:`shard_model` shards a (converted) model the way transformer code usually does: each block
+of the model's ``nn.ModuleList`` containers (or, for a model without one, each layer holding a
+matrix or convolution weight) becomes its own FSDP unit, and the root holds the rest. Quantized
+layers work unchanged under it: FSDP gathers the full weight before the layer's forward and
+reduce-scatters its (quantized-backward) gradient afterwards. Convert before sharding
+(``quantize_`` then ``shard_model``), so that the coverage report sees the plain modules.
+
+:func:`shard_group` and :func:`is_sharded` tell other code (MetaGrad) whether a model's
+parameters are sharded and over which process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+Units = Callable[[nn.Module], Iterable[nn.Module]]
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the model's ``nn.ModuleList`` containers, else its weight-holding layers.
+
+    Nested lists keep only their outermost blocks (a block is sharded as a whole).
+    """
+    blocks: list[nn.Module] = []
+    taken: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and id(module) not in taken:
+            for block in module:
+                if any(p.requires_grad for p in block.parameters()):
+                    blocks.append(block)
+                taken.update(id(m) for m in block.modules())
+    if blocks:
+        return blocks
+    return [
+        m
+        for m in model.modules()
+        if m is not model and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+    ]
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    units: Units = default_units,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool = True,
+    mesh: object | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place with ``fully_shard`` (each unit, then the root); returns it.
+
+    Needs an initialised process group (e.g. under ``torchrun``). ``mp_policy`` is FSDP2's
+    ``MixedPrecisionPolicy`` (for example bf16 parameters with float32 gradient reduction);
+    ``mesh`` a 1-D device mesh (default: every rank). Call it after ``quantize_``.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "shard_model needs a process group: launch with torchrun and call "
+            "torch.distributed.init_process_group first"
+        )
+    if is_sharded(model):
+        raise ValueError("the model is already sharded (it holds FSDP modules)")
+    options: dict = {"reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
+    if mesh is not None:
+        options["mesh"] = mesh
+    for unit in list(units(model)):
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any of ``model``'s modules is FSDP2-sharded."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def shard_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The process group over which ``model``'s parameters are sharded (None: not sharded).
+
+    Only 1-D sharding (one mesh dimension, ``Shard(0)``) is supported.
+    """
+    groups = set()
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            if mesh.ndim != 1:
+                raise ValueError(
+                    f"only 1-D sharding is supported, a parameter lies on a {mesh.ndim}-D mesh"
+                )
+            groups.add(mesh.get_group())
+    if len(groups) > 1:
+        raise ValueError("the model's parameters are sharded over different process groups")
+    return groups.pop() if groups else None
