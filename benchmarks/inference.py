@@ -123,7 +123,7 @@ def bench_case(name: str, mode: str, reps: int, warmup: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repetitions, 1 warm-up")
-    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per model")
+    parser.add_argument("--reps", type=int, default=200, help="timed repetitions per model")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     parser.add_argument("--mode", choices=list(MODES), default="inference_mode")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

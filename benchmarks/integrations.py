@@ -10,8 +10,8 @@ ConvNeXt, ViT, BERT and GPT-2. Each is converted by ``metagrad.quantize_`` with 
 
 - ``matmuls``: matmul modules converted / present (``nn.Linear``, ``nn.Conv2d``, Hugging Face's
   ``Conv1D``), and what the conversion report says it left out;
-- ``graph_breaks``: ``torch._dynamo.explain`` on the converted model's forward (which traces the
-  quantized layers' backward too);
+- ``graph_breaks``: ``torch._dynamo.explain`` on the converted model's forward, and
+  ``graph_breaks_unconverted`` on the unconverted one's (breaks the model's own code causes);
 - ``step``: a bf16-autocast AdamW training step of the converted model against the unconverted
   one; ``inference``: an eval-mode ``torch.no_grad()`` forward, the same two;
 - ``metagrad``: a ``MetaGrad(base="adam")`` step against the converted model's AdamW step.
@@ -188,6 +188,7 @@ def bench(name: str, build, batch_of, batch_size: int, reps: int, warmup: int) -
             "left_out": {k: str(v) for k, v in getattr(report, "unconverted", {}).items()},
         },
         "graph_breaks": _graph_breaks(converted, batch),
+        "graph_breaks_unconverted": _graph_breaks(plain, batch),
     }
     steps = _time(
         {

@@ -465,7 +465,7 @@ def integrations_table(data: dict) -> str:
         f"{machine['torch']}, {machine['cpu']}, {machine['threads']} threads, median of "
         f"{data['repetitions']} interleaved repetitions.",
         "",
-        "| model | matmuls converted | graph breaks | training step vs unconverted "
+        "| model | matmuls converted | graph breaks (unconverted) | training step vs unconverted "
         "| inference vs unconverted | MetaGrad step vs quantized step |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -473,6 +473,7 @@ def integrations_table(data: dict) -> str:
         m = r["matmuls"]
         rows.append(
             f"| {name} | {m['converted']} / {m['total']} | {r['graph_breaks']['count']} "
+            f"({r.get('graph_breaks_unconverted', {}).get('count', '?')}) "
             f"| {r['step']['converted_vs_unconverted']:.2f}x "
             f"| {r['inference']['converted_vs_unconverted']:.2f}x "
             f"| {r['metagrad_vs_quantized_step']:.2f}x |"

@@ -454,6 +454,8 @@ def _gap_message(gaps: dict[str, str]) -> str:
     shown = "; ".join(items[:MAX_WARNED])
     more = f"; and {len(items) - MAX_WARNED} more" if len(items) > MAX_WARNED else ""
     return (
-        f"quantize_ left {len(items)} matmul module(s) in full precision: {shown}{more} "
-        "(see the returned ConversionReport)"
+        f"quantize_ left {len(items)} module(s) with weights of 2 or more dimensions in full "
+        f"precision: {shown}{more} (see the returned ConversionReport; declare a module that "
+        "never multiplies by such a weight, e.g. an added position embedding, with "
+        "metagrad.register_non_matmul)"
     )

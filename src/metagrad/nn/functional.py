@@ -169,6 +169,8 @@ def conv2d(
 ) -> Tensor:
     """``F.conv2d`` with forward and backward quantization as ``config`` says (without a
     recorded gradient: plain ``F.conv2d`` on the forward-quantized operands)."""
+    if not config.quantizes_forward and not records_grad(input, weight, bias):  # inference
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     stride, dilation = _pair(stride), _pair(dilation)
     padding = resolve_padding(padding, (weight.shape[2], weight.shape[3]), dilation)
     if not records_grad(input, weight, bias):
@@ -190,6 +192,8 @@ def conv2d(
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, config: QuantConfig):
     """``F.linear`` with forward and backward quantization as ``config`` says (without a
     recorded gradient: plain ``F.linear`` on the forward-quantized operands)."""
+    if not config.quantizes_forward and not records_grad(input, weight, bias):  # inference
+        return F.linear(input, weight, bias)
     if not records_grad(input, weight, bias):
         if config.quantizes_operands and config.quantizes_forward:
             return _linear_forward(input, weight, bias, config)[0]

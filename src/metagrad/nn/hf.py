@@ -50,8 +50,9 @@ class QuantConv1DMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         config = self.config
-        plain = not config.quantizes_backward or not QF.records_grad(x, self.weight, self.bias)
-        if plain and not config.quantizes_forward:
+        if not config.quantizes_forward and (
+            not QF.records_grad(x, self.weight, self.bias) or not config.quantizes_backward
+        ):
             return super().forward(x)  # Conv1D's own addmm: the same numbers
         return QF.linear(x, self.weight.t(), self.bias, config=config)
 
