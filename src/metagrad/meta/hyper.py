@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metagrad import kernels
+from metagrad.meta import sharded
 from metagrad.meta.forms import DEFAULT_FORM, HYPERNET_FORMS
 from metagrad.meta.fused import FusedMLP
 from metagrad.registry import Registry
@@ -86,7 +87,7 @@ def rms(x: Tensor) -> Tensor:
     all-zero quantized gradient must not poison the hypernetwork's meta-gradient).
     """
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    mean_square = x.square().mean()
+    mean_square = sharded.mean_square(x)  # over the whole layer when it is sharded
     nonzero = mean_square > 0
     return torch.where(nonzero, torch.where(nonzero, mean_square, 1.0).sqrt(), 0.0)
 
@@ -180,7 +181,7 @@ class Hypernet(nn.Module):
         """
         if grad.shape != weight.shape:
             raise ValueError(f"grad {tuple(grad.shape)} and weight {tuple(weight.shape)} differ")
-        if self.fusable() and kernels.compile_enabled():
+        if self.fusable() and kernels.compile_enabled() and not sharded.reducing():
             return self.fused(grad, weight), ()
         features = self.features(grad, weight)
         if not state:

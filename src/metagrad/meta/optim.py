@@ -18,17 +18,18 @@ have taken ``n - 1`` updates while the other parameters have taken ``n``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from metagrad.meta import sharded
 from metagrad.meta.chunking import auto_chunk_size, check_chunk_size
+from metagrad.meta.closure import Closure, run_swapped
 from metagrad.meta.horizon import WINDOW_KEYS, detach, slide, unroll
 from metagrad.meta.hyper import DEFAULT_KIND, Hypernet, create_hypernet
 from metagrad.meta.timing import HyperTimer
@@ -36,21 +37,7 @@ from metagrad.meta.updates import BaseState, check_settings, get_base_rule, rule
 from metagrad.meta.wrapped import adopt_ddp_wrapper
 from metagrad.nn.layers import quantized_weights
 from metagrad.parallel.comm import COMM_BITS
-
-Closure = Callable[[], Tensor]
-
-
-class _ClosureModule(nn.Module):
-    """Holds the model so that ``functional_call`` can run the user's closure on it."""
-
-    def __init__(self, model: nn.Module, closure: Closure) -> None:
-        super().__init__()
-        self.model = model
-        self.closure = closure
-
-    def forward(self) -> Tensor:
-        return self.closure()
-
+from metagrad.parallel.fsdp import shard_group
 
 _NO_META = (
     "MetaGrad needs a model with quantized layers (their weights are what the hypernetwork "
@@ -137,7 +124,10 @@ class MetaGrad(Optimizer):
     forward as DDP does, and rank 0's hypernetwork at construction. Every rank applies the same
     update. Given the inner module instead (as Lightning's DDP strategy does), it adopts at the
     first step the wrapper the closure calls, and then does the same
-    (:mod:`metagrad.meta.wrapped`).
+    (:mod:`metagrad.meta.wrapped`). Given an FSDP2-sharded model (``fully_shard`` on its
+    blocks and root, e.g. :func:`~metagrad.parallel.fsdp.shard_model`), the hypernetwork runs on
+    each rank's shards with whole-layer statistics (:mod:`metagrad.meta.sharded`); its state
+    and :meth:`pending_gradients` are then shard-local, :meth:`state_dict` holds DTensors.
 
     ``hyper_time`` accumulates seconds spent on the hypernetwork: its forward and the refined
     update, its backward (timed from autograd hooks) and its optimizer's step.
@@ -175,10 +165,18 @@ class MetaGrad(Optimizer):
         self.horizon = horizon
         self.model = model
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self._shards = shard_group(model)  # FSDP2: the group the weights are sharded over
+        if self._shards is not None and comm_bits != 32:
+            raise ValueError(
+                f"comm_bits={comm_bits} applies to DDP; under FSDP2 the gradients are "
+                "reduce-scattered by FSDP (its MixedPrecisionPolicy sets their dtype)"
+            )
         self._names = {id(p): name for name, p in model.named_parameters()}
         meta = meta_parameters(model)
         if not meta:
             raise ValueError(_NO_META[bool(quantized_weights(model))])
+        if self._shards is not None:
+            sharded.check_sharded(model)
         meta_ids = {id(p) for p in meta}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in meta_ids]
         defaults = dict(lr=lr, **{**settings, "betas": tuple(settings["betas"])})
@@ -196,12 +194,11 @@ class MetaGrad(Optimizer):
         if meta:
             hypernet = hypernet.to(meta[0].device)
         self.hypernet = hypernet
-        if self._ddp is not None:  # every rank starts from rank 0's hypernetwork
+        group = self._ddp.process_group if self._ddp is not None else self._shards
+        if group is not None:  # every rank starts from rank 0's hypernetwork
             from metagrad.parallel.distributed import broadcast_tensors_
 
-            broadcast_tensors_(
-                [*hypernet.parameters(), *hypernet.buffers()], group=self._ddp.process_group
-            )
+            broadcast_tensors_([*hypernet.parameters(), *hypernet.buffers()], group=group)
         self.chunk_size = auto_chunk_size(meta, hypernet) if chunk_size == "auto" else chunk_size
         if hyper_optimizer is None:
             hyper_optimizer = torch.optim.Adam(hypernet.parameters(), lr=hyper_lr)
@@ -267,9 +264,13 @@ class MetaGrad(Optimizer):
         for p, g in grads.items():
             if p in meta:
                 hyper_state = self.state[p].get("hyper_state") if p in self.state else None
-                out[p], _ = self.hypernet(
-                    g.detach(), p.detach(), hyper_state, chunk_size=self.chunk_size
-                )
+                with sharded.statistics_over(self._shards):
+                    out[p], _ = self.hypernet(
+                        sharded.local(g).detach(),
+                        sharded.local(p).detach(),
+                        hyper_state,
+                        chunk_size=self.chunk_size,
+                    )
             else:
                 out[p] = g
         return out
@@ -287,15 +288,25 @@ class MetaGrad(Optimizer):
         rest_groups = [g for g in self.param_groups if not g["meta"]]
         timer = HyperTimer(self.hypernet)
         device_type = self.meta_params[0].device.type if self.meta_params else "cpu"
+        kept: dict[Tensor, Tensor] = {}
         with torch.enable_grad():
             start = time.perf_counter()
-            with torch.autocast(device_type, enabled=False):  # the hypernet runs in float32
+            with (
+                torch.autocast(device_type, enabled=False),  # the hypernet runs in float32
+                sharded.statistics_over(self._shards),  # per-layer statistics of whole layers
+            ):
                 proposals = {}
                 for group in meta_groups:
                     proposals.update(self._propose(group))
             timer.elapsed += time.perf_counter() - start
-            with adopt_ddp_wrapper(self):  # a DDP wrapper of the model, called in the closure
-                loss, new_grads = self._run_closure(closure, proposals, timer)
+            if self._shards is not None:
+                loss, new_grads, seconds = sharded.run_closure(
+                    closure, proposals, self.hypernet, self._shards, kept, self.skip_nonfinite
+                )
+                timer.elapsed += seconds
+            else:
+                with adopt_ddp_wrapper(self):  # a DDP wrapper of the model, in the closure
+                    loss, new_grads = self._run_closure(closure, proposals, timer)
         with torch.no_grad():
             rest = [p for g in rest_groups for p in g["params"] if p.grad is not None]
             if self._ddp is not None:
@@ -304,6 +315,8 @@ class MetaGrad(Optimizer):
                 loss, new_grads, rest, bool(proposals)
             )
             if self.last_step_skipped:
+                for p, shard in kept.items():  # sharded: W_t was written before the closure
+                    sharded.local(p).copy_(shard)
                 self._discard(rest)
                 self.skipped_steps += 1
                 self.hyper_time += timer.total()
@@ -339,7 +352,7 @@ class MetaGrad(Optimizer):
                 rule = get_base_rule(self.base)
                 proposals[p] = unroll(state, group, self.hypernet, rule, self.chunk_size)
                 continue
-            w = p.detach()
+            w = sharded.local(p).detach()
             corrected, hyper_state = self.hypernet(
                 state["pending_grad"], w, state.get("hyper_state"), chunk_size=self.chunk_size
             )
@@ -352,12 +365,7 @@ class MetaGrad(Optimizer):
     def _run_closure(
         self, closure: Closure, proposals: Mapping[Tensor, tuple], timer: HyperTimer
     ) -> tuple[Tensor, dict[Tensor, Tensor]]:
-        """Run the closure with the meta weights replaced by ``W_t``; collect ``dL/dW_t``.
-
-        ``W_t`` keeps its gradient (``retain_grad``), so that code in the closure that reads
-        or changes the model's gradients (e.g. ``clip_grad_norm_(model.parameters())``) sees
-        ``g_t`` there; what it leaves there is what is kept.
-        """
+        """The closure with ``W_t`` swapped in (:func:`~metagrad.meta.closure.run_swapped`)."""
         sync = self._ddp.no_sync() if self._ddp is not None else nullcontext()
         if self._ddp is not None and self._ddp.broadcast_buffers:
             from metagrad.parallel.distributed import broadcast_tensors_
@@ -366,19 +374,8 @@ class MetaGrad(Optimizer):
         if not proposals:
             with sync:
                 return closure(), {}
-        grads: dict[Tensor, Tensor] = {}
-        for p, (new_w, *_) in proposals.items():
-            new_w.retain_grad()
-            new_w.register_hook(timer.capture(p, grads))
-        runner = _ClosureModule(self.model, closure)
-        params = {f"model.{self._names[id(p)]}": new_w for p, (new_w, *_) in proposals.items()}
-        with timer.watch_backward(), sync:
-            loss = functional_call(runner, params, (), strict=False)
-        for p, (new_w, *_) in proposals.items():
-            # What the closure left on W_t's grad (e.g. clipped), in the layout autograd gave g_t.
-            if p in grads and new_w.grad is not None and new_w.grad is not grads[p]:
-                grads[p].copy_(new_w.grad)
-        return loss, grads
+        with sync:
+            return run_swapped(self.model, self._names, closure, proposals, timer)
 
     def _average(self, new_grads: dict[Tensor, Tensor], rest: list[Tensor], hyper: bool) -> None:
         """Average the step's gradients across the DDP ranks (``comm_bits`` for the model's)."""
@@ -402,13 +399,15 @@ class MetaGrad(Optimizer):
             tensors += [q.grad for q in self.hypernet.parameters() if q.grad is not None]
         if isinstance(loss, Tensor):
             tensors.append(loss.detach())
+        tensors = [sharded.local(t) for t in tensors]
         device = tensors[0].device if tensors else torch.device("cpu")
         flags = [torch.isfinite(t).all().to(device) for t in tensors]
         finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
-        if self._ddp is not None:
+        group = self._ddp.process_group if self._ddp is not None else self._shards
+        if group is not None:
             import torch.distributed as dist
 
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._ddp.process_group)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
         return bool(finite.item())
 
     def _discard(self, rest: list[Tensor]) -> None:
@@ -418,7 +417,7 @@ class MetaGrad(Optimizer):
         self.hypernet.zero_grad(set_to_none=True)
         for p in self.meta_params:
             pending = self.state[p].get("pending_grad") if p in self.state else None
-            p.grad = pending
+            p.grad = None if pending is None else sharded.like_param(p, pending)
 
     def _commit(
         self,
@@ -432,20 +431,22 @@ class MetaGrad(Optimizer):
             first = None
             if p in proposals:
                 new_w, base_state, hyper_state, first = proposals[p]
-                p.copy_(new_w)
                 state.update({k: detach(v) for k, v in base_state.items()})
                 if hyper_state:
                     state["hyper_state"] = tuple(s.detach() for s in hyper_state)
-                grad = new_grads.get(p)
-                p.grad = None if grad is None else grad.detach()
-            grad = p.grad if p.requires_grad else None
+                if self._shards is None:  # (sharded: W_t and g_t are in place already)
+                    p.copy_(new_w)
+                    grad = new_grads.get(p)
+                    p.grad = None if grad is None else grad.detach()
+            grad = sharded.local(p.grad) if p.requires_grad and p.grad is not None else None
             if grad is None:
                 for key in ("pending_grad", *WINDOW_KEYS):
                     state.pop(key, None)
             else:
-                state["pending_grad"] = grad  # the very tensor on p.grad
+                state["pending_grad"] = grad  # the very tensor on p.grad (its shard)
                 if self.horizon > 1:
-                    slide(p, state, grad, first, self.horizon, get_base_rule(self.base))
+                    rule = get_base_rule(self.base)
+                    slide(sharded.local(p), state, grad, first, self.horizon, rule)
 
     def _plain_steps(self, group: dict[str, Any]) -> None:
         update = get_base_rule(self.base).update
@@ -453,8 +454,9 @@ class MetaGrad(Optimizer):
             if p.grad is None or not p.requires_grad:
                 continue
             state = self.state[p]
-            new_p, base_state = update(p, p.grad, state, group)
-            p.copy_(new_p)
+            param = sharded.local(p)
+            new_p, base_state = update(param, sharded.local(p.grad), state, group)
+            param.copy_(new_p)
             state.update(base_state)
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -473,6 +475,9 @@ class MetaGrad(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Base-rule state, pending gradients, hypernet states, the hypernet and its optimizer."""
         state = super().state_dict()
+        if self._shards is not None:  # shard-shaped state as DTensors (for DCP)
+            params = [p for g in self.param_groups for p in g["params"]]
+            state["state"] = {i: sharded.to_global(params[i], s) for i, s in state["state"].items()}
         state["base"] = self.base
         state["hypernet"] = self.hypernet.state_dict()
         state["hyper_optimizer"] = self.hyper_optimizer.state_dict()
@@ -486,6 +491,8 @@ class MetaGrad(Optimizer):
         hypernet = state_dict.pop("hypernet", None)
         hyper_optimizer = state_dict.pop("hyper_optimizer", None)
         super().load_state_dict(state_dict)
+        for p, s in self.state.items():  # a sharded run's state, whole or in shards
+            self.state[p] = sharded.to_local_state(p, s)
         if hypernet is not None:
             self.hypernet.load_state_dict(hypernet)
         if hyper_optimizer is not None:

@@ -13,10 +13,16 @@ parameters are sharded and over which process group.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import torch
 import torch.distributed as dist
-from torch import nn
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint import TensorStorageMetadata
+from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -99,3 +105,66 @@ def shard_group(model: nn.Module) -> dist.ProcessGroup | None:
     if len(groups) > 1:
         raise ValueError("the model's parameters are sharded over different process groups")
     return groups.pop() if groups else None
+
+
+def load_optimizer_state(
+    checkpoint_id: str | os.PathLike, optimizer: torch.optim.Optimizer, key: str = "optimizer"
+) -> None:
+    """Load ``optimizer``'s state from a DCP checkpoint holding its ``state_dict()`` under ``key``.
+
+    For optimizers whose ``state_dict`` keeps ``torch.optim``'s layout (``state`` by parameter
+    index), MetaGrad's included, on sharded or unsharded parameters: DCP loads into a template
+    of the saved structure, which a fresh optimizer (no state yet) cannot serve as. Here a
+    state tensor of a sharded parameter (shaped like it, or like it with one more trailing
+    dimension) is read as a DTensor sharded like the parameter, so each rank reads its rows
+    only; any other tensor is read whole (the optimizer then takes what it needs of it).
+    """
+    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    flat: dict[str, Any] = {}
+    mapping: dict[str, tuple] = {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        path = tuple(metadata.planner_data.get(fqn, (fqn,)))
+        if path[0] != key:
+            continue
+        mapping[fqn] = path
+        if not isinstance(item, TensorStorageMetadata):
+            flat[fqn] = None  # an object: DCP puts the saved one here
+            continue
+        owner = params[int(path[2])] if len(path) > 3 and path[1] == "state" else None
+        flat[fqn] = _state_template(owner, tuple(item.size), item.properties.dtype)
+    if not mapping:
+        raise KeyError(f"{checkpoint_id} holds no {key!r} state")
+    template = unflatten_state_dict(flat, mapping)
+    dcp.load(template, checkpoint_id=checkpoint_id)
+    optimizer.load_state_dict(_index_keys(template[key]))
+
+
+def _index_keys(value: Any) -> Any:
+    """``value`` with the parameter indices of every ``"state"`` mapping in it (an optimizer's,
+    or one nested in it, such as MetaGrad's hypernetwork optimizer) as ints again: DCP gives
+    the keys of a mapping back as text."""
+    if not isinstance(value, dict):
+        return value
+    out = {k: _index_keys(v) for k, v in value.items()}
+    state = out.get("state")
+    if isinstance(state, dict) and all(isinstance(k, str) and k.isdigit() for k in state):
+        out["state"] = {int(k): v for k, v in state.items()}
+    return out
+
+
+def _state_template(param: Tensor | None, size: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An empty tensor of ``size``, sharded like ``param`` when it is a sharded parameter's."""
+    if isinstance(param, DTensor) and size[: param.dim()] == tuple(param.shape):
+        shard = param.to_local()
+        local_size = (*shard.shape, *size[param.dim() :])
+        return DTensor.from_local(
+            torch.zeros(local_size, dtype=dtype, device=shard.device),
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=torch.Size(size),
+            stride=torch.empty(size, device="meta").stride(),
+        )
+    device = param.device if param is not None and not isinstance(param, DTensor) else "cpu"
+    return torch.zeros(size, dtype=dtype, device=device)
