@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import metagrad as mg
 from metagrad.meta.hyper import create_hypernet
@@ -38,7 +39,10 @@ def build(case: dict, sharded: bool) -> tuple[nn.Module, mg.MetaGrad]:
     )
     mg.quantize_(model, CONFIG)
     if sharded:
-        shard_model(model)
+        policy = None
+        if case.get("bf16"):  # bf16 weights in the forward and backward, float32 reduction
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shard_model(model, mp_policy=policy)
     hypernet = create_hypernet(case.get("hypernet", "grad+weight"))
     settings = {"momentum": 0.9} if case["base"] == "sgd" else {}
     optimizer = mg.MetaGrad(
@@ -65,14 +69,16 @@ def batches(rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def train(model, optimizer, data, first: int, last: int, world: int) -> list[float]:
+def train(model, optimizer, data, first: int, last: int, world: int, bf16: bool) -> list[float]:
     losses = []
     for step in range(first, last):
         x, y = data[step]
 
         def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x)
+            loss = nn.functional.mse_loss(out.float(), y)
             loss.backward()
             return loss
 
@@ -107,23 +113,24 @@ def resume(case: dict, sharded: bool, path: Path) -> tuple[nn.Module, mg.MetaGra
 
 def run(case: dict, out: Path, rank: int, world: int) -> None:
     sharded = world > 1
+    bf16 = bool(case.get("bf16"))  # bf16 autocast (sharded: and FSDP's bf16 policy)
     data = batches(rank, world)
     model, optimizer = build(case, sharded)
     initial = {k: v.clone() for k, v in optimizer.hypernet.state_dict().items()}
-    straight = train(model, optimizer, data, 0, case["steps"], world)
+    straight = train(model, optimizer, data, 0, case["steps"], world, bf16)
     result = {"initial_hypernet": initial, "straight": snapshot(model, optimizer, straight)}
 
     model, optimizer = build(case, sharded)
-    first = train(model, optimizer, data, 0, case["resume_at"], world)
+    first = train(model, optimizer, data, 0, case["resume_at"], world, bf16)
     path = out / f"{case['name']}-{'sharded' if sharded else 'whole'}"
     dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=path)
     model, optimizer = resume(case, sharded, path)
-    rest = train(model, optimizer, data, case["resume_at"], case["steps"], world)
+    rest = train(model, optimizer, data, case["resume_at"], case["steps"], world, bf16)
     result["resumed"] = snapshot(model, optimizer, first + rest)
 
     if case.get("resume_from"):  # another number of processes wrote it
         model, optimizer = resume(case, sharded, out / f"{case['name']}-{case['resume_from']}")
-        rest = train(model, optimizer, data, case["resume_at"], case["steps"], world)
+        rest = train(model, optimizer, data, case["resume_at"], case["steps"], world, bf16)
         result["crossed"] = snapshot(model, optimizer, first + rest)
     torch.save(result, out / f"{case['name']}-{'sharded' if sharded else 'whole'}-rank{rank}.pt")
 

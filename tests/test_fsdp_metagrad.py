@@ -23,10 +23,14 @@ CASES = [
     {"name": "adam", "base": "adam", "lr": 0.01, "horizon": 1},
     {"name": "sgd-k2", "base": "sgd", "lr": 0.05, "horizon": 2},
     {"name": "lstm", "base": "sgd", "lr": 0.05, "horizon": 1, "hypernet": "lstm"},
+    {"name": "bf16", "base": "adam", "lr": 0.01, "horizon": 2, "bf16": True},
 ]
 for _case in CASES:
     _case.update(steps=8, resume_at=4)
 RTOL, ATOL = 1e-3, 1e-5  # Adam divides by the root of tiny second moments
+TOLERANCE = {"bf16": (0.02, 2e-3)}
+"""bf16: FSDP's policy casts the weights to bf16 and autocast the products' inputs; the two
+round differently (bf16 keeps 8 bits: a relative step of 2**-8)."""
 
 
 def _launch(out: Path, nproc: int, cases: list[dict]) -> None:
@@ -53,17 +57,18 @@ def _load(out: Path, case: str, kind: str, rank: int = 0) -> dict:
     return torch.load(out / f"{case}-{kind}-rank{rank}.pt")
 
 
-def _assert_same_run(a: dict, b: dict, exact: bool) -> None:
+def _assert_same_run(a: dict, b: dict, exact: bool, case: str = "") -> None:
+    rtol, atol = TOLERANCE.get(case, (RTOL, ATOL))
     if exact:
         assert a["losses"] == b["losses"]
     else:
-        torch.testing.assert_close(a["losses"], b["losses"], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(a["losses"], b["losses"], rtol=rtol, atol=atol)
     for part in ("model", "hypernet"):
         for key, value in a[part].items():
             if exact:
                 assert torch.equal(value, b[part][key]), f"{part} {key} differs"
             else:
-                torch.testing.assert_close(value, b[part][key], rtol=RTOL, atol=ATOL)
+                torch.testing.assert_close(value, b[part][key], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])
@@ -73,7 +78,7 @@ def test_sharded_steps_match_one_unsharded_process(runs, case):
     learned = whole["straight"]["hypernet"]
     assert any(not torch.equal(v, whole["initial_hypernet"][k]) for k, v in learned.items())
     _assert_same_run(ranks[0]["straight"], ranks[1]["straight"], exact=True)
-    _assert_same_run(ranks[0]["straight"], whole["straight"], exact=False)
+    _assert_same_run(ranks[0]["straight"], whole["straight"], exact=False, case=case)
 
 
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])
@@ -82,8 +87,8 @@ def test_sharded_run_resumes_exactly_and_across_process_counts(runs, case):
     _assert_same_run(sharded["resumed"], sharded["straight"], exact=True)
     whole = _load(runs, case, "whole")
     _assert_same_run(whole["resumed"], whole["straight"], exact=True)
-    _assert_same_run(whole["crossed"], whole["straight"], exact=False)  # from 2 processes
-    _assert_same_run(sharded["crossed"], sharded["straight"], exact=False)  # from 1
+    _assert_same_run(whole["crossed"], whole["straight"], exact=False, case=case)  # from 2
+    _assert_same_run(sharded["crossed"], sharded["straight"], exact=False, case=case)  # from 1
 
 
 def test_refusals_name_the_combination(runs):
