@@ -22,13 +22,19 @@ vgg16 at width 0.25, batch 128, SGD (lr 0.05, momentum 0.9, Nesterov, weight dec
    ``--record`` recorded steps ("trained"), and for INT4 stochastic per tensor once more with the
    base rule's momentum at 0 ("trained-momentum0"). Per parameter, the ``t`` of the mean
    meta-gradient uses batch means (``--groups`` contiguous groups of steps, so that correlated
-   successive meta-gradients do not fake or hide a signal); the noise reference is simulated for
-   the number of parameters tested, with the same degrees of freedom. Also recorded: the naive
-   ``t`` (steps taken as independent), autocorrelations, a sign test (share of steps with a
+   successive meta-gradients do not fake or hide a signal). Two noise references
+   (:mod:`benchmarks.meta_gradients`): the sign flips of the batch means, every pattern,
+   one sign per group shared by all parameters, which keeps the parameters' correlation (the
+   test to read), and the original one, simulated for as many *independent* parameters, with
+   its binomial p (which overstates the evidence: the parameters' meta-gradients are strongly
+   correlated; their correlation and effective number are recorded too). Also recorded: the
+   naive ``t`` (steps taken as independent), autocorrelations, a sign test (share of steps with a
    positive meta-gradient, as ``z``) and how many parameters keep their sign across halves.
 
 Writes ``benchmarks/results/metagrad-signal.json`` and the per-step meta-gradients to
-``benchmarks/results/metagrad-signal-steps.json``.
+``benchmarks/results/metagrad-signal-steps.json``. ``--reanalyse`` trains nothing: it adds the
+sign-flip null and the correlations to ``--output`` from the per-step file (the committed results
+were made before the sign-flip null existed and were reanalysed so).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.ceiling import SNRProfile, coordinatewise_ceiling, snr_profile
+from benchmarks.meta_gradients import meta_gradient_phases, meta_gradient_stats, reanalyse
 from benchmarks.runner import command_line
 from metagrad.data import BatchLoader, ImageDataset, load_cifar10
 from metagrad.meta.diagnostics import gradient_draws, paired_gradients
@@ -92,7 +99,6 @@ META_SETTINGS: dict[str, dict[str, Any]] = {
 }
 TRAINED = ("int4-stochastic-tensor", "int4-nearest-sample")
 MOMENTUM_CHECK = "int4-stochastic-tensor"
-NULL_SIMULATIONS = 20_000
 SMALL_FAMILIES = ("gain", "gain|sign(gW)")
 """Families whose shared correction (gains per bin) is written out."""
 
@@ -291,190 +297,6 @@ def ceiling_and_snr(
 # ------------------------------------------------------------------------------------------
 
 
-def _set_groups(optimizer: Any, **values: Any) -> None:
-    for group in optimizer.param_groups:
-        group.update(values)
-
-
-@dataclasses.dataclass
-class MetaRun:
-    """One setting's MetaGrad run.
-
-    ``phases``: per phase the hypernetwork's flattened parameter gradients, ``(steps,
-    parameters)``, named by ``columns``; ``correction``: per phase the mean relative size of the
-    hypernetwork's correction (``|H(g) - g| / |g|`` over the layers, at the phase's end);
-    ``at_identity``: what ``measure_identity`` returned at the end of the identity phase.
-    """
-
-    phases: dict[str, Tensor]
-    columns: list[str]
-    correction: dict[str, float]
-    at_identity: Any = None
-
-
-def meta_gradient_phases(
-    settings: dict[str, Any],
-    data: ImageDataset,
-    warm: int,
-    record: int,
-    train: int,
-    hyper_lr: float,
-    trained: bool,
-    momentum_check: bool,
-    measure_identity: Callable[[nn.Module], Any] | None = None,
-) -> MetaRun:
-    """Run MetaGrad through its phases (see the module docs), recording meta-gradients."""
-    cfg = build_config({**BASE, **settings, "method": "metagrad", "hyper_lr": 0.0, "out": "x"})
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data, torch.device("cpu"))
-    optimizer = build_optimizer(cfg, model)
-    hypernet = optimizer.hypernet
-    columns = [f"{name}[{i}]" for name, p in hypernet.named_parameters() for i in range(p.numel())]
-    batches = _loader(data, cfg.seed)
-
-    def run(steps: int, keep: bool) -> Tensor | None:
-        rows = []
-        for _ in range(steps):
-            x, y = next(batches)
-
-            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            loss = optimizer.step(closure)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)}")
-            if keep:
-                grads = [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
-                    for p in hypernet.parameters()
-                ]
-                rows.append(torch.cat(grads).double())
-        return torch.stack(rows) if keep else None
-
-    phases: dict[str, Tensor] = {}
-    correction: dict[str, float] = {}
-    run(warm, keep=False)
-    phases["identity"] = run(record, keep=True)
-    correction["identity"] = _correction_size(optimizer)
-    at_identity = measure_identity(model) if measure_identity is not None else None
-    if trained:
-        _set_groups(optimizer.hyper_optimizer, lr=hyper_lr)
-        run(train, keep=False)
-        _set_groups(optimizer.hyper_optimizer, lr=0.0)
-        phases["trained"] = run(record, keep=True)
-        correction["trained"] = _correction_size(optimizer)
-        if momentum_check:
-            _set_groups(optimizer, momentum=0.0, nesterov=False)
-            phases["trained-momentum0"] = run(record, keep=True)
-            correction["trained-momentum0"] = _correction_size(optimizer)
-    return MetaRun(phases, columns, correction, at_identity)
-
-
-def _correction_size(optimizer: Any) -> float:
-    pending = optimizer.pending_gradients()
-    corrected = optimizer.corrected_gradients(pending)
-    sizes = [
-        float((corrected[p] - g).norm() / g.norm()) for p, g in pending.items() if g.norm() > 0
-    ]
-    return statistics.fmean(sizes) if sizes else math.nan
-
-
-def t_tail(x: float, df: int) -> float:
-    """``P(|T| > x)`` for Student's t with ``df`` degrees of freedom (Simpson's rule)."""
-    n = 20_000
-    t = torch.linspace(0.0, x, n + 1, dtype=torch.float64)
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    pdf = torch.exp(log_norm - (df + 1) / 2 * torch.log1p(t * t / df))
-    weights = torch.ones(n + 1, dtype=torch.float64)
-    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
-    return float(1 - 2 * (pdf * weights).sum() * (x / n) / 3)
-
-
-def binomial_upper(k: int, n: int, p: float) -> float:
-    """``P(X >= k)`` for ``X ~ Binomial(n, p)``."""
-    if k <= 0:
-        return 1.0
-    if p <= 0 or p >= 1:
-        return float(p >= 1)
-
-    def log_term(j: int) -> float:
-        log_comb = math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
-        return log_comb + j * math.log(p) + (n - j) * math.log1p(-p)
-
-    return min(1.0, sum(math.exp(log_term(j)) for j in range(k, n + 1)))
-
-
-def null_reference(parameters: int, df: int, observed_count: int) -> dict[str, Any]:
-    """Median ``|t|`` and count of ``|t| > 2`` for ``parameters`` independent ``t_df`` values."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        t = torch.distributions.StudentT(float(df)).sample((NULL_SIMULATIONS, parameters))
-    t = t.abs().double()
-    levels = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
-    medians = t.median(dim=1).values
-    counts = (t > 2).sum(1).double()
-    p_single = t_tail(2.0, df)
-    return {
-        "parameters": parameters,
-        "df": df,
-        "median_abs_t_quantiles_5_50_95": torch.quantile(medians, levels).tolist(),
-        "count_above_2_quantiles_5_50_95": torch.quantile(counts, levels).tolist(),
-        "p_single_above_2": p_single,
-        "binomial_p_count_at_least_observed": binomial_upper(observed_count, parameters, p_single),
-    }
-
-
-def meta_gradient_stats(values: Tensor, columns: list[str], groups: int) -> dict[str, Any]:
-    """Batch-means ``t`` per parameter, naive ``t``, autocorrelation, sign test, noise reference.
-
-    Parameters whose meta-gradient never varies (hidden layers behind the zero-initialised head
-    at the identity, dead hidden units) are not tested.
-    """
-    tested = values.std(0) > 0
-    names = [c for c, keep in zip(columns, tested.tolist(), strict=True) if keep]
-    x = values[:, tested]
-    steps = x.shape[0] - x.shape[0] % groups
-    x = x[:steps]
-    means = x.reshape(groups, steps // groups, -1).mean(1)
-    se_batch = means.std(0) / groups**0.5
-    se_naive = x.std(0) / steps**0.5
-    mean = x.mean(0)
-    t = mean / se_batch
-    t_naive = mean / se_naive
-    centred = x - mean
-    lag1 = (centred[1:] * centred[:-1]).mean(0) / centred.square().mean(0)
-    count = int((t.abs() > 2).sum())
-    lags = range(1, steps // groups)
-    acf_sum = sum((centred[k:] * centred[:-k]).mean(0) for k in lags) / centred.square().mean(0)
-    positive = (x > 0).double().mean(0)
-    sign_z = (positive - 0.5) / (0.5 / steps**0.5)
-    half = steps // 2
-    agree = x[:half].mean(0).sign() == x[half:].mean(0).sign()
-    return {
-        "steps": steps,
-        "groups": groups,
-        "parameters_tested": len(names),
-        "parameters_zero": len(columns) - len(names),
-        "median_abs_t": float(t.abs().median()),
-        "count_abs_t_above_2": count,
-        "max_abs_t": float(t.abs().max()),
-        "median_abs_t_naive": float(t_naive.abs().median()),
-        "count_abs_t_naive_above_2": int((t_naive.abs() > 2).sum()),
-        "median_se_ratio_batch_over_naive": float((se_batch / se_naive).median()),
-        "lag1_autocorrelation_median": float(lag1.median()),
-        "lag1_autocorrelation_range": [float(lag1.min()), float(lag1.max())],
-        "autocorrelation_sum_within_group_median": float(acf_sum.median()),
-        "sign_test_median_abs_z": float(sign_z.abs().median()),
-        "sign_test_count_abs_z_above_2": int((sign_z.abs() > 2).sum()),
-        "halves_same_sign": int(agree.sum()),
-        "t": dict(zip(names, t.tolist(), strict=True)),
-        "noise_reference": null_reference(len(names), groups - 1, count),
-    }
-
-
 def meta_gradients(
     data: ImageDataset, probes: list[tuple[Tensor, Tensor]], args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -493,8 +315,9 @@ def meta_gradients(
             return measure(model, probes, spec, args.fit, args.repeats)
 
         run = meta_gradient_phases(
-            settings,
+            {**BASE, **settings},
             data,
+            _loader(data, BASE["seed"]),
             args.warm,
             args.record,
             args.train,
@@ -527,13 +350,14 @@ def meta_gradients(
 
 
 def _print_meta(name: str, phase: str, stats: dict[str, Any]) -> None:
-    ref = stats["noise_reference"]
+    ref, flips = stats["noise_reference"], stats["sign_flip_null"]
     low, _, high = ref["median_abs_t_quantiles_5_50_95"]
     print(
         f"{name} {phase}: median |t| {stats['median_abs_t']:.2f} (noise 5-95%: {low:.2f}-"
         f"{high:.2f}), |t| > 2 for {stats['count_abs_t_above_2']} of "
         f"{stats['parameters_tested']} (binomial p "
-        f"{ref['binomial_p_count_at_least_observed']:.3g}); naive median |t| "
+        f"{ref['binomial_p_count_at_least_observed']:.3g}, sign flips p "
+        f"{flips['p_median_abs_t']:.3g} / {flips['p_count_abs_t_above_2']:.3g}); naive median |t| "
         f"{stats['median_abs_t_naive']:.2f}; sign test median |z| "
         f"{stats['sign_test_median_abs_z']:.2f}; correction {stats['correction_size']:.4f}",
         flush=True,
@@ -570,7 +394,25 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=300, help="hypernetwork training steps")
     parser.add_argument("--hyper-lr", type=float, default=1e-3, help="hypernetwork lr (Adam)")
     parser.add_argument("--groups", type=int, default=20, help="batch means per t statistic")
+    parser.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="train nothing: add the sign-flip null to --output from --steps-output",
+    )
     args = parser.parse_args()
+    if args.reanalyse:
+        output = Path(args.output)
+        results = json.loads(output.read_text())
+        steps = json.loads(Path(args.steps_output).read_text())
+        done = reanalyse(steps, results, results["settings"]["groups"])
+        results["reanalysed"] = {
+            "command": command_line(),
+            "what": "sign_flip_null and correlation of every meta-gradient phase, "
+            "from the per-step meta-gradients of " + str(args.steps_output),
+        }
+        output.write_text(json.dumps(_significant(results), indent=1) + "\n")
+        print(f"reanalysed {len(done)} phases into {output}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     points = sorted({int(p) for p in args.points.split(",")})

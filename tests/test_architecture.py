@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "checkpoint": 0,
     "_version": 0,
     "plugins": 0,
+    "stats": 0,
     # 1: what to quantize and how
     "quant": 1,
     # 2: the backward products

@@ -104,3 +104,38 @@ def test_every_run_is_filed_under_its_own_setting(tmp_path, setting):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
     assert run_record(tmp_path / "run")["setting"] == setting
+
+
+def test_the_committed_report_is_what_its_results_give():
+    """report.md holds the paired intervals and p of its results.json (regenerate it with
+    ``metagrad reproduce --report-only --merge .../results.json``)."""
+    from pathlib import Path
+
+    from metagrad.training.reproduce import report, summarize
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce-cpu"
+    results = json.loads((folder / "results.json").read_text())
+    rows = summarize(results["runs"])
+    assert json.loads(json.dumps(rows)) == results["summary"]  # tuples as JSON lists
+    assert report(results["table"], results["runs"], rows) == (folder / "report.md").read_text()
+
+
+def test_the_report_gives_paired_intervals_and_words():
+    from metagrad.training.reproduce import summary_table
+
+    rows = {
+        "fp32": {"plain": [[0, 79.0], [1, 80.0]], "metagrad": []},
+        "int4-stochastic-tensor": {
+            "plain": [[0, 73.0], [1, 72.0]],
+            "metagrad": [[0, 74.0], [1, 72.5]],
+            "metagrad_minus_plain": [1.0, 0.5],
+            "plain_minus_fp32": [-6.0, -8.0],
+            "metagrad_minus_fp32": [-5.0, -7.5],
+        },
+    }
+    table = summary_table(rows)
+    # mean 0.75, sd 0.354: half-width 12.706 * 0.354 / sqrt(2) = 3.18
+    assert "| +0.75 | [-2.43, +3.93] | 0.5 |" in table
+    assert "int4-stochastic-tensor: +0.75 (no difference detected, 95% CI [-2.43, +3.93]" in table
+    one = {"x": {**rows["int4-stochastic-tensor"], "metagrad_minus_plain": [1.0]}}
+    assert "| +1.00 | - | - |" in summary_table(one) and "one seed (+1.00)" in summary_table(one)

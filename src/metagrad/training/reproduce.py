@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from metagrad.checkpoint import atomic_write, write_json
+from metagrad.stats import differences, interval_text, p_text, signed, summary
 from metagrad.training.config import ConfigError
 from metagrad.training.launcher import Launch, launch_runs
 from metagrad.training.run_files import (
@@ -272,6 +273,41 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f} ({len(values)})"
 
 
+def _gap(values: list[float]) -> str:
+    """A paired mean difference and its 95% interval."""
+    c = differences(values)
+    return "-" if c.mean is None else f"{signed(c.mean)} {interval_text(c)}"
+
+
+def summary_table(rows: dict[str, Any]) -> str:
+    """Per setting: plain and MetaGrad over seeds (mean ± standard deviation (number of seeds),
+    a description of spread); MetaGrad - plain paired by seed, with its 95% confidence interval
+    and sign-flip p; each method minus fp32, paired, with its interval."""
+    lines = [
+        "| gradients | plain | MetaGrad | MetaGrad - plain | 95% CI | sign-flip p "
+        "| plain - fp32 [95% CI] | MetaGrad - fp32 [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, row in rows.items():
+        plain = _mean_sd([v for _, v in row["plain"]])
+        if setting == "fp32":
+            lines.append(f"| {setting} | {plain} | | | | | | |")
+            continue
+        c = differences(row["metagrad_minus_plain"])
+        mean = "-" if c.mean is None else signed(c.mean)
+        lines.append(
+            f"| {setting} | {plain} | {_mean_sd([v for _, v in row['metagrad']])} | {mean} "
+            f"| {interval_text(c)} | {p_text(c)} | {_gap(row['plain_minus_fp32'])} "
+            f"| {_gap(row['metagrad_minus_fp32'])} |"
+        )
+    words = [
+        f"- {setting}: {summary(differences(row['metagrad_minus_plain']))}"
+        for setting, row in rows.items()
+        if setting != "fp32"
+    ]
+    return "\n".join([*lines, "", "MetaGrad minus plain, in words:", "", *words])
+
+
 def _accuracy(record: dict) -> float | None:
     """Final test accuracy; a run that diverged counts as chance (10%)."""
     if record["diverged_at_step"] is not None:
@@ -309,24 +345,20 @@ def report(table: dict[str, Any], records: list[dict], rows: dict[str, Any]) -> 
     """The markdown report."""
     head = (
         f"# CIFAR-10: {table['model']} (width {table['width']}), {table['epochs']} epochs\n\n"
-        "Final test accuracy (%), mean ± standard deviation (number of seeds). "
-        "A diverged run counts as 10% (chance). Differences are paired by seed.\n\n"
-        "| gradients | plain | MetaGrad | MetaGrad - plain | plain - fp32 | MetaGrad - fp32 |\n"
-        "|---|---|---|---|---|---|\n"
+        "Final test accuracy (%): mean ± standard deviation over the seeds (number of seeds), a "
+        "description of spread. A diverged run counts as 10% (chance). Differences are paired "
+        "by seed: their mean, t-based 95% confidence interval and exact sign-flip p "
+        "(`metagrad.stats`; with n seeds p cannot fall below 2/2^n). Words: an interval that "
+        "holds 0 is *no difference detected*.\n\n"
     )
-    lines = []
-    for setting, row in rows.items():
-        plain = _mean_sd([v for _, v in row["plain"]])
-        if setting == "fp32":
-            lines.append(f"| {setting} | {plain} | | | | |")
-            continue
-        lines.append(
-            f"| {setting} | {plain} | {_mean_sd([v for _, v in row['metagrad']])} "
-            f"| {_mean_sd(row['metagrad_minus_plain'])} | {_mean_sd(row['plain_minus_fp32'])} "
-            f"| {_mean_sd(row['metagrad_minus_fp32'])} |"
-        )
+    commits: dict[str, int] = {}
+    for r in records:
+        commit = ((r["provenance"] or {}).get("commit") or "unknown")[:12]
+        commits[commit] = commits.get(commit, 0) + 1
+    code = ", ".join(f"{c} ({n} runs)" for c, n in commits.items())
     runs = [
-        "\n\n## Runs\n\n| run | final | best | epochs | mean step s | amp | device | commit |\n"
+        f"\n\n## Runs\n\nThe code they ran: commit {code}.\n\n"
+        "| run | final | best | epochs | mean step s | amp | device | commit |\n"
         "|---|---|---|---|---|---|---|---|"
     ]
     for r in records:
@@ -339,7 +371,7 @@ def report(table: dict[str, Any], records: list[dict], rows: dict[str, Any]) -> 
             f"| {r['epochs_completed']}/{r['epochs']} | {r['mean_step_seconds'] or 0:.3f} "
             f"| {r['amp']} | {prov.get('device_name') or prov.get('device')} | {commit} |"
         )
-    return head + "\n".join(lines) + "\n".join(runs) + "\n"
+    return head + summary_table(rows) + "\n".join(runs) + "\n"
 
 
 def plot(records: list[dict], output: Path) -> Path:

@@ -1,0 +1,353 @@
+"""Tables of training runs, rendered from the committed result files for :mod:`benchmarks.tables`.
+
+Wherever runs of two methods share seeds, they are compared by their differences seed by seed
+(:mod:`metagrad.stats`): the mean difference, its t-based 95% confidence interval and the exact
+sign-flip p. ``mean ± sd (n)`` describes the spread of one method's results over its ``n`` seeds;
+it is not a test.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+
+from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
+
+METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
+"""Settings the ablation table leaves out when a run has them."""
+PAIRED = "95% CI | sign-flip p"
+"""The header of the two cells :func:`paired_cells` adds after a mean difference."""
+
+
+def _is_fp32(r: dict) -> bool:
+    """Full-precision gradients: records of either format (``bits``, or the spec strings)."""
+    return r["bits"] == 32 if "bits" in r else r["grad_spec"] == "fp32"
+
+
+def _quantizer(r: dict) -> str:
+    """The gradients a run quantized with, MetaGrad or not."""
+    if "label" in r:  # records that name what ran (training.records.gradient_record)
+        return r["label"].removeprefix("metagrad+")
+    if r["bits"] == 32:
+        return "fp32"
+    return f"INT{r['bits']} {r['rounding']}, per {r['granularity']}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _final(r: dict) -> str:
+    """The final test accuracy, or where the run diverged."""
+    if r.get("diverged_at_step") is not None:
+        return f"diverged (step {r['diverged_at_step']})"
+    return _number(r["final_test_acc"])
+
+
+def _spread(values: list[float], sign: bool = False, digits: int = 2) -> str:
+    """``mean ± sample standard deviation (n)``: the spread over seeds, not a test."""
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:{'+' if sign else ''}.{digits}f} ± {sd:.{digits}f} ({len(values)})"
+
+
+def paired_cells(c: PairedComparison, digits: int = 2) -> str:
+    """``mean | 95% CI | p`` of a paired comparison (``-`` where there is none)."""
+    mean = "-" if c.mean is None else signed(c.mean, digits)
+    return f"{mean} | {interval_text(c, digits)} | {p_text(c)}"
+
+
+def _per_seed(values: tuple[float, ...], digits: int = 2) -> str:
+    return ", ".join(signed(v, digits) for v in values)
+
+
+def training_table(data: dict) -> str:
+    rows = [
+        "| gradients | method | seed | test acc (final) | best | mean step s | peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        rows.append(
+            f"| {_quantizer(r)} | {r['method']} | {r['seed']} | {_final(r)} "
+            f"| {_number(r['best_test_acc'])} | {r['mean_step_seconds']:.3f} "
+            f"| {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def metagrad_pairs(data: dict) -> dict[str, dict[str, dict[int, float | None]]]:
+    """Per quantizer, the final accuracy per seed of ``plain``, ``metagrad`` and ``fp32``."""
+    out: dict[str, dict[str, dict[int, float | None]]] = {}
+    fp32 = {r["seed"]: r["final_test_acc"] for r in data["runs"] if _is_fp32(r)}
+    for r in data["runs"]:
+        if not _is_fp32(r):
+            runs = out.setdefault(_quantizer(r), {"fp32": fp32})
+            runs.setdefault(r["method"], {})[r["seed"]] = r["final_test_acc"]
+    return out
+
+
+def paired_table(data: dict) -> str:
+    """Plain against MetaGrad per quantizer, paired by seed, with full precision's runs."""
+    rows = [
+        "| gradients | seeds | fp32 | plain | MetaGrad | MetaGrad - plain, per seed "
+        f"| mean | {PAIRED} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for quantizer, runs in metagrad_pairs(data).items():
+        c = paired(runs.get("metagrad", {}), runs.get("plain", {}))
+        if not c.n:
+            continue
+        seeds = list(c.seeds)
+
+        def accs(method: str, seeds: list = seeds, runs: dict = runs) -> str:
+            return ", ".join(_number(runs[method].get(s)) for s in seeds)
+
+        rows.append(
+            f"| {quantizer} | {', '.join(map(str, seeds))} | {accs('fp32')} | {accs('plain')} "
+            f"| {accs('metagrad')} | {_per_seed(c.differences)} | {paired_cells(c)} |"
+        )
+    return "\n".join(rows)
+
+
+def _ablation_baseline(r: dict, runs: list[dict]) -> dict | None:
+    """The plain run of the same gradients and seed as ablation run ``r``."""
+    o = r["overrides"]
+    for b in runs:
+        ob = b["overrides"]
+        same = all(ob.get(k) == o.get(k) for k in ("grad_bits", "grad_rounding", "seed"))
+        if ob["method"] == "plain" and same:
+            return b
+    return None
+
+
+def ablation_table(data: dict) -> str:
+    """Each ablation's accuracy, minus the plain run of its gradients and seed (one pair: no
+    interval), and over its last epoch the gradient cosines and correction size."""
+    rows = [
+        "| run | changed | test acc | minus plain, same seed (one pair: no interval) "
+        "| cosine to fp32: quantized | used | correction |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        changed = ", ".join(
+            f"{k}={v}" for k, v in r["overrides"].items() if METAGRAD_DEFAULTS.get(k) != v
+        )
+        base = _ablation_baseline(r, data["runs"])
+        diff = ""
+        if base is not None and base is not r and r["overrides"]["method"] != "plain":
+            diff = signed(r["final_test_acc"] - base["final_test_acc"])
+        last = r["gradients"]["per_epoch"][-1]
+        rows.append(
+            f"| {r['run']} | {changed} | {_final(r)} | {diff} "
+            f"| {last['quantized_cosine']:.3f} | {last['used_cosine']:.3f} "
+            f"| {last['correction']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def horizon_groups(data: dict) -> dict[tuple[str, str], list[dict]]:
+    """The horizon runs per (gradients, variant)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in data["runs"]:
+        name = r["run"].rsplit("-seed", 1)[0]
+        gradients = "int8-nearest-tensor" if name.startswith("int8") else "int4-stochastic-tensor"
+        groups.setdefault((gradients, name.removeprefix(gradients + "-")), []).append(r)
+    return groups
+
+
+def horizon_comparison(groups: dict, gradients: str, variant: str) -> PairedComparison:
+    """A horizon variant minus plain of the same gradients, paired by seed."""
+
+    def accs(v: str) -> dict[int, float]:
+        return {r["seed"]: r["final_test_acc"] for r in groups.get((gradients, v), [])}
+
+    return paired(accs(variant), accs("plain"))
+
+
+def horizon_table(data: dict) -> str:
+    """Per gradients and variant: accuracy over seeds, minus plain paired by seed, the
+    last epoch's correction and cosine change, the learned gain at 8 rms."""
+    groups = horizon_groups(data)
+    rows = [
+        "| gradients | run | test acc (seeds) | minus plain, paired | 95% CI | sign-flip p "
+        "| correction | used - quantized cosine | gain at 8 rms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (gradients, variant), runs in groups.items():
+        accs = [r["final_test_acc"] for r in runs]
+        lasts = [r["gradients"]["per_epoch"][-1] for r in runs]
+        correction = statistics.fmean(x["correction"] for x in lasts)
+        dcos = statistics.fmean(x["used_cosine"] - x["quantized_cosine"] for x in lasts)
+        gains = [r["learned_response"]["gain"][-1] for r in runs if "learned_response" in r]
+        gain = f"{statistics.fmean(gains):.3f}" if gains else ""
+        compared = " | | "
+        if variant != "plain":
+            compared = paired_cells(horizon_comparison(groups, gradients, variant))
+        rows.append(
+            f"| {gradients} | {variant} | {_spread(accs)} | {compared} "
+            f"| {correction:.4f} | {dcos:+.4f} | {gain} |"
+        )
+    return "\n".join(rows)
+
+
+def metric_of(data: dict) -> tuple[str, int]:
+    """The run records' key of a methods file's result, and the decimals it is shown with."""
+    bpc = any(r.get("final_test_bpc") is not None for r in data["runs"])
+    return ("final_test_bpc", 3) if bpc else ("final_test_acc", 2)
+
+
+def by_seed(data: dict) -> dict[str, dict[int, float | None]]:
+    """A methods file's results per method and seed (None: diverged)."""
+    key, _ = metric_of(data)
+    out: dict[str, dict[int, float | None]] = {}
+    for r in data["runs"]:
+        out.setdefault(r["method_name"], {})[r["seed"]] = r.get(key)
+    return out
+
+
+def methods_comparisons(data: dict) -> dict[str, PairedComparison]:
+    """Every method minus full precision, and ``metagrad+P`` minus ``P``, paired by seed."""
+    values = by_seed(data)
+    out = {m: paired(v, values["fp32"]) for m, v in values.items() if m != "fp32"}
+    for m, v in values.items():
+        base = m.removeprefix("metagrad+")
+        if base != m and base in values:
+            out[f"{m} - {base}"] = paired(v, values[base])
+    return out
+
+
+def methods_table(data: dict) -> str:
+    """Every gradient preset (and MetaGrad on the chosen ones) against full precision, paired
+    by seed; then MetaGrad against the preset it corrects."""
+    metric = data.get("metric", "test acc")
+    _, digits = metric_of(data)
+    wide = data.get("step_time_vs_plain_at_width", {})
+    wide_column = f" step vs plain, width {data['timing_width']:g} |" if wide else ""
+    rows = [
+        f"| method | seeds | {metric} | minus fp32, paired | {PAIRED} | grad cosine "
+        "| grad rel. error | step vs plain |" + wide_column,
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if wide else ""),
+    ]
+    timing = data.get("step_time_vs_plain", {})
+    compared = methods_comparisons(data)
+    for method, row in data["methods"].items():
+        seeds = ", ".join(str(seed) for seed in row["seeds"])
+        value = "diverged" if row["mean"] is None else _spread(row["values"], digits=digits)
+        gap = " | | " if method == "fp32" else paired_cells(compared[method], digits)
+        cos = "-" if row["grad_cosine"] is None else f"{row['grad_cosine']:.3f}"
+        err = "-" if row["grad_rel_error"] is None else f"{row['grad_rel_error']:.3f}"
+        step = f"{timing[method]:.2f}x" if method in timing else "-"
+        row_text = f"| {method} | {seeds} | {value} | {gap} | {cos} | {err} | {step} |"
+        if wide:
+            row_text += f" {wide[method]:.2f}x |" if method in wide else " - |"
+        rows.append(row_text)
+    better = "lower" if digits == 3 else "higher"
+    rows += [
+        "",
+        f"MetaGrad minus the preset it corrects, paired by seed ({better} is better):",
+        "",
+        f"| comparison | per seed | mean | {PAIRED} |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in compared.items():
+        if " - " in name:
+            rows.append(
+                f"| {name} | {_per_seed(c.differences, digits)} | {paired_cells(c, digits)} |"
+            )
+    return "\n".join(rows)
+
+
+def headline_table(methods: dict, gpt: dict) -> str:
+    """The README's table: every gradient quantizer on vgg16 and on the character GPT."""
+    wide = methods.get("step_time_vs_plain_at_width", {})
+    rows = [
+        "| gradients | vgg16, CIFAR-10: test acc (%) | minus fp32, paired [95% CI] "
+        "| char GPT: test bits/char | minus fp32, paired [95% CI] "
+        f"| step time vs `plain` (vgg16, width {methods['timing_width']:g}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    compared = {"vgg16": methods_comparisons(methods), "gpt": methods_comparisons(gpt)}
+
+    def cells(data: dict, task: str, method: str, digits: int) -> str:
+        row = data["methods"].get(method)
+        if row is None:
+            return "- | -"
+        if row["mean"] is None:
+            return "diverged | -"
+        if method == "fp32":
+            return f"{_spread(row['values'], digits=digits)} | "
+        c = compared[task][method]
+        return (
+            f"{_spread(row['values'], digits=digits)} "
+            f"| {signed(c.mean, digits)} {interval_text(c, digits)}"
+        )
+
+    for method in methods["methods"]:
+        step = f"{wide[method]:.2f}x" if method in wide else "-"
+        rows.append(
+            f"| {method} | {cells(methods, 'vgg16', method, 2)} "
+            f"| {cells(gpt, 'gpt', method, 3)} | {step} |"
+        )
+    return "\n".join(rows)
+
+
+def stopped_table(data: dict) -> str:
+    """The diverged MetaGrad runs, per epoch."""
+    rows = [
+        "| hypernetwork output | epoch | train loss | train acc | test acc |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        for m in r["metrics"]:
+            rows.append(
+                f"| {r['hypernet_output']} | {m['epoch']} | {m['train_loss']:.3f} "
+                f"| {m['train_acc']:.2f} | {m['test_acc']:.2f} |"
+            )
+    return "\n".join(rows)
+
+
+def reproduce_table(data: dict) -> str:
+    """``metagrad reproduce``'s table (the one its report.md holds)."""
+    from metagrad.training.reproduce import summary_table
+
+    t = data["table"]
+    return (
+        f"{t['model']} at width {t['width']:g}, {t['epochs']} epochs, final test accuracy (%).\n\n"
+        + summary_table(data["summary"])
+    )
+
+
+def comm_training_groups(data: dict) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for r in data["runs"]:
+        runs.setdefault(r["setting"], []).append(r)
+    return runs
+
+
+def comm_comparison(runs: Mapping[str, list[dict]], setting: str) -> PairedComparison:
+    """A communication setting minus float32 communication, paired by seed."""
+
+    def accs(s: str) -> dict[int, float]:
+        return {r["seed"]: r["final_test_acc"] for r in runs.get(s, [])}
+
+    return paired(accs(setting), accs("fp32"))
+
+
+def comm_training_table(data: dict) -> str:
+    """Final accuracy of training with each communication precision, paired by seed."""
+    runs = comm_training_groups(data)
+    base = {r["seed"]: r for r in runs.get("fp32", [])}
+    rows = [
+        "| comm | bytes per step per rank | fp32 bytes / bytes | final test acc (%) "
+        f"| minus fp32 comm, paired | {PAIRED} |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    for setting, rs in runs.items():
+        first = rs[0]
+        ratio = next(iter(base.values()))["bytes_per_step"] / first["bytes_per_step"]
+        compared = " | | " if setting == "fp32" else paired_cells(comm_comparison(runs, setting))
+        rows.append(
+            f"| {setting} | {first['bytes_per_step']:,.0f} ({first['bytes_how']}) | {ratio:.2f} "
+            f"| {_spread([r['final_test_acc'] for r in rs])} | {compared} |"
+        )
+    return "\n".join(rows)
