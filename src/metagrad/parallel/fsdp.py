@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -51,7 +52,7 @@ def shard_model(
     units: Units = default_units,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
-    mesh: object | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place with ``fully_shard`` (each unit, then the root); returns it.
 
@@ -66,7 +67,7 @@ def shard_model(
         )
     if is_sharded(model):
         raise ValueError("the model is already sharded (it holds FSDP modules)")
-    options: dict = {"reshard_after_forward": reshard_after_forward}
+    options: dict[str, object] = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
     if mesh is not None:
