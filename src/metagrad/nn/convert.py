@@ -35,7 +35,7 @@ from metagrad.nn.coverage import (
 )
 from metagrad.nn.hf import CONV1D_PATHS, conv1d_twin
 from metagrad.nn.layers import QuantConv2d, QuantLinear, twin
-from metagrad.nn.restore import is_converted, record, restore, unquantize_
+from metagrad.nn.restore import is_converted, record, refuse_sharded, restore, unquantize_
 from metagrad.quant.presets import list_presets, preset_config
 from metagrad.quant.spec import QuantConfig, QuantSpec
 from metagrad.registry import Registry
@@ -423,6 +423,7 @@ def quantize_(
     them as they are. Transformer encoder layers and encoders holding converted modules are
     kept off PyTorch's fused inference path. When a matmul-bearing module is left out for
     another reason than the filter or a None config, one :class:`ConversionWarning` names them.
+    An FSDP2-sharded model is refused (``ValueError``): convert before sharding.
     """
     return _quantize(model, config, filter_fn, stacklevel=3)
 
@@ -439,6 +440,7 @@ def quantize(
 def _quantize(
     model: nn.Module, config: ConfigArg, filter_fn: FilterFn | None, stacklevel: int
 ) -> ConversionReport:
+    refuse_sharded(model, "quantize_")
     converter = _Converter(_Configs(config), filter_fn)
     if converter.module(model, "") is not model:
         raise ValueError("quantize_ converts layers inside a model; wrap a bare layer first")

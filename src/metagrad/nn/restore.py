@@ -8,6 +8,7 @@ or replaced (``config``). :func:`restore` builds the twin back; quantized module
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,17 @@ class _Original:
     cls: type[nn.Module]
     added: tuple[str, ...]
     replaced: dict[str, Any]
+
+
+def refuse_sharded(model: nn.Module, action: str) -> None:
+    """Raise ``ValueError`` if ``model`` is FSDP2-sharded: FSDP keeps the modules it sharded,
+    so a module replaced afterwards would run on shards it never gathers."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not loaded: nothing can be sharded
+    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
+        raise ValueError(
+            f"{action} replaces modules, which FSDP2 does not follow once a model is sharded: "
+            f"call it before metagrad.parallel.fsdp.shard_model"
+        )
 
 
 def record(module: nn.Module, new: nn.Module) -> None:
@@ -85,6 +97,7 @@ def unquantize_(model: nn.Module) -> ConversionReport:
     """
     if is_converted(model):
         raise ValueError("unquantize_ turns back layers inside a model; wrap a bare layer first")
+    refuse_sharded(model, "unquantize_")
     report = ConversionReport()
     done: dict[int, nn.Module] = {}  # shared modules stay shared
 

@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint import TensorStorageMetadata
 from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -57,7 +58,7 @@ def shard_model(
     units: Units = default_units,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
-    mesh: object | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place with ``fully_shard`` (each unit, then the root); returns it.
 
@@ -72,7 +73,7 @@ def shard_model(
         )
     if is_sharded(model):
         raise ValueError("the model is already sharded (it holds FSDP modules)")
-    options: dict = {"reshard_after_forward": reshard_after_forward}
+    options: dict[str, object] = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
     if mesh is not None:
