@@ -17,12 +17,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from metagrad import kernels
+from metagrad.backward.int8.routes import set_routes
 from metagrad.data import BatchLoader, ImageDataset
 from metagrad.data.corpus import CharCorpus, load_char_corpus
 from metagrad.models import model_task
@@ -34,6 +36,8 @@ from metagrad.training.setup import build_model, build_optimizer, resolve_amp, r
 from metagrad.training.tasks import task_for_model
 
 PROBE_STEPS = 3
+MAX_EXTRA_WARMUP = 5
+"""Warm-up steps a setting may take beyond the asked ones while its steps still compile."""
 
 
 def command_line() -> str:
@@ -184,10 +188,11 @@ def training_step(
 ) -> Step:
     """One training step of ``settings`` (``metagrad train`` keys, plus ``tf32`` on CUDA), as
     ``metagrad train`` runs it: autocast as ``amp`` says, compiled kernels as ``compile`` says
-    (``model``: ``torch.compile(model, fullgraph=fullgraph)``).
+    (``model``: ``torch.compile(model, fullgraph=fullgraph)``), the ``int8`` backend's routes as
+    ``routes`` says (``auto``: fixed, so that timings are reproducible).
 
-    Global switches (compiled kernels, TF32) are set at every call, so steps of settings that
-    differ in them can be interleaved in one process.
+    Global switches (compiled kernels, TF32, routes) are set at every call, so steps of settings
+    that differ in them can be interleaved in one process.
     """
     settings = dict(settings)
     tf32 = bool(settings.pop("tf32", False))
@@ -200,9 +205,11 @@ def training_step(
     compiled = cfg.compile in ("auto", "kernels", "model")
     forward = torch.compile(model, fullgraph=fullgraph) if cfg.compile == "model" else model
     task = task_for_model(cfg.model)
+    routes = "fixed" if cfg.routes == "auto" else cfg.routes
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         kernels.set_compile(compiled, device)
+        set_routes(routes)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
@@ -298,6 +305,86 @@ def step_memory(settings: dict[str, Any]) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def compile_events() -> int:
+    """A count that grows whenever dynamo, AOTAutograd or inductor compile in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(sum(counters[part].values()) for part in ("frames", "aot_autograd", "inductor"))
+
+
+@dataclass
+class StepTimes:
+    """One setting's step timing: the median of the timed steps, and the warm-up apart."""
+
+    seconds: float
+    warmup_seconds: list[float] = field(default_factory=list)  # each warm-up step
+    # warm-up steps that compiled, less as many median steps (with whatever else those steps did
+    # first, such as the int8 backend's route measurements)
+    compile_seconds: float = 0.0
+    compiled_while_timed: int = 0  # timed steps that compiled nonetheless (0 expected)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 5),
+            "warmup_seconds": [round(t, 3) for t in self.warmup_seconds],
+            "compile_seconds": round(self.compile_seconds, 3),
+            "compiled_while_timed": self.compiled_while_timed,
+        }
+
+
+def time_steps_apart(
+    settings: dict[str, dict[str, Any]],
+    data: ImageDataset | CharCorpus,
+    base: dict[str, Any],
+    steps: int = 30,
+    warmup: int = 3,
+) -> dict[str, StepTimes]:
+    """:func:`time_steps` with the warm-up reported apart.
+
+    After ``warmup`` interleaved warm-up steps, a setting whose last warm-up step still compiled
+    (``torch.compile`` of the model, compiled kernels, a recompilation) takes more, up to
+    :data:`MAX_EXTRA_WARMUP`, so that no compilation falls into the timed steps.
+    """
+    batches = step_batches(data, base, warmup + steps)
+    runs = {
+        name: training_step({**base, **overrides}, data) for name, overrides in settings.items()
+    }
+
+    def timed(step: Step, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+        before = compile_events()
+        _sync(x.device)
+        t0 = time.perf_counter()
+        step(x, y)
+        _sync(x.device)
+        return time.perf_counter() - t0, compile_events() != before
+
+    warm: dict[str, list[tuple[float, bool]]] = {name: [] for name in settings}
+    for x, y in batches[:warmup]:
+        for name, step in runs.items():
+            warm[name].append(timed(step, x, y))
+    for extra in range(MAX_EXTRA_WARMUP if warmup else 0):
+        compiling = [name for name, ts in warm.items() if ts[-1][1]]
+        if not compiling:
+            break
+        x, y = batches[extra % warmup]
+        for name in compiling:
+            warm[name].append(timed(runs[name], x, y))
+    times: dict[str, list[tuple[float, bool]]] = {name: [] for name in settings}
+    for x, y in batches[warmup:]:
+        for name, step in runs.items():
+            times[name].append(timed(step, x, y))
+    result = {}
+    for name, ts in times.items():
+        median = statistics.median(t for t, _ in ts)
+        result[name] = StepTimes(
+            median,
+            [t for t, _ in warm[name]],
+            sum(max(0.0, t - median) for t, compiled in warm[name] if compiled),
+            sum(compiled for _, compiled in ts),
+        )
+    return result
+
+
 def time_steps(
     settings: dict[str, dict[str, Any]],
     data: ImageDataset | CharCorpus,
@@ -305,24 +392,13 @@ def time_steps(
     steps: int = 30,
     warmup: int = 3,
 ) -> dict[str, float]:
-    """Median seconds per training step for each named setting (``base`` plus its overrides).
+    """Median seconds per training step for each named setting (``base`` plus its overrides),
+    after the warm-up (compilation included: :func:`time_steps_apart`).
 
     Image models take augmented CIFAR batches; language models random windows of ``data``.
     """
-    batches = step_batches(data, base, warmup + steps)
-    runs = {
-        name: training_step({**base, **overrides}, data) for name, overrides in settings.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    for i, (x, y) in enumerate(batches):
-        for name, step in runs.items():
-            _sync(x.device)
-            t0 = time.perf_counter()
-            step(x, y)
-            _sync(x.device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    timed = time_steps_apart(settings, data, base, steps, warmup)
+    return {name: t.seconds for name, t in timed.items()}
 
 
 def step_batches(

@@ -1,33 +1,43 @@
 """Training speed against the baselines users run: float32, TF32 (CUDA) and bf16 autocast.
 
-    python -m benchmarks.speed                  # CPU  -> benchmarks/results/speed-cpu.json
+    python -m benchmarks.speed                  # CPU  -> results/speed-cpu-<cpu model>.json
     python -m benchmarks.speed --device cuda    # CUDA -> benchmarks/results/speed-cuda.json
     python -m benchmarks.speed --quick          # few repetitions (a smoke run)
 
-Every comparison is made side by side in one process, repetitions interleaved, medians kept:
+Every comparison is made side by side in one process, repetitions interleaved, medians kept.
+Warm-up steps (compilation of the model or of the kernels, the ``int8`` backend's route
+measurements) are not among the timed steps; a setting whose warm-up still compiles takes more
+warm-up steps, and each row reports its warm-up apart (``warmup_seconds``, ``compile_seconds``).
+The ``int8`` backend's rows take its fixed routes, except the rows named "measured routes",
+which measure them afresh (a new route cache, unless ``--route-cache`` names one):
 
 1. steps: whole training steps (forward, backward, optimizer) of full-width VGG-16 at batch 128
    on CIFAR-10 batches, channels_last, as ``metagrad train`` runs them: plain float32 (TF32 off),
    TF32 (CUDA), bf16 autocast; quantized gradients (simulate backend, compiled or eager
-   kernels), the ``int8`` backend, and MetaGrad. Each row has its ratio to float32, to bf16 and
-   to the setting it should be compared with (the plain step of the same precision, or for
-   MetaGrad the plain quantized step).
+   kernels), the ``int8`` backend (fixed and measured routes), and MetaGrad. Each row has its
+   ratio to float32, to bf16 and to the setting it should be compared with (the plain step of
+   the same precision, or for MetaGrad the plain quantized step).
 2. quantizer: the quantizer alone on the errors of one INT4 training step (same shapes, dtypes
    and layouts), eager and compiled, and its share of the quantized bf16 step.
 3. memory: tensor memory of MetaGrad's training steps against the plain quantized step's, each
    in a fresh process: the peak (weights, optimizer state, gradients, activations) and its
    growth over what was alive before the first step.
-4. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (INT8
-   nearest error, both products): float32, bf16, the ``int8`` backend's integer products, and
-   the same 8-bit codes multiplied in bf16 (the route the ``int8`` backend takes on CUDA).
+4. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (4096
+   tokens at width 1024, and ``gpt_char``'s; INT8 nearest error, both products): float32, bf16,
+   the ``int8`` backend's integer products, the same 8-bit codes multiplied in bf16 (the route
+   the ``int8`` backend takes on CUDA), and the backend with measured routes under bf16 (each
+   product on the route its measurement chose, recorded per layer).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,20 +45,21 @@ from typing import Any
 
 import torch
 
-from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps
+from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps_apart
 from metagrad import kernels
-from metagrad.backward import int8
+from metagrad.backward import int8, simulate
+from metagrad.backward.int8.routes import CACHE_DIR_ENV, ROUTES, ProductKey, cache_path
 from metagrad.data import load_cifar10
-from metagrad.nn import functional
+from metagrad.machine import cpu_model, fingerprint
 from metagrad.quant.quantize import quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
-from metagrad.training.records import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}
 INT4S = {"grad_bits": 4, "grad_rounding": "stochastic"}
 BF16, FP32, COMPILED = {"amp": "bf16"}, {"amp": "off"}, {"compile": "kernels"}
 EAGER = {"compile": "off"}
+INT8, MEASURED = {"grad_bits": 8, "backend": "int8"}, {"routes": "measured"}
 STEPS: dict[str, dict[str, Any]] = {
     "fp32": {**FP32, **EAGER},
     "tf32": {**FP32, **EAGER, "tf32": True},
@@ -59,10 +70,12 @@ STEPS: dict[str, dict[str, Any]] = {
     "int4-stochastic bf16, eager kernels": {**INT4S, **BF16, **EAGER},
     "int4-stochastic-sample bf16": {**INT4S, "grad_granularity": "sample", **BF16, **COMPILED},
     "int8-nearest bf16": {"grad_bits": 8, **BF16, **COMPILED},
-    "int8 backend bf16": {"grad_bits": 8, "backend": "int8", **BF16, **COMPILED},
+    "int8 backend bf16": {**INT8, **BF16, **COMPILED},
+    "int8 backend bf16, measured routes": {**INT8, **MEASURED, **BF16, **COMPILED},
     "metagrad int4-stochastic bf16": {**INT4S, "method": "metagrad", **BF16, **COMPILED},
     "int4-stochastic fp32": {**INT4S, **FP32, **COMPILED},
-    "int8 backend fp32": {"grad_bits": 8, "backend": "int8", **FP32, **COMPILED},
+    "int8 backend fp32": {**INT8, **FP32, **COMPILED},
+    "int8 backend fp32, measured routes": {**INT8, **MEASURED, **FP32, **COMPILED},
     "metagrad int4-stochastic fp32": {**INT4S, "method": "metagrad", **FP32, **COMPILED},
 }
 COMPARE_WITH = {
@@ -73,17 +86,22 @@ COMPARE_WITH = {
     "int4-stochastic-sample bf16": "bf16",
     "int8-nearest bf16": "bf16",
     "int8 backend bf16": "bf16",
+    "int8 backend bf16, measured routes": "bf16",
     "metagrad int4-stochastic bf16": "int4-stochastic bf16",
     "int4-stochastic fp32": "fp32",
     "int8 backend fp32": "fp32",
+    "int8 backend fp32, measured routes": "fp32",
     "metagrad int4-stochastic fp32": "int4-stochastic fp32",
 }
 """The setting each step is judged against (the goals: quantized <= 1.15x plain bf16, MetaGrad
-<= 1.3x the plain quantized step)."""
+<= 1.3x the plain quantized step, the ``int8`` backend <= 0.8x plain bf16)."""
 MEMORY = ("int4-stochastic bf16", "metagrad int4-stochastic bf16")
 VGG16_CHANNELS = (3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 VGG16_SPATIAL = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)
 MLP_SHAPES = ((1024, 4096), (4096, 1024))
+GPT_CHAR_MLP = ((128, 512), (512, 128))
+GPT_CHAR_TOKENS = 64 * 128
+"""``gpt_char``'s MLP (width 1) over a batch of 64 windows of 128 characters."""
 LAYER_SPEC = QuantSpec(8)
 
 Fn = Callable[[], object]
@@ -115,11 +133,12 @@ def bench_steps(data, device: torch.device, reps: int, warmup: int) -> dict[str,
     names = [n for n in STEPS if device.type == "cuda" or not STEPS[n].get("tf32")]
     settings = {name: STEPS[name] for name in names}
     base = {**BASE, "device": device.type}
-    seconds = time_steps(settings, data, base, steps=reps, warmup=warmup)
+    timed = time_steps_apart(settings, data, base, steps=reps, warmup=warmup)
+    seconds = {name: t.seconds for name, t in timed.items()}
     rows = {}
     for name, s in seconds.items():
         row = {
-            "seconds": round(s, 5),
+            **timed[name].to_dict(),
             "x_fp32": round(s / seconds["fp32"], 3),
             "x_bf16": round(s / seconds["bf16"], 3),
         }
@@ -131,7 +150,8 @@ def bench_steps(data, device: torch.device, reps: int, warmup: int) -> dict[str,
         extra = f"  {row['ratio']:.3f}x {row['compared_with']}" if "ratio" in row else ""
         print(
             f"step {name:38s} {s * 1e3:9.1f} ms  {row['x_fp32']:.3f}x fp32  "
-            f"{row['x_bf16']:.3f}x bf16{extra}",
+            f"{row['x_bf16']:.3f}x bf16{extra}  (warm-up {sum(timed[name].warmup_seconds):.1f} s, "
+            f"compile {row['compile_seconds']:.1f} s)",
             flush=True,
         )
     return rows
@@ -145,7 +165,7 @@ def error_shapes(data, device: torch.device) -> list[tuple]:
     from benchmarks.runner import training_step
 
     seen: list[tuple] = []
-    original = functional.quantize_codes
+    original = simulate.quantize_codes  # the simulate backend's error quantizer
 
     def record(e, spec, channel_dim=1, **kwargs):
         seen.append((tuple(e.shape), e.stride(), e.dtype, channel_dim))
@@ -154,11 +174,11 @@ def error_shapes(data, device: torch.device) -> list[tuple]:
     step = training_step({**BASE, **STEPS["int4-stochastic bf16"], "device": device.type}, data)
     x = torch.randn(BASE["batch_size"], 3, 32, 32, device=device)
     y = torch.randint(0, 10, (BASE["batch_size"],), device=device)
-    functional.quantize_codes = record
+    simulate.quantize_codes = record
     try:
         step(x.contiguous(memory_format=torch.channels_last), y)
     finally:
-        functional.quantize_codes = original
+        simulate.quantize_codes = original
     return seen
 
 
@@ -207,7 +227,12 @@ def bench_memory(device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 4. layers
 
 
-def conv_fns(index: int, device: torch.device) -> tuple[str, dict, dict[str, Fn]]:
+LayerCase = tuple[str, dict, dict[str, Fn], ProductKey]
+"""A layer's name, shape, backward variants and the route-cache key of its two products."""
+ROUTED = "int8 measured routes"
+
+
+def conv_fns(index: int, device: torch.device) -> LayerCase:
     """Backward variants of VGG-16 conv ``index``: 3x3, stride 1, padding 1, channels_last."""
     c_in, c_out, hw = VGG16_CHANNELS[index], VGG16_CHANNELS[index + 1], VGG16_SPATIAL[index]
     cl = torch.channels_last
@@ -231,12 +256,14 @@ def conv_fns(index: int, device: torch.device) -> tuple[str, dict, dict[str, Fn]
         "int8 codes in bf16": lambda: int8.conv2d_backward_simulated(
             eb, xb, w, *conv, 1, config, mask
         ),
+        ROUTED: lambda: int8.backend.conv2d_backward_for(eb, xb, wb, *conv, 1, config, mask),
     }
     shape = {"batch": batch, "c_in": c_in, "c_out": c_out, "hw": hw, "kernel": 3}
-    return f"vgg16.conv{index + 1}", shape, fns
+    key = ProductKey.of("conv2d", ("dx", "dw"), xb, wb, conv, "tensor")
+    return f"vgg16.conv{index + 1}", shape, fns, key
 
 
-def linear_fns(c_in: int, c_out: int, tokens: int, device) -> tuple[str, dict, dict[str, Fn]]:
+def linear_fns(c_in: int, c_out: int, tokens: int, device, name: str = "mlp") -> LayerCase:
     """Backward variants of a transformer-MLP Linear layer over ``tokens`` tokens."""
     x = torch.randn(tokens, c_in, device=device)
     w = torch.randn(c_out, c_in, device=device) * 0.02
@@ -249,40 +276,52 @@ def linear_fns(c_in: int, c_out: int, tokens: int, device) -> tuple[str, dict, d
         "bf16": lambda: (eb @ wb, eb.t() @ xb),
         "int8": lambda: int8.linear_backward(e, x, w, config, mask),
         "int8 codes in bf16": lambda: int8.linear_backward_simulated(eb, xb, w, config, mask),
+        ROUTED: lambda: int8.backend.linear_backward_for(eb, xb, wb, config, mask),
     }
-    return f"mlp.{tokens}tok.{c_in}x{c_out}", {"tokens": tokens, "in": c_in, "out": c_out}, fns
+    shape = {"tokens": tokens, "in": c_in, "out": c_out}
+    key = ProductKey.of("linear", ("dx", "dw"), xb, wb, None, "tensor")
+    return f"{name}.{tokens}tok.{c_in}x{c_out}", shape, fns, key
 
 
 def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]) -> dict:
+    """Each layer's backward variants; the measured routes are chosen in the warm-up round."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     layers = [conv_fns(i, device) for i in range(len(VGG16_SPATIAL))]
     layers += [linear_fns(a, b, t, device) for t in tokens for a, b in MLP_SHAPES]
+    layers += [linear_fns(a, b, GPT_CHAR_TOKENS, device, "gpt_char") for a, b in GPT_CHAR_MLP]
     rows = []
-    for name, shape, fns in layers:
-        secs = interleaved(fns, reps, warmup, device)
-        row = {
-            "name": name,
-            "shape": shape,
-            "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
-            "bf16/int8": round(secs["bf16"] / secs["int8"], 3),
-            "bf16/int8 codes in bf16": round(secs["bf16"] / secs["int8 codes in bf16"], 3),
-            "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
-        }
-        rows.append(row)
-        print(
-            f"{name:28s} "
-            + "  ".join(f"{k} {v:8.2f}" for k, v in row["ms"].items())
-            + f" ms  bf16/int8 {row['bf16/int8']:.2f}x",
-            flush=True,
-        )
+    int8.set_routes("measured")
+    try:
+        for name, shape, fns, key in layers:
+            secs = interleaved(fns, reps, max(warmup, 1), device)
+            routes = ROUTES.used[str(key)].to_dict()
+            row = {
+                "name": name,
+                "shape": shape,
+                "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
+                "bf16/int8": round(secs["bf16"] / secs["int8"], 3),
+                "bf16/int8 codes in bf16": round(secs["bf16"] / secs["int8 codes in bf16"], 3),
+                "bf16/int8 measured routes": round(secs["bf16"] / secs[ROUTED], 3),
+                "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
+                "routes": routes,
+            }
+            rows.append(row)
+            print(
+                f"{name:28s} "
+                + "  ".join(f"{k} {v:8.2f}" for k, v in row["ms"].items())
+                + f" ms  bf16/int8 {row['bf16/int8']:.2f}x  routes "
+                + " ".join(f"{p} {r}" for p, r in routes["routes"].items()),
+                flush=True,
+            )
+    finally:
+        int8.set_routes(None)
     conv = [r for r in rows if r["name"].startswith("vgg16")]
-    summary = {
-        key: round(statistics.median(r[key] for r in conv), 3)
-        for key in ("bf16/int8", "bf16/int8 codes in bf16", "fp32/int8")
-    }
-    print(f"conv medians: {summary}", flush=True)
+    keys = ("bf16/int8", "bf16/int8 codes in bf16", "bf16/int8 measured routes", "fp32/int8")
+    summary = {key: round(statistics.median(r[key] for r in conv), 3) for key in keys}
+    slowest = min(r["bf16/int8 measured routes"] for r in rows)
+    print(f"conv medians: {summary}; slowest layer with measured routes: {slowest}x", flush=True)
     return {"rows": rows, "conv_medians": summary}
 
 
@@ -303,6 +342,19 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def machine_slug(model: str) -> str:
+    """A file-name form of a CPU model: ``AMD EPYC`` -> ``amd-epyc``."""
+    text = re.sub(r"\((r|tm)\)", " ", model.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
+
+
+def default_out(device: torch.device) -> Path:
+    """``results/speed-cpu-<cpu model>.json`` on CPU, ``results/speed-<device>.json`` else."""
+    if device.type == "cpu":
+        return RESULTS / f"speed-cpu-{machine_slug(cpu_model())}.json"
+    return RESULTS / f"speed-{device.type}.json"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -311,17 +363,42 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--parts", nargs="*", default=["steps", "quantizer", "memory", "layers"])
     parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 4096; CUDA 4k-16k)")
-    parser.add_argument("--out", type=Path, help="default benchmarks/results/speed-<device>.json")
+    parser.add_argument(
+        "--route-cache",
+        type=Path,
+        help="folder of the int8 route cache to use (default: a new one, so routes are measured)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="default benchmarks/results/speed-cpu-<cpu model>.json"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    out = args.out or RESULTS / f"speed-{device.type}.json"
-    step_reps, layer_reps, warmup = (2, 2, 1) if args.quick else (8, 6, 3)
-    tokens = args.tokens or ([4096, 16384] if device.type == "cuda" else [4096])
+    out = args.out or default_out(device)
+    reps = (2, 2, 1) if args.quick else (8, 6, 3)
     data_path = Path(args.data)
     data = load_cifar10(data_path) if data_path.exists() else synthetic_data(BASE["batch_size"])
+    with tempfile.TemporaryDirectory() as fresh:
+        os.environ[CACHE_DIR_ENV] = str(args.route_cache or fresh)
+        ROUTES.clear()
+        result = run_parts(args, device, out, data, data_path, reps)
+        if ROUTES.used:  # the int8 backend's measured routes, of the steps and the layers
+            result["routes"] = {
+                "fingerprint": fingerprint(device),
+                "cache": str(cache_path()) if args.route_cache else None,
+                "products": {name: c.to_dict() for name, c in ROUTES.used.items()},
+            }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
 
+
+def run_parts(args, device, out: Path, data, data_path: Path, reps: tuple[int, int, int]) -> dict:
+    """The parts ``--parts`` asks for, over the results already in ``out``."""
+    step_reps, layer_reps, warmup = reps
+    tokens = args.tokens or ([4096, 16384] if device.type == "cuda" else [4096])
     result: dict[str, Any] = {
         "benchmark": "speed",
         "command": command_line(),
@@ -340,9 +417,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["memory"] = bench_memory(device)
     if "layers" in args.parts:
         result["layers"] = bench_layers(device, layer_reps, 1, tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
     return result
 
 

@@ -13,7 +13,8 @@ the committed documents are what ``--write`` makes of the committed files.
 
 The renderers live beside this module: :mod:`benchmarks.tables_training` (training runs; methods
 compared by their differences paired by seed, with 95% confidence intervals and sign-flip p),
-:mod:`benchmarks.tables_measures` (speed, memory, gradient statistics, communication) and
+:mod:`benchmarks.tables_measures` (memory, gradient statistics, communication),
+:mod:`benchmarks.tables_speed` (the speed benchmark, one results file per machine side by side) and
 :mod:`benchmarks.findings` (the findings' sentences, every number in them computed here from the
 result files, so that prose and files cannot disagree).
 """
@@ -41,10 +42,10 @@ from benchmarks.tables_measures import (
     overhead_table,
     signal_table,
     snr_table,
-    speed_table,
     step_ratio_table,
     transformers_table,
 )
+from benchmarks.tables_speed import speed_table
 from benchmarks.tables_training import (
     ablation_table,
     comm_training_table,
@@ -102,6 +103,11 @@ REPRODUCE = (
     "--out benchmarks/results/reproduce-cpu"
 )
 ABLATIONS = "python -m benchmarks.metagrad_ablations --threads 2"
+SPEED = "python -m benchmarks.speed"
+SPEED_CPU = tuple(sorted(p.name for p in RESULTS.glob("speed-cpu-*.json"))) or (
+    "speed-cpu-amd-epyc.json",
+)
+"""The speed benchmark's CPU results, one file per CPU model (``speed-cpu-<model>.json``)."""
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"
 TABLES: dict[str, Table] = {
@@ -163,7 +169,7 @@ TABLES: dict[str, Table] = {
     "overhead": _table(
         "metagrad-overhead.json", overhead_table, "python -m benchmarks.metagrad_overhead"
     ),
-    "speed-cpu": _table("speed-cpu.json", speed_table, "python -m benchmarks.speed"),
+    "speed-cpu": _table(SPEED_CPU, speed_table, *[SPEED] * len(SPEED_CPU)),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),
@@ -192,10 +198,10 @@ TABLES: dict[str, Table] = {
         ("methods.json", "methods-gpt.json"), findings.methods_gpt_findings, METHODS, METHODS_GPT
     ),
     "metagrad-findings": _table(
-        ("metagrad-cifar10.json", "speed-cpu.json"),
+        ("metagrad-cifar10.json", "speed-cpu-amd-epyc.json"),
         findings.metagrad_findings,
         "python -m benchmarks.metagrad_cifar10 --threads 1",
-        "python -m benchmarks.speed",
+        SPEED,
     ),
     "reproduce-findings": _table(
         "reproduce-cpu/results.json", findings.reproduce_findings, REPRODUCE

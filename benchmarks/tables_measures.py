@@ -161,62 +161,6 @@ def overhead_table(data: dict) -> str:
     return "\n".join(rows)
 
 
-def speed_table(data: dict) -> str:
-    """Whole training steps against float32 and bf16, the quantizer's share, memory, layers."""
-    machine = data["machine"]
-    where = machine.get("gpu") or f"{machine['cpu']}, {machine['threads']} threads"
-    rows = [
-        f"Full-width VGG-16, batch 128, CIFAR-10 batches, torch {machine['torch']}, {where}.",
-        "",
-        "| training step | ms | x float32 | x bf16 | x the step it replaces |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in data["steps"].items():
-        ratio = f"{r['ratio']:.3f} ({r['compared_with']})" if "ratio" in r else ""
-        rows.append(
-            f"| {name} | {r['seconds'] * 1e3:.1f} | {r['x_fp32']:.3f} | {r['x_bf16']:.3f} "
-            f"| {ratio} |"
-        )
-    q = data.get("quantizer")
-    if q:
-        share = q["share_of_int4_bf16_step"]
-        rows.append(
-            f"\nQuantizer alone (INT4 stochastic, the {q['errors']} errors of one step, "
-            f"{q['elements'] / 1e6:.1f}M elements): {q['ms']['compiled']:.1f} ms compiled, "
-            f"{q['ms']['eager']:.1f} ms eager = {100 * share['compiled']:.1f}% / "
-            f"{100 * share['eager']:.1f}% of the INT4 bf16 step."
-        )
-    m = data.get("memory")
-    if m:
-        plain, meta = m["tensor_memory_mb"].values()
-        rows.append(
-            f"\nTensor memory of a training step, MetaGrad against plain INT4 bf16: peak "
-            f"{meta['peak_mb']:.0f} vs {plain['peak_mb']:.0f} MB (**{m['ratio_peak']:.2f}x**), "
-            f"growth over weights {meta['growth_mb']:.0f} vs {plain['growth_mb']:.0f} MB "
-            f"(**{m['ratio_growth']:.2f}x**)."
-        )
-    layers = data.get("layers")
-    if layers:
-        rows += [
-            "",
-            "| layer backward (INT8 error) | fp32 ms | bf16 ms | int8 ms | int8 codes in bf16 ms "
-            "| bf16/int8 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in layers["rows"]:
-            ms = r["ms"]
-            rows.append(
-                f"| {r['name']} | {ms['fp32']:.1f} | {ms['bf16']:.1f} | {ms['int8']:.1f} "
-                f"| {ms['int8 codes in bf16']:.1f} | {r['bf16/int8']:.2f}x |"
-            )
-        med = layers["conv_medians"]
-        rows.append(
-            f"\nMedian over the 13 convolutions: bf16/int8 **{med['bf16/int8']:.2f}x**, "
-            f"fp32/int8 {med['fp32/int8']:.2f}x."
-        )
-    return "\n".join(rows)
-
-
 def horizon_cost_table(data: dict) -> str:
     rows = ["| run | median step s | x plain | x K = 1 |", "|---|---|---|---|"]
     for name, seconds in data["median_step_seconds"].items():

@@ -8,8 +8,9 @@ Whole training steps (forward, backward, optimizer: Adam), as ``metagrad train``
 ``vit_tiny`` (width 1, batch 128, CIFAR-10 or random images when the zip is absent) and
 ``gpt_char`` (its defaults, batch 64 windows of the built-in corpus): float32, bf16 autocast,
 INT4-stochastic gradients under bf16 (compiled kernels) and MetaGrad on top of them. The settings
-of one model are timed side by side in one process, repetitions interleaved, medians kept;
-MetaGrad's step and its tensor memory (peak and growth over the step, each setting probed in a
+of one model are timed side by side in one process, repetitions interleaved, medians kept, the
+warm-up (compilation included) timed apart (``warmup_seconds``, ``compile_seconds``); MetaGrad's
+step and its tensor memory (peak and growth over the step, each setting probed in a
 fresh process) are also given against the quantized step it corrects.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps
+from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps_apart
 from metagrad import kernels
 from metagrad.data import load_cifar10
 from metagrad.data.corpus import load_char_corpus
@@ -50,10 +51,11 @@ def bench_model(
     name: str, data, device: torch.device, reps: int, warmup: int, memory: bool
 ) -> dict:
     base = {**MODELS[name], "device": device.type}
-    seconds = time_steps(SETTINGS, data, base, steps=reps, warmup=warmup)
+    timed = time_steps_apart(SETTINGS, data, base, steps=reps, warmup=warmup)
+    seconds = {setting: t.seconds for setting, t in timed.items()}
     rows: dict[str, Any] = {}
     for setting, s in seconds.items():
-        rows[setting] = {"seconds": round(s, 5), "x_fp32": round(s / seconds["fp32"], 3)}
+        rows[setting] = {**timed[setting].to_dict(), "x_fp32": round(s / seconds["fp32"], 3)}
         print(f"{name} {setting:32s} {s:8.3f} s/step  {s / seconds['fp32']:.3f}x fp32", flush=True)
     rows["metagrad_vs_quantized"] = {"step": round(seconds[METAGRAD] / seconds[QUANTIZED], 3)}
     if memory:  # MetaGrad's memory against the quantized step it corrects, each in a fresh process

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "_version": 0,
     "plugins": 0,
     "stats": 0,
+    "machine": 0,
     # 1: what to quantize and how
     "quant": 1,
     # 2: the backward products

@@ -38,6 +38,7 @@ METHODS = ("plain", "metagrad")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
+ROUTE_MODES = ("auto", "measured", "fixed")
 NONFINITE_POLICIES = ("stop", "skip")
 
 SPEC_KEYS = {
@@ -117,6 +118,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: str = "auto"
+    routes: str = "auto"
     threads: int = 0
     nonfinite: str = "stop"
     comm_bits: int = 32
@@ -144,6 +146,7 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile", self.compile, COMPILE_MODES)
+        _choice("routes", self.routes, ROUTE_MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _require(
             self.comm_bits in COMM_BITS,
@@ -320,6 +323,7 @@ RESUMABLE_KEYS = frozenset(
         "threads",
         "data",
         "compile",
+        "routes",
         "nonfinite",
         "dist_timeout",
     }

@@ -80,6 +80,11 @@ def help_texts() -> dict[str, str]:
         "compile": "torch.compile: off, kernels (fused quantizer and hypernetwork), model "
         "(kernels and the model's training forward, method plain); auto: kernels where "
         "torch.compile works",
+        "routes": "backend int8: how each layer's backward products choose between integer "
+        "products and bf16 products of the same 8-bit codes: measured (timed once per shape and "
+        "machine, cached in ~/.cache/metagrad; summary.json: int8_routes) or fixed (integer, "
+        "except convolutions on CUDA; reproducible timing); auto: $METAGRAD_INT8_ROUTES if set, "
+        "else measured",
         "threads": "torch CPU threads (0: torch's default)",
         "nonfinite": "a step with a non-finite loss or gradient: stop the run before applying "
         "it, or skip it and count it (summary.json: nonfinite_steps)",
@@ -90,8 +95,8 @@ def help_texts() -> dict[str, str]:
         "max_steps": "stop after this many steps in total (0: no limit)",
         "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
         "resume": "continue the run in --out with its saved settings (plugins included); only "
-        "epochs, max-steps, data, threads, progress, compile, nonfinite and dist-timeout may be "
-        "given again",
+        "epochs, max-steps, data, threads, progress, compile, routes, nonfinite and dist-timeout "
+        "may be given again",
         "progress": "show a progress bar",
         "plugins": "a module to import before the settings are checked, so that what it "
         "registers (formats, scale formats, transforms, presets, backends, models, "

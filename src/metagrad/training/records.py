@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from metagrad._version import __version__
+from metagrad.machine import cpu_model
 from metagrad.parallel.distributed import Distributed
 from metagrad.training.config import TrainConfig
 
@@ -43,17 +44,6 @@ def provenance(device: torch.device) -> dict[str, Any]:
         ),
         "threads": torch.get_num_threads(),
     }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from metagrad import kernels
+from metagrad.backward.int8.routes import ROUTES, ROUTES_ENV, set_routes
 from metagrad.meta.updates import get_base_rule
 from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
 from metagrad.nn.convert import quantize_
@@ -22,6 +24,7 @@ __all__ = [
     "resolve_amp",
     "resolve_compile",
     "resolve_device",
+    "resolve_routes",
     "warmup_cosine",
 ]
 
@@ -54,6 +57,21 @@ def resolve_compile(name: str, device: torch.device) -> str:
         kernels.set_compile(False)
         return name
     return name if kernels.set_compile(True, device) else "off"
+
+
+def resolve_routes(name: str) -> str:
+    """The ``int8`` backend's route mode for ``--routes``, set for this process (the record of
+    the routes used starts afresh). ``auto``: ``$METAGRAD_INT8_ROUTES`` if set, else
+    ``measured``."""
+    where = "routes"
+    if name == "auto":
+        where, name = ROUTES_ENV, os.environ.get(ROUTES_ENV) or "measured"
+    try:
+        set_routes(name)
+    except ValueError:
+        raise ConfigError(f"{where} must be fixed or measured; got {name!r}") from None
+    ROUTES.used.clear()
+    return name
 
 
 def build_model(cfg: TrainConfig, dataset: Any, device: torch.device) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from metagrad.backward import fallback_report
+from metagrad.backward.int8.routes import route_record
 from metagrad.checkpoint import (
     CheckpointError,
     RunLock,
@@ -55,6 +56,7 @@ from metagrad.training.setup import (
     resolve_amp,
     resolve_compile,
     resolve_device,
+    resolve_routes,
     warmup_cosine,
 )
 from metagrad.training.tasks import load_dataset, task_for_model
@@ -118,6 +120,7 @@ class Trainer(CheckpointState):
         self.comm_state = None
         self.amp = resolve_amp(cfg.amp, self.device)
         self.compile = resolve_compile(cfg.compile, self.device)
+        self.routes = resolve_routes(cfg.routes)
         self.task = task_for_model(cfg.model)
         self.data = self.task.load_data(cfg)
         self.model = build_model(cfg, self.data, self.device)
@@ -438,6 +441,7 @@ class Trainer(CheckpointState):
             "quantization_coverage": self.model.quantization_coverage,
             "backend": self.cfg.backend,
             "int8_fallbacks": fallback_report(self.model),
+            "int8_routes": route_record() if self.cfg.backend == "int8" else None,
             "in_progress": in_progress,
             "epochs_completed": len(self.history),
             "steps": self.step,

@@ -32,6 +32,11 @@ On CPU, temporaries (patch matrices, int32 results, error codes) live in a per-t
 reused across calls, which avoids page-faulting fresh buffers of tens of MB at every layer;
 :func:`clear_workspace` frees it.
 
+Each backward product takes one of two routes on the same codes, integer products or float
+products (bf16 under mixed precision): fixed, or per layer product the faster one, measured once
+per shape and machine and cached on disk (:func:`set_routes`,
+:mod:`~metagrad.backward.int8.routes`).
+
 Modules, each of which imports only the ones above it:
 
 * :mod:`~metagrad.backward.int8.settings`: :class:`BackwardSettings`, what the backend reads of a
@@ -42,7 +47,9 @@ Modules, each of which imports only the ones above it:
 * :mod:`~metagrad.backward.int8.im2col`: convolution geometry and its int8 buffers;
 * :mod:`~metagrad.backward.int8.conv` / :mod:`~metagrad.backward.int8.linear`: the layers'
   forward and backward;
-* :mod:`~metagrad.backward.int8.backend`: the registered backend, its per-device routes and
+* :mod:`~metagrad.backward.int8.routes`: which route each product takes (fixed or measured),
+  the route cache;
+* :mod:`~metagrad.backward.int8.backend`: the registered backend, its dispatch by route and its
   fallbacks (imported by :mod:`metagrad.backward`, after this package).
 """
 
@@ -62,12 +69,17 @@ from metagrad.backward.int8.intmm import int_mm as int_mm
 from metagrad.backward.int8.linear import linear_backward as linear_backward
 from metagrad.backward.int8.linear import linear_backward_simulated as linear_backward_simulated
 from metagrad.backward.int8.linear import linear_forward as linear_forward
+from metagrad.backward.int8.routes import ROUTES as ROUTES
+from metagrad.backward.int8.routes import route_record as route_record
+from metagrad.backward.int8.routes import routes_mode as routes_mode
+from metagrad.backward.int8.routes import set_routes as set_routes
 from metagrad.backward.int8.settings import Grads as Grads
 from metagrad.backward.int8.settings import IntPair as IntPair
 from metagrad.backward.int8.settings import Mask as Mask
 
 __all__ = [
     "OPERAND_BITS",
+    "ROUTES",
     "ForwardState",
     "Quantized",
     "backward_operand",
@@ -81,4 +93,7 @@ __all__ = [
     "linear_forward",
     "quantize_codes_int8",
     "quantize_operand",
+    "route_record",
+    "routes_mode",
+    "set_routes",
 ]

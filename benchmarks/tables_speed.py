@@ -1,0 +1,179 @@
+"""The speed benchmark's tables (``benchmarks/speed.py``), one results file per machine, side by
+side: whole training steps, the quantizer, memory, the layers' backward, and the ``int8``
+backend's measured routes per layer. Rendered for :mod:`benchmarks.tables`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _where(data: dict) -> str:
+    machine = data["machine"]
+    return machine.get("gpu") or f"{machine['cpu']}, {machine['threads']} threads"
+
+
+def _label(data: dict, several: bool, column: str) -> str:
+    """A column's heading, with the machine's name in front when several are side by side."""
+    return f"{data['machine'].get('gpu') or data['machine']['cpu']} {column}" if several else column
+
+
+def _names(parts: list[dict[str, Any]]) -> list[str]:
+    """Every row name of ``parts`` (dicts by name), in the order they first appear."""
+    names: list[str] = []
+    for part in parts:
+        names += [n for n in part if n not in names]
+    return names
+
+
+def _steps(datas: tuple[dict, ...]) -> list[str]:
+    several = len(datas) > 1
+    apart = [any("compile_seconds" in r for r in d["steps"].values()) for d in datas]
+    head, rule = ["training step"], ["---"]
+    for data, warm in zip(datas, apart, strict=True):
+        columns = ["ms", "x float32", "x bf16", "x the step it replaces"]
+        columns += ["warm-up s", "compile s"] if warm else []
+        head += [_label(data, several, c) if i == 0 else c for i, c in enumerate(columns)]
+        rule += ["---"] * len(columns)
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for name in _names([d["steps"] for d in datas]):
+        cells = [name]
+        for data, warm in zip(datas, apart, strict=True):
+            r = data["steps"].get(name)
+            if r is None:
+                cells += [""] * (6 if warm else 4)
+                continue
+            ratio = f"{r['ratio']:.3f} ({r['compared_with']})" if "ratio" in r else ""
+            cells += [
+                f"{r['seconds'] * 1e3:.1f}",
+                f"{r['x_fp32']:.3f}",
+                f"{r['x_bf16']:.3f}",
+                ratio,
+            ]
+            if warm:
+                cells += [f"{sum(r['warmup_seconds']):.1f}", f"{r['compile_seconds']:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _quantizer_and_memory(data: dict, several: bool) -> list[str]:
+    where = f"{_where(data)}: " if several else ""
+    rows = []
+    q = data.get("quantizer")
+    if q:
+        share = q["share_of_int4_bf16_step"]
+        rows.append(
+            f"\n{where}Quantizer alone (INT4 stochastic, the {q['errors']} errors of one step, "
+            f"{q['elements'] / 1e6:.1f}M elements): {q['ms']['compiled']:.1f} ms compiled, "
+            f"{q['ms']['eager']:.1f} ms eager = {100 * share['compiled']:.1f}% / "
+            f"{100 * share['eager']:.1f}% of the INT4 bf16 step."
+        )
+    m = data.get("memory")
+    if m:
+        plain, meta = m["tensor_memory_mb"].values()
+        rows.append(
+            f"\n{where}Tensor memory of a training step, MetaGrad against plain INT4 bf16: peak "
+            f"{meta['peak_mb']:.0f} vs {plain['peak_mb']:.0f} MB (**{m['ratio_peak']:.2f}x**), "
+            f"growth over weights {meta['growth_mb']:.0f} vs {plain['growth_mb']:.0f} MB "
+            f"(**{m['ratio_growth']:.2f}x**)."
+        )
+    return rows
+
+
+LAYER_COLUMNS = {
+    "fp32": "fp32 ms",
+    "bf16": "bf16 ms",
+    "int8": "int8 ms",
+    "int8 codes in bf16": "int8 codes in bf16 ms",
+    "int8 measured routes": "int8 measured routes ms",
+}
+
+
+def _layers(datas: tuple[dict, ...]) -> list[str]:
+    several = len(datas) > 1
+    layers = [d.get("layers") for d in datas]
+    shown = [(d, lay) for d, lay in zip(datas, layers, strict=True) if lay]
+    if not shown:
+        return []
+    by_name = [{r["name"]: r for r in lay["rows"]} for _, lay in shown]
+    columns = [
+        [k for k in LAYER_COLUMNS if any(k in r["ms"] for r in lay["rows"])] for _, lay in shown
+    ]
+    head, rule = ["layer backward (INT8 error)"], ["---"]
+    for (data, _), keys in zip(shown, columns, strict=True):
+        labels = [LAYER_COLUMNS[k] for k in keys] + ["bf16/int8"]
+        head += [_label(data, several, c) if i == 0 else c for i, c in enumerate(labels)]
+        rule += ["---"] * len(labels)
+    rows = ["", "| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for name in _names(by_name):
+        cells = [name]
+        for rows_of, keys in zip(by_name, columns, strict=True):
+            r = rows_of.get(name)
+            if r is None:
+                cells += [""] * (len(keys) + 1)
+                continue
+            cells += [f"{r['ms'][k]:.1f}" if k in r["ms"] else "" for k in keys]
+            cells.append(f"{r['bf16/int8']:.2f}x")
+        rows.append("| " + " | ".join(cells) + " |")
+    for data, lay in shown:
+        med = lay["conv_medians"]
+        where = f" ({_where(data)})" if several else ""
+        routed = med.get("bf16/int8 measured routes")
+        extra = f", with measured routes {routed:.2f}x" if routed is not None else ""
+        rows.append(
+            f"\nMedian over the 13 convolutions{where}: bf16/int8 **{med['bf16/int8']:.2f}x**"
+            f"{extra}, fp32/int8 {med['fp32/int8']:.2f}x."
+        )
+    return rows
+
+
+def _plan_ms(choice: dict[str, Any]) -> str:
+    """The measured plans' times, fastest first: ``float 3.1 / integer 4.0 ms``."""
+    seconds = choice.get("seconds", {})
+    return " / ".join(f"{n} {s * 1e3:.1f}" for n, s in sorted(seconds.items(), key=lambda i: i[1]))
+
+
+def route_table(data: dict) -> list[str]:
+    """The ``int8`` backend's measured routes of each layer's products (the layers part), else
+    those the training steps measured, by product key."""
+    rows_with = [r for r in (data.get("layers") or {}).get("rows", []) if "routes" in r]
+    if rows_with:
+        named = [(r["name"], r["routes"]) for r in rows_with]
+        label = "layer"
+    else:
+        named = list(((data.get("routes") or {}).get("products") or {}).items())
+        label = "products"
+    if not named:
+        return []
+    rows = [
+        "",
+        f"Measured routes of the `int8` backend ({_where(data)}; each plan's median ms in the "
+        "route measurement, fastest first):",
+        "",
+        f"| {label} | dL/dx | dL/dW | measured ms |",
+        "|---|---|---|---|",
+    ]
+    for name, choice in named:
+        routes = choice["routes"]
+        rows.append(
+            f"| {name} | {routes.get('dx', '')} | {routes.get('dw', '')} | {_plan_ms(choice)} |"
+        )
+    return rows
+
+
+def speed_table(*datas: dict) -> str:
+    """Whole training steps against float32 and bf16, the quantizer's share, memory, layers and
+    routes: one results file per machine, side by side."""
+    several = len(datas) > 1
+    torch_versions = sorted({d["machine"]["torch"] for d in datas})
+    rows = [
+        f"Full-width VGG-16, batch 128, CIFAR-10 batches, torch {', '.join(torch_versions)}, "
+        f"{'; '.join(_where(d) for d in datas)}.",
+        "",
+        *_steps(datas),
+    ]
+    for data in datas:
+        rows += _quantizer_and_memory(data, several)
+    rows += _layers(datas)
+    for data in datas:
+        rows += route_table(data)
+    return "\n".join(rows)

@@ -1,0 +1,92 @@
+"""The speed benchmark's machinery: warm-up timed apart, results named per machine, and the
+tables of several machines side by side. No test depends on a timing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from benchmarks import runner, speed, tables
+from benchmarks.tables_speed import speed_table
+
+
+def test_warmup_goes_on_while_a_step_compiles(monkeypatch):
+    """Setting ``a`` compiles in its first three steps: it takes three warm-up steps more than
+    asked, and no compilation falls into its timed steps; ``b`` takes the one asked for."""
+    events = [0]
+    compiling = {"a": 3, "b": 0}
+    calls = {"a": 0, "b": 0}
+
+    def training_step(settings, data):
+        name = settings["name"]
+
+        def step(x, y):
+            calls[name] += 1
+            if calls[name] <= compiling[name]:
+                events[0] += 1
+
+        return step
+
+    batch = (torch.zeros(1), torch.zeros(1))
+    monkeypatch.setattr(runner, "training_step", training_step)
+    monkeypatch.setattr(runner, "compile_events", lambda: events[0])
+    monkeypatch.setattr(runner, "step_batches", lambda data, base, count: [batch] * count)
+    settings = {"a": {"name": "a"}, "b": {"name": "b"}}
+    timed = runner.time_steps_apart(settings, None, {}, steps=3, warmup=1)
+    assert len(timed["a"].warmup_seconds) == 4 and len(timed["b"].warmup_seconds) == 1
+    assert calls == {"a": 7, "b": 4}
+    assert all(t.compiled_while_timed == 0 and t.compile_seconds >= 0 for t in timed.values())
+    row = timed["a"].to_dict()
+    assert set(row) == {"seconds", "warmup_seconds", "compile_seconds", "compiled_while_timed"}
+    medians = runner.time_steps(settings, None, {}, steps=3, warmup=1)
+    assert set(medians) == {"a", "b"}
+
+
+def test_compile_events_count_a_compilation():
+    before = runner.compile_events()
+    torch.compile(lambda t: t * 2 + 1)(torch.randn(3))
+    assert runner.compile_events() > before
+
+
+def test_results_are_named_per_cpu_model(monkeypatch):
+    assert speed.machine_slug("AMD EPYC") == "amd-epyc"
+    assert (
+        speed.machine_slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz")
+        == "intel-xeon-platinum-8481c-cpu-2-70ghz"
+    )
+    monkeypatch.setattr(speed, "cpu_model", lambda: "AMD EPYC")
+    assert speed.default_out(torch.device("cpu")).name == "speed-cpu-amd-epyc.json"
+    assert speed.default_out(torch.device("cuda")).name == "speed-cuda.json"
+    assert "speed-cpu-amd-epyc.json" in tables.SPEED_CPU
+
+
+def test_several_machines_side_by_side_with_their_routes():
+    amd = json.loads((tables.RESULTS / "speed-cpu-amd-epyc.json").read_text())
+    xeon = copy.deepcopy(amd)
+    xeon["machine"]["cpu"] = "Intel Xeon"
+    for row in xeon["steps"].values():
+        row.update(warmup_seconds=[2.0, 1.5], compile_seconds=1.25, compiled_while_timed=0)
+    xeon["steps"]["int8 backend bf16, measured routes"] = {
+        **xeon["steps"]["int8 backend bf16"],
+        "seconds": 0.25,
+    }
+    for row in xeon["layers"]["rows"]:
+        row["ms"]["int8 measured routes"] = 1.0
+        row["routes"] = {
+            "routes": {"dx": "float", "dw": "integer"},
+            "seconds": {"integer": 0.004, "float": 0.002},
+            "source": "measured",
+        }
+    xeon["layers"]["conv_medians"]["bf16/int8 measured routes"] = 1.5
+    text = speed_table(amd, xeon)
+    assert "| training step | AMD EPYC ms |" in text and "| Intel Xeon ms |" in text
+    assert "| warm-up s | compile s |" in text and "| 3.5 | 1.2 |" in text
+    assert "| int8 backend bf16, measured routes |" + "  |" * 4 in text  # absent on the EPYC
+    assert "Intel Xeon int8 measured routes ms" not in text  # one label per machine
+    assert "with measured routes 1.50x" in text
+    assert "| vgg16.conv1 | float | integer | float 2.0 / integer 4.0 |" in text
+    single = speed_table(amd)
+    assert "| training step | ms | x float32 | x bf16 | x the step it replaces |" in single
+    assert "Measured routes" not in single
