@@ -39,6 +39,9 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
 NONFINITE_POLICIES = ("stop", "skip")
+SHARD_MODES = ("ddp", "fsdp")
+FSDP_METHODS = ("plain", "metagrad")
+"""The methods that train under ``shard 'fsdp'``."""
 
 SPEC_KEYS = {
     "grad_spec": "grad",
@@ -120,6 +123,7 @@ class TrainConfig:
     threads: int = 0
     nonfinite: str = "stop"
     comm_bits: int = 32
+    shard: str = "ddp"
     dist_timeout: float = DEFAULT_TIMEOUT
     max_steps: int = 0
     out: str = "runs/default"
@@ -145,6 +149,7 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _choice("shard", self.shard, SHARD_MODES)
         _require(
             self.comm_bits in COMM_BITS,
             f"comm_bits must be one of {', '.join(map(str, COMM_BITS))}; got {self.comm_bits!r}",
@@ -163,6 +168,8 @@ class TrainConfig:
             not (self.amp == "fp16" and self.method == "metagrad"),
             "amp 'fp16' needs loss scaling, which MetaGrad's step does not do; use amp 'bf16'",
         )
+        if self.shard == "fsdp":
+            self._validate_fsdp()
         _choice("backend", self.backend, tuple(list_backends()))
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _choice("grad_granularity", self.grad_granularity, INTEGER_GRANULARITIES)
@@ -171,6 +178,29 @@ class TrainConfig:
             self.quant_config()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _validate_fsdp(self) -> None:
+        """What ``shard 'fsdp'`` does not combine with, one line each."""
+        _require(
+            self.comm_bits == 32,
+            f"comm_bits {self.comm_bits} is a DDP communication hook; shard 'fsdp' "
+            "reduce-scatters float32 gradients (use comm_bits 32, or shard 'ddp')",
+        )
+        _require(
+            self.method in FSDP_METHODS,
+            f"method {self.method!r} does not train under shard 'fsdp' yet (its optimizer "
+            "state is not sharded); use shard 'ddp'",
+        )
+        _require(
+            self.amp != "fp16",
+            "amp 'fp16' with shard 'fsdp': the loss scaler would check each rank's gradient "
+            "shards alone; use amp 'bf16'",
+        )
+        _require(
+            self.diag_every == 0,
+            "diag_every runs the model on rank 0 alone, which a sharded model cannot; use "
+            "shard 'ddp' for gradient diagnostics",
+        )
 
     def _validate_specs(self) -> None:
         """Refuse settings that contradict each other: a spec and the settings it replaces, a

@@ -85,6 +85,10 @@ def help_texts() -> dict[str, str]:
         "it, or skip it and count it (summary.json: nonfinite_steps)",
         "comm_bits": f"under torchrun: bits of the gradient all-reduce ({comm}; 16: bfloat16; "
         "8 or 4: stochastically rounded integers with block scales)",
+        "shard": "under torchrun: ddp (every rank holds the model, DistributedDataParallel) or "
+        "fsdp (parameters, gradients and optimizer state sharded over the ranks with FSDP2, "
+        "checkpoints in shards; one process trains unsharded); fsdp takes method plain, "
+        "comm-bits 32",
         "dist_timeout": "under torchrun: seconds a collective waits for the other ranks; then "
         "every rank stops with one line naming the ranks that did not answer",
         "max_steps": "stop after this many steps in total (0: no limit)",
