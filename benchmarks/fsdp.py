@@ -4,12 +4,13 @@
     python -m benchmarks.fsdp --quick    # few steps (a smoke run)
 
 Each setting is ``metagrad train --model gpt_char`` (Adam, global batch 64 windows of the
-built-in corpus, float32, one thread per process) run by ``torchrun --nproc_per_node 2`` on the
-CPU (gloo), with ``--shard ddp`` and ``--shard fsdp``, in turns (``--repeats``). Each rank
-records its peak resident memory (``VmHWM``, as ``summary.json``'s ``peak_memory_mb``), the
-bytes of its parameters, gradients and optimizer state (the local shards under FSDP), and its
-median step time with the first ``--warmup`` steps left out. Writes
-``benchmarks/results/fsdp-cpu.json`` and prints the table.
+built-in corpus, float32, one thread per process, the default INT4 stochastic gradients) run by
+``torchrun --nproc_per_node 2`` on the CPU (gloo): ``--shard ddp`` and ``--shard fsdp``, plain
+and with ``--method metagrad``, in turns (``--repeats``). Each rank records its peak resident
+memory (``VmHWM``, as ``summary.json``'s ``peak_memory_mb``), the bytes of its parameters,
+gradients and optimizer state (the local shards under FSDP), and its median step time with the
+first ``--warmup`` steps left out. Writes ``benchmarks/results/fsdp-cpu.json`` and prints the
+table.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from metagrad.parallel import distributed
 from metagrad.training.records import cpu_model, peak_memory_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARDS = ("ddp", "fsdp")
+SETTINGS: dict[str, dict[str, str]] = {
+    "ddp": {"shard": "ddp", "method": "plain"},
+    "fsdp": {"shard": "fsdp", "method": "plain"},
+    "ddp metagrad": {"shard": "ddp", "method": "metagrad"},
+    "fsdp metagrad": {"shard": "fsdp", "method": "metagrad"},
+}
+"""The settings compared, by name: each ``--shard``, plain and with MetaGrad."""
 BASE: dict[str, Any] = {
     "model": "gpt_char",
     "width": 1.0,
@@ -39,6 +46,7 @@ BASE: dict[str, Any] = {
     "optimizer": "adam",
     "lr": 3e-3,
     "weight_decay": 0.0,
+    "grad_bits": 4,
     "amp": "off",
     "compile": "off",
     "threads": 1,
@@ -80,9 +88,9 @@ def worker(out: Path, settings: dict[str, Any]) -> None:
     distributed.shutdown()
 
 
-def run_setting(shard: str, steps: int, width: float, nproc: int) -> list[dict[str, Any]]:
-    """Launch one ``--shard`` run of ``steps`` steps; each rank's record."""
-    settings = {**BASE, "width": width, "shard": shard, "max_steps": steps}
+def run_setting(name: str, steps: int, width: float, nproc: int) -> list[dict[str, Any]]:
+    """Launch one run of setting ``name`` for ``steps`` steps; each rank's record."""
+    settings = {**BASE, **SETTINGS[name], "width": width, "max_steps": steps}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -90,7 +98,7 @@ def run_setting(shard: str, steps: int, width: float, nproc: int) -> list[dict[s
         cmd += ["--worker", tmp, json.dumps(settings)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"--shard {shard} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
@@ -113,13 +121,13 @@ def summarize(records: list[list[dict[str, Any]]], warmup: int) -> dict[str, Any
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| shard | rank | median step (s) | peak RSS (MiB) | params+grads+optimizer (MiB) |",
+        "| setting | rank | median step (s) | peak RSS (MiB) | params+grads+optimizer (MiB) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for shard in SHARDS:
-        for r in result["settings"][shard]["ranks"]:
+    for name, setting in result["settings"].items():
+        for r in setting["ranks"]:
             lines.append(
-                f"| {shard} | {r['rank']} | {r['median_step_seconds']:.4f} | "
+                f"| {name} | {r['rank']} | {r['median_step_seconds']:.4f} | "
                 f"{r['peak_memory_mb']:.1f} | {r['state_mb']:.2f} |"
             )
     return "\n".join(lines)
@@ -142,11 +150,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     steps, warmup, repeats = (6, 2, 1) if args.quick else (args.steps, args.warmup, args.repeats)
     if steps <= warmup:
         raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
-    records: dict[str, list] = {shard: [] for shard in SHARDS}
+    records: dict[str, list] = {name: [] for name in SETTINGS}
     for _ in range(repeats):
-        for shard in SHARDS:
-            records[shard].append(run_setting(shard, steps, args.width, args.nproc))
-            print(f"{shard}: done", flush=True)
+        for name in SETTINGS:
+            records[name].append(run_setting(name, steps, args.width, args.nproc))
+            print(f"{name}: done", flush=True)
     result = {
         "benchmark": "fsdp",
         "command": command_line(),
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "warmup_steps": warmup,
         "repeats": repeats,
         "memory_kind": "process_max_rss",
-        "settings": {shard: summarize(records[shard], warmup) for shard in SHARDS},
+        "settings": {name: summarize(records[name], warmup) for name in SETTINGS},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
