@@ -3,6 +3,7 @@ small layer, and keeps its high-precision layers out."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -112,18 +113,12 @@ def test_the_three_quarter_prescale_keeps_ocp_scaled_blocks_unbiased():
     input."""
     x = torch.full((20000, 32), 0.5, dtype=torch.float64)
     x[:, 0] = 7.5  # mantissa 1.875: X = 2^(2 - 2) = 1, 7.5 / X > 6
-    floor = dataclasses_replace(get_recipe("rht-mxfp4").config.grad, transform=None)
+    floor = dataclasses.replace(get_recipe("rht-mxfp4").config.grad, transform=None)
     g = torch.Generator().manual_seed(0)
     with_prescale = quantize_along(x, floor, (1,), 0, generator=g).mean(0)
-    clipped = quantize_along(x, dataclasses_replace(floor, prescale=1.0), (1,), 0, generator=g)
+    clipped = quantize_along(x, dataclasses.replace(floor, prescale=1.0), (1,), 0, generator=g)
     assert abs(with_prescale[0].item() - 7.5) < 0.02 and abs(with_prescale[1].item() - 0.5) < 0.01
     assert clipped.mean(0)[0].item() == 6.0  # saturated every time
-
-
-def dataclasses_replace(spec: QuantSpec, **changes) -> QuantSpec:
-    import dataclasses
-
-    return dataclasses.replace(spec, **changes)
 
 
 def test_nvfp4_recipe_quantizes_what_nvidia_quantizes(monkeypatch):
