@@ -21,11 +21,12 @@ from metagrad.backward.backend import list_backends
 from metagrad.meta.forms import HYPERNET_FORMS
 from metagrad.meta.hyper import HYPERNET_KINDS
 from metagrad.meta.updates import BASE_RULES
-from metagrad.models import list_models
+from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, list_models
 from metagrad.parallel.comm import COMM_BITS
 from metagrad.parallel.distributed import DEFAULT_TIMEOUT
 from metagrad.plugins import PluginError, load_plugins
 from metagrad.quant.presets import list_presets, preset_config
+from metagrad.quant.recipes import get_recipe, list_recipes, recipe_config
 from metagrad.quant.spec import (
     FULL_PRECISION_BITS,
     INTEGER_GRANULARITIES,
@@ -99,6 +100,7 @@ class TrainConfig:
     grad_rounding: str = "stochastic"
     grad_granularity: str = "tensor"
     grad_quant: str | None = None
+    recipe: bool = False
     grad_spec: str | None = None
     grad_spec_wgrad: str | None = None
     weight_spec_dgrad: str | None = None
@@ -214,9 +216,14 @@ class TrainConfig:
                     f"{spec} {getattr(self, spec)!r} replaces {name}; {name} {value!r} "
                     "would be ignored (give one or the other)",
                 )
+        _require(
+            not self.recipe or self.grad_quant is not None, "recipe needs grad_quant: a preset"
+        )
         if self.grad_quant is None:
             return
         _choice("grad_quant", self.grad_quant, tuple(list_presets()))
+        if self.recipe:
+            self._validate_recipe(defaults)
         preset = preset_config(self.grad_quant)
         fixed = {name: defaults[name] for name in SPEC_REPLACES["grad_spec"]}
         fixed.update(dict.fromkeys(PRESET_FIXES))
@@ -229,6 +236,21 @@ class TrainConfig:
             _require(
                 value == default,
                 f"grad_quant {self.grad_quant!r} fixes the gradient quantizer; "
+                f"{name} {value!r} would be ignored (give one or the other)",
+            )
+
+    def _validate_recipe(self, defaults: dict[str, Any]) -> None:
+        """A recipe sets every quantizer of its layers: refuse the settings it would ignore."""
+        _require(
+            self.grad_quant in list_recipes(),
+            f"grad_quant {self.grad_quant!r} has no recipe; recipes: {', '.join(list_recipes())}",
+        )
+        fixed = ("weight_bits", "act_bits", "weight_spec", "act_spec")
+        for name in (*fixed, "weight_spec_dgrad", "input_spec_wgrad"):
+            value = getattr(self, name)
+            _require(
+                value == defaults[name],
+                f"recipe {self.grad_quant!r} fixes the forward and backward quantizers; "
                 f"{name} {value!r} would be ignored (give one or the other)",
             )
 
@@ -285,7 +307,9 @@ class TrainConfig:
             activation=specs["activation"] or QuantSpec(self.act_bits, "nearest", "tensor"),
             grad_for_weight_grad=specs["grad_for_weight_grad"],
         )
-        if self.grad_quant is not None:
+        if self.grad_quant is not None and self.recipe:
+            config = recipe_config(self.grad_quant, config)
+        elif self.grad_quant is not None:
             config = preset_config(self.grad_quant, config)
         operands = {
             key: specs[key]
@@ -293,6 +317,14 @@ class TrainConfig:
             if specs[key] is not None
         }
         return dataclasses.replace(config, backend=self.backend, **operands)
+
+    def high_precision_layers(self) -> tuple[str, ...]:
+        """Qualified names of the layers the run keeps in full precision (``fp_first_last``,
+        and the recipe's)."""
+        names = (FIRST_CONV_NAME, CLASSIFIER_NAME) if self.fp_first_last else ()
+        if self.recipe and self.grad_quant is not None:
+            names += get_recipe(self.grad_quant).high_precision
+        return tuple(dict.fromkeys(names))
 
     def _spec(self, name: str) -> QuantSpec | None:
         """The spec setting ``name`` as a :class:`QuantSpec` (None where not given)."""

@@ -161,16 +161,19 @@ def gradient_record(cfg: TrainConfig) -> dict[str, Any]:
     record = {
         "method": cfg.method,
         "preset": cfg.grad_quant,
+        "recipe": cfg.recipe,
         "grad_spec": str(error_dx),
         "grad_spec_wgrad": str(error_dw),
         "weight_spec_dgrad": str(weight_dx),
         "input_spec_wgrad": str(input_dw),
     }
     label = cfg.grad_quant or str(error_dx)
+    if cfg.recipe:
+        label += " recipe"
     if cfg.grad_quant is None and error_dw != error_dx:
         label += f", wgrad {error_dw}"
     for name, spec in (("weight", weight_dx), ("input", input_dw)):
-        if spec.enabled:
+        if spec.enabled and not cfg.recipe:
             label += f", {name} {spec}"
     record["label"] = f"metagrad+{label}" if cfg.method == "metagrad" else label
     return record
