@@ -182,6 +182,37 @@ def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Te
     return _dequantized(t, scale, dither, fmt)
 
 
+@kernel
+def _grid_codes(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
+    """``t / scale`` rounded onto ``fmt``'s grid: :func:`_dequantized` before its last multiply."""
+    return fmt.round(t / scale, dither)
+
+
+def quantize_float_codes(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(codes, scale)`` of ``x`` under a spec with one scale per tensor, channel or sample and
+    no transform (any number format, any scale format).
+
+    ``codes`` lie on the format's grid, unscaled (float32; float64 for float64 ``x``), so they
+    convert exactly to a hardware dtype of that format (``torch.float8_e5m2`` for
+    ``fp8_e5m2``); ``scale`` broadcasts against ``x``. ``codes * scale`` is what
+    :func:`quantize_along` returns for ``x`` bit for bit, from the same random draws.
+    """
+    if not spec.enabled or spec.granularity == "block" or spec.transform is not None:
+        raise ValueError(
+            f"quantize_float_codes takes enabled specs with one scale per tensor, channel or "
+            f"sample and no transform; got {spec}"
+        )
+    t = x.to(scale_dtype(x))
+    fmt = spec.number_format
+    scale = group_scales(
+        _absmax(t, group_dim(t, spec.granularity, channel_dim)), fmt.max_value, spec.scale_format
+    )
+    dither = _dither(t, generator) if spec.rounding == "stochastic" else None
+    return _grid_codes(t, scale, dither, fmt), scale
+
+
 def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
     """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them
     (zero-padded)."""
