@@ -270,7 +270,9 @@ def test_the_fp8_backend_refuses_what_it_cannot_run():
 @pytest.mark.parametrize("grad", ["fp8_e5m2", "fp8_e4m3", "fp8_e4m3:channel"])
 def test_fp8_gemms_on_cuda_equal_the_emulated_products(grad):
     """On a GPU with FP8 tensor cores: the same codes as the CPU's emulation, multiplied on
-    the tensor cores (float32 accumulation in another order)."""
+    the tensor cores. Their partial sums keep fewer bits than float32 (about 14 on Hopper, as
+    the DeepSeek-V3 report measured), so the bound is ``2**-12`` of the sum of magnitudes: a
+    wrong scale, layout or code would be off by far more."""
     cuda = torch.device("cuda")
     reason = fp8.device_reason(cuda)
     if reason is not None:
@@ -284,6 +286,7 @@ def test_fp8_gemms_on_cuda_equal_the_emulated_products(grad):
     cw, sw = quantize_float_codes(w, E4M3, 0)
     cx, sx = quantize_float_codes(x, E4M3, -1)
     eq, wq, xq = (ce * se).reshape(-1, 256), cw * sw, (cx * sx).reshape(-1, 320)
-    _within(got[0].cpu(), ref[0], 2 * _bound(eq, wq))
-    _within(got[1].cpu(), ref[1], 2 * _bound(eq.t(), xq))
-    torch.testing.assert_close(got[2].cpu(), ref[2], rtol=1e-6, atol=0)
+    _within(got[0].cpu(), ref[0], 2.0**-12 * (eq.double().abs() @ wq.double().abs()))
+    _within(got[1].cpu(), ref[1], 2.0**-12 * (eq.double().abs().t() @ xq.double().abs()))
+    ones = torch.ones(eq.shape[0], 1, dtype=eq.dtype)
+    _within(got[2].cpu(), ref[2], 2 * _bound(eq.t(), ones))
