@@ -244,6 +244,39 @@ def _round_groups(
     return _dequantize(t, scale, spec, generator, out)
 
 
+@kernel
+def _grid_codes(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
+    """``t / scale`` rounded onto ``fmt``'s grid: :func:`_dequantized` before its last multiply."""
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)  # rounds to 0
+    return fmt.round(t / scale, dither)
+
+
+def quantize_float_codes(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(codes, scale)`` of ``x`` under a spec with one scale per tensor, channel or sample, no
+    transform and no prescale (any number format, any scale format and rounding).
+
+    ``codes`` lie on the format's grid, unscaled (float32; float64 for float64 ``x``), so they
+    convert exactly to a hardware dtype of that format (``torch.float8_e5m2`` for
+    ``fp8_e5m2``); ``scale`` broadcasts against ``x``. ``codes * scale`` is what
+    :func:`quantize_along` returns for ``x`` bit for bit (short of its saturation at the
+    output dtype's largest value), from the same random draws.
+    """
+    plain = spec.granularity not in BLOCK_GRANULARITIES and spec.transform is None
+    numerator, denominator = spec.prescale_ratio if spec.enabled else (1, 1)
+    if not spec.enabled or not plain or numerator != denominator:
+        raise ValueError(
+            f"quantize_float_codes takes enabled specs with one scale per tensor, channel or "
+            f"sample, no transform and no prescale; got {spec}"
+        )
+    t = x.to(scale_dtype(x))
+    keep = group_dim(t, spec.granularity, channel_dim)
+    scale = scales_by_rule(_absmax(t, keep), spec.number_format.max_value, _rule(spec))
+    dither = _spec_dither(t, spec, generator)
+    return _grid_codes(t, scale, dither, spec.number_format), scale
+
+
 def _round_blocks(m: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
     """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them, or in
     square tiles of that side (``"tile"`` granularity), zero-padded."""

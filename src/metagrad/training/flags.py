@@ -69,7 +69,7 @@ def help_texts() -> dict[str, str]:
         f"({', '.join(list_recipes())}): the forward pass, both backward operands, the layers "
         "kept in full precision (docs/quantizers.md)",
         "backend": f"a registered backend ({', '.join(list_backends())}): simulate computes "
-        "the products in float, int8 on integers",
+        "the products in float, int8 on integers, fp8 as FP8 GEMMs (Linear layers, FP8 grad specs)",
         "fp_first_last": "keep the first conv and the classifier unquantized",
         "method": "plain quantized gradients or MetaGrad's hypernetwork correction",
         "hyper": f"hypernetwork kind ({', '.join(HYPERNET_KINDS)}; MetaGrad)",
