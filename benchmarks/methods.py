@@ -2,9 +2,12 @@
 
     python -m benchmarks.methods --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
     python -m benchmarks.methods --task gpt          # the character GPT, bits per character
+    python -m benchmarks.methods --recipes psq bhq luq rht-mxfp4 rht-nvfp4 fp8-e5m2  # + recipes
 
 Trains full-precision gradients and every preset of :mod:`metagrad.quant.presets` (4 bits; FP8 for
-``fp8-e5m2``) on each seed, then MetaGrad on the two presets with the best mean result, each run
+``fp8-e5m2``) on each seed, the papers' whole recipes of the presets given to ``--recipes``
+(``recipe+NAME``: :mod:`metagrad.quant.recipes`, paired with the gradient-only ``NAME`` by
+seed), then MetaGrad on the two presets with the best mean result, each run
 in its own process (resumable: start the command again to finish). Every run records, every
 ``--diag-every`` steps, the cosine similarity and relative error of the weight gradient that
 updates the weights against the full-precision gradient of the same batch. Finally it times the
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.runner import command_line, time_steps, train_runs
 from metagrad.quant.presets import list_presets
+from metagrad.quant.recipes import list_recipes
 from metagrad.training.config import TrainConfig, build_config
 from metagrad.training.records import gradient_record
 from metagrad.training.tasks import task_for_model
@@ -81,9 +85,12 @@ METAGRAD: dict[str, Any] = {"method": "metagrad", "hyper": "grad+weight", "hyper
 
 
 def settings_of(method: str) -> dict[str, Any]:
-    """``metagrad train`` settings of a method name: fp32, a preset, or metagrad+<preset>."""
+    """``metagrad train`` settings of a method name: fp32, a preset, metagrad+<preset> or
+    recipe+<preset> (the preset's paper's whole recipe)."""
     if method == "fp32":
         return {"grad_bits": 32}
+    if method.startswith("recipe+"):
+        return {"grad_quant": method.removeprefix("recipe+"), "recipe": True}
     if method.startswith("metagrad+"):
         return {**METAGRAD, "grad_quant": method.removeprefix("metagrad+")}
     return {"grad_quant": method}
@@ -185,6 +192,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", default=PRESETS, choices=list_presets())
     parser.add_argument(
+        "--recipes",
+        nargs="*",
+        default=[],
+        choices=list_recipes(),
+        help="presets whose paper's whole recipe also runs (recipe+NAME rows)",
+    )
+    parser.add_argument(
         "--metagrad", nargs="*", help="presets to run MetaGrad on (default: best 2)"
     )
     parser.add_argument("--diag-every", type=int, default=100)
@@ -219,7 +233,7 @@ def main() -> None:
     if args.max_steps:
         base["max_steps"] = args.max_steps
     records: list[dict[str, Any]] = []
-    methods = ["fp32", *args.presets]
+    methods = ["fp32", *args.presets, *[f"recipe+{name}" for name in args.recipes]]
 
     def write(chosen: list[str], timing: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rewrite the results file with every run finished so far."""

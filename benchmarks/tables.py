@@ -35,6 +35,7 @@ from benchmarks.tables_measures import (
     comm_table,
     compile_step_table,
     demo_table,
+    fsdp_table,
     horizon_cost_table,
     inference_table,
     integrations_table,
@@ -185,6 +186,7 @@ TABLES: dict[str, Table] = {
     "inference-cpu": _table(
         "inference-cpu.json", inference_table, "python -m benchmarks.inference"
     ),
+    "fsdp-cpu": _table("fsdp-cpu.json", fsdp_table, "python -m benchmarks.fsdp"),
     "comm": _table("comm.json", comm_table, "python -m benchmarks.comm"),
     "comm-training": _table(
         "comm-training.json", comm_training_table, "python -m benchmarks.comm_training"

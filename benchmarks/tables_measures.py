@@ -325,3 +325,19 @@ def demo_table(text: str) -> str:
     start = next(i for i, line in enumerate(lines) if line.startswith("backward pass"))
     end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
     return "```text\n" + "\n".join(lines[start:end]) + "\n```"
+
+
+def fsdp_table(data: dict) -> str:
+    """Sharded (FSDP2) against replicated (DDP) training of the GPT: memory and step time."""
+    from benchmarks.fsdp import table
+
+    train, machine = data["train"], data["machine"]
+    header = (
+        f"{train['model']} width {train['width']}, global batch {train['batch_size']}, "
+        f"{train['optimizer']}, INT{train.get('grad_bits', 32)} gradients, float32; "
+        f"{data['processes']} processes (gloo), {train['threads']} thread each; torch "
+        f"{machine['torch']}, {machine['device_name']}; median step of {train['max_steps']} "
+        f"after {data['warmup_steps']} left out, over {data['repeats']} runs in turns; peak "
+        "resident memory of each process."
+    )
+    return f"{header}\n\n{table(data)}"

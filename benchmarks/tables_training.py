@@ -206,11 +206,12 @@ def by_seed(data: dict) -> dict[str, dict[int, float | None]]:
 
 
 def methods_comparisons(data: dict) -> dict[str, PairedComparison]:
-    """Every method minus full precision, and ``metagrad+P`` minus ``P``, paired by seed."""
+    """Every method minus full precision, and ``metagrad+P`` and ``recipe+P`` (the paper's
+    whole recipe) minus ``P``, paired by seed."""
     values = by_seed(data)
     out = {m: paired(v, values["fp32"]) for m, v in values.items() if m != "fp32"}
     for m, v in values.items():
-        base = m.removeprefix("metagrad+")
+        base = m.removeprefix("metagrad+").removeprefix("recipe+")
         if base != m and base in values:
             out[f"{m} - {base}"] = paired(v, values[base])
     return out
@@ -242,9 +243,15 @@ def methods_table(data: dict) -> str:
             row_text += f" {wide[method]:.2f}x |" if method in wide else " - |"
         rows.append(row_text)
     better = "lower" if digits == 3 else "higher"
+    recipes = any(name.startswith("recipe+") for name in compared)
+    what = (
+        "MetaGrad and the papers' recipes minus the gradient-only preset"
+        if recipes
+        else "MetaGrad minus the preset it corrects"
+    )
     rows += [
         "",
-        f"MetaGrad minus the preset it corrects, paired by seed ({better} is better):",
+        f"{what}, paired by seed ({better} is better):",
         "",
         f"| comparison | per seed | mean | {PAIRED} |",
         "|---|---|---|---|---|",

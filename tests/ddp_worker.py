@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from metagrad.models import register_model
+from metagrad.parallel import distributed
 from metagrad.training.config import build_config
 from metagrad.training.trainer import Trainer
 
@@ -29,18 +31,26 @@ def ddp_mlp(*, num_classes: int = 10, width: float = 1.0, in_channels: int = 1) 
     return model
 
 
+def full(value: Tensor) -> Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def main() -> None:
     out, settings = Path(sys.argv[1]), json.loads(sys.argv[2])
     cfg = build_config({"out": str(out / "run"), "progress": False, **settings})
     trainer = Trainer(cfg)
     trainer.fit()
     rank = int(os.environ.get("RANK", "0"))
-    state = {"model": trainer.model.state_dict()}
+    # a sharded model's (--shard fsdp) full weights: gathered on every rank
+    weights = trainer.model.state_dict()
+    state = {"model": {k: full(v) for k, v in weights.items()}}
     hypernet = getattr(trainer.optimizer, "hypernet", None)
     if hypernet is not None:
         state["hypernet"] = hypernet.state_dict()
         state["pending"] = [g.clone() for g in trainer.optimizer.pending_gradients().values()]
     torch.save(state, out / f"rank{rank}.pt")
+    del trainer  # the DDP or sharded model goes before the process group
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from torch import nn
 import metagrad
 from metagrad import QuantConfig, QuantSpec, kernels
 from metagrad.backward.int8.codes import quantize_operand
-from metagrad.quant import list_presets, preset_config
+from metagrad.quant import list_presets, list_recipes, preset_config, recipe_config
 from metagrad.quant.transforms import _sign_hadamard
 
-CONFIGS = ["default", "int8", *list_presets()]
-"""The default config, the ``int8`` backend, and every gradient preset."""
+CONFIGS = ["default", "int8", *list_presets(), *[f"recipe:{name}" for name in list_recipes()]]
+"""The default config, the ``int8`` backend, every gradient preset and every paper's recipe."""
 
 
 def config_for(name: str) -> QuantConfig:
@@ -30,14 +30,21 @@ def config_for(name: str) -> QuantConfig:
         return QuantConfig()
     if name == "int8":
         return QuantConfig(grad=QuantSpec(8, "stochastic"), backend="int8")
+    if name.startswith("recipe:"):
+        return recipe_config(name.removeprefix("recipe:"))
     return preset_config(name)
 
 
 def nearest(config: QuantConfig) -> QuantConfig:
-    """``config`` with every backward error spec rounded to nearest (no dither)."""
+    """``config`` with every backward spec rounded to nearest (no dither)."""
     changes = {
         name: dataclasses.replace(getattr(config, name), rounding="nearest")
-        for name in ("grad", "grad_for_weight_grad")
+        for name in (
+            "grad",
+            "grad_for_weight_grad",
+            "weight_for_input_grad",
+            "input_for_weight_grad",
+        )
         if getattr(config, name) is not None
     }
     return dataclasses.replace(config, **changes)

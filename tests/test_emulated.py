@@ -135,8 +135,11 @@ def test_config_validation_names_the_problem():
         QuantConfig(grad=block, backend="int8")
     with pytest.raises(ValueError, match="either backward_operand_bits or per-product"):
         QuantConfig(backward_operand_bits=8, weight_for_input_grad=E4M3)
-    with pytest.raises(ValueError, match="forward quantization"):
-        QuantConfig(weight=block)
+    assert QuantConfig(weight=block).weight == block  # any forward spec under simulate
+    with pytest.raises(ValueError, match=r"forward quantization.*8-bit backward operands"):
+        QuantConfig(weight=block, backward_operand_bits=8)
+    with pytest.raises(ValueError, match=r"forward quantization.*backend 'int8'"):
+        QuantConfig(grad=QuantSpec(4), activation=block, backend="int8")
     with pytest.raises(TypeError, match="grad_for_weight_grad must be a QuantSpec"):
         QuantConfig(grad_for_weight_grad=4)
 

@@ -1,5 +1,6 @@
 """Number formats, shared scales and transforms (metagrad.quant.formats, scaling, transforms)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from metagrad import kernels
 from metagrad.quant import formats
 from metagrad.quant.formats import FloatFormat, IntFormat, get_format, register_format
-from metagrad.quant.quantize import fake_quantize, quantize_along
+from metagrad.quant.quantize import fake_quantize, quantize_along, quantize_codes
 from metagrad.quant.scaling import E4M3, ceil_to_format, ceil_to_power_of_two, group_scales
 from metagrad.quant.spec import QuantSpec
 from metagrad.quant.transforms import BlockHouseholder, RandomizedHadamard, hadamard_matrix
@@ -266,3 +267,169 @@ def test_a_new_transform_is_one_registration(monkeypatch):
     assert torch.equal(quantize_along(x, spec, (1,), 0), quantize_along(x, plain, (1,), 0))
     with pytest.raises(ValueError, match="already registered"):
         transforms.register_transform("rht", RandomizedHadamard)
+
+
+# ------------------------------------------------------------ no finite input gives inf/NaN
+
+FP32_MAX = torch.finfo(torch.float32).max
+EDGES = [
+    FP32_MAX,
+    -FP32_MAX,
+    math.nextafter(FP32_MAX, 0),
+    3.3e38,
+    2.98e38,
+    2.58e38,
+    1.7e38,
+    1e-45,  # the smallest subnormal
+    -3e-42,
+    1.1754942e-38,  # just below the smallest normal
+    0.0,
+    -0.0,
+    1.0,
+]
+
+
+def _edge_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of 4 (blocks, tiles of 4) from pairs of edge values: all-equal blocks, blocks of
+    zeros, the largest float next to subnormals; rows that are not finite in ``dtype`` (the
+    float32 maximum in bf16) are left out."""
+    rows = []
+    for a in EDGES:
+        for b in EDGES:
+            rows += [[a, a, a, a], [a, b, 0.0, -0.0], [b, a, b, b]]
+    x = torch.tensor(rows).to(dtype)
+    return x[torch.isfinite(x).all(1)]
+
+
+def _every_spec():
+    from metagrad.quant.scaling import list_scale_roundings
+
+    for name in ["int2", "int4", "int8", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "log4"]:
+        for scale_format in ["float32", "e8m0", "e4m3"]:
+            for scale_rounding in list_scale_roundings(scale_format):
+                for granularity in ["tensor", "channel", "block", "tile"]:
+                    for transform in [None, "rht"]:
+                        yield QuantSpec(
+                            format=name,
+                            rounding="stochastic",
+                            granularity=granularity,
+                            block_size=4,
+                            scale_format=scale_format,
+                            scale_rounding=scale_rounding,
+                            prescale=0.75 if scale_rounding == "floor" else 1.0,
+                            transform=transform,
+                            transform_block=4,
+                        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_finite_input_gives_a_non_finite_output(dtype):
+    """Every format, scale format, scale rounding, granularity and transform, at the edges of
+    float32: the largest finite values (whose scaled values once rounded past it), subnormals,
+    signed zeros, all-equal blocks and blocks of zeros."""
+    x = _edge_rows(dtype)
+    for spec in _every_spec():
+        for rounding in ("nearest", "stochastic"):
+            s = dataclasses.replace(spec, rounding=rounding)
+            q = fake_quantize(x, s, 0, inner=(1,))
+            assert q.dtype == dtype and torch.isfinite(q).all(), s
+            zero = x == 0
+            if s.transform is None:  # zeros stay zeros, of the same sign to nearest
+                assert (q[zero] == 0).all(), s
+                if rounding == "nearest":
+                    assert torch.equal(q[zero].signbit(), x[zero].signbit()), s
+
+
+def test_the_issue_overflow_cases_saturate():
+    """FP4 with E8M0 scales from ~2.98e38, and FP8 from ~3e38, rounded to 2^128 before."""
+    for name in ("fp4_e2m1", "fp8_e4m3", "fp8_e5m2"):
+        spec = QuantSpec(format=name, granularity="block", block_size=32, scale_format="e8m0")
+        for value in (2.98e38, 3.3e38, FP32_MAX):
+            q = quantize_along(torch.tensor([[value] + [0.0] * 31]), spec, inner=(1,))
+            assert torch.isfinite(q).all() and 0.75 * value <= q[0, 0] <= FP32_MAX
+        top = quantize_along(torch.tensor([[FP32_MAX] + [0.0] * 31]), spec, inner=(1,))
+        assert top[0, 0] == FP32_MAX  # 4 * 2^126 (FP4) or 256 * 2^120 (FP8): saturated
+
+
+def test_integer_codes_of_subnormal_and_huge_groups_stay_finite():
+    x = torch.tensor([[1e-45, -1e-45, 0.0], [FP32_MAX, -FP32_MAX, 1.0], [3e-40, 1e-41, 0.0]])
+    for spec in (QuantSpec(4, "stochastic", "sample"), QuantSpec(8, "nearest", "sample")):
+        assert torch.isfinite(fake_quantize(x, spec)).all()
+        _, scale = quantize_codes(x, spec)
+        assert (scale >= torch.finfo(torch.float32).tiny).all()
+
+
+# --------------------------------------------------------------------------- the dither
+
+
+def _neighbours(a: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid values below and above ``a`` >= 0 (not within 2^-17 of a step of either)."""
+    lo = fmt.round(a, torch.full_like(a, -(2**15), dtype=torch.int16))  # + 2^-17: lo
+    hi = fmt.round(a, torch.full_like(a, 2**15 - 1, dtype=torch.int16))  # + 1 - 2^-17: hi
+    return lo, hi
+
+
+def _exact_expectation(y: torch.Tensor, fmt, bits: int) -> torch.Tensor:
+    """E[round(y)] over the 2^bits dither values, from the definition: the grid neighbours lo
+    and hi of |y|, and hi with probability #{k : (k + 0.5) / 2^bits >= 1 - f}, f the fraction
+    (|y| - lo) / (hi - lo)."""
+    a = y.abs()
+    lo, hi = _neighbours(a, fmt)
+    step = hi - lo
+    frac = torch.where(step > 0, (a - lo) / step, torch.zeros_like(a))
+    levels = 2**bits
+    ups = (levels - torch.ceil(levels * (1 - frac) - 0.5)).clamp(0, levels)
+    return (lo + step * ups / levels).copysign(y)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name", ["int8", "fp4_e2m1", "log4"])
+def test_stochastic_rounding_is_exact_to_its_dither_resolution(name, bits):
+    """Over every dither value, the mean of the rounded values is the exact expectation at that
+    resolution, within 2^-(bits+1) of a step of the input."""
+    fmt = get_format(name)
+    y = torch.tensor([0.013, 0.3, 0.74, 1.26, 2.2, 3.9, 5.1], dtype=torch.float64)
+    y = torch.cat([y * fmt.max_value / 6, torch.tensor([1e-3, 3e-5]) * fmt.max_value / 16])
+    levels = 2**bits
+    dither = torch.arange(levels).sub(0 if bits == 8 else 2**15).to(formats.dither_dtype(bits))
+    out = fmt.round(y.repeat(levels, 1), dither[:, None].expand(levels, len(y)))
+    mean = out.mean(0)
+    exact = _exact_expectation(y, fmt, bits)
+    assert torch.allclose(mean, exact, rtol=0, atol=1e-12)
+    lo, hi = _neighbours(y, fmt)
+    assert torch.all((mean - y).abs() <= (hi - lo) * 2.0 ** -(bits + 1) + 1e-12)
+
+
+def test_a_16_bit_dither_is_unbiased_in_quantize_along():
+    """Many draws of the whole quantizer (dither16): the mean is the exact expectation at 16
+    bits, within 5 standard errors."""
+    x = torch.tensor([[6.0, 0.0123, 1.2345, -2.71, 0.5001, 4.9]], dtype=torch.float64)
+    spec = QuantSpec(format="fp4_e2m1", rounding="stochastic", dither_bits=16)
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    q = quantize_along(x.expand(n, 6), spec, (1,), 0, generator=g)  # one scale per row
+    exact = _exact_expectation(x[0], get_format("fp4_e2m1"), 16)
+    spread = q.std(0) / math.sqrt(n) * 5 + 1e-9
+    assert torch.all((q.mean(0) - exact).abs() <= spread)
+
+
+def test_luq_stochastic_underflow_keeps_small_values_at_their_probability():
+    """LUQ's preset draws 16 dither bits: x at 1e-3 of the underflow threshold alpha comes out
+    alpha with probability ~1e-3 (the exact 16-bit probability is 66 / 65536); an 8-bit dither
+    flushes it to zero every time."""
+    from metagrad.quant.presets import preset_config
+
+    spec = preset_config("luq").grad
+    assert spec.dither_bits == 16
+    top, n = 64.0, 1_000_000
+    alpha = top / 16 * 0.25  # the smallest level: amax maps to 2^4, the smallest is 2^-2
+    x = torch.full((n + 1,), alpha * 1e-3, dtype=torch.float64)
+    x[0] = top
+    q = quantize_along(x, spec, (0,), 0, generator=torch.Generator().manual_seed(0))[1:]
+    assert set(q.unique().tolist()) <= {0.0, alpha}
+    p = 66 / 65536
+    count = int((q != 0).sum())
+    assert abs(count - n * p) <= 6 * math.sqrt(n * p)
+    eight = dataclasses.replace(spec, dither_bits=8)
+    q8 = quantize_along(x, eight, (0,), 0, generator=torch.Generator().manual_seed(0))[1:]
+    assert (q8 == 0).all()

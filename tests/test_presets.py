@@ -133,11 +133,28 @@ def _candidate_scales(v: torch.Tensor, name: str) -> list[float]:
     return [amax / level for level in (6, 4, 3, 2, 1.5, 1, 0.5)]
 
 
-def test_mxfp4_scales_are_powers_of_two_and_never_clip():
-    """MX scaling: each block's values are FP4 values times a power of two; none clips."""
+def test_mxfp4_preset_scales_by_the_ocp_rule():
+    """OCP MX v1.0: the block scale is 2^(floor(log2 amax) - 2), and every value is an FP4
+    value times it (the block maximum saturates at 6 when its mantissa is above 1.5)."""
     spec = preset_config("rht-mxfp4").grad
-    plain = QuantSpec(format="fp4_e2m1", granularity="block", block_size=32, scale_format="e8m0")
     assert (spec.format, spec.block_size, spec.scale_format) == ("fp4_e2m1", 32, "e8m0")
+    assert spec.scale_rounding == "floor"
+    plain = QuantSpec(format="fp4_e2m1", granularity="block", scale_format="e8m0",
+                      scale_rounding="floor")  # fmt: skip
+    x = torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q = quantize_along(x, plain, (1,), 0).reshape(8, 2, 32)
+    amax = x.reshape(8, 2, 32).abs().amax(-1, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(amax)) - 2)
+    fp4 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+    assert torch.all(((q / scale).abs().unsqueeze(-1) - fp4).abs().min(-1).values == 0)
+    assert torch.all((amax / scale >= 4) & (amax / scale < 8))  # so the top may clip
+    assert torch.all(q.abs().amax(-1, keepdim=True) <= 6 * scale)
+
+
+def test_round_up_mx_scales_are_powers_of_two_and_never_clip():
+    """The round-up convention (scale_rounding "up"): each block's values are FP4 values times
+    a power of two; none clips."""
+    plain = QuantSpec(format="fp4_e2m1", granularity="block", block_size=32, scale_format="e8m0")
     x = torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     qb = quantize_along(x, plain, (1,), 0).reshape(8, 2, 32)
     amax = x.reshape(8, 2, 32).abs().amax(-1, keepdim=True)
@@ -148,15 +165,19 @@ def test_mxfp4_scales_are_powers_of_two_and_never_clip():
     assert torch.all((units - fp4).abs().min(-1).values == 0)
 
 
-def test_nvfp4_block_scales_are_e4m3_values_under_the_tensor_scale():
-    spec = QuantSpec(format="fp4_e2m1", granularity="block", block_size=16, scale_format="e4m3")
+@pytest.mark.parametrize("rounding", ["up", "nearest"])
+def test_nvfp4_block_scales_are_e4m3_values_under_the_tensor_scale(rounding):
+    """Both roundings store E4M3 scales; the preset's is NVIDIA's nearest rule."""
+    assert preset_config("rht-nvfp4").grad.scale_rounding == "nearest"
+    spec = QuantSpec(format="fp4_e2m1", granularity="block", block_size=16, scale_format="e4m3",
+                     scale_rounding=rounding)  # fmt: skip
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     x[1] *= 1e-3
     from metagrad.quant.scaling import group_scales
 
     blocks = x.reshape(4, 4, 16)
     amax = blocks.abs().amax(-1, keepdim=True)
-    scales = group_scales(amax, 6.0, "e4m3", amax.max())
+    scales = group_scales(amax, 6.0, "e4m3", amax.max(), rounding)
     outer = amax.max() / (6 * 448)
     ratio = scales / outer
     assert torch.allclose(ratio.to(torch.float8_e4m3fn).float(), ratio, rtol=1e-6)

@@ -20,8 +20,14 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
         (
             {"grad_quant": "rht-nvfp4"},
             "rht-nvfp4",
-            "fp4_e2m1:block16:e4m3:stochastic",
-            "fp4_e2m1:block16:e4m3:stochastic:rht16",
+            "fp4_e2m1:block16:e4m3-nearest:stochastic",
+            "fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
+        ),
+        (
+            {"grad_quant": "rht-nvfp4", "recipe": True},
+            "rht-nvfp4 recipe",
+            "fp4_e2m1:block16:e4m3-nearest:stochastic",
+            "fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
         ),
         (
             {"grad_quant": "psq", "method": "metagrad"},
@@ -62,7 +68,7 @@ def test_a_benchmark_record_of_a_preset_run_is_not_full_precision():
     assert (record["method"], record["preset"], record["grad_spec"]) == (
         "plain",
         "luq",
-        "log4:stochastic",
+        "log4:stochastic:dither16",
     )
     assert "bits" not in record
 

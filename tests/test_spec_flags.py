@@ -92,7 +92,7 @@ def test_spec_settings_are_kept_in_their_canonical_form():
         ),
         ({"grad_spec": "int4:fast"}, r"^grad_spec: spec 'int4:fast': unknown option 'fast'"),
         ({"grad_spec_wgrad": "int9"}, r"^grad_spec_wgrad: spec 'int9': unknown number format"),
-        ({"weight_spec": "fp8_e4m3"}, "takes integer specs"),
+        ({"weight_spec": "fp8_e4m3", "grad_bits": 4, "backend": "int8"}, "takes integer specs"),
         ({"grad_spec": "fp4_e2m1:block32", "backend": "int8"}, "backend 'int8' takes integer"),
         ({"grad_bits": 4, "input_spec_wgrad": "int8", "backend": "int8"}, "no per-product specs"),
         ({"plugins": ["metagrad_no_such_plugin"]}, "plugin 'metagrad_no_such_plugin' could not"),
@@ -108,7 +108,7 @@ def test_contradictions_and_bad_specs_are_refused_in_one_line(settings, message)
 def test_a_config_file_takes_specs_and_a_list_of_plugins(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
-        "grad-spec: fp4_e2m1:block32:e8m0:stochastic:rht32\n"
+        "grad-spec: fp4_e2m1:block32:e8m0-floor:stochastic:rht32\n"
         "input_spec_wgrad: int8\n"
         "plugins: [json, textwrap]\n"
     )

@@ -21,16 +21,21 @@ TRANSFORM_BLOCKS = {"rht": [2, 4, 16, 32, 128, 1024], "bhq": [2, 3, 8, 100, 1024
 
 
 def _random_spec(rng: random.Random) -> QuantSpec:
-    """Any valid spec: every format, granularity, block size, scale format, rounding, transform."""
+    """Any valid spec: every format, granularity, block size, scale format and its roundings,
+    rounding, dither, pre-scale, transform."""
     name = rng.choice([*formats.list_formats(), "fp32"])
     transform = rng.choice([None, *transforms.list_transforms()])
+    scale_format = rng.choice(scaling.list_scale_formats())
     return QuantSpec(
         bits=rng.choice([2, 3, 4, 5, 6, 7, 8, 32]),
         format=None if name == "fp32" else name,
         rounding=rng.choice(ROUNDINGS),
         granularity=rng.choice(GRANULARITIES),
         block_size=rng.choice([1, 2, 16, 32, 33, 64, 1 << 16]),
-        scale_format=rng.choice(scaling.list_scale_formats()),
+        scale_format=scale_format,
+        scale_rounding=rng.choice(scaling.list_scale_roundings(scale_format)),
+        dither_bits=rng.choice([8, 16]),
+        prescale=rng.choice([1.0, 0.75, 0.5, 1 / 3, 1e-05]),
         transform=transform,
         transform_block=rng.choice(TRANSFORM_BLOCKS[transform]) if transform else 128,
     )
@@ -39,7 +44,7 @@ def _random_spec(rng: random.Random) -> QuantSpec:
 def test_parse_inverts_str_for_many_random_specs():
     rng = random.Random(0)
     seen = set()
-    for _ in range(3000):
+    for _ in range(6000):
         spec = _random_spec(rng)
         text = str(spec)
         assert QuantSpec.parse(text) == spec, text
@@ -83,6 +88,35 @@ def test_parse_inverts_str_for_many_random_specs():
             QuantSpec(4, granularity="sample", transform="bhq", transform_block=8),
         ),
         ("int4:nearest:tensor:float32", QuantSpec(bits=4)),  # defaults may be written
+        ("int4:e8m0-up:dither8:pre1", QuantSpec(bits=4, scale_format="e8m0")),
+        (
+            "fp4_e2m1:block32:e8m0-floor:stochastic:pre0.75:rht64",
+            QuantSpec(
+                format="fp4_e2m1",
+                rounding="stochastic",
+                granularity="block",
+                scale_format="e8m0",
+                scale_rounding="floor",
+                prescale=0.75,
+                transform="rht",
+                transform_block=64,
+            ),
+        ),
+        (
+            "fp4_e2m1:tile16:e4m3-nearest",
+            QuantSpec(
+                format="fp4_e2m1",
+                granularity="tile",
+                block_size=16,
+                scale_format="e4m3",
+                scale_rounding="nearest",
+            ),
+        ),
+        (
+            "log4:dither16:stochastic",
+            QuantSpec(format="log4", rounding="stochastic", dither_bits=16),
+        ),
+        ("log4:dither16", QuantSpec(format="log4")),  # no dither without stochastic rounding
     ],
 )
 def test_spec_text(text, spec):
@@ -99,6 +133,14 @@ def test_spec_text(text, spec):
         (QuantSpec(format="int4", granularity="channel"), "int4:channel"),
         (QuantSpec(format="log4", granularity="block", block_size=16), "log4:block16"),
         (QuantSpec(4, transform="rht"), "int4:rht128"),
+        (
+            QuantSpec(format="fp4_e2m1", granularity="tile", scale_format="e8m0", prescale=0.75),
+            "fp4_e2m1:tile32:e8m0:pre0.75",
+        ),
+        (
+            QuantSpec(4, "stochastic", scale_format="e8m0", scale_rounding="floor", dither_bits=16),
+            "int4:e8m0-floor:stochastic:dither16",
+        ),
     ],
 )
 def test_str_writes_the_canonical_form(spec, text):
@@ -131,6 +173,15 @@ def test_settings_that_do_not_apply_take_their_defaults():
         ("int4:rht3", "rht block must be a power of two"),
         ("fp32:stochastic", r"fp32 \(full precision\) takes no options"),
         ("int4:e8m0:e4m3", "'e4m3' gives the scale format again"),
+        ("int4:e8m0-floor:e4m3", "'e4m3' gives the scale format again"),
+        ("int4:e4m3-floor", "scale format 'e4m3' has no scale rounding 'floor'; it has: up, n"),
+        ("int4:float32-nearest", "scale format 'float32' has no scale rounding 'nearest'"),
+        ("int4:e8m0-down", "unknown option 'e8m0-down'"),
+        ("int4:stochastic:dither12", r"dither_bits must be one of \(8, 16\), got 12"),
+        ("int4:pre1.5", r"prescale must be in \(0, 1\], got 1.5"),
+        ("int4:pre0", r"prescale must be in \(0, 1\], got 0.0"),
+        ("int4:pre0.5:pre0.75", "'pre0.75' gives the pre-scale again"),
+        ("int4:tile0", "block_size must be an integer in 1..65536, got 0"),
     ],
 )
 def test_bad_text_is_one_line_naming_the_token(text, message):
@@ -184,14 +235,14 @@ def test_an_option_two_registries_claim_is_ambiguous(monkeypatch):
 
 def test_config_from_spec_strings():
     config = QuantConfig.from_specs(
-        grad="fp4_e2m1:block16:e4m3:stochastic",
-        grad_for_weight_grad="fp4_e2m1:block16:e4m3:stochastic:rht16",
+        grad="fp4_e2m1:block16:e4m3-nearest:stochastic",
+        grad_for_weight_grad="fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
         input_for_weight_grad=QuantSpec(bits=8),
         backend="simulate",
     )
     nvfp4 = preset_config("rht-nvfp4")
     assert config == nvfp4.with_backward_of(nvfp4, input_for_weight_grad=QuantSpec(bits=8))
-    assert config.grad == QuantSpec.parse("fp4_e2m1:block16:e4m3:stochastic")
+    assert config.grad == QuantSpec.parse("fp4_e2m1:block16:e4m3-nearest:stochastic")
     assert config.weight_for_input_grad is None
     with pytest.raises(ValueError, match="spec 'int4:fast'"):
         QuantConfig.from_specs(grad="int4:fast")

@@ -21,6 +21,7 @@ from metagrad.nn.coverage import register_non_matmul
 from metagrad.nn.layers import QuantConv2d, QuantLinear
 from metagrad.quant.presets import list_presets, preset_config
 from metagrad.quant.quantize import fake_quantize, quantize_codes
+from metagrad.quant.recipes import get_recipe, list_recipes
 from metagrad.quant.spec import QuantConfig, QuantSpec
 
 __all__ = [
@@ -34,9 +35,11 @@ __all__ = [
     "create_hypernet",
     "create_model",
     "fake_quantize",
+    "get_recipe",
     "kernels",
     "list_models",
     "list_presets",
+    "list_recipes",
     "preset_config",
     "quantize",
     "quantize_",

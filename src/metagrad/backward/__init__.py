@@ -1,6 +1,6 @@
 """Backward products of quantized layers, behind one :class:`Backend` interface chosen by name.
 
-Importing this package registers the built-in backends, ``simulate`` and ``int8``.
+Importing this package registers the built-in backends, ``simulate``, ``int8`` and ``fp8``.
 """
 
 from metagrad.backward import int8, simulate  # simulate registers "simulate"
@@ -13,9 +13,12 @@ from metagrad.backward.backend import (
 )
 from metagrad.backward.int8 import backend as int8_backend  # registers "int8"
 
+from metagrad.backward import fp8  # registers "fp8", after the others  # isort: skip
+
 __all__ = [
     "Backend",
     "fallback_report",
+    "fp8",
     "get_backend",
     "int8",
     "int8_backend",

@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metagrad.quant.quantize import quantize_input, quantize_weight
 from metagrad.quant.spec import BACKENDS, QuantConfig
 
 Mask = tuple[bool, bool, bool]
@@ -39,7 +40,11 @@ class Backend:
     product to (the weight in ``dL/dx``, the input in ``dL/dW``); None: as the config says
     (``QuantConfig.backward_operand_bits``). A layer's forward and backward both run through its
     backend; when a config quantizes the backward operands (``config.quantizes_operands``),
-    the forward quantizes weight and input once and keeps them in ``saved``.
+    the forward quantizes weight and input once and keeps them in ``saved``. When a backward
+    operand spec quantizes an operand the forward pass quantizes too
+    (``config.requantizes_operands``), the default forward quantizes both and keeps the
+    forward-quantized input and weight in ``saved``, beside the full-precision ones that the
+    layer keeps.
     """
 
     operand_bits: int | None = None
@@ -56,12 +61,18 @@ class Backend:
         precision and the backend quantizes it (and the input) itself. Without a recorded
         gradient (inference) a layer calls it only in that case with forward quantization on,
         and drops ``saved``; otherwise it runs ``F.linear`` itself."""
+        if config.requantizes_operands:
+            xq, wq = forward_quantized(x, weight, config, -1)
+            return F.linear(xq, wq, _as(bias, xq)), (xq, wq)
         return F.linear(x, weight, bias), ()
 
     def conv2d_forward(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, conv: Conv, config: QuantConfig
     ) -> tuple[Tensor, Saved]:
         """As :meth:`linear_forward`, for a convolution."""
+        if config.requantizes_operands:
+            xq, wq = forward_quantized(x, weight, config, 1)
+            return F.conv2d(xq, wq, _as(bias, xq), *conv), (xq, wq)
         return F.conv2d(x, weight, bias, *conv), ()
 
     def linear_backward(
@@ -95,6 +106,31 @@ class Backend:
     def fallback_reason(self, layer: nn.Module) -> str | None:
         """Why ``layer`` does not run all its products on this backend's own route (None)."""
         return None
+
+
+def forward_quantized(
+    x: Tensor, weight: Tensor, config: QuantConfig, channel_dim: int
+) -> tuple[Tensor, Tensor]:
+    """Input and weight forward-quantized as ``config`` says, both in ``x``'s dtype (the
+    weight is quantized from its own precision); ``channel_dim``: the input's features."""
+    xq = quantize_input(x, config.activation, channel_dim)
+    return xq, quantize_weight(weight, config.weight).to(x.dtype)
+
+
+def backward_operands(
+    x: Tensor, weight: Tensor, config: QuantConfig, saved: Saved
+) -> tuple[Tensor, Tensor]:
+    """The input and weight a backward pass quantizes with the operand specs: the
+    full-precision ones where a spec is given, else the forward-quantized ones in ``saved``
+    (:meth:`Backend.linear_forward` under ``config.requantizes_operands``)."""
+    xq, wq = saved
+    own_x = config.input_for_weight_grad is not None
+    own_w = config.weight_for_input_grad is not None
+    return (x if own_x else xq), (weight if own_w else wq)  # type: ignore[return-value]
+
+
+def _as(t: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if t is None else t.to(like.dtype)
 
 
 def register_backend(name: str, backend: Backend) -> Backend:

@@ -4,7 +4,8 @@ Integer gradient specs with one scale per tensor, channel or sample run on the e
 codes (:mod:`metagrad.backward.products`: exact in bf16, scales in float32); with
 ``backward_operand_bits=8`` on the same 8-bit operands as the ``int8`` backend, multiplied in
 float (its ``*_simulated`` twins, so it reproduces that backend); any other spec is emulated
-product by product (:mod:`metagrad.backward.emulated`).
+product by product (:mod:`metagrad.backward.emulated`), on the full-precision operands where an
+operand spec quantizes them again (``QuantConfig.requantizes_operands``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from metagrad.backward import emulated, int8
-from metagrad.backward.backend import Backend, Conv, DTypes, Grads, Mask, Saved, register_backend
+from metagrad.backward.backend import (
+    Backend,
+    Conv,
+    DTypes,
+    Grads,
+    Mask,
+    Saved,
+    backward_operands,
+    register_backend,
+)
 from metagrad.backward.products import (
     bias_grad,
     conv2d_grads,
@@ -75,6 +85,8 @@ class Simulate(Backend):
         if config.quantizes_operands:
             state = int8.ForwardState.unpack(saved)
             return int8.linear_backward_simulated(e, x, weight, config, mask, state=state)
+        if config.requantizes_operands:
+            x, weight = backward_operands(x, weight, config, saved)
         if not config.uses_integer_path:
             return emulated.linear_backward(e, x, weight, config, mask, dtypes)
         return _codes_linear(e, x, weight, config, mask, dtypes)
@@ -85,6 +97,8 @@ class Simulate(Backend):
         if config.quantizes_operands:
             state = int8.ForwardState.unpack(saved)
             return int8.conv2d_backward_simulated(e, x, weight, *conv, config, mask, state=state)
+        if config.requantizes_operands:
+            x, weight = backward_operands(x, weight, config, saved)
         if not config.uses_integer_path:
             return emulated.conv2d_backward(e, x, weight, conv, config, mask, dtypes)
         return _codes_conv2d(e, x, weight, conv, config, mask, dtypes)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metagrad.backward import get_backend
-from metagrad.quant.quantize import fake_quantize, fake_quantize_ste
+from metagrad.quant.quantize import quantize_input, quantize_weight
 from metagrad.quant.spec import QuantConfig
 
 IntPair = tuple[int, int]
@@ -79,9 +79,15 @@ def _forward_operands(x, weight, bias, config: QuantConfig):
     weight (and bias) that the backend quantizes from its own precision."""
     low = autocast_dtype(x.device.type)
     x = _cast(x, low)
-    if not config.quantizes_operands:
+    if not _quantizes_inside(config):
         weight, bias = _cast(weight, low), _cast(bias, low)
     return x, weight, bias, low
+
+
+def _quantizes_inside(config: QuantConfig) -> bool:
+    """Whether the backend's forward quantizes weight and input itself (and keeps their
+    full-precision values for the backward pass)."""
+    return config.quantizes_operands or config.requantizes_operands
 
 
 def records_grad(*tensors: Tensor | None) -> bool:
@@ -106,10 +112,11 @@ def _conv2d_forward(x, weight, bias, conv, config: QuantConfig):
 class _QuantConv2dFn(torch.autograd.Function):
     """Convolution with a quantized backward, both computed by ``config``'s backend.
 
-    When ``config.quantizes_operands``, ``x`` and ``weight`` arrive unquantized and the forward
-    quantization (as ``config.weight`` / ``config.activation`` say) happens in the backend's
-    ``conv2d_forward``, which keeps the codes for the backward pass; otherwise they arrive
-    already fake-quantized. Under autocast the operands are cast to its dtype first.
+    When ``config.quantizes_operands`` or ``config.requantizes_operands``, ``x`` and ``weight``
+    arrive unquantized and the forward quantization (as ``config.weight`` /
+    ``config.activation`` say) happens in the backend's ``conv2d_forward``, which keeps what the
+    backward pass needs; otherwise they arrive already fake-quantized. Under autocast the
+    operands are cast to its dtype first.
     """
 
     @staticmethod
@@ -177,13 +184,13 @@ def conv2d(
         if config.quantizes_operands and config.quantizes_forward:
             conv = (stride, padding, dilation, groups)
             return _conv2d_forward(input, weight, bias, conv, config)[0]
-        weight = fake_quantize(weight, config.weight, channel_dim=0)
-        input = fake_quantize(input, config.activation, channel_dim=1)
+        weight = quantize_weight(weight, config.weight)
+        input = quantize_input(input, config.activation, 1)
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    if config.quantizes_operands:  # forward quantization happens inside the Function
+    if _quantizes_inside(config):  # forward quantization happens inside the Function
         return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
-    weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
-    input = fake_quantize_ste(input, config.activation, channel_dim=1)
+    weight = quantize_weight(weight, config.weight, ste=True)
+    input = quantize_input(input, config.activation, 1, ste=True)
     if not config.quantizes_backward:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return _QuantConv2dFn.apply(input, weight, bias, stride, padding, dilation, groups, config)
@@ -197,13 +204,13 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, config:
     if not records_grad(input, weight, bias):
         if config.quantizes_operands and config.quantizes_forward:
             return _linear_forward(input, weight, bias, config)[0]
-        weight = fake_quantize(weight, config.weight, channel_dim=0)
-        input = fake_quantize(input, config.activation, channel_dim=-1)
+        weight = quantize_weight(weight, config.weight)
+        input = quantize_input(input, config.activation, -1)
         return F.linear(input, weight, bias)
-    if config.quantizes_operands:  # forward quantization happens inside the Function
+    if _quantizes_inside(config):  # forward quantization happens inside the Function
         return _QuantLinearFn.apply(input, weight, bias, config)
-    weight = fake_quantize_ste(weight, config.weight, channel_dim=0)
-    input = fake_quantize_ste(input, config.activation, channel_dim=-1)
+    weight = quantize_weight(weight, config.weight, ste=True)
+    input = quantize_input(input, config.activation, -1, ste=True)
     if not config.quantizes_backward:
         return F.linear(input, weight, bias)
     return _QuantLinearFn.apply(input, weight, bias, config)

@@ -33,7 +33,9 @@ Units = Callable[[nn.Module], Iterable[nn.Module]]
 def default_units(model: nn.Module) -> list[nn.Module]:
     """The blocks of the model's ``nn.ModuleList`` containers, else its weight-holding layers.
 
-    Nested lists keep only their outermost blocks (a block is sharded as a whole).
+    Nested lists keep only their outermost blocks (a block is sharded as a whole), and so do
+    nested layers: an attention module holding its input projection and its output projection
+    is one unit (its forward may use the projection's weight without calling it).
     """
     blocks: list[nn.Module] = []
     taken: set[int] = set()
@@ -45,11 +47,14 @@ def default_units(model: nn.Module) -> list[nn.Module]:
                 taken.update(id(m) for m in block.modules())
     if blocks:
         return blocks
-    return [
-        m
-        for m in model.modules()
-        if m is not model and any(p.dim() >= 2 for p in m.parameters(recurse=False))
-    ]
+    layers: list[nn.Module] = []
+    for m in model.modules():
+        if m is model or id(m) in taken:
+            continue
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+            layers.append(m)
+            taken.update(id(inner) for inner in m.modules())
+    return layers
 
 
 def shard_model(

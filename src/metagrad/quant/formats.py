@@ -3,7 +3,8 @@
 A format is a small value object that knows its largest magnitude and how to round a tensor,
 already divided by its scale, onto its grid: to nearest (ties to even) or stochastically
 (unbiased: up with probability equal to the distance from the grid point below, in units of the
-local grid step). Two families are built in:
+local grid step, to the resolution of the dither: :data:`DITHER_BITS` random bits per element, or
+16). Two families are built in:
 
 - :class:`IntFormat`: symmetric integers of ``bits`` bits, from ``-(2**(bits-1) - 1)`` to
   ``2**(bits-1) - 1``;
@@ -29,7 +30,13 @@ from torch import Tensor
 
 from metagrad.registry import Registry
 
-DITHER_LEVELS = 256  # stochastic rounding's noise: one random byte per element
+DITHER_BITS = 8
+"""Random bits per element of stochastic rounding by default: one byte (fast, and unbiased to
+1/512 of a step)."""
+DITHER_BITS_CHOICES: tuple[int, ...] = (8, 16)
+"""Dither resolutions: one random byte (``uint8`` dither) or two (``int16`` dither)."""
+DITHER_LEVELS = 2**DITHER_BITS
+_DITHER_DTYPES = {8: torch.uint8, 16: torch.int16}
 
 Specials = Literal["ieee", "fn", "none"]
 
@@ -52,16 +59,39 @@ class NumberFormat(Protocol):
     def round(self, y: Tensor, dither: Tensor | None) -> Tensor:
         """``y`` (float32+, already scaled) rounded onto the grid, in ``y``'s dtype.
 
-        ``dither``: random bytes shaped like ``y`` for stochastic rounding, None for nearest.
+        ``dither``: random integers shaped like ``y`` for stochastic rounding (``uint8``: 8
+        bits, ``int16``: 16 bits; :func:`add_dither` adds them), None for nearest.
         """
         ...
 
 
+def dither_dtype(bits: int) -> torch.dtype:
+    """The dtype of a dither of ``bits`` random bits per element (:data:`DITHER_BITS_CHOICES`)."""
+    if bits not in _DITHER_DTYPES:
+        raise ValueError(f"dither_bits must be one of {DITHER_BITS_CHOICES}, got {bits!r}")
+    return _DITHER_DTYPES[bits]
+
+
+def add_dither(units: Tensor, dither: Tensor, *, inplace: bool = False) -> Tensor:
+    """``units + (k + 0.5) / 2**bits``, ``k`` the dither's value in ``[0, 2**bits)``.
+
+    ``floor`` of it is stochastic rounding: up with probability ``f`` (the fraction of
+    ``units``) to within ``2**-(bits+1)``. A ``uint8`` dither holds ``k``; an ``int16`` one
+    holds ``k - 2**15``. Exact in float32 for ``|units| < 2**(23 - bits)``.
+    """
+    if dither.dtype == torch.uint8:
+        offset, levels = 0.5, 256
+    else:  # int16: k - 32768
+        offset, levels = 32768.5, 65536
+    units = units.add_(offset / levels) if inplace else units.add(offset / levels)
+    return units.add_(dither, alpha=1 / levels)
+
+
 def _round(units: Tensor, dither: Tensor | None) -> Tensor:
-    """To nearest (ties to even), or ``floor(units + (byte + 0.5) / 256)`` (stochastic)."""
+    """To nearest (ties to even), or ``floor(units + (k + 0.5) / 2**bits)`` (stochastic)."""
     if dither is None:
         return torch.round(units)
-    return units.add(0.5 / DITHER_LEVELS).add_(dither, alpha=1 / DITHER_LEVELS).floor_()
+    return add_dither(units, dither).floor_()
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 A tensor is split into groups (the whole tensor, one per channel, or one per sample); each group
 gets the scale ``absmax / qmax`` with ``qmax = 2**(bits-1) - 1``, so its codes are integers in
 ``[-qmax, qmax]``. Rounding is to nearest or stochastic: ``floor(x/scale + u)`` with ``u`` uniform
-on the 256 levels ``(k + 0.5) / 256``, so ``E[Q(x)]`` is within ``scale / 512`` of ``x``
-(unbiased up to that dither resolution). One 32-bit random draw serves four elements, which is
-cheaper than drawing a float per element.
+on the ``2**bits`` levels ``(k + 0.5) / 2**bits`` (the spec's ``dither_bits``: 8 by default, so
+``E[Q(x)]`` is within ``scale / 512`` of ``x``; 16 for formats that underflow stochastically).
+One 32-bit random draw serves four elements (two at 16 bits), which is cheaper than drawing a
+float per element.
 
 Scales are float32 (float64 for float64 inputs) and the codes are computed in that precision
 whatever the input's dtype, so bf16 and fp16 errors (mixed precision) quantize exactly like their
@@ -17,6 +18,9 @@ maximum, the scaling, the dither and the rounding into two passes over the tenso
 the same codes (stochastic rounding included: the random bytes are drawn outside the kernel).
 
 Special values, by design:
+- no finite input gives a non-finite output: scales are at least the smallest normal number,
+  values past the output dtype's largest finite value saturate to it, and a transform of values
+  near it runs on them scaled down by a power of two (exact) and scales back;
 - an all-zero group quantizes to zeros (its scale is taken as 1, never 0);
 - a group holding NaN or +/-inf gets a NaN scale and all-NaN codes, so that divergence stays
   visible to whatever checks for it downstream (e.g. ``torch.amp.GradScaler`` skips such steps)
@@ -33,10 +37,14 @@ import torch
 from torch import Tensor
 
 from metagrad.kernels import kernel
-from metagrad.quant.formats import DITHER_LEVELS, NumberFormat
-from metagrad.quant.scaling import ScaleRule, get_scale_rule, group_scales, scales_by_rule
-from metagrad.quant.spec import QuantSpec
+from metagrad.quant.formats import DITHER_BITS, NumberFormat, add_dither, dither_dtype
+from metagrad.quant.scaling import ScaleRule, get_scale_rule, scales_by_rule
+from metagrad.quant.spec import BLOCK_GRANULARITIES, QuantSpec
 from metagrad.quant.transforms import Transform, get_transform
+
+OVERFLOW_SHIFT = 32
+"""A transform runs on values scaled by ``2**-OVERFLOW_SHIFT`` when their largest magnitude is
+within that factor of the dtype's largest value (its sums could overflow otherwise)."""
 
 
 def scale_dtype(x: Tensor) -> torch.dtype:
@@ -69,12 +77,15 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
     return x.abs().amax(dim=dims, keepdim=True)
 
 
-def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniform random bytes shaped like ``like``, in its logical (row-major) order whatever its
-    memory layout, so a view, a transpose or a channels-last tensor draws what its contiguous
-    copy draws: four bytes per 32-bit random draw."""
+def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_BITS) -> Tensor:
+    """Uniform random integers of ``bits`` bits shaped like ``like`` (``uint8`` bytes, or
+    ``int16`` for 16 bits), in its logical (row-major) order whatever its memory layout, so a
+    view, a transpose or a channels-last tensor draws what its contiguous copy draws: four bytes
+    (two 16-bit halves) per 32-bit random draw."""
     n = like.numel()
-    low, high, size = -(2**31), 2**31 - 1, ((n + 3) // 4,)
+    dtype = dither_dtype(bits)
+    per_word = 32 // bits
+    low, high, size = -(2**31), 2**31 - 1, ((n + per_word - 1) // per_word,)
     if generator is None:
         # out of place (an in-place random_ breaks torch.compile's graph), and shaped by a
         # tensor, which traces with symbolic sizes (torch.randint's size must be concrete);
@@ -83,7 +94,14 @@ def _dither(like: Tensor, generator: torch.Generator | None) -> Tensor:
     else:
         words = torch.randint(low, high, size, dtype=torch.int32, device=like.device,
                               generator=generator)  # fmt: skip
-    return words.view(torch.uint8)[:n].view(like.shape)
+    return words.view(dtype)[:n].view(like.shape)
+
+
+def _spec_dither(like: Tensor, spec: QuantSpec, generator: torch.Generator | None):
+    """The dither of ``spec``'s stochastic rounding for ``like`` (None: nearest rounding)."""
+    if spec.rounding != "stochastic":
+        return None
+    return _dither(like, generator, spec.dither_bits)
 
 
 @kernel
@@ -92,15 +110,13 @@ def _codes(
 ) -> tuple[Tensor, Tensor]:
     """Codes (as ``dtype``) and scales of ``x``; ``dither``: random bytes, None for nearest."""
     amax = _absmax(x, keep).to(scale_dtype(x))
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    scale = (amax / qmax).clamp_min_(torch.finfo(amax.dtype).tiny)
+    scale = torch.where(amax == 0, torch.ones_like(amax), scale)
     scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
     codes = x / scale  # computed in the scale's precision whatever x's dtype
-    if dither is None:
-        codes = codes.round_()
-    else:
-        # floor(x/scale + (byte + 0.5)/256): |x/scale| <= qmax holds to float32 rounding, so
-        # the codes never pass qmax and need no clamp.
-        codes = codes.add_(0.5 / DITHER_LEVELS).add_(dither, alpha=1 / DITHER_LEVELS).floor_()
+    # stochastic: floor(x/scale + (k + 0.5)/2**bits); |x/scale| <= qmax holds to float32
+    # rounding, so the codes never pass qmax and need no clamp
+    codes = codes.round_() if dither is None else add_dither(codes, dither, inplace=True).floor_()
     return codes.to(dtype), scale
 
 
@@ -126,25 +142,36 @@ def quantize_codes(
             f"quantize_codes takes integer specs; {spec} is simulated by quantize_along"
         )
     keep = group_dim(x, spec.granularity, channel_dim)
-    dither = _dither(x, generator) if spec.rounding == "stochastic" else None
+    dither = _spec_dither(x, spec, generator)
     return _codes(x, dither, spec.qmax, keep, dtype or x.dtype)
 
 
 def fake_quantize(
-    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+    x: Tensor,
+    spec: QuantSpec,
+    channel_dim: int = 1,
+    *,
+    inner: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Quantize and dequantize ``x`` (same shape and dtype); the identity when ``spec`` is off.
 
-    Blocks and transforms of a non-integer spec run along ``channel_dim``.
+    Blocks, tiles and transforms of a non-integer spec run along ``inner`` (default
+    ``(channel_dim,)``).
     """
     if not spec.enabled:
         return x
     if not spec.is_integer:
-        return quantize_along(
-            x, spec, (channel_dim,), channel_dim, generator=generator, dtype=x.dtype
-        )
+        inner = (channel_dim,) if inner is None else inner
+        return quantize_along(x, spec, inner, channel_dim, generator=generator, dtype=x.dtype)
     codes, scale = quantize_codes(x, spec, channel_dim, generator=generator, dtype=scale_dtype(x))
-    return codes.mul_(scale).to(x.dtype)
+    return _saturate(codes.mul_(scale), x.dtype).to(x.dtype)
+
+
+def _saturate(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` with values past ``dtype``'s largest finite value set to it (NaN stays), in place."""
+    top = torch.finfo(dtype).max
+    return t.clamp_(-top, top)
 
 
 def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -162,39 +189,121 @@ def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], 
 
 
 @kernel
-def _block_scales(blocks: Tensor, max_value: float, rule: ScaleRule) -> Tensor:
-    """One scale per block along the last dim of ``blocks`` (float32+), keeping that dim."""
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
+def _block_scales(
+    blocks: Tensor, max_value: float, rule: ScaleRule, dims: tuple[int, ...] = (-1,)
+) -> Tensor:
+    """One scale per block of ``blocks`` (float32+) over ``dims``, keeping them."""
+    amax = blocks.abs().amax(dim=dims, keepdim=True)
     return scales_by_rule(amax, max_value, rule, amax.amax())
 
 
 @kernel
-def _dequantized(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
-    """``t`` rounded onto ``fmt``'s grid times ``scale`` (broadcast), and scaled back."""
-    return fmt.round(t / scale, dither) * scale
+def _dequantized(
+    t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat, out: torch.dtype
+) -> Tensor:
+    """``t`` rounded onto ``fmt``'s grid times ``scale`` (broadcast), and scaled back, saturated
+    at ``out``'s largest finite value. A zero scale gives zeros."""
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)  # rounds to 0
+    return _saturate(fmt.round(t / scale, dither) * scale, out)
 
 
-def _round_groups(t: Tensor, spec: QuantSpec, keep: int | None, generator) -> Tensor:
+@kernel
+def _dequantized_prescaled(
+    t: Tensor,
+    scale: Tensor,
+    dither: Tensor | None,
+    fmt: NumberFormat,
+    out: torch.dtype,
+    prescale: float,
+) -> Tensor:
+    """:func:`_dequantized` of ``t * prescale``, divided by ``prescale`` after rounding."""
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)
+    units = fmt.round((t / scale).mul_(prescale), dither).div_(prescale)
+    return _saturate(units * scale, out)
+
+
+def _dequantize(t: Tensor, scale: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
+    """``t`` (float32+) quantized with ``scale`` (broadcast) as ``spec`` rounds it."""
+    dither = _spec_dither(t, spec, generator)
+    fmt = spec.number_format
+    numerator, denominator = spec.prescale_ratio  # not spec.prescale: see QuantSpec
+    if numerator == denominator:
+        return _dequantized(t, scale, dither, fmt, out)
+    return _dequantized_prescaled(t, scale, dither, fmt, out, numerator / denominator)
+
+
+def _rule(spec: QuantSpec) -> ScaleRule:
+    return get_scale_rule(spec.scale_format, spec.scale_rounding)
+
+
+def _round_groups(
+    t: Tensor, spec: QuantSpec, keep: int | None, generator, out: torch.dtype
+) -> Tensor:
     """``t`` (float32+) rounded with one scale per group (as :func:`absmax`'s ``keep``)."""
-    fmt = spec.number_format
-    scale = group_scales(_absmax(t, keep), fmt.max_value, spec.scale_format)
-    dither = _dither(t, generator) if spec.rounding == "stochastic" else None
-    return _dequantized(t, scale, dither, fmt)
+    scale = scales_by_rule(_absmax(t, keep), spec.number_format.max_value, _rule(spec))
+    return _dequantize(t, scale, spec, generator, out)
 
 
-def _round_blocks(m: Tensor, spec: QuantSpec, generator) -> Tensor:
-    """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them
-    (zero-padded)."""
-    fmt = spec.number_format
+@kernel
+def _grid_codes(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
+    """``t / scale`` rounded onto ``fmt``'s grid: :func:`_dequantized` before its last multiply."""
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)  # rounds to 0
+    return fmt.round(t / scale, dither)
+
+
+def quantize_float_codes(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(codes, scale)`` of ``x`` under a spec with one scale per tensor, channel or sample, no
+    transform and no prescale (any number format, any scale format and rounding).
+
+    ``codes`` lie on the format's grid, unscaled (float32; float64 for float64 ``x``), so they
+    convert exactly to a hardware dtype of that format (``torch.float8_e5m2`` for
+    ``fp8_e5m2``); ``scale`` broadcasts against ``x``. ``codes * scale`` is what
+    :func:`quantize_along` returns for ``x`` bit for bit (short of its saturation at the
+    output dtype's largest value), from the same random draws.
+    """
+    plain = spec.granularity not in BLOCK_GRANULARITIES and spec.transform is None
+    numerator, denominator = spec.prescale_ratio if spec.enabled else (1, 1)
+    if not spec.enabled or not plain or numerator != denominator:
+        raise ValueError(
+            f"quantize_float_codes takes enabled specs with one scale per tensor, channel or "
+            f"sample, no transform and no prescale; got {spec}"
+        )
+    t = x.to(scale_dtype(x))
+    keep = group_dim(t, spec.granularity, channel_dim)
+    scale = scales_by_rule(_absmax(t, keep), spec.number_format.max_value, _rule(spec))
+    dither = _spec_dither(t, spec, generator)
+    return _grid_codes(t, scale, dither, spec.number_format), scale
+
+
+def _round_blocks(m: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
+    """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them, or in
+    square tiles of that side (``"tile"`` granularity), zero-padded."""
+    if spec.granularity == "tile":
+        return _round_tiles(m, spec, generator, out)
     rows, length = m.shape
     size = spec.block_size
     padded = -(-length // size) * size
     if padded != length:
         m = torch.nn.functional.pad(m, (0, padded - length))
     blocks = m.reshape(rows, padded // size, size)
-    scale = _block_scales(blocks, fmt.max_value, get_scale_rule(spec.scale_format))
-    dither = _dither(blocks, generator) if spec.rounding == "stochastic" else None
-    return _dequantized(blocks, scale, dither, fmt).reshape(rows, padded)[:, :length]
+    scale = _block_scales(blocks, spec.number_format.max_value, _rule(spec))
+    q = _dequantize(blocks, scale, spec, generator, out)
+    return q.reshape(rows, padded)[:, :length]
+
+
+def _round_tiles(m: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
+    """Round ``m`` (float32+) in tiles of ``spec.block_size`` rows by as many columns."""
+    rows, length = m.shape
+    size = spec.block_size
+    tall, wide = -(-rows // size) * size, -(-length // size) * size
+    if (tall, wide) != (rows, length):
+        m = torch.nn.functional.pad(m, (0, wide - length, 0, tall - rows))
+    tiles = m.reshape(tall // size, size, wide // size, size)
+    scale = _block_scales(tiles, spec.number_format.max_value, _rule(spec), (1, 3))
+    q = _dequantize(tiles, scale, spec, generator, out)
+    return q.reshape(tall, wide)[:rows, :length]
 
 
 def _transform_rows(
@@ -245,6 +354,15 @@ def _transform_dtype(transform: Transform, x: Tensor) -> torch.dtype:
     return scale_dtype(x)
 
 
+def _overflow_guard(rows: Tensor) -> Tensor:
+    """``2**-OVERFLOW_SHIFT`` where the largest magnitude of ``rows`` is within that factor of
+    its dtype's largest value (a transform's sums of such values could overflow), else 1."""
+    top = torch.finfo(rows.dtype).max * 2.0**-OVERFLOW_SHIFT
+    big = rows.abs().amax() > top
+    one = torch.ones((), dtype=rows.dtype, device=rows.device)
+    return torch.where(big, one * 2.0**-OVERFLOW_SHIFT, one)
+
+
 def _quantize_transformed(
     x: Tensor,
     spec: QuantSpec,
@@ -257,23 +375,27 @@ def _quantize_transformed(
 ) -> Tensor:
     axes = _transform_axes(transform, inner)
     work = _transform_dtype(transform, x)
+    compute = scale_dtype(x)
     rows, restore = _transform_rows(x.to(work), transform, axes)
+    down = _overflow_guard(rows)  # exact: quantization commutes with powers of two
+    rows = rows * down
     if state is None:
         state = transform.prepare(rows, generator)
-    rows = transform.forward(rows, state).to(scale_dtype(x))
+    rows = transform.forward(rows, state).to(compute)
     rest = [d for d in range(x.dim()) if d not in axes]
-    if spec.granularity == "block":
+    if spec.granularity in BLOCK_GRANULARITIES:
         if axes != inner:
             raise ValueError(f"{spec}: blocks run along the contraction axis, the transform not")
-        q = _round_blocks(rows, spec, generator)
+        q = _round_blocks(rows, spec, generator, compute)
     else:
         grid = rows.reshape(*[x.shape[d] for d in rest], rows.shape[1])
         keep = None
         if spec.granularity != "tensor":
             dim = 0 if spec.granularity == "sample" else channel_dim % x.dim()
             keep = _group_axis(dim, rest, axes, spec)
-        q = _round_groups(grid, spec, keep, generator).reshape(rows.shape)
-    return restore(transform.inverse(q.to(work), state)).to(dtype)
+        q = _round_groups(grid, spec, keep, generator, compute).reshape(rows.shape)
+    q = transform.inverse(q.to(work), state).to(compute)
+    return restore(_saturate(q.div_(down.to(compute)), dtype)).to(dtype)
 
 
 def quantize_along(
@@ -290,12 +412,13 @@ def quantize_along(
     float64 for float64).
 
     ``inner``: the dims a product contracts ``x`` over (flattened, in order): blocks of
-    ``"block"`` granularity and ``"inner"`` transforms run along them; ``"sample"`` transforms
-    run along dim 0. ``channel_dim``: the axis of ``"channel"`` granularity.
-    ``transform_state``: from :func:`prepare_transform` (to share one draw between the operands
-    of a product); None draws one from ``generator``. Scales and rounding are computed in
-    float32; a transform runs in ``x``'s dtype where its matrix is exact in it (``rht`` under
-    mixed precision: a bf16 product, as hardware computes it), else in float32.
+    ``"block"`` granularity, the columns of ``"tile"`` granularity and ``"inner"`` transforms
+    run along them; ``"sample"`` transforms run along dim 0. ``channel_dim``: the axis of
+    ``"channel"`` granularity. ``transform_state``: from :func:`prepare_transform` (to share one
+    draw between the operands of a product); None draws one from ``generator``. Scales and
+    rounding are computed in float32; a transform runs in ``x``'s dtype where its matrix is
+    exact in it (``rht`` under mixed precision: a bf16 product, as hardware computes it), else
+    in float32. Values past ``dtype``'s largest finite value saturate to it.
     """
     dtype = dtype or scale_dtype(x)
     if not spec.enabled or x.numel() == 0:
@@ -308,26 +431,52 @@ def quantize_along(
             x, spec, transform, inner, channel_dim, generator, transform_state, dtype
         )
     t = x.to(scale_dtype(x))
-    if spec.granularity == "block":
+    if spec.granularity in BLOCK_GRANULARITIES:
         rows, restore = as_rows(t, inner)
-        return restore(_round_blocks(rows, spec, generator)).to(dtype)
-    return _round_groups(t, spec, group_dim(t, spec.granularity, channel_dim), generator).to(dtype)
+        return restore(_round_blocks(rows, spec, generator, dtype)).to(dtype)
+    keep = group_dim(t, spec.granularity, channel_dim)
+    return _round_groups(t, spec, keep, generator, dtype).to(dtype)
+
+
+WEIGHT_INNER = (1,)
+"""The axis a weight's forward blocks and tiles run along: its input features (a
+convolution's input channels, per kernel tap, as an implicit GEMM on channels-last data)."""
+
+
+def quantize_weight(weight: Tensor, spec: QuantSpec, *, ste: bool = False) -> Tensor:
+    """A layer's weight forward-quantized as ``spec`` says (``ste``: with a straight-through
+    gradient); one scale per output channel under ``"channel"`` granularity."""
+    if ste:
+        return fake_quantize_ste(weight, spec, 0, WEIGHT_INNER)
+    return fake_quantize(weight, spec, 0, inner=WEIGHT_INNER)
+
+
+def quantize_input(x: Tensor, spec: QuantSpec, channel_dim: int, *, ste: bool = False) -> Tensor:
+    """A layer's input forward-quantized as ``spec`` says, blocks along ``channel_dim`` (its
+    features: the last dim of a linear layer's input, dim 1 of a convolution's)."""
+    if ste:
+        return fake_quantize_ste(x, spec, channel_dim)
+    return fake_quantize(x, spec, channel_dim)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Forward quantization with a straight-through gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, spec: QuantSpec, channel_dim: int) -> Tensor:
-        return fake_quantize(x, spec, channel_dim)
+    def forward(
+        ctx, x: Tensor, spec: QuantSpec, channel_dim: int, inner: tuple[int, ...] | None
+    ) -> Tensor:
+        return fake_quantize(x, spec, channel_dim, inner=inner)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return grad, None, None, None
 
 
-def fake_quantize_ste(x: Tensor, spec: QuantSpec, channel_dim: int = 1) -> Tensor:
+def fake_quantize_ste(
+    x: Tensor, spec: QuantSpec, channel_dim: int = 1, inner: Sequence[int] | None = None
+) -> Tensor:
     """``fake_quantize`` in the forward pass, identity in the backward pass (QAT)."""
     if not spec.enabled:
         return x
-    return _FakeQuantizeSTE.apply(x, spec, channel_dim)
+    return _FakeQuantizeSTE.apply(x, spec, channel_dim, None if inner is None else tuple(inner))

@@ -10,14 +10,32 @@ names without this module importing any backend.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from metagrad.quant.formats import FULL_PRECISION_NAMES, IntFormat, NumberFormat, get_format
+from metagrad.quant.formats import (
+    DITHER_BITS,
+    FULL_PRECISION_NAMES,
+    IntFormat,
+    NumberFormat,
+    dither_dtype,
+    get_format,
+)
 from metagrad.quant.formats import list_formats as _list_formats
-from metagrad.quant.scaling import get_scale_rule, list_scale_formats
-from metagrad.quant.transforms import get_transform, list_transforms
+from metagrad.quant.scaling import DEFAULT_SCALE_ROUNDING, get_scale_rule
+from metagrad.quant.syntax import (
+    BLOCK_GRANULARITIES,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_TRANSFORM_BLOCK,
+    GRANULARITIES,
+    INTEGER_GRANULARITIES,
+    ROLE,
+    ROUNDINGS,
+    SEPARATOR,
+    option_tokens,
+    parse_option,
+)
+from metagrad.quant.transforms import get_transform
 from metagrad.registry import Registry
 
 
@@ -33,18 +51,12 @@ BACKENDS: Registry[BackendInfo] = Registry("backend")
 """The registered backends by name; :func:`metagrad.backward.register_backend` fills it."""
 
 Rounding = Literal["nearest", "stochastic"]
-Granularity = Literal["tensor", "channel", "sample", "block"]
+Granularity = Literal["tensor", "channel", "sample", "block", "tile"]
+ScaleRounding = Literal["up", "floor", "nearest"]
 
-ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
-INTEGER_GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "sample")
-GRANULARITIES: tuple[str, ...] = (*INTEGER_GRANULARITIES, "block")
 FULL_PRECISION_BITS = 32
 MIN_BITS, MAX_BITS = 2, 8
 MAX_BLOCK_SIZE = 1 << 16
-DEFAULT_BLOCK_SIZE = 32
-DEFAULT_TRANSFORM_BLOCK = 128
-SEPARATOR = ":"
-"""Between the tokens of a spec string."""
 
 
 @dataclass(frozen=True)
@@ -57,38 +69,54 @@ class QuantSpec:
         rounding: ``"nearest"`` or ``"stochastic"`` (unbiased).
         granularity: one scale for the whole ``"tensor"``, one per ``"channel"`` (the axis is
             given when quantizing: dim 1 for a convolution's error, the last dim for a linear
-            layer's), one per ``"sample"`` (dim 0), or one per ``"block"`` of ``block_size``
-            elements along the product's contraction axis (MX and NVFP4 scaling).
+            layer's), one per ``"sample"`` (dim 0), one per ``"block"`` of ``block_size``
+            elements along the product's contraction axis (MX and NVFP4 scaling), or one per
+            ``"tile"`` of ``block_size`` x ``block_size`` elements of the tensor laid out as a
+            matrix with the contraction axis last (NVFP4's 2-D weight scaling: a linear layer's
+            weight has the same tiles in both of its products).
         format: a registered number format (:mod:`metagrad.quant.formats`: ``"fp8_e5m2"``,
             ``"fp4_e2m1"``, ``"log4"``, ...); None: the integers of ``bits`` bits. An integer
             format given by name (``"int4"``) is the same spec as ``bits=4``.
-        block_size: elements per scale when ``granularity`` is ``"block"``.
+        block_size: elements per scale (per side of a tile) under ``"block"`` (``"tile"``).
         scale_format: a registered scale format (:mod:`metagrad.quant.scaling`): ``"float32"``
-            scales; ``"e8m0"``: powers of two (MX), rounded up so that no element is clipped;
-            ``"e4m3"``: FP8 E4M3 scales under one float32 scale per tensor (NVFP4's two
-            levels), rounded up likewise.
+            scales; ``"e8m0"``: powers of two (MX); ``"e4m3"``: FP8 E4M3 scales under one
+            float32 scale per tensor (NVFP4's two levels).
+        scale_rounding: how the scale is rounded onto its scale format: ``"up"`` (so that no
+            element clips; the default), ``"floor"`` (``e8m0``: the OCP MX v1.0 rule) or
+            ``"nearest"`` (``e4m3``: NVIDIA's NVFP4 rule); elements past the format's largest
+            value saturate.
+        dither_bits: random bits per element of stochastic rounding, 8 (the fast default:
+            unbiased to 1/512 of a step) or 16 (for formats that underflow stochastically).
+        prescale: a factor in ``(0, 1]`` that the values are multiplied by after scaling and
+            divided by after rounding (Tseng et al.'s 3/4, which keeps OCP-scaled FP4 values
+            from clipping); 1: none.
         transform: a registered orthogonal transform (:mod:`metagrad.quant.transforms`: ``"rht"``,
             ``"bhq"``) applied before quantization and undone after; None for none.
         transform_block: the transform's block (``rht``) or group (``bhq``) size.
 
     Settings that do not apply take their defaults, so that two specs that quantize alike are
     equal: a full-precision spec is ``QuantSpec()`` whatever else it was given, ``bits`` is 32
-    under a non-integer ``format``, ``block_size`` is 32 without ``"block"`` granularity and
-    ``transform_block`` 128 without a transform.
+    under a non-integer ``format``, ``block_size`` is 32 without ``"block"`` or ``"tile"``
+    granularity, ``dither_bits`` is 8 under nearest rounding and ``transform_block`` 128
+    without a transform.
 
     Text (``str(spec)``, :meth:`parse`): tokens joined by ``:``, the number format first, then
     any of (in any order, each at most once; defaults left out)
 
-    - a granularity: ``tensor`` (default), ``channel``, ``sample`` or ``block<N>`` (``block``
-      alone: 32 elements per scale);
-    - a scale format: ``float32`` (default), ``e8m0``, ``e4m3`` or another registered one;
+    - a granularity: ``tensor`` (default), ``channel``, ``sample``, ``block<N>`` or
+      ``tile<N>`` (the name alone: 32);
+    - a scale format: ``float32`` (default), ``e8m0``, ``e4m3`` or another registered one,
+      with its scale rounding after a ``-`` where it is not ``up``: ``e8m0-floor``,
+      ``e4m3-nearest``;
     - a rounding: ``nearest`` (default) or ``stochastic``;
+    - ``dither<bits>``: ``dither16`` (``dither8`` is the default);
+    - ``pre<factor>``: ``pre0.75``;
     - a transform with its block: ``rht<N>``, ``bhq<N>`` or another registered one (the name
       alone: block 128).
 
     ``fp32`` (or ``off``) alone is full precision. ``str`` writes this order, with block sizes
-    always given: ``fp4_e2m1:block32:e8m0:stochastic:rht32``, ``int4:sample:stochastic``,
-    ``fp8_e5m2``, ``fp32``.
+    always given: ``fp4_e2m1:block32:e8m0-floor:stochastic:pre0.75:rht64``,
+    ``int4:sample:stochastic``, ``log4:stochastic:dither16``, ``fp32``.
     """
 
     bits: int = FULL_PRECISION_BITS
@@ -99,6 +127,13 @@ class QuantSpec:
     scale_format: str = "float32"
     transform: str | None = None
     transform_block: int = DEFAULT_TRANSFORM_BLOCK
+    scale_rounding: ScaleRounding = DEFAULT_SCALE_ROUNDING
+    dither_bits: int = DITHER_BITS
+    prescale: float = field(default=1.0, compare=False)
+    # prescale as integers, which equality and compiled code read instead: under
+    # torch.compile(dynamic=True) a float attribute is a symbolic input, which the backward of
+    # an autograd.Function cannot capture
+    prescale_ratio: tuple[int, int] = field(default=(1, 1), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.format is not None:
@@ -123,10 +158,20 @@ class QuantSpec:
         size = self.block_size
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be an integer in 1..{MAX_BLOCK_SIZE}, got {size!r}")
-        get_scale_rule(self.scale_format)  # raises on an unknown name
+        get_scale_rule(self.scale_format, self.scale_rounding)  # raises on an unknown name
+        if isinstance(self.dither_bits, bool) or not isinstance(self.dither_bits, int):
+            raise ValueError(f"dither_bits must be an integer, got {self.dither_bits!r}")
+        dither_dtype(self.dither_bits)  # raises on an unsupported resolution
+        prescale = self.prescale
+        if isinstance(prescale, bool) or not isinstance(prescale, (int, float)):
+            raise ValueError(f"prescale must be a number in (0, 1], got {prescale!r}")
+        if not 0 < prescale <= 1:
+            raise ValueError(f"prescale must be in (0, 1], got {prescale!r}")
+        object.__setattr__(self, "prescale", float(prescale))
         if self.transform is not None:
             get_transform(self.transform, self.transform_block)  # validates name and size
         self._drop_unused_settings()
+        object.__setattr__(self, "prescale_ratio", self.prescale.as_integer_ratio())
 
     def _drop_unused_settings(self) -> None:
         """Give the settings that do not apply their defaults (see the class docs)."""
@@ -136,8 +181,10 @@ class QuantSpec:
             return
         if self.format is not None:
             object.__setattr__(self, "bits", FULL_PRECISION_BITS)
-        if self.granularity != "block":
+        if self.granularity not in BLOCK_GRANULARITIES:
             object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE)
+        if self.rounding == "nearest":
+            object.__setattr__(self, "dither_bits", DITHER_BITS)
         if self.transform is None:
             object.__setattr__(self, "transform_block", DEFAULT_TRANSFORM_BLOCK)
 
@@ -161,8 +208,9 @@ class QuantSpec:
         """
         return (
             self.format is None
-            and self.granularity != "block"
+            and self.granularity in INTEGER_GRANULARITIES
             and self.scale_format == "float32"
+            and self.prescale_ratio == (1, 1)
             and self.transform is None
         )
 
@@ -173,23 +221,12 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, object]:
         """The spec as plain values (what summary.json records)."""
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def __str__(self) -> str:
         if not self.enabled:
             return FULL_PRECISION_NAMES[0]
-        tokens = [self.format or f"int{self.bits}"]
-        if self.granularity == "block":
-            tokens.append(f"block{self.block_size}")
-        elif self.granularity != "tensor":
-            tokens.append(self.granularity)
-        if self.scale_format != "float32":
-            tokens.append(self.scale_format)
-        if self.rounding != "nearest":
-            tokens.append(self.rounding)
-        if self.transform is not None:
-            tokens.append(f"{self.transform}{self.transform_block}")
-        return SEPARATOR.join(tokens)
+        return SEPARATOR.join([self.format or f"int{self.bits}", *option_tokens(self)])
 
     @classmethod
     def parse(cls, text: str) -> QuantSpec:
@@ -210,57 +247,14 @@ class QuantSpec:
             raise ValueError(f"spec {text!r}: unknown number format {head!r}; available: {choices}")
         settings: dict[str, Any] = {"format": head}
         for token in options:
-            for name, value in _parse_option(text, token).items():
+            for name, value in parse_option(text, token).items():
                 if name in settings:
-                    raise ValueError(f"spec {text!r}: {token!r} gives the {_ROLE[name]} again")
+                    raise ValueError(f"spec {text!r}: {token!r} gives the {ROLE[name]} again")
                 settings[name] = value
         try:
             return cls(**settings)
         except ValueError as err:
             raise ValueError(f"spec {text!r}: {err}") from None
-
-
-_ROLE = {
-    "granularity": "granularity",
-    "block_size": "granularity",
-    "scale_format": "scale format",
-    "rounding": "rounding",
-    "transform": "transform",
-    "transform_block": "transform",
-}
-_SIZED = re.compile(r"(?P<name>.*?)(?P<size>[0-9]+)")
-
-
-def _parse_option(text: str, token: str) -> dict[str, Any]:
-    """The settings one option token of the spec ``text`` gives (see :class:`QuantSpec`)."""
-    sized = _SIZED.fullmatch(token)
-    name, size = (sized["name"], int(sized["size"])) if sized else (token, None)
-    readings = []
-    if token in ROUNDINGS:
-        readings.append({"rounding": token})
-    if token in INTEGER_GRANULARITIES:
-        readings.append({"granularity": token})
-    if name == "block":
-        block = DEFAULT_BLOCK_SIZE if size is None else size
-        readings.append({"granularity": "block", "block_size": block})
-    if token in list_scale_formats():
-        readings.append({"scale_format": token})
-    if name in list_transforms():
-        block = DEFAULT_TRANSFORM_BLOCK if size is None else size
-        readings.append({"transform": name, "transform_block": block})
-    if len(readings) == 1:
-        return readings[0]
-    if readings:
-        roles = " and ".join(sorted({_ROLE[next(iter(r))] for r in readings}))
-        raise ValueError(f"spec {text!r}: option {token!r} is ambiguous (both {roles})")
-    if not token:
-        raise ValueError(f"spec {text!r}: empty option (two '{SEPARATOR}' in a row?)")
-    raise ValueError(
-        f"spec {text!r}: unknown option {token!r}; expected a granularity "
-        f"({', '.join(INTEGER_GRANULARITIES)}, block<N>), a scale format "
-        f"({', '.join(list_scale_formats())}), a rounding ({', '.join(ROUNDINGS)}) or a "
-        f"transform ({', '.join(f'{t}<N>' for t in list_transforms())})"
-    )
 
 
 OPERAND_BITS = 8
@@ -288,8 +282,12 @@ class QuantConfig:
             both backward products unless ``grad_for_weight_grad`` is given. Stochastic
             rounding by default: rounding to nearest biases every small gradient component
             towards zero, and the bias accumulates over training.
-        weight: forward quantizer of the weight, one scale per output channel by default.
-        activation: forward quantizer of the layer input.
+        weight: forward quantizer of the weight, one scale per output channel by default; blocks
+            and tiles run along the input features (a convolution's input channels, per
+            kernel tap: the contraction axis of an implicit GEMM on channels-last data).
+        activation: forward quantizer of the layer input (blocks along its features, or a
+            convolution's channels). Any spec under ``"simulate"`` with full-precision
+            ``backward_operand_bits``; integer specs otherwise.
         backend: a registered backend (:mod:`metagrad.backward`): ``"simulate"`` (quantize,
             then compute in float) or ``"int8"`` (integer products; :mod:`metagrad.backward.int8`).
         backward_operand_bits: bits of the other operand of each backward product (the weight
@@ -299,7 +297,9 @@ class QuantConfig:
             reproduces int8's numbers. The ``"int8"`` backend always uses 8-bit operands.
         grad_for_weight_grad: the error's quantizer in ``dL/dW`` (None: ``grad``).
         weight_for_input_grad: the weight's quantizer in ``dL/dx`` (None: as
-            ``backward_operand_bits`` says).
+            ``backward_operand_bits`` says: the forward pass's weight, quantized there if
+            ``weight`` says so, or 8-bit codes). Given, it quantizes the full-precision weight,
+            as hardware recipes quantize a transposed operand from its high-precision copy.
         input_for_weight_grad: the layer input's quantizer in ``dL/dW`` (None: likewise).
 
     With integer ``grad`` specs and no per-product spec, the backward products run on the
@@ -336,12 +336,16 @@ class QuantConfig:
             raise ValueError(
                 "give either backward_operand_bits or per-product operand specs, not both"
             )
-        for name in ("weight", "activation"):
-            if not getattr(self, name).is_integer:
-                raise ValueError(
-                    f"QuantConfig.{name} (forward quantization) takes integer specs, "
-                    f"got {getattr(self, name)}"
-                )
+        eight = BACKENDS.lookup(self.backend).operand_bits is not None
+        if eight or self.backward_operand_bits != FULL_PRECISION_BITS:
+            for name in ("weight", "activation"):
+                if not getattr(self, name).is_integer:
+                    raise ValueError(
+                        f"QuantConfig.{name} (forward quantization) takes integer specs with "
+                        f"8-bit backward operands (backend {self.backend!r}, "
+                        f"backward_operand_bits {self.backward_operand_bits}), got "
+                        f"{getattr(self, name)}"
+                    )
 
     @classmethod
     def from_specs(cls, **settings: Any) -> QuantConfig:
@@ -367,6 +371,14 @@ class QuantConfig:
     def without_backward(self, **changes: Any) -> QuantConfig:
         """This config with a full-precision backward pass (and ``changes``, as above)."""
         return dataclasses.replace(self, **{**FULL_PRECISION_BACKWARD, **changes})
+
+    @property
+    def requantizes_operands(self) -> bool:
+        """Whether a backward product quantizes, with its own spec, an operand that the
+        forward pass quantizes too: the layer then keeps the full-precision operand for it."""
+        return (self.weight.enabled and self.weight_for_input_grad is not None) or (
+            self.activation.enabled and self.input_for_weight_grad is not None
+        )
 
     @property
     def uses_integer_path(self) -> bool:

@@ -3,9 +3,10 @@
 :class:`CheckpointState` is the part of the :class:`~metagrad.training.trainer.Trainer` that
 turns the run into a state dict (model, optimizer, schedule, position in the data, history,
 timings and every rank's random-number state) and back, refusing a checkpoint whose settings or
-dataset differ from the run's. Every field is type-checked (:func:`state_problem`) before any is
-restored, so a damaged or hand-edited checkpoint is one line naming the field, never a crash
-later in training.
+dataset differ from the run's. With ``--shard fsdp`` the model and optimizer state are shards
+beside it (:mod:`metagrad.training.sharded`), which the state dict names. Every field is
+type-checked (:func:`state_problem`) before any is restored, so a damaged or hand-edited
+checkpoint is one line naming the field, never a crash later in training.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from metagrad.parallel import distributed
 from metagrad.training.config import HYPER_KEYS, RESUMABLE_KEYS, TrainConfig
 from metagrad.training.records import peak_memory_mb
 from metagrad.training.run_files import CHECKPOINT, is_number
+from metagrad.training.sharded import (
+    PARTS,
+    SHARDS_NAME,
+    load_shards,
+    local_tensors,
+    on_every_rank,
+    save_shards,
+    weights_state,
+)
 from metagrad.training.tasks import Loader, Task
 
 if TYPE_CHECKING:
@@ -31,8 +41,10 @@ __all__ = ["CheckpointState", "nonfinite_entries", "state_problem"]
 
 
 def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
-    """Paths of the floating-point tensors in a (nested) state dict that hold NaN or inf."""
+    """Paths of the floating-point tensors in a (nested) state dict that hold NaN or inf (of
+    this rank's shard, for a DTensor)."""
     if isinstance(state, Tensor):
+        [state] = local_tensors([state])
         finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
         return [] if finite else [prefix or "tensor"]
     items = (
@@ -129,6 +141,20 @@ def _epoch_record(value: Any) -> bool:
     )
 
 
+def _shards(value: Any) -> bool:
+    """What ``checkpoint.pt`` records of its shard directory (``--shard fsdp``)."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("name"), str)
+        and SHARDS_NAME.fullmatch(value["name"]) is not None
+        and isinstance(value.get("parts"), list)
+        and "model" in value["parts"]
+        and set(value["parts"]) <= set(PARTS)
+        and isinstance(value.get("sha256"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in value["sha256"].items())
+    )
+
+
 def _rank_rng(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -159,6 +185,7 @@ _OPTIONAL: dict[str, Check] = {
     "rank_rng": _list_of(_rank_rng, "a dict of uint8 torch_rng and cuda_rng", optional=True),
     "comm": _list_of(_is_dict, "a dict", optional=True),
     "grad_scaler": _is(_is_dict, "a state dict", optional=True),
+    "shards": _is(_shards, "a dict of name (shards-stepNNNNNN), parts and sha256", optional=True),
 }
 """Fields a checkpoint of an earlier version may lack (they take their defaults)."""
 
@@ -166,9 +193,10 @@ _OPTIONAL: dict[str, Check] = {
 def state_problem(state: dict[str, Any]) -> str | None:
     """What is wrong with a checkpoint's fields (``"step_seconds[0] is 'a', expected a finite
     number"``), or None: every field :meth:`CheckpointState._load_state` reads is checked."""
+    in_shards = set(PARTS) if state.get("shards") is not None else set()
     for key, check in (*_REQUIRED.items(), *_OPTIONAL.items()):
         if key not in state:
-            if key in _REQUIRED:
+            if key in _REQUIRED and key not in in_shards:
                 return f"lacks {key!r}"
             continue
         problem = check(state[key])
@@ -206,17 +234,23 @@ class CheckpointState:
     gradient_records: list[dict[str, Any]]
     skipped_steps: int
     nonfinite_steps: int
+    sharded: bool
+    """``--shard fsdp``: the model and optimizer state are saved as shards (even by one process)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The run's state; under torchrun a collective (every rank's RNG state is gathered)."""
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        weights = (
+            {}  # --shard fsdp: in shards (_save_weights)
+            if self.sharded
+            else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        )
         return {
             "config": self.cfg.to_dict(),
             "dataset": self.task.signature(self.data),
             "world_size": self.dist.world_size if self.dist else 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "scheduler": self.scheduler.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
             "history": self.history,
@@ -233,6 +267,31 @@ class CheckpointState:
             "skipped_steps": self.skipped_steps,
             "nonfinite_steps": self.nonfinite_steps,
         }
+
+    def _save_weights(self, state: dict[str, Any]) -> None:
+        """Refuse to save a non-finite model or optimizer state (``FloatingPointError``); with
+        ``--shard fsdp`` write them as shards (every rank) and name those in ``state``.
+
+        Sharded, each rank checks its own shards and the verdict is all-reduced.
+        """
+        sharded = self.sharded
+        weights = weights_state(self.model, self.optimizer, self.cfg.method) if sharded else state
+        bad = nonfinite_entries({k: weights[k] for k in PARTS if k in weights})
+        if sharded and self.dist is not None and not on_every_rank(not bad, self.device):
+            bad = bad or ["another rank's shards"]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values in {', '.join(bad[:3])} at step {self.step}; checkpoint not "
+                f"written, {self._last_good()}"
+            )
+        if sharded:
+            state["shards"] = save_shards(weights, self.out, self.step)
+
+    def _last_good(self) -> str:
+        """Where the run's last good state is, for the messages of a run that stops."""
+        if (self.out / CHECKPOINT).exists():
+            return f"{self.out / CHECKPOINT} keeps the last good state"
+        return f"no checkpoint was written yet in {self.out}"
 
     def _gather_rng(self, rng: Tensor, cuda_rng: Tensor | None) -> list[dict[str, Any]] | None:
         """Every rank's random-number states (torchrun runs), else None."""
@@ -293,9 +352,20 @@ class CheckpointState:
             raise CheckpointError(
                 f"cannot resume {self.out}: the dataset differs from the run's ({diffs})"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        shards = state.get("shards")
+        if self.sharded != (shards is not None):
+            held = "shards" if shards is not None else "no shards"
+            raise CheckpointError(f"{self.out / CHECKPOINT} holds {held}, unlike this run")
+        if shards is None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_shards(self.model, self.optimizer, self.cfg.method, self.out, shards)
         self.scheduler.load_state_dict(state["scheduler"])
+        if shards is not None and "optimizer" not in shards["parts"]:  # its learning rates
+            lrs = self.scheduler.get_last_lr()
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
         pos = state["position"]
         self.epoch, self.batch, self.step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
         if not (0 <= self.batch <= len(self.loader) and self.epoch >= 0 and self.step >= 0):

@@ -21,11 +21,12 @@ from metagrad.backward.backend import list_backends
 from metagrad.meta.forms import HYPERNET_FORMS
 from metagrad.meta.hyper import HYPERNET_KINDS
 from metagrad.meta.updates import BASE_RULES
-from metagrad.models import list_models
+from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, list_models
 from metagrad.parallel.comm import COMM_BITS
 from metagrad.parallel.distributed import DEFAULT_TIMEOUT
 from metagrad.plugins import PluginError, load_plugins
 from metagrad.quant.presets import list_presets, preset_config
+from metagrad.quant.recipes import get_recipe, list_recipes, recipe_config
 from metagrad.quant.spec import (
     FULL_PRECISION_BITS,
     INTEGER_GRANULARITIES,
@@ -40,6 +41,9 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
 ROUTE_MODES = ("auto", "measured", "fixed")
 NONFINITE_POLICIES = ("stop", "skip")
+SHARD_MODES = ("ddp", "fsdp")
+FSDP_METHODS = ("plain", "metagrad")
+"""The methods that train under ``shard 'fsdp'``."""
 
 SPEC_KEYS = {
     "grad_spec": "grad",
@@ -97,6 +101,7 @@ class TrainConfig:
     grad_rounding: str = "stochastic"
     grad_granularity: str = "tensor"
     grad_quant: str | None = None
+    recipe: bool = False
     grad_spec: str | None = None
     grad_spec_wgrad: str | None = None
     weight_spec_dgrad: str | None = None
@@ -122,6 +127,7 @@ class TrainConfig:
     threads: int = 0
     nonfinite: str = "stop"
     comm_bits: int = 32
+    shard: str = "ddp"
     dist_timeout: float = DEFAULT_TIMEOUT
     max_steps: int = 0
     out: str = "runs/default"
@@ -148,6 +154,7 @@ class TrainConfig:
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("routes", self.routes, ROUTE_MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _choice("shard", self.shard, SHARD_MODES)
         _require(
             self.comm_bits in COMM_BITS,
             f"comm_bits must be one of {', '.join(map(str, COMM_BITS))}; got {self.comm_bits!r}",
@@ -166,6 +173,8 @@ class TrainConfig:
             not (self.amp == "fp16" and self.method == "metagrad"),
             "amp 'fp16' needs loss scaling, which MetaGrad's step does not do; use amp 'bf16'",
         )
+        if self.shard == "fsdp":
+            self._validate_fsdp()
         _choice("backend", self.backend, tuple(list_backends()))
         _choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _choice("grad_granularity", self.grad_granularity, INTEGER_GRANULARITIES)
@@ -174,6 +183,29 @@ class TrainConfig:
             self.quant_config()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _validate_fsdp(self) -> None:
+        """What ``shard 'fsdp'`` does not combine with, one line each."""
+        _require(
+            self.comm_bits == 32,
+            f"comm_bits {self.comm_bits} is a DDP communication hook; shard 'fsdp' "
+            "reduce-scatters float32 gradients (use comm_bits 32, or shard 'ddp')",
+        )
+        _require(
+            self.method in FSDP_METHODS,
+            f"method {self.method!r} does not train under shard 'fsdp' yet (its optimizer "
+            "state is not sharded); use shard 'ddp'",
+        )
+        _require(
+            self.amp != "fp16",
+            "amp 'fp16' with shard 'fsdp': the loss scaler would check each rank's gradient "
+            "shards alone; use amp 'bf16'",
+        )
+        _require(
+            self.diag_every == 0,
+            "diag_every runs the model on rank 0 alone, which a sharded model cannot; use "
+            "shard 'ddp' for gradient diagnostics",
+        )
 
     def _validate_specs(self) -> None:
         """Refuse settings that contradict each other: a spec and the settings it replaces, a
@@ -187,9 +219,14 @@ class TrainConfig:
                     f"{spec} {getattr(self, spec)!r} replaces {name}; {name} {value!r} "
                     "would be ignored (give one or the other)",
                 )
+        _require(
+            not self.recipe or self.grad_quant is not None, "recipe needs grad_quant: a preset"
+        )
         if self.grad_quant is None:
             return
         _choice("grad_quant", self.grad_quant, tuple(list_presets()))
+        if self.recipe:
+            self._validate_recipe(defaults)
         preset = preset_config(self.grad_quant)
         fixed = {name: defaults[name] for name in SPEC_REPLACES["grad_spec"]}
         fixed.update(dict.fromkeys(PRESET_FIXES))
@@ -202,6 +239,21 @@ class TrainConfig:
             _require(
                 value == default,
                 f"grad_quant {self.grad_quant!r} fixes the gradient quantizer; "
+                f"{name} {value!r} would be ignored (give one or the other)",
+            )
+
+    def _validate_recipe(self, defaults: dict[str, Any]) -> None:
+        """A recipe sets every quantizer of its layers: refuse the settings it would ignore."""
+        _require(
+            self.grad_quant in list_recipes(),
+            f"grad_quant {self.grad_quant!r} has no recipe; recipes: {', '.join(list_recipes())}",
+        )
+        fixed = ("weight_bits", "act_bits", "weight_spec", "act_spec")
+        for name in (*fixed, "weight_spec_dgrad", "input_spec_wgrad"):
+            value = getattr(self, name)
+            _require(
+                value == defaults[name],
+                f"recipe {self.grad_quant!r} fixes the forward and backward quantizers; "
                 f"{name} {value!r} would be ignored (give one or the other)",
             )
 
@@ -258,7 +310,9 @@ class TrainConfig:
             activation=specs["activation"] or QuantSpec(self.act_bits, "nearest", "tensor"),
             grad_for_weight_grad=specs["grad_for_weight_grad"],
         )
-        if self.grad_quant is not None:
+        if self.grad_quant is not None and self.recipe:
+            config = recipe_config(self.grad_quant, config)
+        elif self.grad_quant is not None:
             config = preset_config(self.grad_quant, config)
         operands = {
             key: specs[key]
@@ -266,6 +320,14 @@ class TrainConfig:
             if specs[key] is not None
         }
         return dataclasses.replace(config, backend=self.backend, **operands)
+
+    def high_precision_layers(self) -> tuple[str, ...]:
+        """Qualified names of the layers the run keeps in full precision (``fp_first_last``,
+        and the recipe's)."""
+        names = (FIRST_CONV_NAME, CLASSIFIER_NAME) if self.fp_first_last else ()
+        if self.recipe and self.grad_quant is not None:
+            names += get_recipe(self.grad_quant).high_precision
+        return tuple(dict.fromkeys(names))
 
     def _spec(self, name: str) -> QuantSpec | None:
         """The spec setting ``name`` as a :class:`QuantSpec` (None where not given)."""

@@ -15,6 +15,7 @@ from metagrad.models import list_models
 from metagrad.parallel.comm import COMM_BITS
 from metagrad.quant.formats import list_formats
 from metagrad.quant.presets import list_presets
+from metagrad.quant.recipes import list_recipes
 from metagrad.quant.scaling import list_scale_formats
 from metagrad.quant.transforms import list_transforms
 from metagrad.training.config import SPEC_KEYS, TrainConfig
@@ -24,9 +25,10 @@ def help_texts() -> dict[str, str]:
     """Each setting's flag help, naming the choices its registry holds now."""
     spec = (
         "in the spec syntax: a number format ({formats}), then any of a granularity (tensor, "
-        "channel, sample, block<N>), a scale format ({scales}), a rounding (nearest, "
-        "stochastic) and a transform ({transforms}), joined by ':' (left out: tensor, "
-        "float32, nearest, no transform), e.g. "
+        "channel, sample, block<N>, tile<N>), a scale format ({scales}; -floor or -nearest: "
+        "its scale rounding), a rounding (nearest, stochastic), dither<bits>, pre<factor> and "
+        "a transform ({transforms}), joined by ':' (left out: tensor, float32, nearest, no "
+        "transform), e.g. "
     ).format(
         formats=", ".join(["fp32", *list_formats()]),
         scales=", ".join(list_scale_formats()),
@@ -57,13 +59,17 @@ def help_texts() -> dict[str, str]:
         "input_spec_wgrad": "quantizer of the layer input in the weight-gradient product dL/dW "
         "(spec syntax, as --grad-spec); default: full precision",
         "weight_bits": "forward (QAT) bits of weights, 32 = off",
-        "weight_spec": "forward (QAT) quantizer of weights, an integer spec (e.g. int8:channel); "
-        "replaces --weight-bits",
+        "weight_spec": "forward (QAT) quantizer of weights (e.g. int8:channel, "
+        "fp4_e2m1:tile16:e4m3-nearest; integer specs under --backend int8); replaces "
+        "--weight-bits",
         "act_bits": "forward (QAT) bits of activations, 32 = off",
-        "act_spec": "forward (QAT) quantizer of activations, an integer spec (e.g. int8); "
-        "replaces --act-bits",
+        "act_spec": "forward (QAT) quantizer of activations (e.g. int8; integer specs under "
+        "--backend int8); replaces --act-bits",
+        "recipe": "with --grad-quant: its paper's whole training recipe "
+        f"({', '.join(list_recipes())}): the forward pass, both backward operands, the layers "
+        "kept in full precision (docs/quantizers.md)",
         "backend": f"a registered backend ({', '.join(list_backends())}): simulate computes "
-        "the products in float, int8 on integers",
+        "the products in float, int8 on integers, fp8 as FP8 GEMMs (Linear layers, FP8 grad specs)",
         "fp_first_last": "keep the first conv and the classifier unquantized",
         "method": "plain quantized gradients or MetaGrad's hypernetwork correction",
         "hyper": f"hypernetwork kind ({', '.join(HYPERNET_KINDS)}; MetaGrad)",
@@ -90,6 +96,10 @@ def help_texts() -> dict[str, str]:
         "it, or skip it and count it (summary.json: nonfinite_steps)",
         "comm_bits": f"under torchrun: bits of the gradient all-reduce ({comm}; 16: bfloat16; "
         "8 or 4: stochastically rounded integers with block scales)",
+        "shard": "under torchrun: ddp (every rank holds the model, DistributedDataParallel) or "
+        "fsdp (parameters, gradients and optimizer state sharded over the ranks with FSDP2, "
+        "checkpoints in shards; one process trains unsharded); fsdp takes method plain, "
+        "comm-bits 32",
         "dist_timeout": "under torchrun: seconds a collective waits for the other ranks; then "
         "every rank stops with one line naming the ranks that did not answer",
         "max_steps": "stop after this many steps in total (0: no limit)",

@@ -96,11 +96,14 @@ def communication_summary(
     model: nn.Module,
     comm_state: QuantizedHookState | None,
     steps: int,
+    sharded: bool = False,
 ) -> dict[str, Any] | None:
     """Bytes each rank sent per step for the model's gradients (torchrun runs), else None.
 
     Counted by the quantized hook (``comm_state``); otherwise the ring all-reduce's cost model
     (32 and 16 bits) or the quantized payload of one all-reduce of every gradient (MetaGrad).
+    ``sharded`` (FSDP2): the ring model of an all-gather of the parameters in the forward and
+    again in the backward, and a reduce-scatter of the gradients, each half an all-reduce.
     """
     if not dist:
         return None
@@ -110,12 +113,15 @@ def communication_summary(
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if comm_state is not None and comm_state.calls:
         per_step, how = comm_state.bytes_sent / max(1, steps), "counted"
+    elif sharded:
+        per_step, how = 1.5 * ring_all_reduce_bytes(numel, 4, world_size), "fsdp ring model"
     elif comm_bits in (32, 16):
         per_step, how = ring_all_reduce_bytes(numel, comm_bits // 8, world_size), "ring model"
     else:
         per_step, how = payload_bytes(numel, comm_bits, world_size), "payload"
     return {
         "world_size": dist.world_size,
+        "shard": "fsdp" if sharded else "ddp",
         "comm_bits": comm_bits,
         "bytes_per_step": per_step,
         "bytes_how": how,
@@ -145,16 +151,19 @@ def gradient_record(cfg: TrainConfig) -> dict[str, Any]:
     record = {
         "method": cfg.method,
         "preset": cfg.grad_quant,
+        "recipe": cfg.recipe,
         "grad_spec": str(error_dx),
         "grad_spec_wgrad": str(error_dw),
         "weight_spec_dgrad": str(weight_dx),
         "input_spec_wgrad": str(input_dw),
     }
     label = cfg.grad_quant or str(error_dx)
+    if cfg.recipe:
+        label += " recipe"
     if cfg.grad_quant is None and error_dw != error_dx:
         label += f", wgrad {error_dw}"
     for name, spec in (("weight", weight_dx), ("input", input_dw)):
-        if spec.enabled:
+        if spec.enabled and not cfg.recipe:
             label += f", {name} {spec}"
     record["label"] = f"metagrad+{label}" if cfg.method == "metagrad" else label
     return record

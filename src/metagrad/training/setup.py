@@ -13,7 +13,7 @@ from torch import nn
 from metagrad import kernels
 from metagrad.backward.int8.routes import ROUTES, ROUTES_ENV, set_routes
 from metagrad.meta.updates import get_base_rule
-from metagrad.models import CLASSIFIER_NAME, FIRST_CONV_NAME, create_model
+from metagrad.models import create_model
 from metagrad.nn.convert import quantize_
 from metagrad.training.config import ConfigError, TrainConfig
 from metagrad.training.tasks import task_for_model
@@ -79,7 +79,7 @@ def build_model(cfg: TrainConfig, dataset: Any, device: torch.device) -> nn.Modu
     an :class:`~metagrad.data.ImageDataset` or a :class:`~metagrad.data.corpus.CharCorpus`)."""
     task = task_for_model(cfg.model)
     model = create_model(cfg.model, width=cfg.width, **task.model_kwargs(dataset))
-    skip = {FIRST_CONV_NAME, CLASSIFIER_NAME} if cfg.fp_first_last else set()
+    skip = set(cfg.high_precision_layers())
     report = quantize_(model, cfg.quant_config(), filter_fn=lambda m, name: name not in skip)
     model.quantization_coverage = report.to_dict()  # for the run's summary
     model = model.to(device, memory_format=torch.channels_last)

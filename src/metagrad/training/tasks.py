@@ -189,11 +189,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = len(images)
+    spare = images[:1]
     if dist_run is not None:
         lo, hi = distributed.shard_bounds(total, dist_run.rank, dist_run.world_size)
         images, labels = images[lo:hi], labels[lo:hi]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
-    for i in range(0, len(images), EVAL_BATCH):
+    for i in range(0, _calls(total, EVAL_BATCH, dist_run) * EVAL_BATCH, EVAL_BATCH):
+        if i >= len(images):  # a call that only keeps the ranks in step
+            model(normalize(spare.to(device), mean, std))
+            continue
         x = normalize(images[i : i + EVAL_BATCH].to(device), mean, std)
         y = labels[i : i + EVAL_BATCH].to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -205,6 +209,15 @@ def evaluate(
     model.train(was_training)
     loss_sum, correct = sums.tolist()
     return loss_sum / total, 100.0 * correct / total
+
+
+def _calls(total: int, size: int, dist_run: distributed.Distributed | None) -> int:
+    """Forward calls of a rank's evaluation of ``total`` items in batches of ``size``: rank 0's
+    (its part is the largest) on every rank, since a sharded model's forward is a collective."""
+    if dist_run is not None:
+        lo, hi = distributed.shard_bounds(total, 0, dist_run.world_size)
+        total = hi - lo
+    return -(-total // size)
 
 
 @dataclass
@@ -320,12 +333,16 @@ def evaluate_windows(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total = targets.numel()
+    total, spare = targets.numel(), inputs[:1]
+    calls = _calls(len(inputs), EVAL_WINDOWS, dist_run)
     if dist_run is not None:
         lo, hi = distributed.shard_bounds(len(inputs), dist_run.rank, dist_run.world_size)
         inputs, targets = inputs[lo:hi], targets[lo:hi]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
-    for i in range(0, len(inputs), EVAL_WINDOWS):
+    for i in range(0, calls * EVAL_WINDOWS, EVAL_WINDOWS):
+        if i >= len(inputs):  # a call that only keeps the ranks in step
+            model(spare.to(device))
+            continue
         x = inputs[i : i + EVAL_WINDOWS].to(device)
         y = targets[i : i + EVAL_WINDOWS].to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -3,7 +3,7 @@
 What is trained on (data, batches, loss, evaluation, metrics) comes from the model's task
 (:mod:`metagrad.training.tasks`); what a run is built from, from :mod:`metagrad.training.setup`;
 what its checkpoint holds, from :mod:`metagrad.training.checkpoint_state`; the files it writes,
-from :mod:`metagrad.training.run_files`.
+from :mod:`metagrad.training.run_files`; ``--shard fsdp``, from :mod:`metagrad.training.sharded`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from metagrad.checkpoint import (
 from metagrad.meta.diagnostics import gradient_report
 from metagrad.nn.layers import quantized_layers
 from metagrad.parallel import distributed
-from metagrad.training.checkpoint_state import CheckpointState, nonfinite_entries
+from metagrad.training.checkpoint_state import CheckpointState
 from metagrad.training.config import ConfigError, TrainConfig
 from metagrad.training.records import (
     communication_summary,
@@ -59,6 +59,7 @@ from metagrad.training.setup import (
     resolve_routes,
     warmup_cosine,
 )
+from metagrad.training.sharded import all_finite_shards, remove_old_shards, shard_for_training
 from metagrad.training.tasks import load_dataset, task_for_model
 
 __all__ = [  # the run, and (re-exported) what its callers build and read it with
@@ -87,7 +88,8 @@ class Trainer(CheckpointState):
     """One training run in ``cfg.out``; ``fit()`` runs it (or resumes it) to the end.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains its part of every
-    global batch of ``cfg.batch_size`` under DistributedDataParallel; rank 0 writes the files.
+    global batch of ``cfg.batch_size`` under DistributedDataParallel, or FSDP2 (``cfg.shard``
+    ``fsdp``); rank 0 writes the files (with fsdp, every rank writes its shards).
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -124,7 +126,10 @@ class Trainer(CheckpointState):
         self.task = task_for_model(cfg.model)
         self.data = self.task.load_data(cfg)
         self.model = build_model(cfg, self.data, self.device)
-        self.ddp = self._wrap(self.model) if self.dist else None
+        self.sharded = cfg.shard == "fsdp"
+        if self.sharded and self.dist:
+            shard_for_training(self.model)
+        self.ddp = self._wrap(self.model) if self.dist and not self.sharded else None
         trained = self.ddp or self.model
         self.forward = torch.compile(trained) if self.compile == "model" else trained
         self.optimizer = build_optimizer(cfg, trained if cfg.method == "metagrad" else self.model)
@@ -187,17 +192,15 @@ class Trainer(CheckpointState):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, partial_record: dict[str, Any] | None = None) -> None:
-        """Write the checkpoint, metrics and summary (rank 0), only from a finite state."""
+        """Write the checkpoint, metrics and summary (rank 0), only from a finite state; with
+        ``--shard fsdp`` every rank writes its shards first, and older shards go last."""
         state = self.state_dict()
-        bad = nonfinite_entries({"model": state["model"], "optimizer": state["optimizer"]})
-        if bad:
-            raise FloatingPointError(
-                f"non-finite values in {', '.join(bad[:3])} at step {self.step}; checkpoint not "
-                f"written, {self._last_good()}"
-            )
+        self._save_weights(state)
         if not self.is_main:
             return
         save_checkpoint(state, self.out / CHECKPOINT)
+        if self.sharded:
+            remove_old_shards(self.out, state["shards"]["name"])
         records = self.history + ([partial_record] if partial_record else [])
         write_jsonl(records, self.out / METRICS)
         if self.gradient_records:
@@ -222,6 +225,8 @@ class Trainer(CheckpointState):
 
         def closure() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.sharded:  # rank 0's buffers, as DDP broadcasts them before each forward
+                self._sync_buffers()
             with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
                 out = self.forward(x)
             if world_size == 1:
@@ -266,7 +271,7 @@ class Trainer(CheckpointState):
             closure()
             loss_sum, correct = global_totals()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            applied = math.isfinite(loss_sum) and all_finite(grads)
+            applied = math.isfinite(loss_sum) and self._finite(grads)
             if applied:
                 self.optimizer.step()
             else:
@@ -279,18 +284,22 @@ class Trainer(CheckpointState):
                 for buffer, kept in zip(self.model.buffers(), buffers, strict=True):
                     buffer.copy_(kept)
             return None
-        if not all_finite(list(self.model.parameters())):
+        if not self._finite(list(self.model.parameters())):
             raise FloatingPointError(
                 f"the weights became non-finite at step {self.step} (finite loss and "
                 f"gradients); stopping, {self._last_good()}"
             )
         return loss_sum, correct
 
-    def _last_good(self) -> str:
-        """Where the run's last good state is, for the messages of a run that stops."""
-        if (self.out / CHECKPOINT).exists():
-            return f"{self.out / CHECKPOINT} keeps the last good state"
-        return f"no checkpoint was written yet in {self.out}"
+    def _finite(self, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` are finite: a sharded model's on every rank."""
+        return all_finite_shards(tensors, self.device, self.sharded and self.dist is not None)
+
+    def _sync_buffers(self, evaluating: bool = False) -> None:
+        """Rank 0's buffers (batch-norm statistics) on every rank: before each forward of a
+        sharded model, and before evaluating (DDP broadcasts them before its own forwards)."""
+        if self.dist and (self.ddp is None or (evaluating and self.ddp.broadcast_buffers)):
+            distributed.broadcast_tensors_(list(self.model.buffers()))
 
     def _nonfinite(self, loss_sum: float) -> None:
         """Apply ``--nonfinite`` to a step whose loss or gradients were not finite."""
@@ -309,8 +318,7 @@ class Trainer(CheckpointState):
             )
 
     def _epoch_record(self, seconds: float, complete: bool) -> dict[str, Any]:
-        if self.ddp is not None and self.ddp.broadcast_buffers:  # evaluate rank 0's statistics
-            distributed.broadcast_tensors_(list(self.model.buffers()))
+        self._sync_buffers(evaluating=True)  # evaluate rank 0's statistics
         test_loss, test_acc = self.task.evaluate(self.model, self.eval_split, self.amp, self.dist)
         seen = max(1, self.partial["seen"])
         record = {
@@ -430,7 +438,7 @@ class Trainer(CheckpointState):
             "nonfinite_steps": self.nonfinite_steps,
             "world_size": self.dist.world_size if self.dist else 1,
             "communication": communication_summary(
-                self.dist, self.cfg.comm_bits, self.model, self.comm_state, self.step
+                self.dist, self.cfg.comm_bits, self.model, self.comm_state, self.step, self.sharded
             ),
             "provenance": provenance(self.device),
             "gradients": gradient_record(self.cfg),

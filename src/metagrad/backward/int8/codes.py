@@ -167,7 +167,7 @@ def quantize_codes_int8(
         out.copy_(codes)
         return out, scale
     amax = _absmax(x, _spec_keep(spec, x.dim(), channel_dim)).to(scale_dtype(x))
-    scale = amax / spec.qmax
+    scale = (amax / spec.qmax).clamp_min_(torch.finfo(amax.dtype).tiny)  # as quantize_codes
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     # |x / scale| <= qmax up to rounding, so nearest rounding needs no clamp.
     _round_into(x, scale, out, divide=True)
@@ -194,7 +194,8 @@ def quantize_operand(
         extra = [d for d in fold_dims if d not in keep]
         if extra:
             amax = amax.amax(extra, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / OPERAND_QMAX)
+    scale = (amax / OPERAND_QMAX).clamp_min_(torch.finfo(amax.dtype).tiny)
+    scale = torch.where(amax == 0, torch.ones_like(amax), scale)
     scale = _nan_if_nonfinite(scale)
     factor = scale.reciprocal() if fold is None else fold / scale
     out = out if out is not None else torch.empty_like(x, dtype=torch.int8)

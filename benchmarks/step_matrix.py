@@ -1,0 +1,228 @@
+"""Every gradient route's training step side by side, on VGG-16, ViT-Tiny and the character GPT.
+
+    python -m benchmarks.step_matrix --device cuda   # -> benchmarks/results/step-matrix-cuda.json
+    python -m benchmarks.step_matrix --quick         # a smoke run: narrow models, few steps
+
+1. steps: for each model, whole training steps (forward, backward, optimizer) as ``metagrad
+   train`` runs them, under bf16 autocast with compiled kernels: plain bf16 (no quantization),
+   every gradient preset (``plain`` is INT4 stochastic; the others emulated by the ``simulate``
+   backend), the ``int8`` backend (INT8 gradients), the ``fp8`` backend (the ``fp8-e5m2``
+   preset as FP8 GEMMs) and MetaGrad on the ``plain`` preset. The settings of one model are
+   timed side by side in one process, one step of each in turn on the same batches, after
+   ``--warmup`` steps (compilation included), which are timed apart; medians kept. A setting
+   whose first step fails is left out with its error. Each model also records which of its
+   layers the ``fp8`` backend routes elsewhere, and why.
+2. layers: the backward products of transformer-MLP Linear layers: bf16, the ``fp8`` backend
+   (FP8 GEMMs where the device has them) and the same recipe emulated by ``simulate``.
+
+The JSON is written after each model, so a run stopped early keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.runner import command_line, step_batches, synthetic_data, training_step
+from benchmarks.speed import BASE, MLP_SHAPES, interleaved, machine
+from benchmarks.transformers import MODELS as TRANSFORMERS
+from metagrad.backward import fallback_report, get_backend
+from metagrad.data import load_cifar10
+from metagrad.data.corpus import load_char_corpus
+from metagrad.models import model_task
+from metagrad.quant import QuantConfig, QuantSpec, list_presets
+from metagrad.training.config import build_config
+from metagrad.training.setup import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS: dict[str, dict[str, Any]] = {"vgg16": BASE, **TRANSFORMERS}
+ROUTE = {"amp": "bf16", "compile": "kernels"}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "bf16": {"amp": "bf16", "compile": "off"},
+    **{preset: {**ROUTE, "grad_quant": preset} for preset in list_presets()},
+    "int8 backend": {**ROUTE, "grad_bits": 8, "backend": "int8"},
+    "fp8 backend": {**ROUTE, "grad_quant": "fp8-e5m2", "backend": "fp8"},
+    "metagrad plain": {**ROUTE, "grad_quant": "plain", "method": "metagrad"},
+}
+COMPARE_WITH = {"fp8 backend": "fp8-e5m2", "metagrad plain": "plain"}
+"""Besides bf16, the step each setting is judged against (the same numbers emulated; the
+quantized step MetaGrad corrects)."""
+E4M3 = QuantSpec(format="fp8_e4m3")
+
+
+def fp8_routes(base: dict[str, Any], data) -> dict[str, Any]:
+    """How many layers of the model run their products as FP8 GEMMs, and the others' reasons."""
+    cfg = build_config({**base, **SETTINGS["fp8 backend"], "out": "unused"})
+    model = build_model(cfg, data, torch.device(base["device"]))
+    report = fallback_report(model)
+    layers = [
+        n for n, m in model.named_modules() if isinstance(getattr(m, "config", None), QuantConfig)
+    ]
+    return {"layers": len(layers), "fp8": len(layers) - len(report), "elsewhere": report}
+
+
+def time_settings(
+    base: dict[str, Any], data, names: list[str], steps: int, warmup: int
+) -> dict[str, dict[str, Any]]:
+    """Median step seconds of each setting (interleaved), its warm-up, or its error."""
+    batches = step_batches(data, base, warmup + steps)
+    runs: dict[str, Callable] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            runs[name] = training_step({**base, **SETTINGS[name]}, data)
+        except Exception as err:  # a setting that cannot be built is reported, not fatal
+            rows[name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for x, y in batches:
+        for name in list(runs):
+            _sync(x.device)
+            start = time.perf_counter()
+            try:
+                runs[name](x, y)
+            except Exception as err:
+                rows[name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
+                traceback.print_exc()
+                del runs[name]
+                continue
+            _sync(x.device)
+            times[name].append(time.perf_counter() - start)
+    for name in runs:
+        median = statistics.median(times[name][warmup:])
+        rows[name] = {
+            "seconds": round(median, 5),
+            "warmup_seconds": [round(t, 3) for t in times[name][:warmup]],
+        }
+    return {name: rows[name] for name in names}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, base: dict[str, Any], data, args) -> dict[str, Any]:
+    rows = time_settings(base, data, args.settings, args.steps, args.warmup)
+    ref = rows.get("bf16", {}).get("seconds")
+    for setting, row in rows.items():
+        if "seconds" not in row:
+            print(f"{name} {setting:20s} failed: {row['error']}", flush=True)
+            continue
+        if ref:
+            row["x_bf16"] = round(row["seconds"] / ref, 3)
+        other = rows.get(COMPARE_WITH.get(setting, ""), {}).get("seconds")
+        if other:
+            row["compared_with"] = COMPARE_WITH[setting]
+            row["ratio"] = round(row["seconds"] / other, 3)
+        extra = f"  {row['ratio']:.3f}x {row['compared_with']}" if "ratio" in row else ""
+        print(
+            f"{name} {setting:20s} {row['seconds'] * 1e3:9.2f} ms  "
+            f"{row.get('x_bf16', float('nan')):.3f}x bf16{extra}",
+            flush=True,
+        )
+    return {"settings": base, "steps": rows, "fp8_routes": fp8_routes(base, data)}
+
+
+def linear_rows(device: torch.device, tokens: list[int], reps: int) -> list[dict[str, Any]]:
+    """Backward products of MLP Linear layers: bf16, the fp8 backend, its emulation."""
+    fp8, emulated = (
+        QuantConfig(grad=QuantSpec(format="fp8_e5m2"), backend="fp8"),
+        QuantConfig(
+            grad=QuantSpec(format="fp8_e5m2"),
+            weight_for_input_grad=E4M3,
+            input_for_weight_grad=E4M3,
+        ),
+    )
+    mask, dtypes = (True, True, False), (torch.bfloat16, torch.float32, None)
+    rows = []
+    for t in tokens:
+        for c_in, c_out in MLP_SHAPES:
+            x = torch.randn(t, c_in, device=device, dtype=torch.bfloat16)
+            w = (torch.randn(c_out, c_in, device=device) * 0.02).bfloat16()
+            e = (torch.randn(t, c_out, device=device) * 1e-3).bfloat16()
+            fns = {
+                "bf16": lambda e=e, w=w, x=x: (e @ w, e.t() @ x),
+                "fp8 backend": lambda e=e, w=w, x=x: get_backend("fp8").linear_backward(
+                    e, x, w, fp8, mask, dtypes, ()
+                ),
+                "fp8 emulated": lambda e=e, w=w, x=x: get_backend("simulate").linear_backward(
+                    e, x, w, emulated, mask, dtypes, ()
+                ),
+            }
+            secs = interleaved(fns, reps, 1, device)
+            row = {
+                "name": f"mlp.{t}tok.{c_in}x{c_out}",
+                "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
+                "bf16/fp8": round(secs["bf16"] / secs["fp8 backend"], 3),
+                "emulated/fp8": round(secs["fp8 emulated"] / secs["fp8 backend"], 3),
+            }
+            print(f"{row['name']:24s} {row['ms']}  bf16/fp8 {row['bf16/fp8']:.2f}x", flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip", help="CIFAR-10")
+    parser.add_argument("--quick", action="store_true", help="width 0.25, batch 16, few steps")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--parts", nargs="*", default=["steps", "layers"])
+    parser.add_argument("--steps", type=int, help="timed steps per setting (default 7; quick 2)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before timing (compile)")
+    parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 1024; CUDA 16k)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/step-matrix-<dev>")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.steps = args.steps or (2 if args.quick else 7)
+    args.warmup = min(args.warmup, 1) if args.quick else args.warmup
+    out = args.out or RESULTS / f"step-matrix-{device.type}.json"
+    data_path = Path(args.data)
+    result: dict[str, Any] = {
+        "benchmark": "step_matrix",
+        "command": command_line(),
+        "machine": machine(device),
+        "step_settings": {name: SETTINGS[name] for name in args.settings},
+        "repetitions": args.steps,
+        "warmup": args.warmup,
+    }
+
+    def write() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    if "layers" in args.parts:
+        tokens = args.tokens or ([16384] if device.type == "cuda" else [1024])
+        result["layers"] = linear_rows(device, [256] if args.quick else tokens, args.steps)
+        write()
+    for name in args.models if "steps" in args.parts else []:
+        base = {**MODELS[name], "device": device.type}
+        if args.quick:
+            base.update(width=0.25, batch_size=16)
+        if model_task(base["model"]) == "image":
+            count = base["batch_size"] * (args.warmup + args.steps)
+            data = load_cifar10(data_path) if data_path.exists() else synthetic_data(count)
+            result[f"{name}_data"] = str(data_path) if data_path.exists() else "synthetic"
+        else:
+            data = load_char_corpus()
+        result[name] = bench_model(name, base, data, args)
+        write()
+    write()
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
