@@ -221,7 +221,7 @@ def test_quantize_rejects_a_bare_layer_and_reconfigures_quantized_ones():
 
 def test_quant_config_validates():
     with pytest.raises(ValueError, match="unknown backend"):
-        QuantConfig(backend="fp8")
+        QuantConfig(backend="fp7")
     with pytest.raises(TypeError, match="QuantSpec"):
         QuantConfig(grad=4)
     assert "grad=int4," in str(_config(4))
