@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from metagrad.training.launcher import Launch, has_result, launch_runs, train_command
+from metagrad.cli import build_parser
+from metagrad.training.launcher import (
+    Launch,
+    has_result,
+    launch_runs,
+    train_command,
+    train_flags,
+)
 from metagrad.training.run_files import is_finished
 
 TINY = {
@@ -89,3 +96,13 @@ def test_benchmark_runs_train_then_read_their_records(tmp_path):
     again = train_runs(runs, "digits", tmp_path)
     assert again == first  # read, not trained again
     assert (tmp_path / "fp32" / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_train_flags_are_what_the_command_line_parses():
+    """Every setting a benchmark passes reaches ``metagrad train`` as given: switches as
+    ``--NAME`` / ``--no-NAME``, everything else as ``--NAME VALUE``."""
+    settings = {"grad_quant": "bhq", "recipe": True, "progress": False, "lr": 0.05, "epochs": 2}
+    flags = train_flags(settings)
+    assert flags[:3] == ["--grad-quant", "bhq", "--recipe"] and "--no-progress" in flags
+    parsed = vars(build_parser().parse_args(["train", *flags]))
+    assert {k: parsed[k] for k in settings} == settings

@@ -62,10 +62,15 @@ class Launch:
 
 
 def train_flags(settings: dict[str, Any]) -> list[str]:
-    """``{"grad_bits": 4}`` -> ``["--grad-bits", "4"]``."""
+    """``{"grad_bits": 4, "recipe": True}`` -> ``["--grad-bits", "4", "--recipe"]`` (a false
+    switch: ``--no-NAME``)."""
     flags = []
     for key, value in settings.items():
-        flags += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
     return flags
 
 
