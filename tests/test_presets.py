@@ -1,6 +1,7 @@
 """The published gradient quantizers (metagrad.quant.presets), each against a property of its
 paper."""
 
+import dataclasses
 import math
 
 import pytest
@@ -237,3 +238,33 @@ def test_every_preset_trains_a_linear_layer_close_to_full_precision(name):
     for got, ref in ((x.grad, ref_x), (w.grad, ref_w)):
         cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
         assert cos > 0.9
+
+
+def test_bhq_scaling_is_its_reference_codes_and_stays_unbiased():
+    """BHQ's per-group diagonal scaling (Chen et al. 2020, reference code): the large sample of a
+    group times (lambda_1 / sqrt(g))**(-1/3), the small ones times
+    (lambda_2 h_max / (g - 1))**(-1/3); T^-1 Q(T x) is still unbiased."""
+    from metagrad.quant.transforms import BlockHouseholder, get_transform
+
+    g = 4
+    x = _gradient(rows=8) * 1e-2
+    x[5] *= 300  # one dominant sample
+    rows = x.T.contiguous()  # along the samples
+    scaled = get_transform("bhqs", g)
+    assert scaled == BlockHouseholder(g, scaled=True)
+    state = scaled.prepare(rows, None)
+    torch.testing.assert_close(scaled.inverse(scaled.forward(rows, state), state), rows)
+    top = x.abs().amax(1)  # each sample's magnitude
+    large, small = state.order[0::g], state.order.reshape(-1, g)[:, 1:]
+    assert int(large[0]) == 5
+    h_max = state.reflection.abs().max()
+    expected_large = (top[large] / math.sqrt(g)) ** (-1 / 3)
+    expected_small = (top[small].amax(1) * h_max / (g - 1)) ** (-1 / 3)
+    torch.testing.assert_close(state.scale[0::g], expected_large)
+    torch.testing.assert_close(
+        state.scale.reshape(-1, g)[:, 1:], expected_small[:, None].expand(-1, g - 1)
+    )
+    spec = dataclasses.replace(preset_config("bhq").grad, transform="bhqs", transform_block=g)
+    draws = _draws(x, spec, 2000)
+    error = (draws.mean(0) - x).abs().max()
+    assert error < 6 * draws.std(0).max() / math.sqrt(2000)

@@ -56,12 +56,15 @@ def test_every_paper_preset_has_a_recipe_and_plain_has_none():
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_keeps_its_presets_error_format(name):
     """The recipe adds to the preset: its error quantizers are the preset's (Tseng et al.'s
-    MXFP4 recipe with its own Hadamard size and pre-scale)."""
+    MXFP4 recipe with its own Hadamard size and pre-scale; BHQ's with its diagonal scaling)."""
     config, preset = get_recipe(name).config, preset_config(name)
     if name == "rht-mxfp4":
         ours, theirs = config.grad, preset.grad
         same = ("format", "block_size", "scale_format", "scale_rounding", "rounding")
         assert all(getattr(ours, f) == getattr(theirs, f) for f in same)
+    elif name == "bhq":
+        scaled = dataclasses.replace(preset.grad, transform="bhqs")
+        assert config.backward_specs[:2] == (scaled, scaled)
     else:
         assert config.backward_specs[:2] == preset.backward_specs[:2]
 

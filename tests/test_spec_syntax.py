@@ -17,7 +17,11 @@ from metagrad.quant.spec import (
 )
 
 # transform -> block sizes it takes
-TRANSFORM_BLOCKS = {"rht": [2, 4, 16, 32, 128, 1024], "bhq": [2, 3, 8, 100, 1024]}
+TRANSFORM_BLOCKS = {
+    "rht": [2, 4, 16, 32, 128, 1024],
+    "bhq": [2, 3, 8, 100, 1024],
+    "bhqs": [2, 3, 8, 100, 1024],
+}
 
 
 def _random_spec(rng: random.Random) -> QuantSpec:

@@ -11,7 +11,8 @@ rht-nvfp4 --recipe``; ``quantize_(model, get_recipe(name).layer_configs())`` con
 ``psq``, ``bhq``  Chen et al. 2020: the preset's error quantizer; forward weights and
                 activations in INT8 (one scale per tensor, to nearest), which are also the
                 other operand of each backward product; first and last layer in full
-                precision. BHQ's per-group diagonal scaling is not implemented.
+                precision. BHQ's recipe adds the per-group diagonal scaling of its
+                reference code (the ``bhqs`` transform of :mod:`metagrad.quant.transforms`).
 ``luq``         Chmiel et al. 2023: the LUQ error quantizer; forward weights and activations
                 in INT4 (one scale per tensor, to nearest; max scaling where the paper uses
                 SAWB), which are also the other backward operands; first and last layer in
@@ -119,7 +120,9 @@ def psq() -> Recipe:
 @register_recipe("bhq")
 def bhq() -> Recipe:
     int8 = QuantSpec(bits=8)
-    return Recipe(_forward("bhq", int8, int8))
+    config = _forward("bhq", int8, int8)
+    scaled = dataclasses.replace(config.grad, transform="bhqs")  # the per-group diagonal scaling
+    return Recipe(dataclasses.replace(config, grad=scaled))
 
 
 @register_recipe("luq")

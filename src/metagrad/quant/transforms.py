@@ -15,6 +15,12 @@ a quantized product on transformed operands is exact.
   magnitude; the ``n/g`` largest are each put in a group with ``g - 1`` of the smallest, and a
   Householder reflection maps the large one onto the group's mean direction, so its magnitude is
   shared by ``g`` samples before a per-sample quantizer sees them.
+- ``bhqs``: ``bhq`` with the paper's per-group diagonal scaling before the reflection (its
+  reference code's ``s``): the large sample times ``(lambda_1 / sqrt(g))**(-1/3)``, the small ones
+  times ``(lambda_2 h_max / (g - 1))**(-1/3)``, with ``lambda_1`` the large sample's magnitude,
+  ``lambda_2`` the largest of the small ones' and ``h_max`` the reflection's largest entry. The
+  scaling makes the transform invertible but not orthogonal; the quantizer computes
+  ``T^-1 Q(T t)``, unbiased for any invertible ``T``.
 
 A row whose length is not a multiple of the block is zero-padded; the quantizer drops the padded
 positions after the inverse (a projection: still unbiased, never a larger error).
@@ -49,7 +55,8 @@ Axis = Literal["inner", "sample"]
 
 @runtime_checkable
 class Transform(Protocol):
-    """An orthogonal map of the rows of a ``(rows, length)`` matrix."""
+    """An invertible map of the rows of a ``(rows, length)`` matrix (orthogonal along the
+    ``inner`` axis, where the two operands' transforms cancel in their product)."""
 
     axis: ClassVar[Axis]  # "inner": the product's contraction axis; "sample": dim 0
     data_dependent: ClassVar[bool]  # whether prepare reads the values (else only the shape)
@@ -165,6 +172,7 @@ class _BHQState:
     order: Tensor  # positions: each group's (its large one first), then those in no group
     inverse_order: Tensor  # the permutation that undoes ``order``
     reflection: Tensor  # (g, g): the Householder reflection of one group, symmetric orthogonal
+    scale: Tensor | None = None  # per position of ``order``: the diagonal scaling (``scaled``)
 
 
 @dataclass(frozen=True)
@@ -177,13 +185,15 @@ class BlockHouseholder:
     Positions in no group are left as they are. The transformed row lists the groups one after
     another (``T = R P``: a permutation, then the block reflection, still orthogonal), so that
     the reflection runs on contiguous memory. Its entries are not exact in bf16, so the
-    transform runs in float32.
+    transform runs in float32. ``scaled``: ``T = R S P`` with the paper's per-group diagonal
+    scaling ``S`` (module docs), invertible, no longer orthogonal.
     """
 
     axis: ClassVar[Axis] = "sample"
     data_dependent: ClassVar[bool] = True
     low_precision: ClassVar[bool] = False
     group: int = 8
+    scaled: bool = False
 
     def __post_init__(self) -> None:
         g = self.group
@@ -209,7 +219,22 @@ class BlockHouseholder:
         v[0] += 1
         v = v / v.norm()
         reflection = torch.eye(g, dtype=t.dtype, device=t.device) - 2 * torch.outer(v, v)
-        return _BHQState(order, order.argsort(), reflection)
+        scale = None
+        if self.scaled and n_groups and g > 1:
+            tiny = torch.finfo(t.dtype).tiny
+            large_size = top[large].clamp_min(tiny)  # lambda_1 of each group
+            small_size = top[groups[:, 1:]].amax(dim=1).clamp_min(tiny)  # lambda_2
+            h_max = reflection.abs().max()
+            grouped = torch.stack(
+                [
+                    (large_size / math.sqrt(g)).pow(-1 / 3),
+                    (small_size * h_max / (g - 1)).pow(-1 / 3),
+                ],
+                dim=1,
+            )
+            per_position = torch.cat([grouped[:, :1], grouped[:, 1:].expand(-1, g - 1)], dim=1)
+            scale = torch.cat([per_position.flatten(), top.new_ones(len(others))])
+        return _BHQState(order, order.argsort(), reflection, scale)
 
     def _reflect(self, columns: Tensor, state: _BHQState) -> Tensor:
         """The reflection of each group of consecutive rows of ``columns`` (length, rows)."""
@@ -224,10 +249,16 @@ class BlockHouseholder:
     def forward(self, t: Tensor, state: _BHQState) -> Tensor:
         # works on t.T, (length, rows): one position per row, contiguous memory when t is the
         # transposed view that a sample axis gives
-        return self._reflect(t.t().index_select(0, state.order), state).t()
+        columns = t.t().index_select(0, state.order)
+        if state.scale is not None:
+            columns = columns * state.scale.to(columns.dtype).unsqueeze(1)
+        return self._reflect(columns, state).t()
 
     def inverse(self, t: Tensor, state: _BHQState) -> Tensor:
-        return self._reflect(t.t(), state).index_select(0, state.inverse_order).t()
+        columns = self._reflect(t.t(), state)
+        if state.scale is not None:
+            columns = columns / state.scale.to(columns.dtype).unsqueeze(1)
+        return columns.index_select(0, state.inverse_order).t()
 
 
 TransformFactory = Callable[[int], Transform]
@@ -256,3 +287,4 @@ def list_transforms() -> list[str]:
 
 register_transform("rht", RandomizedHadamard)
 register_transform("bhq", BlockHouseholder)
+register_transform("bhqs", functools.partial(BlockHouseholder, scaled=True))
