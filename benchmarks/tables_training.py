@@ -209,7 +209,8 @@ def methods_comparisons(data: dict) -> dict[str, PairedComparison]:
     """Every method minus full precision, and ``metagrad+P`` and ``recipe+P`` (the paper's
     whole recipe) minus ``P``, paired by seed."""
     values = by_seed(data)
-    out = {m: paired(v, values["fp32"]) for m, v in values.items() if m != "fp32"}
+    fp32 = values.get("fp32", {})  # a file without full precision: no seeds to pair
+    out = {m: paired(v, fp32) for m, v in values.items() if m != "fp32"}
     for m, v in values.items():
         base = m.removeprefix("metagrad+").removeprefix("recipe+")
         if base != m and base in values:
@@ -357,4 +358,31 @@ def comm_training_table(data: dict) -> str:
             f"| {setting} | {first['bytes_per_step']:,.0f} ({first['bytes_how']}) | {ratio:.2f} "
             f"| {_spread([r['final_test_acc'] for r in rs])} | {compared} |"
         )
+    return "\n".join(rows)
+
+
+def oracle_table(data: dict) -> str:
+    """The oracle bound against plain training: each arm's final accuracy and gradient cosines,
+    then each oracle arm minus plain, paired by seed."""
+    arms: dict[str, list[dict]] = {}
+    for r in data["runs"]:
+        arms.setdefault(r["arm"], []).append(r)
+    rows = [
+        "| arm | seeds | test acc (%) | cosine to the reference: quantized | oracle |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, runs in arms.items():
+        finals = [r["final_test_acc"] for r in runs if r.get("diverged_at_step") is None]
+        value = _spread(finals) if finals else "diverged"
+        cos = [r["cosine_to_reference"] for r in runs if "cosine_to_reference" in r]
+        quantized = f"{statistics.fmean(c['quantized'] for c in cos):.3f}" if cos else "-"
+        oracle = f"{statistics.fmean(c['oracle'] for c in cos):.3f}" if cos else "-"
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        rows.append(f"| {arm} | {seeds} | {value} | {quantized} | {oracle} |")
+    rows += ["", f"| comparison | per seed | mean | {PAIRED} |", "|---|---|---|---|---|"]
+    plain = {r["seed"]: r["final_test_acc"] for r in arms.get("plain", [])}
+    for arm, runs in arms.items():
+        if arm != "plain":
+            c = paired({r["seed"]: r["final_test_acc"] for r in runs}, plain)
+            rows.append(f"| {arm} - plain | {_per_seed(c.differences)} | {paired_cells(c)} |")
     return "\n".join(rows)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from digits_run import DIGITS
 from PIL import Image
 from torch import nn
 
@@ -19,13 +20,6 @@ from metagrad.training.config import ConfigError, build_config
 from metagrad.training.run_files import CHECKPOINT
 from metagrad.training.trainer import Trainer, train
 
-DIGITS = {
-    "model": "small_cnn",
-    "data": "digits",
-    "batch_size": 64,
-    "progress": False,
-    "compile": "off",
-}
 POISON_AT_STEP = 25  # in epoch 2 (22 steps an epoch)
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from digits_run import DIGITS
 
 from metagrad import kernels
 from metagrad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -14,15 +15,6 @@ from metagrad.training.tasks import load_dataset
 from metagrad.training.trainer import train
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
-# Compiled kernels are tested in test_kernels.py and by the CIFAR-10 run below; here they would
-# only add compile time.
-DIGITS = {
-    "model": "small_cnn",
-    "data": "digits",
-    "batch_size": 64,
-    "progress": False,
-    "compile": "off",
-}
 
 
 def _cfg(out: Path, **overrides):

@@ -29,7 +29,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @contextmanager
-def _untouched(model: nn.Module):
+def untouched(model: nn.Module):
     """Restore buffers and the torch RNG afterwards."""
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     rng = torch.get_rng_state()
@@ -43,7 +43,7 @@ def _untouched(model: nn.Module):
 
 
 @contextmanager
-def _full_precision_backward(model: nn.Module):
+def full_precision_backward(model: nn.Module):
     """Every quantized module of ``model`` (attention included) with a full-precision backward."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "config", None), QuantConfig)]
     configs = [layer.config for layer in layers]
@@ -91,8 +91,8 @@ def paired_gradients(
     named = quantized_layers(model)
     layers = [layer for _, layer in named]
     weights = [layer.weight for layer in layers]
-    with _untouched(model):
-        with _full_precision_backward(model):
+    with untouched(model):
+        with full_precision_backward(model):
             reference = _weight_grads(model, weights, x, y, loss_fn, amp)
         quantized = _weight_grads(model, weights, x, y, loss_fn, amp)
     return {name: (ref, q) for (name, _), ref, q in zip(named, reference, quantized, strict=True)}
@@ -178,8 +178,8 @@ def gradient_draws(
     named = quantized_layers(model)
     layers = [layer for _, layer in named]
     weights = [layer.weight for layer in layers]
-    with _untouched(model):
-        with _full_precision_backward(model):
+    with untouched(model):
+        with full_precision_backward(model):
             reference = _weight_grads(model, weights, x, y, loss_fn, amp)
         loss = _loss(model, x, y, loss_fn, amp)
         draws = [

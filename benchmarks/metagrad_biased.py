@@ -1,0 +1,214 @@
+"""MetaGrad where a correction has the most to correct: a biased quantizer that still trains.
+
+    python -m benchmarks.metagrad_biased --stage candidates --parallel 2
+    python -m benchmarks.metagrad_biased --stage sweep --parallel 2
+    python -m benchmarks.metagrad_biased --stage primary --parallel 2
+
+Stochastic rounding makes a quantized gradient unbiased, which leaves a correction little but
+noise to remove; rounding to nearest biases it (small elements vanish, large ones shrink or
+grow), a systematic error a learned map could undo. Three stages, each fixed here in advance,
+on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
+
+1. ``candidates`` (3 epochs, seed 0): full precision and plain training with each of
+   :data:`CANDIDATES`. The chosen quantizer is the candidate whose plain run loses the most to
+   full precision within 2-10 points (it must still train, and leave room to recover).
+2. ``sweep`` (3 epochs, seed 0) on the chosen quantizer: plain; MetaGrad with its default
+   hypernetwork (``grad+weight``) and with the LSTM form, each at hyper-lr 1e-4, 3e-4 and 1e-3;
+   and the learned per-layer gradient scale of :mod:`benchmarks.layer_scale` at the same three.
+   The best setting is the MetaGrad run with the highest final accuracy.
+3. ``primary`` (6 epochs, seeds 0-4): MetaGrad at the sweep's best setting minus its base, for
+   the chosen quantizer and for the two best 4-bit presets of ``methods.json`` (``rht-nvfp4``,
+   ``rht-mxfp4``), and the best 4-bit preset minus full precision; each paired by seed
+   (:mod:`metagrad.stats`: mean, 95% CI, sign-flip p over the 5 seeds).
+
+Writes ``benchmarks/results/metagrad-biased.json`` after every run, all stages in one file
+(``--output``); every stage is resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.custom_runs import Job, fit_all
+from benchmarks.layer_scale import LayerScaleTrainer
+from benchmarks.methods import BASE as METHODS_BASE
+from benchmarks.runner import command_line
+from metagrad import stats
+from metagrad.quant.presets import list_presets
+from metagrad.training.trainer import Trainer
+
+BASE: dict[str, Any] = {**METHODS_BASE, "progress": False}
+"""The methods benchmark's vgg16 setting (each stage sets its epochs)."""
+CANDIDATES = (
+    "int4:channel",  # INT4, one scale per output channel, to nearest
+    "int4:sample",  # INT4, one scale per sample, to nearest
+    "int3",  # INT3, one scale per tensor, to nearest
+    "int5",  # INT5, one scale per tensor, to nearest
+    "fp4_e2m1:block32:e8m0",  # MXFP4 without stochastic rounding
+)
+GAP = (2.0, 10.0)
+"""Points plain may lose to full precision for a candidate to be chosen."""
+HYPER_LRS = (1e-4, 3e-4, 1e-3)
+SWEEP_EPOCHS, PRIMARY_EPOCHS = 3, 6
+PRIMARY_SEEDS = (0, 1, 2, 3, 4)
+PRESETS = ("rht-nvfp4", "rht-mxfp4")
+"""The two best 4-bit presets of ``benchmarks/results/methods.json``, best first."""
+
+
+def _lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def sweep_names() -> list[str]:
+    """The sweep's settings besides plain: ``metagrad-<kind>-lr<lr>`` and ``scale-lr<lr>``."""
+    kinds = ("grad+weight", "lstm")
+    names = [f"metagrad-{k}-lr{_lr_text(lr)}" for k in kinds for lr in HYPER_LRS]
+    return names + [f"scale-lr{_lr_text(lr)}" for lr in HYPER_LRS]
+
+
+def job(name: str, grad: str, seed: int, epochs: int, out: str) -> Job:
+    """The run of setting ``name`` (``fp32``, ``plain``, a sweep name) on gradients ``grad``,
+    in the folder ``out`` (whose name names the job)."""
+    settings: dict[str, Any] = {**BASE, "epochs": epochs, "seed": seed, "out": out}
+    if name != "fp32":  # a preset's name, or a spec string
+        settings["grad_quant" if grad in list_presets() else "grad_spec"] = grad
+    head, _, lr = name.partition("-lr")
+    if head == "scale":
+        return Job(Path(out).name, settings, LayerScaleTrainer, {"hyper_lr": float(lr)})
+    if head.startswith("metagrad-"):
+        settings.update(method="metagrad", hyper=head.removeprefix("metagrad-"))
+        settings["hyper_lr"] = float(lr)
+    return Job(Path(out).name, settings, Trainer)
+
+
+def load(output: Path) -> dict[str, Any]:
+    return json.loads(output.read_text()) if output.is_file() else {"runs": []}
+
+
+def chosen_quantizer(runs: list[dict[str, Any]]) -> str | None:
+    """The candidate whose plain run loses most within :data:`GAP` (None: not yet decided)."""
+    acc = {r["setting"]: r["final_test_acc"] for r in runs if r["stage"] == "candidates"}
+    if "fp32" not in acc or any(c not in acc for c in CANDIDATES):
+        return None
+    gaps = {c: acc["fp32"] - acc[c] for c in CANDIDATES if acc[c] is not None}
+    inside = {c: g for c, g in gaps.items() if GAP[0] <= g <= GAP[1]}
+    return max(inside, key=inside.__getitem__) if inside else None
+
+
+def best_setting(runs: list[dict[str, Any]]) -> str | None:
+    """The sweep's MetaGrad setting with the highest final accuracy (None: not yet decided)."""
+    sweep = {r["setting"]: r["final_test_acc"] for r in runs if r["stage"] == "sweep"}
+    metagrad = [n for n in sweep_names() if n.startswith("metagrad-")]
+    if any(n not in sweep for n in metagrad):
+        return None
+    return max(metagrad, key=lambda n: -1.0 if sweep[n] is None else sweep[n])
+
+
+def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The primary comparisons, paired by seed."""
+    by: dict[str, dict[int, float | None]] = {}
+    for r in runs:
+        if r["stage"] == "primary":
+            by.setdefault(r["setting"], {})[r["seed"]] = r["final_test_acc"]
+    pairs = [(f"metagrad+{q}", q) for q in by if f"metagrad+{q}" in by]
+    if PRESETS[0] in by and "fp32" in by:
+        pairs.append((PRESETS[0], "fp32"))
+    out = {}
+    for a, b in pairs:
+        c = stats.paired(by[a], by[b])
+        out[f"{a} - {b}"] = {
+            "n": c.n,
+            "mean": c.mean,
+            "ci95": c.ci,
+            "p": c.p,
+            "differences": list(c.differences),
+            "words": stats.summary(c),
+        }
+    return out
+
+
+def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Job, str]]:
+    """Every run of ``stage``: (job, setting), the setting naming what the comparisons pair."""
+    planned: list[tuple[Job, str]] = []
+
+    def add(name: str, grad: str, seed: int, epochs: int, label: str, folder: str = "") -> None:
+        out = f"{runs_dir}/{stage}/{folder or name}-s{seed}"
+        planned.append((job(name, grad, seed, epochs, out), label))
+
+    def tag(q: str) -> str:
+        return q.replace(":", "_")
+
+    if stage == "candidates":
+        add("fp32", "fp32", 0, SWEEP_EPOCHS, "fp32")
+        for c in CANDIDATES:
+            add("plain", c, 0, SWEEP_EPOCHS, c, f"plain-{tag(c)}")
+        return planned
+    quantizer = chosen_quantizer(runs)
+    if quantizer is None:
+        raise SystemExit(
+            "no quantizer chosen: run --stage candidates first (or none of "
+            f"{', '.join(CANDIDATES)} lost {GAP[0]:g}-{GAP[1]:g} points)"
+        )
+    if stage == "sweep":
+        for name in ["plain", *sweep_names()]:
+            add(name, quantizer, 0, SWEEP_EPOCHS, name)
+        return planned
+    best = best_setting(runs)
+    if best is None:
+        raise SystemExit("no best MetaGrad setting: run --stage sweep first")
+    for seed in PRIMARY_SEEDS:
+        add("fp32", "fp32", seed, PRIMARY_EPOCHS, "fp32")
+        for q in (quantizer, *PRESETS):
+            add("plain", q, seed, PRIMARY_EPOCHS, q, f"plain-{tag(q)}")
+            add(best, q, seed, PRIMARY_EPOCHS, f"metagrad+{q}", f"metagrad-{tag(q)}")
+    return planned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=["candidates", "sweep", "primary"], required=True)
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--runs-dir", default="runs/metagrad-biased")
+    parser.add_argument("--output", default="benchmarks/results/metagrad-biased.json")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each run early (smoke)")
+    args = parser.parse_args()
+    output = Path(args.output)
+    result = load(output)
+    runs: list[dict[str, Any]] = result["runs"]
+    planned = plan(args.stage, runs, args.runs_dir)
+    for j, _ in planned:
+        j.settings.update(data=args.data, threads=args.threads, max_steps=args.max_steps)
+    labels = {id(j): label for j, label in planned}
+
+    def add(j: Job, record: dict[str, Any]) -> None:
+        label = labels[id(j)]
+        key = (args.stage, label, record["seed"])
+        runs[:] = [r for r in runs if (r["stage"], r["setting"], r["seed"]) != key]
+        runs.append({**record, "stage": args.stage, "setting": label})
+        result.update(
+            benchmark="metagrad-biased",
+            command=command_line(),
+            settings={**BASE, "threads": args.threads},
+            chosen_quantizer=chosen_quantizer(runs),
+            best_setting=best_setting(runs),
+            comparisons=primary_comparisons(runs),
+            runs=runs,
+        )
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
+    fit_all([j for j, _ in planned], args.parallel, add)
+    print(f"chosen quantizer: {chosen_quantizer(runs)}")
+    print(f"best MetaGrad setting: {best_setting(runs)}")
+    for name, c in primary_comparisons(runs).items():
+        print(f"{name}: {c['words']}")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The rules fixed in advance by benchmarks.metagrad_biased: which quantizer, which setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.layer_scale import LayerScaleTrainer
+from benchmarks.metagrad_biased import (
+    CANDIDATES,
+    PRESETS,
+    PRIMARY_SEEDS,
+    best_setting,
+    chosen_quantizer,
+    plan,
+    primary_comparisons,
+    sweep_names,
+)
+
+
+def _candidates(gaps: dict[str, float]) -> list[dict]:
+    runs = [{"stage": "candidates", "setting": "fp32", "final_test_acc": 70.0}]
+    for c in CANDIDATES:
+        runs.append({"stage": "candidates", "setting": c, "final_test_acc": 70.0 - gaps[c]})
+    return runs
+
+
+def test_the_quantizer_losing_most_within_2_to_10_points_is_chosen():
+    gaps = dict(zip(CANDIDATES, [1.0, 4.0, 12.0, 7.5, 60.0], strict=True))
+    assert chosen_quantizer(_candidates(gaps)) == CANDIDATES[3]
+    assert chosen_quantizer(_candidates(dict.fromkeys(CANDIDATES, 0.5))) is None
+    assert chosen_quantizer(_candidates(gaps)[:-1]) is None  # not all candidates ran
+
+
+def test_the_best_metagrad_setting_is_the_highest_final_accuracy():
+    runs = _candidates(dict.fromkeys(CANDIDATES, 5.0))
+    names = [n for n in sweep_names() if n.startswith("metagrad-")]
+    for i, name in enumerate(names):
+        acc = None if i == 0 else 60.0 + i % 3  # a diverged run never wins
+        runs.append({"stage": "sweep", "setting": name, "final_test_acc": acc})
+    assert best_setting(runs) == names[2]
+    assert best_setting(runs[:-1]) is None
+
+
+def test_the_plans_train_what_the_docstring_fixes(tmp_path):
+    runs = _candidates(dict.fromkeys(CANDIDATES, 5.0))
+    assert len(plan("candidates", [], str(tmp_path))) == 1 + len(CANDIDATES)
+    sweep = plan("sweep", runs, str(tmp_path))
+    assert [s for _, s in sweep] == ["plain", *sweep_names()]
+    scale = [j for j, s in sweep if s.startswith("scale-")]
+    assert all(j.trainer is LayerScaleTrainer for j in scale)
+    assert {j.options["hyper_lr"] for j in scale} == {1e-4, 3e-4, 1e-3}
+    lstm = next(j for j, s in sweep if s == "metagrad-lstm-lr3e-4")
+    assert (lstm.settings["method"], lstm.settings["hyper"], lstm.settings["hyper_lr"]) == (
+        "metagrad",
+        "lstm",
+        3e-4,
+    )
+    with pytest.raises(SystemExit, match="run --stage sweep first"):
+        plan("primary", runs, str(tmp_path))
+    runs += [{"stage": "sweep", "setting": n, "final_test_acc": 60.0} for n in sweep_names()]
+    primary = plan("primary", runs, str(tmp_path))
+    assert len(primary) == len(PRIMARY_SEEDS) * (1 + 2 * (1 + len(PRESETS)))
+    assert len({j.settings["out"] for j, _ in primary}) == len(primary)
+    assert all(j.settings["epochs"] == 6 for j, _ in primary)
+
+
+def test_primary_comparisons_pair_metagrad_with_its_base_and_the_best_preset_with_fp32():
+    runs = []
+    for seed in PRIMARY_SEEDS:
+        for setting, acc in [("fp32", 80.0), (PRESETS[0], 79.0), (f"metagrad+{PRESETS[0]}", 79.5)]:
+            runs.append(
+                {
+                    "stage": "primary",
+                    "setting": setting,
+                    "seed": seed,
+                    "final_test_acc": acc + 0.1 * seed * (setting == "fp32"),
+                }
+            )
+    out = primary_comparisons(runs)
+    assert set(out) == {f"metagrad+{PRESETS[0]} - {PRESETS[0]}", f"{PRESETS[0]} - fp32"}
+    assert out[f"metagrad+{PRESETS[0]} - {PRESETS[0]}"]["mean"] == pytest.approx(0.5)
+    assert out[f"{PRESETS[0]} - fp32"]["n"] == len(PRIMARY_SEEDS)
