@@ -193,3 +193,18 @@ def test_stochastic_rounding_bias_is_within_the_dither_resolution(fraction):
     assert scale.item() == 1
     mean = codes[1:].mean().item()
     assert abs(mean - (10 + fraction)) <= 1 / 512 + 5 * 0.5 / 1000
+
+
+def test_a_16_bit_dither_is_two_bytes_of_each_draw_held_in_int32():
+    """Held in ``int32`` (compiled CPU kernels vectorise its loads, not ``int16``'s), it holds the
+    same numbers as the ``int16`` halves of the 32-bit draws."""
+    from metagrad.quant.quantize import _dither
+
+    like = torch.empty(5, 7)
+    torch.manual_seed(3)
+    dither = _dither(like, None, 16)
+    torch.manual_seed(3)
+    words = torch.randint(-(2**31), 2**31 - 1, (18,), dtype=torch.int32)
+    assert dither.dtype == torch.int32 and dither.shape == like.shape
+    assert torch.equal(dither.flatten(), words.view(torch.int16)[:35].to(torch.int32))
+    assert -(2**15) <= int(dither.min()) and int(dither.max()) < 2**15

@@ -78,12 +78,14 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
 
 
 def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_BITS) -> Tensor:
-    """Uniform random integers of ``bits`` bits shaped like ``like`` (``uint8`` bytes, or
-    ``int16`` for 16 bits), in its logical (row-major) order whatever its memory layout, so a
-    view, a transpose or a channels-last tensor draws what its contiguous copy draws: four bytes
-    (two 16-bit halves) per 32-bit random draw."""
+    """Uniform random integers of ``bits`` bits shaped like ``like`` (``uint8`` bytes, or for
+    16 bits signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`),
+    in its logical (row-major) order whatever its memory layout, so a view, a transpose or a
+    channels-last tensor draws what its contiguous copy draws: four bytes (two 16-bit halves) per
+    32-bit random draw."""
     n = like.numel()
     dtype = dither_dtype(bits)
+    drawn = torch.uint8 if bits == 8 else torch.int16
     per_word = 32 // bits
     low, high, size = -(2**31), 2**31 - 1, ((n + per_word - 1) // per_word,)
     if generator is None:
@@ -94,7 +96,7 @@ def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_
     else:
         words = torch.randint(low, high, size, dtype=torch.int32, device=like.device,
                               generator=generator)  # fmt: skip
-    return words.view(dtype)[:n].view(like.shape)
+    return words.view(drawn)[:n].to(dtype).view(like.shape)
 
 
 def _spec_dither(like: Tensor, spec: QuantSpec, generator: torch.Generator | None):
