@@ -71,7 +71,7 @@ def _presets(data: dict) -> list[str]:
     rows = {
         m: r["mean"]
         for m, r in data["methods"].items()
-        if m != "fp32" and not m.startswith("metagrad+") and r["mean"] is not None
+        if m != "fp32" and not m.startswith(("metagrad+", "recipe+")) and r["mean"] is not None
     }
     return sorted(rows, key=rows.get, reverse=digits == 2)
 
@@ -94,7 +94,13 @@ def _widths(cs: Iterable[PairedComparison]) -> str:
 
 
 def _metagrad_rows(compared: dict[str, PairedComparison]) -> dict[str, PairedComparison]:
-    return {name: c for name, c in compared.items() if " - " in name}
+    """MetaGrad minus the preset it corrects."""
+    return {n: c for n, c in compared.items() if " - " in n and n.startswith("metagrad+")}
+
+
+def recipe_rows(compared: dict[str, PairedComparison]) -> dict[str, PairedComparison]:
+    """Each paper's whole recipe minus its gradient-only preset."""
+    return {n: c for n, c in compared.items() if " - " in n and n.startswith("recipe+")}
 
 
 def headline_findings(methods: dict, gpt: dict) -> str:
@@ -333,3 +339,19 @@ def comm_training_findings(data: dict) -> str:
         + "; ".join(f"{s} {summary(c)}" for s, c in compared.items())
         + "."
     )
+
+
+def recipes_findings(vgg: dict, gpt: dict) -> str:
+    """Each paper's whole recipe against its gradient-only preset, on both tasks."""
+    lines = []
+    for task, data, digits, unit in (
+        ("vgg16, CIFAR-10, 3 epochs (test accuracy, points; higher is better)", vgg, 2, ""),
+        ("the character GPT, 3 epochs (bits per character; lower is better)", gpt, 3, ""),
+    ):
+        rows = recipe_rows(methods_comparisons(data))
+        n = sorted({c.n for c in rows.values()})
+        lines.append(
+            f"- {task}, recipe minus gradient-only preset, paired over "
+            f"{_join([str(k) for k in n])} seeds{unit}: {_by_outcome(rows, list(rows), digits)}."
+        )
+    return "\n".join(lines)

@@ -114,7 +114,13 @@ def gains(runs: dict[str, Any]) -> dict[str, Any]:
                 "identity_held_out": statistics.fmean(identity.values()),
                 "best_fit_family_held_out": statistics.fmean(best.values()),
                 "best_fit_family": best_family,
-                "gain": {"n": c.n, "mean": c.mean, "ci95": c.ci, "p": c.p},
+                "gain": {
+                    "n": c.n,
+                    "mean": c.mean,
+                    "ci95": c.ci,
+                    "p": c.p,
+                    "differences": list(c.differences),
+                },
                 "words": stats.summary(c, digits=4),
             }
     return out

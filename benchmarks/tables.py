@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchmarks import findings
 from benchmarks.tables_measures import (
+    ceiling_rerun_table,
     comm_table,
     compile_step_table,
     demo_table,
@@ -49,10 +50,12 @@ from benchmarks.tables_measures import (
 from benchmarks.tables_speed import speed_table
 from benchmarks.tables_training import (
     ablation_table,
+    biased_table,
     comm_training_table,
     headline_table,
     horizon_table,
     methods_table,
+    oracle_table,
     paired_table,
     reproduce_table,
     stopped_table,
@@ -98,7 +101,21 @@ def _table(files: str | tuple[str, ...], render: Callable[..., str], *commands: 
 
 
 METHODS = "python -m benchmarks.methods --parallel 2 --threads 1 --timing-width 1.0"
-METHODS_GPT = "python -m benchmarks.methods --task gpt --epochs 3 --parallel 2 --threads 1"
+RECIPES = "psq bhq luq rht-mxfp4 rht-nvfp4 fp8-e5m2"
+METHODS_GPT = (
+    "python -m benchmarks.methods --task gpt --epochs 3 --parallel 2 --threads 1 --diag-every 25 "
+    f"--metagrad fp8-e5m2 rht-nvfp4 --recipes {RECIPES}"
+)
+METHODS_RECIPES = (
+    f"python -m benchmarks.methods --epochs 3 --presets {RECIPES} --recipes {RECIPES} --metagrad "
+    "--skip fp32-s0 fp32-s1 fp32-s2 --timing-steps 0 --parallel 2 --threads 1 "
+    "--output benchmarks/results/methods-recipes.json"
+)
+ORACLE = "python -m benchmarks.metagrad_oracle --parallel 2 --arms plain oracle oracle-ls"
+BIASED = (
+    "python -m benchmarks.metagrad_biased --parallel 2 --stage STAGE (candidates, sweep, primary)"
+)
+CEILING = "python -m benchmarks.metagrad_ceiling --threads 2"
 REPRODUCE = (
     "metagrad reproduce --profile cpu --seeds 0 1 --parallel 2 --threads 1 "
     "--out benchmarks/results/reproduce-cpu"
@@ -119,6 +136,10 @@ TABLES: dict[str, Table] = {
     "commands": Table((), commands_block, ()),
     "methods": _table("methods.json", methods_table, METHODS),
     "methods-gpt": _table("methods-gpt.json", methods_table, METHODS_GPT),
+    "methods-recipes": _table("methods-recipes.json", methods_table, METHODS_RECIPES),
+    "oracle": _table("metagrad-oracle.json", oracle_table, ORACLE),
+    "biased": _table("metagrad-biased.json", biased_table, BIASED),
+    "ceiling-rerun": _table("metagrad-ceiling.json", ceiling_rerun_table, CEILING),
     "baselines": _table(
         "quantized-baselines.json",
         training_table,
@@ -198,6 +219,12 @@ TABLES: dict[str, Table] = {
     "methods-findings": _table("methods.json", findings.methods_findings, METHODS),
     "methods-gpt-findings": _table(
         ("methods.json", "methods-gpt.json"), findings.methods_gpt_findings, METHODS, METHODS_GPT
+    ),
+    "recipes-findings": _table(
+        ("methods-recipes.json", "methods-gpt.json"),
+        findings.recipes_findings,
+        METHODS_RECIPES,
+        METHODS_GPT,
     ),
     "metagrad-findings": _table(
         ("metagrad-cifar10.json", "speed-cpu-amd-epyc.json"),

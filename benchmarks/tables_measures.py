@@ -3,6 +3,9 @@ rendered from the committed result files for :mod:`benchmarks.tables`."""
 
 from __future__ import annotations
 
+from benchmarks.tables_training import PAIRED, paired_cells
+from metagrad.stats import differences
+
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
@@ -341,3 +344,26 @@ def fsdp_table(data: dict) -> str:
         "resident memory of each process."
     )
     return f"{header}\n\n{table(data)}"
+
+
+def ceiling_rerun_table(data: dict) -> str:
+    """The ceiling on more batches and seeds: per quantizer and target, the identity's held-out
+    cosine, the best family's (chosen by its fit), and their difference paired by seed."""
+    settings = data["settings"]
+    rows = [
+        f"After {settings['step']} SGD steps; fit on {settings['fit']} batches, scored on "
+        f"{settings['held_out']} others; seeds {', '.join(data['runs'])}.",
+        "",
+        "| gradients | target | identity, held out | best shared family (by fit) | held out "
+        f"| best minus identity, paired | {PAIRED} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, g in data["gains"].items():
+        quantizer, target = key.split("/")
+        families = _cell(", ".join(sorted(set(g["best_fit_family"].values()))))
+        c = differences(g["gain"]["differences"])
+        rows.append(
+            f"| {quantizer} | {target} | {g['identity_held_out']:.4f} | {families} "
+            f"| {g['best_fit_family_held_out']:.4f} | {paired_cells(c, 4)} |"
+        )
+    return "\n".join(rows)

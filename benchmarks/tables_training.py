@@ -386,3 +386,66 @@ def oracle_table(data: dict) -> str:
             c = paired({r["seed"]: r["final_test_acc"] for r in runs}, plain)
             rows.append(f"| {arm} - plain | {_per_seed(c.differences)} | {paired_cells(c)} |")
     return "\n".join(rows)
+
+
+def biased_table(data: dict) -> str:
+    """The biased-quantizer benchmark's stages: the candidates against full precision, the sweep
+    against plain (one seed each), and the primary comparisons paired by seed."""
+    runs = data["runs"]
+
+    def acc(r: dict) -> str:
+        return _final(r)
+
+    rows: list[str] = []
+    candidates = [r for r in runs if r["stage"] == "candidates"]
+    fp32 = next((r["final_test_acc"] for r in candidates if r["setting"] == "fp32"), None)
+    if candidates:
+        rows += [
+            "Candidates (3 epochs, seed 0): plain training with each quantizer.",
+            "",
+            "| gradients | test acc (%) | minus fp32 |",
+            "|---|---|---|",
+        ]
+        for r in candidates:
+            gap = r["final_test_acc"] - fp32 if r["setting"] != "fp32" and fp32 else None
+            chosen = " (chosen)" if r["setting"] == data.get("chosen_quantizer") else ""
+            gap_text = "" if gap is None else signed(gap)
+            rows.append(f"| {r['setting']}{chosen} | {acc(r)} | {gap_text} |")
+    sweep = [r for r in runs if r["stage"] == "sweep"]
+    if sweep:
+        plain = next((r["final_test_acc"] for r in sweep if r["setting"] == "plain"), None)
+        rows += [
+            "",
+            f"Sweep on `{data.get('chosen_quantizer')}` (3 epochs, seed 0; one run each, no "
+            "interval):",
+            "",
+            "| setting | test acc (%) | minus plain |",
+            "|---|---|---|",
+        ]
+        for r in sweep:
+            value = r["final_test_acc"]
+            gap = (
+                ""
+                if r["setting"] == "plain" or value is None or plain is None
+                else signed(value - plain)
+            )
+            best = " (best)" if r["setting"] == data.get("best_setting") else ""
+            rows.append(f"| {r['setting']}{best} | {acc(r)} | {gap} |")
+    comparisons = data.get("comparisons", {})
+    if comparisons:
+        rows += [
+            "",
+            "Primary comparisons (6 epochs), paired by seed:",
+            "",
+            f"| comparison | per seed | mean | {PAIRED} |",
+            "|---|---|---|---|---|",
+        ]
+        by: dict[str, dict[int, float | None]] = {}
+        for r in runs:
+            if r["stage"] == "primary":
+                by.setdefault(r["setting"], {})[r["seed"]] = r["final_test_acc"]
+        for name in comparisons:
+            a, b = name.split(" - ")
+            c = paired(by[a], by[b])
+            rows.append(f"| {name} | {_per_seed(c.differences)} | {paired_cells(c)} |")
+    return "\n".join(rows)
