@@ -3,6 +3,8 @@
     python -m benchmarks.methods --data ../shared/data/cifar10-jpeg.zip     # vgg16, width 0.25
     python -m benchmarks.methods --task gpt          # the character GPT, bits per character
     python -m benchmarks.methods --recipes psq bhq luq rht-mxfp4 rht-nvfp4 fp8-e5m2  # + recipes
+    python -m benchmarks.methods --task gpt --seeds 0 1 2 3 4 5 6 7 --presets plain rht-nvfp4 \
+        fp8-e5m2 --metagrad plain rht-nvfp4 fp8-e5m2 --hyper-lr 3e-4   # MetaGrad, 8 seeds
 
 Trains full-precision gradients and every preset of :mod:`metagrad.quant.presets` (4 bits; FP8 for
 ``fp8-e5m2``) on each seed, the papers' whole recipes of the presets given to ``--recipes``
@@ -201,6 +203,9 @@ def main() -> None:
     parser.add_argument(
         "--metagrad", nargs="*", help="presets to run MetaGrad on (default: best 2)"
     )
+    parser.add_argument(
+        "--hyper-lr", type=float, help="MetaGrad's hypernetwork lr (default: metagrad train's)"
+    )
     parser.add_argument("--diag-every", type=int, default=100)
     parser.add_argument("--timing-steps", type=int, default=20, help="0: no step timing")
     parser.add_argument(
@@ -268,7 +273,10 @@ def main() -> None:
                 name = f"{method}-s{seed}"
                 if name not in args.skip:
                     method_of[name] = method
-                    jobs.append((name, {**base, **settings_of(method), "seed": seed}))
+                    settings = {**base, **settings_of(method), "seed": seed}
+                    if args.hyper_lr is not None and method.startswith("metagrad+"):
+                        settings["hyper_lr"] = args.hyper_lr
+                    jobs.append((name, settings))
         runs_dir = Path(args.runs_dir)
         train_runs(jobs, args.data, runs_dir, parallel=max(1, args.parallel), on_record=add)
 

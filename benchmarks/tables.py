@@ -226,6 +226,7 @@ TABLES: dict[str, Table] = {
         METHODS_RECIPES,
         METHODS_GPT,
     ),
+    "oracle-findings": _table("metagrad-oracle.json", findings.oracle_findings, ORACLE),
     "metagrad-findings": _table(
         ("metagrad-cifar10.json", "speed-cpu-amd-epyc.json"),
         findings.metagrad_findings,
