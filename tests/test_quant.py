@@ -207,4 +207,4 @@ def test_a_16_bit_dither_is_two_bytes_of_each_draw_held_in_int32():
     words = torch.randint(-(2**31), 2**31 - 1, (18,), dtype=torch.int32)
     assert dither.dtype == torch.int32 and dither.shape == like.shape
     assert torch.equal(dither.flatten(), words.view(torch.int16)[:35].to(torch.int32))
-    assert -(2**15) <= int(dither.min()) and int(dither.max()) < 2**15
+    assert int(dither.min()) >= -(2**15) and int(dither.max()) < 2**15
