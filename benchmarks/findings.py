@@ -56,7 +56,9 @@ def _join(items: Iterable[str]) -> str:
 
 
 def _ci(c: PairedComparison, digits: int = 2) -> str:
-    """``mean [low, high]``."""
+    """``mean [low, high]`` (the mean alone without an interval)."""
+    if c.ci is None:
+        return signed(c.mean, digits)
     return f"{signed(c.mean, digits)} {interval_text(c, digits)}"
 
 
@@ -350,9 +352,10 @@ def recipes_findings(vgg: dict, gpt: dict) -> str:
     ):
         rows = recipe_rows(methods_comparisons(data))
         n = sorted({c.n for c in rows.values()})
+        seeds = f"{_join([str(k) for k in n])} seed{'s' if n != [1] else ''}"
         lines.append(
-            f"- {task}, recipe minus gradient-only preset, paired over "
-            f"{_join([str(k) for k in n])} seeds{unit}: {_by_outcome(rows, list(rows), digits)}."
+            f"- {task}, recipe minus gradient-only preset, paired over {seeds}{unit}: "
+            f"{_by_outcome(rows, list(rows), digits)}."
         )
     return "\n".join(lines)
 

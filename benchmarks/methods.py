@@ -110,7 +110,7 @@ def relabel(path: Path) -> None:
         settings = {**results["settings"], **settings_of(record["method_name"])}
         settings = {k: v for k, v in settings.items() if k in TrainConfig.defaults()}
         described = gradient_record(build_config({**settings, "seed": record["seed"]}))
-        kept = {k: v for k, v in record.items() if k not in OLD_LABELS}
+        kept = {k: v for k, v in record.items() if k not in OLD_LABELS and k not in described}
         record.clear()
         record.update(run=kept.pop("run"), **described, **kept)
     path.write_text(json.dumps(results, indent=2) + "\n")

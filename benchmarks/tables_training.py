@@ -244,12 +244,12 @@ def methods_table(data: dict) -> str:
             row_text += f" {wide[method]:.2f}x |" if method in wide else " - |"
         rows.append(row_text)
     better = "lower" if digits == 3 else "higher"
-    recipes = any(name.startswith("recipe+") for name in compared)
-    what = (
-        "MetaGrad and the papers' recipes minus the gradient-only preset"
-        if recipes
-        else "MetaGrad minus the preset it corrects"
-    )
+    recipes = any(name.startswith("recipe+") and " - " in name for name in compared)
+    meta = any(name.startswith("metagrad+") and " - " in name for name in compared)
+    what = {
+        (True, True): "MetaGrad and the papers' recipes minus the gradient-only preset",
+        (True, False): "The papers' recipes minus the gradient-only preset",
+    }.get((recipes, meta), "MetaGrad minus the preset it corrects")
     rows += [
         "",
         f"{what}, paired by seed ({better} is better):",

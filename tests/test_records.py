@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
         ),
         (
             {"grad_quant": "rht-nvfp4", "recipe": True},
-            "rht-nvfp4 recipe",
+            "recipe+rht-nvfp4",
             "fp4_e2m1:block16:e4m3-nearest:stochastic",
             "fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
         ),

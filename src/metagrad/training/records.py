@@ -158,8 +158,8 @@ def gradient_record(cfg: TrainConfig) -> dict[str, Any]:
         "input_spec_wgrad": str(input_dw),
     }
     label = cfg.grad_quant or str(error_dx)
-    if cfg.recipe:
-        label += " recipe"
+    if cfg.recipe:  # the paper's whole recipe, as the methods benchmark names it
+        label = f"recipe+{label}"
     if cfg.grad_quant is None and error_dw != error_dx:
         label += f", wgrad {error_dw}"
     for name, spec in (("weight", weight_dx), ("input", input_dw)):
