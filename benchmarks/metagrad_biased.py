@@ -118,15 +118,7 @@ def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
         pairs.append((PRESETS[0], "fp32"))
     out = {}
     for a, b in pairs:
-        c = stats.paired(by[a], by[b])
-        out[f"{a} - {b}"] = {
-            "n": c.n,
-            "mean": c.mean,
-            "ci95": c.ci,
-            "p": c.p,
-            "differences": list(c.differences),
-            "words": stats.summary(c),
-        }
+        out[f"{a} - {b}"] = stats.paired(by[a], by[b]).to_dict()
     return out
 
 

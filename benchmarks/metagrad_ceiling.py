@@ -114,14 +114,7 @@ def gains(runs: dict[str, Any]) -> dict[str, Any]:
                 "identity_held_out": statistics.fmean(identity.values()),
                 "best_fit_family_held_out": statistics.fmean(best.values()),
                 "best_fit_family": best_family,
-                "gain": {
-                    "n": c.n,
-                    "mean": c.mean,
-                    "ci95": c.ci,
-                    "p": c.p,
-                    "differences": list(c.differences),
-                },
-                "words": stats.summary(c, digits=4),
+                "gain": c.to_dict(digits=4),
             }
     return out
 
@@ -156,7 +149,7 @@ def main() -> None:
         output.write_text(json.dumps(record, indent=1) + "\n")
         print(f"seed {seed} done", flush=True)
     for key, g in gains(runs).items():
-        print(f"{key}: identity {g['identity_held_out']:.4f}, best {g['words']}")
+        print(f"{key}: identity {g['identity_held_out']:.4f}, best {g['gain']['words']}")
     print(f"wrote {output}")
 
 

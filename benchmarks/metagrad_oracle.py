@@ -213,14 +213,7 @@ def comparisons(records: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for arm in ("oracle", "oracle-ls"):
         if arm in by_arm and "plain" in by_arm:
-            c = stats.paired(by_arm[arm], by_arm["plain"])
-            out[f"{arm} - plain"] = {
-                "n": c.n,
-                "mean": c.mean,
-                "ci95": c.ci,
-                "p": c.p,
-                "words": stats.summary(c),
-            }
+            out[f"{arm} - plain"] = stats.paired(by_arm[arm], by_arm["plain"]).to_dict()
     return out
 
 

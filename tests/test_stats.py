@@ -147,3 +147,13 @@ def test_level_changes_the_interval():
     half = sps.t.ppf(0.995, 3) * np.std(d, ddof=1) / math.sqrt(4)
     assert wide[1] - wide[0] == pytest.approx(2 * half)
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_to_dict_keeps_what_a_results_file_needs():
+    c = paired({0: 2.0, 1: 1.0, 2: 1.5}, {0: 1.0, 1: 1.5, 2: 0.5})
+    d = c.to_dict(goal=Goal(lower=0.0))
+    assert d["n"] == 3 and d["differences"] == [1.0, -0.5, 1.0]
+    assert d["mean"] == pytest.approx(0.5) and d["ci95"] == c.ci and d["p"] == c.p
+    assert d["words"] == summary(c, Goal(lower=0.0))
+    one = differences([0.7]).to_dict()
+    assert one["ci95"] is None and one["p"] is None and one["words"] == verdict(differences([0.7]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,17 @@ class PairedComparison:
     def equal(self) -> bool:
         """Two or more differences, all the same: the interval has no width."""
         return self.n >= 2 and self.sd == 0
+
+    def to_dict(self, goal: Goal | None = None, digits: int = 2) -> dict[str, Any]:
+        """What a results file keeps: n, mean, 95% CI, p, the differences and the words."""
+        return {
+            "n": self.n,
+            "mean": self.mean,
+            "ci95": self.ci,
+            "p": self.p,
+            "differences": list(self.differences),
+            "words": summary(self, goal, digits),
+        }
 
 
 def paired(
