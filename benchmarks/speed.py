@@ -22,7 +22,11 @@ which measure them afresh (a new route cache, unless ``--route-cache`` names one
 3. memory: tensor memory of MetaGrad's training steps against the plain quantized step's, each
    in a fresh process: the peak (weights, optimizer state, gradients, activations) and its
    growth over what was alive before the first step.
-4. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (4096
+4. blocks: one operand of a product (4096 x 4096, float32 and bf16) quantized in each block
+   format of the presets (MXFP4, NVFP4, and both after their Hadamard transform), along its
+   rows and along its columns (the weight-gradient product's layout), eager and compiled
+   kernels, beside a memory copy of the same tensor (the goal: within 3x of the copy).
+5. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (4096
    tokens at width 1024, and ``gpt_char``'s; INT8 nearest error, both products): float32, bf16,
    the ``int8`` backend's integer products, the same 8-bit codes multiplied in bf16 (the route
    the ``int8`` backend takes on CUDA), and the backend with measured routes under bf16 (each
@@ -32,6 +36,7 @@ which measure them afresh (a new route cache, unless ``--route-cache`` names one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,7 +56,8 @@ from metagrad.backward import int8, simulate
 from metagrad.backward.int8.routes import CACHE_DIR_ENV, ROUTES, ProductKey, cache_path
 from metagrad.data import load_cifar10
 from metagrad.machine import cpu_model, fingerprint
-from metagrad.quant.quantize import quantize_codes
+from metagrad.quant.presets import MXFP4, NVFP4
+from metagrad.quant.quantize import quantize_along, quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -209,6 +215,60 @@ def bench_quantizer(data, device, reps: int, warmup: int, step_seconds: float) -
     return result
 
 
+# ---------------------------------------------------------------------------- 4. blocks
+
+BLOCK_OPERAND = (4096, 4096)
+BLOCK_FORMATS: dict[str, QuantSpec] = {
+    "mxfp4": MXFP4,
+    "nvfp4": NVFP4,
+    "rht32 mxfp4": dataclasses.replace(MXFP4, transform="rht", transform_block=32),
+    "rht16 nvfp4": dataclasses.replace(NVFP4, transform="rht", transform_block=16),
+}
+BLOCK_AXES = {"rows": (1,), "columns": (0,)}
+"""Blocks along the contiguous axis, or across it (the weight-gradient product's operands)."""
+
+
+def _quantize_fn(x: torch.Tensor, spec: QuantSpec, inner, mode: str, device) -> Fn:
+    def run() -> None:
+        kernels.set_compile(mode == "compiled", device)
+        quantize_along(x, spec, inner, dtype=x.dtype)
+
+    return run
+
+
+def bench_blocks(device: torch.device, reps: int, warmup: int) -> dict[str, Any]:
+    """Quantizing one operand in each block format, eager and compiled, against a copy."""
+    result: dict[str, Any] = {"shape": list(BLOCK_OPERAND), "dtypes": {}}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(BLOCK_OPERAND, device=device).to(dtype)
+
+        fns: dict[str, Fn] = {"copy": x.clone}
+        for name, spec in BLOCK_FORMATS.items():
+            for axis, inner in BLOCK_AXES.items():
+                for mode in ("eager", "compiled"):
+                    fns[f"{name}|{axis}|{mode}"] = _quantize_fn(x, spec, inner, mode, device)
+        secs = interleaved(fns, reps, warmup, device)
+        copy = secs.pop("copy")
+        rows = [
+            {
+                "format": key.split("|")[0],
+                "axis": key.split("|")[1],
+                "kernels": key.split("|")[2],
+                "ms": round(v * 1e3, 3),
+                "vs_copy": round(v / copy, 2),
+            }
+            for key, v in secs.items()
+        ]
+        result["dtypes"][str(dtype).removeprefix("torch.")] = {
+            "copy_ms": round(copy * 1e3, 3),
+            "rows": rows,
+        }
+        print(f"blocks {dtype}: copy {copy * 1e3:.1f} ms", flush=True)
+        for r in rows:
+            print(f"  {r['format']:12s} {r['axis']:8s} {r['kernels']:8s} {r['vs_copy']:6.2f}x")
+    return result
+
+
 # ---------------------------------------------------------------------------- 3. memory
 
 
@@ -361,7 +421,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--quick", action="store_true", help="few repetitions")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--parts", nargs="*", default=["steps", "quantizer", "memory", "layers"])
+    parser.add_argument(
+        "--parts", nargs="*", default=["steps", "quantizer", "memory", "blocks", "layers"]
+    )
     parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 4096; CUDA 4k-16k)")
     parser.add_argument(
         "--route-cache",
@@ -415,6 +477,8 @@ def run_parts(args, device, out: Path, data, data_path: Path, reps: tuple[int, i
         result["quantizer"] = bench_quantizer(data, device, layer_reps, warmup, step)
     if "memory" in args.parts:
         result["memory"] = bench_memory(device)
+    if "blocks" in args.parts:
+        result["blocks"] = bench_blocks(device, layer_reps, warmup)
     if "layers" in args.parts:
         result["layers"] = bench_layers(device, layer_reps, 1, tokens)
     return result

@@ -79,6 +79,33 @@ def _quantizer_and_memory(data: dict, several: bool) -> list[str]:
     return rows
 
 
+def _blocks(data: dict, several: bool) -> list[str]:
+    """One operand quantized in each block format, against a memory copy of it."""
+    b = data.get("blocks")
+    if not b:
+        return []
+    where = f"{_where(data)}: " if several else ""
+    shape = " x ".join(str(n) for n in b["shape"])
+    rows = [
+        "",
+        f"{where}One {shape} operand quantized in a block format (stochastic rounding), against "
+        "a memory copy of it (the goal: compiled within 3x):",
+        "",
+        "| format | blocks along | dtype | copy ms | eager ms | compiled ms | compiled / copy |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for dtype, d in b["dtypes"].items():
+        cells: dict[tuple[str, str], dict[str, dict]] = {}
+        for r in d["rows"]:
+            cells.setdefault((r["format"], r["axis"]), {})[r["kernels"]] = r
+        for (fmt, axis), by in cells.items():
+            rows.append(
+                f"| {fmt} | {axis} | {dtype} | {d['copy_ms']:.1f} | {by['eager']['ms']:.1f} | "
+                f"{by['compiled']['ms']:.1f} | **{by['compiled']['vs_copy']:.1f}x** |"
+            )
+    return rows
+
+
 LAYER_COLUMNS = {
     "fp32": "fp32 ms",
     "bf16": "bf16 ms",
@@ -173,6 +200,7 @@ def speed_table(*datas: dict) -> str:
     ]
     for data in datas:
         rows += _quantizer_and_memory(data, several)
+        rows += _blocks(data, several)
     rows += _layers(datas)
     for data in datas:
         rows += route_table(data)

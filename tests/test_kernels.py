@@ -11,7 +11,7 @@ from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
-from metagrad.quant.quantize import quantize_codes
+from metagrad.quant.quantize import quantize_along, quantize_codes
 
 GRANULARITIES = ["tensor", "channel", "sample"]
 
@@ -48,6 +48,33 @@ def test_compiled_quantizer_gives_the_reference_codes_bit_for_bit(
         ref_codes, ref_scale = quantize_codes(e, spec)
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
     assert codes.dtype == dtype and codes.stride() == e.stride()
+
+
+ALONG_SPECS = [
+    "fp4_e2m1:block32:e8m0-floor:stochastic",  # MXFP4, OCP scales
+    "fp4_e2m1:block16:e4m3-nearest:nearest",  # NVFP4 scales, nearest
+    "fp4_e2m1:tile16:e4m3:stochastic",  # 2-D weight tiles
+    "int4:channel:stochastic",
+    "log4:stochastic:dither16",
+]
+
+
+@pytest.mark.parametrize("text", ALONG_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_quantize_along_equals_eager_in_every_layout(compiled, text, dtype, channels_last):
+    """One fused kernel per layout: contraction over the last, the first or several axes, row
+    lengths that are not whole blocks, channels-last memory; the same draws give the same bits."""
+    spec = QuantSpec.parse(text)
+    e = _error(dtype, channels_last)
+    for inner in [(3,), (0,), (0, 2, 3), (1,)]:
+        out = []
+        for on in (False, True):
+            with kernels.compiled(on):
+                gen = torch.Generator().manual_seed(3)
+                out.append(quantize_along(e, spec, inner, 1, generator=gen, dtype=dtype))
+        assert torch.equal(out[0], out[1]), (text, inner)
+        assert out[1].shape == e.shape and out[1].dtype == dtype
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -90,3 +90,16 @@ def test_several_machines_side_by_side_with_their_routes():
     single = speed_table(amd)
     assert "| training step | ms | x float32 | x bf16 | x the step it replaces |" in single
     assert "Measured routes" not in single
+
+
+def test_block_formats_are_timed_beside_a_copy_and_tabled(monkeypatch):
+    monkeypatch.setattr(speed, "BLOCK_OPERAND", (64, 96))
+    blocks = speed.bench_blocks(torch.device("cpu"), reps=1, warmup=0)
+    for dtype in ("float32", "bfloat16"):
+        rows = blocks["dtypes"][dtype]["rows"]
+        assert len(rows) == len(speed.BLOCK_FORMATS) * len(speed.BLOCK_AXES) * 2
+        assert all(r["ms"] > 0 and r["vs_copy"] > 0 for r in rows)
+    amd = json.loads((tables.RESULTS / "speed-cpu-amd-epyc.json").read_text())
+    text = speed_table({**amd, "blocks": blocks})
+    assert "One 64 x 96 operand quantized in a block format" in text
+    assert "| rht16 nvfp4 | columns | bfloat16 |" in text

@@ -109,15 +109,21 @@ def _inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if hasattr(config, k)}
 
 
-def kernel(fn: F | None = None, *, recompute: bool = False) -> F | Callable[[F], F]:
+def kernel(
+    fn: F | None = None, *, recompute: bool = False, static_ints: bool = False
+) -> F | Callable[[F], F]:
     """Register ``fn`` (pure torch code) as a kernel: compiled when :func:`set_compile` is on.
 
     The compiled twin is built on first use, with dynamic shapes, so one compilation serves all
-    layer sizes. ``recompute=True`` compiles with :data:`RECOMPUTE`. ``fn.eager`` is always the
-    uncompiled reference. Use as ``@kernel`` or ``@kernel(recompute=True)``.
+    layer sizes. ``recompute=True`` compiles with :data:`RECOMPUTE`. ``static_ints=True`` traces
+    integer arguments (axes, layouts) as constants, one compilation per value, where dynamic
+    shapes would make them symbolic. ``fn.eager`` is always the uncompiled reference. Use as
+    ``@kernel`` or ``@kernel(recompute=True)``.
     """
     if fn is None:
-        return functools.partial(kernel, recompute=recompute)  # type: ignore[return-value]
+        return functools.partial(  # type: ignore[return-value]
+            kernel, recompute=recompute, static_ints=static_ints
+        )
     compiled_fn: Callable[..., Any] | None = None
 
     @functools.wraps(fn)
@@ -128,6 +134,11 @@ def kernel(fn: F | None = None, *, recompute: bool = False) -> F | Callable[[F],
         if compiled_fn is None:
             options = _inductor_options(RECOMPUTE) if recompute else None
             compiled_fn = torch.compile(fn, dynamic=True, options=options)
+        if static_ints:
+            from torch._dynamo import config
+
+            with config.patch(specialize_int=True):
+                return compiled_fn(*args, **kwargs)
         return compiled_fn(*args, **kwargs)
 
     run.eager = fn  # type: ignore[attr-defined]

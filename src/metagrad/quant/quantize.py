@@ -77,13 +77,17 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
     return x.abs().amax(dim=dims, keepdim=True)
 
 
-def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_BITS) -> Tensor:
-    """Uniform random integers of ``bits`` bits shaped like ``like`` (``uint8`` bytes, or for
-    16 bits signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`),
-    in its logical (row-major) order whatever its memory layout, so a view, a transpose or a
-    channels-last tensor draws what its contiguous copy draws: four bytes (two 16-bit halves) per
-    32-bit random draw."""
-    n = like.numel()
+def _flat_dither(
+    n: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    bits: int = DITHER_BITS,
+    like: Tensor | None = None,
+) -> Tensor:
+    """``n`` uniform random integers of ``bits`` bits, flat (``uint8`` bytes, or for 16 bits
+    signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`): four
+    bytes (two 16-bit halves) per 32-bit random draw. ``like``: a tensor on ``device`` whose
+    sizes trace symbolically (torch.compile) when there is no generator."""
     dtype = dither_dtype(bits)
     drawn = torch.uint8 if bits == 8 else torch.int16
     per_word = 32 // bits
@@ -92,11 +96,19 @@ def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_
         # out of place (an in-place random_ breaks torch.compile's graph), and shaped by a
         # tensor, which traces with symbolic sizes (torch.randint's size must be concrete);
         # the numbers of torch.randint
-        words = torch.randint_like(like.new_empty(size, dtype=torch.int32), low, high)
+        base = like if like is not None else torch.empty(0, device=device)
+        words = torch.randint_like(base.new_empty(size, dtype=torch.int32), low, high)
     else:
-        words = torch.randint(low, high, size, dtype=torch.int32, device=like.device,
+        words = torch.randint(low, high, size, dtype=torch.int32, device=device,
                               generator=generator)  # fmt: skip
-    return words.view(drawn)[:n].to(dtype).view(like.shape)
+    return words.view(drawn)[:n].to(dtype)
+
+
+def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_BITS) -> Tensor:
+    """:func:`_flat_dither` shaped like ``like``, in its logical (row-major) order whatever its
+    memory layout, so a view, a transpose or a channels-last tensor draws what its contiguous
+    copy draws."""
+    return _flat_dither(like.numel(), like.device, generator, bits, like).view(like.shape)
 
 
 def _spec_dither(like: Tensor, spec: QuantSpec, generator: torch.Generator | None):
@@ -179,15 +191,19 @@ def _saturate(t: Tensor, dtype: torch.dtype) -> Tensor:
 def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back."""
     perm = [d for d in range(t.dim()) if d not in axes] + list(axes)
-    moved = t.permute(perm)
-    shape = moved.shape
-    inverse = [perm.index(d) for d in range(t.dim())]
     length = math.prod([t.shape[d] for d in axes])
+    return t.permute(perm).reshape(-1, length), _restorer(t.shape, perm)
+
+
+def _restorer(shape: Sequence[int], perm: list[int]) -> Callable[[Tensor], Tensor]:
+    """The function that lays a matrix of the permuted ``shape`` back in ``shape``."""
+    moved = [shape[d] for d in perm]
+    inverse = [perm.index(d) for d in range(len(shape))]
 
     def restore(m: Tensor) -> Tensor:
-        return m.reshape(shape).permute(inverse)
+        return m.reshape(moved).permute(inverse)
 
-    return moved.reshape(-1, length), restore
+    return restore
 
 
 @kernel
@@ -224,9 +240,12 @@ def _dequantized_prescaled(
     return _saturate(units * scale, out)
 
 
-def _dequantize(t: Tensor, scale: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
-    """``t`` (float32+) quantized with ``scale`` (broadcast) as ``spec`` rounds it."""
-    dither = _spec_dither(t, spec, generator)
+def _dequantize(
+    t: Tensor, scale: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype
+) -> Tensor:
+    """``t`` (float32+) quantized with ``scale`` (broadcast) as ``spec`` rounds it; ``dither``:
+    :func:`_flat_dither` of ``t``'s size (None: nearest)."""
+    dither = None if dither is None else dither.view(t.shape)
     fmt = spec.number_format
     numerator, denominator = spec.prescale_ratio  # not spec.prescale: see QuantSpec
     if numerator == denominator:
@@ -239,11 +258,11 @@ def _rule(spec: QuantSpec) -> ScaleRule:
 
 
 def _round_groups(
-    t: Tensor, spec: QuantSpec, keep: int | None, generator, out: torch.dtype
+    t: Tensor, spec: QuantSpec, keep: int | None, dither: Tensor | None, out: torch.dtype
 ) -> Tensor:
     """``t`` (float32+) rounded with one scale per group (as :func:`absmax`'s ``keep``)."""
     scale = scales_by_rule(_absmax(t, keep), spec.number_format.max_value, _rule(spec))
-    return _dequantize(t, scale, spec, generator, out)
+    return _dequantize(t, scale, spec, dither, out)
 
 
 @kernel
@@ -279,33 +298,55 @@ def quantize_float_codes(
     return _grid_codes(t, scale, dither, spec.number_format), scale
 
 
-def _round_blocks(m: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
+def _round_blocks(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
     """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them, or in
     square tiles of that side (``"tile"`` granularity), zero-padded."""
+    return _from_blocks(_block_grid(m, spec, dither, out), *m.shape)
+
+
+def _from_blocks(q: Tensor, rows: int, length: int) -> Tensor:
+    """The ``(rows, length)`` matrix of :func:`_block_grid`'s blocks or tiles ``q``."""
+    if q.dim() == 4:  # tiles
+        return q.reshape(q.shape[0] * q.shape[1], -1)[:rows, :length]
+    return q.reshape(rows, -1)[:, :length]
+
+
+def _block_grid(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
+    """The rows of ``m`` rounded in blocks (or tiles), as ``(rows, blocks, size)`` (or
+    ``(tiles down, size, tiles across, size)``), zero-padded."""
     if spec.granularity == "tile":
-        return _round_tiles(m, spec, generator, out)
+        return _round_tiles(m, spec, dither, out)
     rows, length = m.shape
     size = spec.block_size
-    padded = -(-length // size) * size
+    padded = _whole(length, size)
     if padded != length:
         m = torch.nn.functional.pad(m, (0, padded - length))
     blocks = m.reshape(rows, padded // size, size)
+    if dither is not None:  # shaped as the rows first: compiled, it indexes as the blocks do
+        dither = dither.view(rows, padded).view(blocks.shape)
     scale = _block_scales(blocks, spec.number_format.max_value, _rule(spec))
-    q = _dequantize(blocks, scale, spec, generator, out)
-    return q.reshape(rows, padded)[:, :length]
+    return _dequantize(blocks, scale, spec, dither, out)
 
 
-def _round_tiles(m: Tensor, spec: QuantSpec, generator, out: torch.dtype) -> Tensor:
-    """Round ``m`` (float32+) in tiles of ``spec.block_size`` rows by as many columns."""
+def _whole(length: int, size: int) -> int:
+    """``length`` rounded up to whole blocks of ``size``. Written so that a length already
+    whole stays the same expression: compiled with symbolic sizes, its blocks index simply."""
+    return length if length % size == 0 else (length // size + 1) * size
+
+
+def _round_tiles(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
+    """``m`` (float32+) rounded in tiles of ``spec.block_size`` rows by as many columns, as
+    ``(tiles down, size, tiles across, size)``."""
     rows, length = m.shape
     size = spec.block_size
-    tall, wide = -(-rows // size) * size, -(-length // size) * size
+    tall, wide = _whole(rows, size), _whole(length, size)
     if (tall, wide) != (rows, length):
         m = torch.nn.functional.pad(m, (0, wide - length, 0, tall - rows))
     tiles = m.reshape(tall // size, size, wide // size, size)
+    if dither is not None:
+        dither = dither.view(tall, wide).view(tiles.shape)
     scale = _block_scales(tiles, spec.number_format.max_value, _rule(spec), (1, 3))
-    q = _dequantize(tiles, scale, spec, generator, out)
-    return q.reshape(tall, wide)[:rows, :length]
+    return _dequantize(tiles, scale, spec, dither, out)
 
 
 def _transform_rows(
@@ -371,9 +412,10 @@ def _quantize_transformed(
     transform: Transform,
     inner: tuple[int, ...],
     channel_dim: int,
-    generator: torch.Generator | None,
+    dither: Tensor | None,
     state: Any,
     dtype: torch.dtype,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     axes = _transform_axes(transform, inner)
     work = _transform_dtype(transform, x)
@@ -381,23 +423,62 @@ def _quantize_transformed(
     rows, restore = _transform_rows(x.to(work), transform, axes)
     down = _overflow_guard(rows)  # exact: quantization commutes with powers of two
     rows = rows * down
-    if state is None:
+    if state is None:  # a data-dependent transform (the others are prepared before)
         state = transform.prepare(rows, generator)
     rows = transform.forward(rows, state).to(compute)
     rest = [d for d in range(x.dim()) if d not in axes]
     if spec.granularity in BLOCK_GRANULARITIES:
         if axes != inner:
             raise ValueError(f"{spec}: blocks run along the contraction axis, the transform not")
-        q = _round_blocks(rows, spec, generator, compute)
+        q = _round_blocks(rows, spec, dither, compute)
     else:
         grid = rows.reshape(*[x.shape[d] for d in rest], rows.shape[1])
         keep = None
         if spec.granularity != "tensor":
             dim = 0 if spec.granularity == "sample" else channel_dim % x.dim()
             keep = _group_axis(dim, rest, axes, spec)
-        q = _round_groups(grid, spec, keep, generator, compute).reshape(rows.shape)
+        q = _round_groups(grid, spec, keep, dither, compute).reshape(rows.shape)
     q = transform.inverse(q.to(work), state).to(compute)
     return restore(_saturate(q.div_(down.to(compute)), dtype)).to(dtype)
+
+
+@kernel(static_ints=True)
+def _quantize(
+    x: Tensor,
+    spec: QuantSpec,
+    inner: tuple[int, ...],
+    channel_dim: int,
+    dither: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """:func:`quantize_along` with no transform, after its random draws: layout, scales and
+    rounding compiled into one graph. Blocks come back as :func:`_block_grid` lays them out
+    (laid back as ``x`` by views: compiled, a reshape between symbolic sizes would index
+    every element through a division)."""
+    t = x.to(scale_dtype(x))
+    if spec.granularity in BLOCK_GRANULARITIES:
+        return _block_grid(as_rows(t, inner)[0], spec, dither, dtype).to(dtype)
+    keep = group_dim(t, spec.granularity, channel_dim)
+    return _round_groups(t, spec, keep, dither, dtype).to(dtype)
+
+
+def _rounded_size(
+    x: Tensor, spec: QuantSpec, transform: Transform | None, inner: tuple[int, ...]
+) -> int:
+    """How many elements the rounding of ``x`` sees (the size of its dither): padded to whole
+    transform blocks, then to whole blocks or tiles."""
+    if transform is None and spec.granularity not in BLOCK_GRANULARITIES:
+        return x.numel()
+    axes = inner if transform is None else _transform_axes(transform, inner)
+    length = math.prod([x.shape[d] for d in axes])
+    rows = x.numel() // length
+    if transform is not None:
+        length = transform.padded_length(length)
+    if spec.granularity not in BLOCK_GRANULARITIES:
+        return rows * length
+    size = spec.block_size
+    wide = -(-length // size) * size
+    return (-(-rows // size) * size if spec.granularity == "tile" else rows) * wide
 
 
 def quantize_along(
@@ -421,23 +502,35 @@ def quantize_along(
     rounding are computed in float32; a transform runs in ``x``'s dtype where its matrix is
     exact in it (``rht`` under mixed precision: a bf16 product, as hardware computes it), else
     in float32. Values past ``dtype``'s largest finite value saturate to it.
+
+    The random numbers are drawn first (a transform's, then the dither). With no transform the
+    rest is one registered kernel (:mod:`metagrad.kernels`): compiled, a few fused loops over
+    ``x`` whatever its layout. A transform runs eagerly, its scales and rounding compiled.
     """
     dtype = dtype or scale_dtype(x)
     if not spec.enabled or x.numel() == 0:
         return x.to(dtype)
     nd = max(x.dim(), 1)
     inner = tuple(d % nd for d in inner)
+    transform = None
     if spec.transform is not None:
         transform = get_transform(spec.transform, spec.transform_block)
+        if transform_state is None and not transform.data_dependent:
+            transform_state = prepare_transform(x, spec, inner, generator)
+    dither = None
+    if spec.rounding == "stochastic":
+        size = _rounded_size(x, spec, transform, inner)
+        dither = _flat_dither(size, x.device, generator, spec.dither_bits, x)
+    if transform is not None:
         return _quantize_transformed(
-            x, spec, transform, inner, channel_dim, generator, transform_state, dtype
+            x, spec, transform, inner, channel_dim, dither, transform_state, dtype, generator
         )
-    t = x.to(scale_dtype(x))
-    if spec.granularity in BLOCK_GRANULARITIES:
-        rows, restore = as_rows(t, inner)
-        return restore(_round_blocks(rows, spec, generator, dtype)).to(dtype)
-    keep = group_dim(t, spec.granularity, channel_dim)
-    return _round_groups(t, spec, keep, generator, dtype).to(dtype)
+    q = _quantize(x, spec, inner, channel_dim, dither, dtype)
+    if spec.granularity not in BLOCK_GRANULARITIES:
+        return q
+    perm = [d for d in range(x.dim()) if d not in inner] + list(inner)
+    length = math.prod([x.shape[d] for d in inner])
+    return _restorer(x.shape, perm)(_from_blocks(q, x.numel() // length, length))
 
 
 WEIGHT_INNER = (1,)
