@@ -56,6 +56,9 @@ ALONG_SPECS = [
     "fp4_e2m1:tile16:e4m3:stochastic",  # 2-D weight tiles
     "int4:channel:stochastic",
     "log4:stochastic:dither16",
+    "fp4_e2m1:block32:e8m0-floor:stochastic:rht32",  # the transform fused with its blocks
+    "fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
+    "fp4_e2m1:block32:e8m0:stochastic:rht16",  # blocks of another size: not fused
 ]
 
 

@@ -102,6 +102,10 @@ them instead of storing them to memory: for kernels whose intermediates are many
 than their inputs (a hypernetwork's hidden units)."""
 
 
+EXACT_CASTS = {"emulate_precision_casts": True}
+"""Inductor settings that round low-precision intermediates as eager code does."""
+
+
 def _inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     """The ``options`` this torch's inductor knows (names come and go between releases)."""
     from torch._inductor import config
@@ -110,19 +114,25 @@ def _inductor_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def kernel(
-    fn: F | None = None, *, recompute: bool = False, static_ints: bool = False
+    fn: F | None = None,
+    *,
+    recompute: bool = False,
+    static_ints: bool = False,
+    exact_casts: bool = False,
 ) -> F | Callable[[F], F]:
     """Register ``fn`` (pure torch code) as a kernel: compiled when :func:`set_compile` is on.
 
     The compiled twin is built on first use, with dynamic shapes, so one compilation serves all
     layer sizes. ``recompute=True`` compiles with :data:`RECOMPUTE`. ``static_ints=True`` traces
     integer arguments (axes, layouts) as constants, one compilation per value, where dynamic
-    shapes would make them symbolic. ``fn.eager`` is always the uncompiled reference. Use as
-    ``@kernel`` or ``@kernel(recompute=True)``.
+    shapes would make them symbolic. ``exact_casts=True`` rounds every low-precision
+    intermediate as eager code does (inductor otherwise keeps bf16 and fp16 intermediates in
+    float32). ``fn.eager`` is always the uncompiled reference. Use as ``@kernel`` or
+    ``@kernel(recompute=True)``.
     """
     if fn is None:
         return functools.partial(  # type: ignore[return-value]
-            kernel, recompute=recompute, static_ints=static_ints
+            kernel, recompute=recompute, static_ints=static_ints, exact_casts=exact_casts
         )
     compiled_fn: Callable[..., Any] | None = None
 
@@ -132,7 +142,9 @@ def kernel(
         if not _enabled or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if compiled_fn is None:
-            options = _inductor_options(RECOMPUTE) if recompute else None
+            options = _inductor_options(
+                {**(RECOMPUTE if recompute else {}), **(EXACT_CASTS if exact_casts else {})}
+            )
             compiled_fn = torch.compile(fn, dynamic=True, options=options)
         if static_ints:
             from torch._dynamo import config

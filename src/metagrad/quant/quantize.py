@@ -442,6 +442,43 @@ def _quantize_transformed(
     return restore(_saturate(q.div_(down.to(compute)), dtype)).to(dtype)
 
 
+def _fused_block(transform: Transform, state: Any, spec: QuantSpec, inner, x: Tensor) -> int:
+    """The block of a data-independent transform that acts on the quantizer's own blocks, one by
+    one, along the contraction axis (so the two fuse into one kernel); 0 where it does not."""
+    along = getattr(transform, "blockwise", None)
+    if along is None or transform.data_dependent or spec.granularity != "block":
+        return 0
+    if _transform_axes(transform, inner) != inner or x.dtype not in _FUSED_DTYPES:
+        return 0
+    block = along(state)
+    return block if block == spec.block_size else 0
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@kernel(static_ints=True, exact_casts=True)
+def _transformed_blocks(
+    blocks: Tensor,
+    spec: QuantSpec,
+    transform: Transform,
+    state: Any,
+    dither: Tensor | None,
+    work: torch.dtype,
+    dtype: torch.dtype,
+) -> Tensor:
+    """:func:`_quantize_transformed` on ``(n, block)`` rows where the transform's blocks are the
+    quantizer's: transform, scales, rounding and the way back in one graph."""
+    compute = torch.float32
+    t = blocks.to(work)
+    down = _overflow_guard(t)  # exact: quantization commutes with powers of two
+    t = transform.forward(t * down, state).to(compute).unsqueeze(1)
+    scale = _block_scales(t, spec.number_format.max_value, _rule(spec))
+    q = _dequantize(t, scale, spec, dither, compute).squeeze(1)
+    q = transform.inverse(q.to(work), state).to(compute)
+    return _saturate(q.div_(down.to(compute)), dtype).to(dtype)
+
+
 @kernel(static_ints=True)
 def _quantize(
     x: Tensor,
@@ -522,6 +559,14 @@ def quantize_along(
         size = _rounded_size(x, spec, transform, inner)
         dither = _flat_dither(size, x.device, generator, spec.dither_bits, x)
     if transform is not None:
+        block = _fused_block(transform, transform_state, spec, inner, x)
+        if block:
+            rows, restore = _transform_rows(x, transform, inner)
+            work = _transform_dtype(transform, x)
+            q = _transformed_blocks(
+                rows.reshape(-1, block), spec, transform, transform_state, dither, work, dtype
+            )
+            return restore(q.reshape(rows.shape))
         return _quantize_transformed(
             x, spec, transform, inner, channel_dim, dither, transform_state, dtype, generator
         )

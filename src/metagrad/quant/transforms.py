@@ -31,7 +31,8 @@ float32 accumulation, as hardware runs it on tensor cores; the others run in flo
 
 A new transform is a class with ``axis``, ``data_dependent``, ``low_precision``,
 ``padded_length``, ``prepare``, ``forward`` and ``inverse``, registered with
-:func:`register_transform`.
+:func:`register_transform`; one that acts on blocks of a row one by one may say so with
+``blockwise(state) -> block``, and the quantizer then fuses it with block scales of that size.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ class RandomizedHadamard:
         # +-1 products are exact in any dtype; the 1/sqrt(block) scaling comes after.
         h = h * signs if inverse else signs[:, None] * h
         return (t.reshape(-1, b) @ h).mul_(1 / math.sqrt(b)).reshape(rows, length)
+
+    def blockwise(self, state: _RHTState) -> int:
+        """The length of the blocks it acts on one by one: rows of any multiple of it may be
+        transformed as a ``(n, block)`` matrix."""
+        return state.block
 
     def forward(self, t: Tensor, state: _RHTState) -> Tensor:
         return self._apply(t, state, inverse=False)
