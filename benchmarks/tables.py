@@ -107,9 +107,9 @@ METHODS_GPT = (
     f"--metagrad fp8-e5m2 rht-nvfp4 --recipes {RECIPES}"
 )
 METHODS_RECIPES = (
-    f"python -m benchmarks.methods --epochs 3 --seeds 0 --presets {RECIPES} --recipes {RECIPES} "
+    f"python -m benchmarks.methods --epochs 3 --presets {RECIPES} --recipes {RECIPES} "
     "--metagrad "
-    "--skip fp32-s0 --timing-steps 0 --parallel 2 --threads 1 "
+    "--skip fp32-s0 fp32-s1 fp32-s2 --timing-steps 0 --parallel 2 --threads 1 "
     "--output benchmarks/results/methods-recipes.json"
 )
 ORACLE = "python -m benchmarks.metagrad_oracle --parallel 2 --seeds 0 1 2 3 4"

@@ -254,14 +254,15 @@ class BlockHouseholder:
 
     def forward(self, t: Tensor, state: _BHQState) -> Tensor:
         # works on t.T, (length, rows): one position per row, contiguous memory when t is the
-        # transposed view that a sample axis gives
-        columns = t.t().index_select(0, state.order)
+        # transposed view that a sample axis gives (else copied so: gathering whole rows is a
+        # copy of each, gathering strided ones an element at a time)
+        columns = t.t().contiguous().index_select(0, state.order)
         if state.scale is not None:
             columns = columns * state.scale.to(columns.dtype).unsqueeze(1)
         return self._reflect(columns, state).t()
 
     def inverse(self, t: Tensor, state: _BHQState) -> Tensor:
-        columns = self._reflect(t.t(), state)
+        columns = self._reflect(t.t().contiguous(), state)
         if state.scale is not None:
             columns = columns / state.scale.to(columns.dtype).unsqueeze(1)
         return columns.index_select(0, state.inverse_order).t()
