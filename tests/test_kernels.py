@@ -58,7 +58,8 @@ ALONG_SPECS = [
     "log4:stochastic:dither16",
     "fp4_e2m1:block32:e8m0-floor:stochastic:rht32",  # the transform fused with its blocks
     "fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
-    "fp4_e2m1:block32:e8m0:stochastic:rht16",  # blocks of another size: not fused
+    "fp4_e2m1:block32:e8m0-floor:stochastic:pre0.75:rht64",  # two blocks per transform block
+    "fp4_e2m1:block32:e8m0:stochastic:rht16",  # blocks across transform blocks: not fused
 ]
 
 

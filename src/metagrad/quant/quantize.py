@@ -443,15 +443,15 @@ def _quantize_transformed(
 
 
 def _fused_block(transform: Transform, state: Any, spec: QuantSpec, inner, x: Tensor) -> int:
-    """The block of a data-independent transform that acts on the quantizer's own blocks, one by
-    one, along the contraction axis (so the two fuse into one kernel); 0 where it does not."""
+    """The block of a data-independent transform that acts on whole blocks of the quantizer, one
+    by one, along the contraction axis (so the two fuse into one kernel); 0 where it does not."""
     along = getattr(transform, "blockwise", None)
     if along is None or transform.data_dependent or spec.granularity != "block":
         return 0
     if _transform_axes(transform, inner) != inner or x.dtype not in _FUSED_DTYPES:
         return 0
     block = along(state)
-    return block if block == spec.block_size else 0
+    return block if block % spec.block_size == 0 else 0
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -467,14 +467,15 @@ def _transformed_blocks(
     work: torch.dtype,
     dtype: torch.dtype,
 ) -> Tensor:
-    """:func:`_quantize_transformed` on ``(n, block)`` rows where the transform's blocks are the
-    quantizer's: transform, scales, rounding and the way back in one graph."""
+    """:func:`_quantize_transformed` on ``(n, block)`` rows where the transform's blocks are
+    whole blocks of the quantizer: transform, scales, rounding and the way back in one graph."""
     compute = torch.float32
     t = blocks.to(work)
     down = _overflow_guard(t)  # exact: quantization commutes with powers of two
-    t = transform.forward(t * down, state).to(compute).unsqueeze(1)
+    t = transform.forward(t * down, state).to(compute)
+    t = t.view(t.shape[0], t.shape[1] // spec.block_size, spec.block_size)
     scale = _block_scales(t, spec.number_format.max_value, _rule(spec))
-    q = _dequantize(t, scale, spec, dither, compute).squeeze(1)
+    q = _dequantize(t, scale, spec, dither, compute).flatten(1)
     q = transform.inverse(q.to(work), state).to(compute)
     return _saturate(q.div_(down.to(compute)), dtype).to(dtype)
 
