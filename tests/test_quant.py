@@ -198,7 +198,7 @@ def test_stochastic_rounding_bias_is_within_the_dither_resolution(fraction):
 def test_a_16_bit_dither_is_two_bytes_of_each_draw_held_in_int32():
     """Held in ``int32`` (compiled CPU kernels vectorise its loads, not ``int16``'s), it holds the
     same numbers as the ``int16`` halves of the 32-bit draws."""
-    from metagrad.quant.quantize import _dither
+    from metagrad.quant.rounding import _dither
 
     like = torch.empty(5, 7)
     torch.manual_seed(3)

@@ -37,85 +37,48 @@ import torch
 from torch import Tensor
 
 from metagrad.kernels import kernel
-from metagrad.quant.formats import DITHER_BITS, NumberFormat, add_dither, dither_dtype
-from metagrad.quant.scaling import ScaleRule, get_scale_rule, scales_by_rule
+from metagrad.quant.formats import add_dither
+from metagrad.quant.rounding import (
+    _absmax,
+    _block_grid,
+    _block_scales,
+    _dequantize,
+    _flat_dither,
+    _from_blocks,
+    _grid_codes,
+    _restorer,
+    _round_blocks,
+    _round_groups,
+    _rule,
+    _saturate,
+    _spec_dither,
+    absmax,
+    as_rows,
+    group_dim,
+    scale_dtype,
+)
+from metagrad.quant.scaling import scales_by_rule
 from metagrad.quant.spec import BLOCK_GRANULARITIES, QuantSpec
 from metagrad.quant.transforms import Transform, get_transform
+
+__all__ = [
+    "absmax",
+    "as_rows",
+    "fake_quantize",
+    "fake_quantize_ste",
+    "group_dim",
+    "prepare_transform",
+    "quantize_along",
+    "quantize_codes",
+    "quantize_float_codes",
+    "quantize_input",
+    "quantize_weight",
+    "scale_dtype",
+]
 
 OVERFLOW_SHIFT = 32
 """A transform runs on values scaled by ``2**-OVERFLOW_SHIFT`` when their largest magnitude is
 within that factor of the dtype's largest value (its sums could overflow otherwise)."""
-
-
-def scale_dtype(x: Tensor) -> torch.dtype:
-    """The dtype scales and codes are computed in for ``x``: float64 for float64, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def group_dim(x: Tensor, granularity: str, channel_dim: int = 1) -> int | None:
-    """The dim that keeps one scale per index (None: one scale for the whole tensor)."""
-    if granularity == "tensor" or x.dim() == 0:
-        return None
-    return 0 if granularity == "sample" else channel_dim % x.dim()
-
-
-def absmax(x: Tensor, granularity: str = "tensor", channel_dim: int = 1) -> Tensor:
-    """Largest magnitude per group, shaped to broadcast against ``x`` (NaN if a group has one)."""
-    return _absmax(x, group_dim(x, granularity, channel_dim))
-
-
-def _absmax(x: Tensor, keep: int | None) -> Tensor:
-    if x.numel() == 0:  # no element: the scale of an all-zero group
-        shape = [x.shape[d] if d == keep else 1 for d in range(x.dim())]
-        return x.new_zeros(shape)
-    if keep is None:
-        lo, hi = torch.aminmax(x)
-        return torch.maximum(-lo, hi).reshape([1] * x.dim())
-    dims = tuple(d for d in range(x.dim()) if d != keep)
-    if not dims:
-        return x.abs()
-    return x.abs().amax(dim=dims, keepdim=True)
-
-
-def _flat_dither(
-    n: int,
-    device: torch.device,
-    generator: torch.Generator | None,
-    bits: int = DITHER_BITS,
-    like: Tensor | None = None,
-) -> Tensor:
-    """``n`` uniform random integers of ``bits`` bits, flat (``uint8`` bytes, or for 16 bits
-    signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`): four
-    bytes (two 16-bit halves) per 32-bit random draw. ``like``: a tensor on ``device`` whose
-    sizes trace symbolically (torch.compile) when there is no generator."""
-    dtype = dither_dtype(bits)
-    drawn = torch.uint8 if bits == 8 else torch.int16
-    per_word = 32 // bits
-    low, high, size = -(2**31), 2**31 - 1, ((n + per_word - 1) // per_word,)
-    if generator is None:
-        # out of place (an in-place random_ breaks torch.compile's graph), and shaped by a
-        # tensor, which traces with symbolic sizes (torch.randint's size must be concrete);
-        # the numbers of torch.randint
-        base = like if like is not None else torch.empty(0, device=device)
-        words = torch.randint_like(base.new_empty(size, dtype=torch.int32), low, high)
-    else:
-        words = torch.randint(low, high, size, dtype=torch.int32, device=device,
-                              generator=generator)  # fmt: skip
-    return words.view(drawn)[:n].to(dtype)
-
-
-def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_BITS) -> Tensor:
-    """:func:`_flat_dither` shaped like ``like``, in its logical (row-major) order whatever its
-    memory layout, so a view, a transpose or a channels-last tensor draws what its contiguous
-    copy draws."""
-    return _flat_dither(like.numel(), like.device, generator, bits, like).view(like.shape)
-
-
-def _spec_dither(like: Tensor, spec: QuantSpec, generator: torch.Generator | None):
-    """The dither of ``spec``'s stochastic rounding for ``like`` (None: nearest rounding)."""
-    if spec.rounding != "stochastic":
-        return None
-    return _dither(like, generator, spec.dither_bits)
 
 
 @kernel
@@ -182,96 +145,6 @@ def fake_quantize(
     return _saturate(codes.mul_(scale), x.dtype).to(x.dtype)
 
 
-def _saturate(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` with values past ``dtype``'s largest finite value set to it (NaN stays), in place."""
-    top = torch.finfo(dtype).max
-    return t.clamp_(-top, top)
-
-
-def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back."""
-    perm = [d for d in range(t.dim()) if d not in axes] + list(axes)
-    length = math.prod([t.shape[d] for d in axes])
-    return t.permute(perm).reshape(-1, length), _restorer(t.shape, perm)
-
-
-def _restorer(shape: Sequence[int], perm: list[int]) -> Callable[[Tensor], Tensor]:
-    """The function that lays a matrix of the permuted ``shape`` back in ``shape``."""
-    moved = [shape[d] for d in perm]
-    inverse = [perm.index(d) for d in range(len(shape))]
-
-    def restore(m: Tensor) -> Tensor:
-        return m.reshape(moved).permute(inverse)
-
-    return restore
-
-
-@kernel
-def _block_scales(
-    blocks: Tensor, max_value: float, rule: ScaleRule, dims: tuple[int, ...] = (-1,)
-) -> Tensor:
-    """One scale per block of ``blocks`` (float32+) over ``dims``, keeping them."""
-    amax = blocks.abs().amax(dim=dims, keepdim=True)
-    return scales_by_rule(amax, max_value, rule, amax.amax())
-
-
-@kernel
-def _dequantized(
-    t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat, out: torch.dtype
-) -> Tensor:
-    """``t`` rounded onto ``fmt``'s grid times ``scale`` (broadcast), and scaled back, saturated
-    at ``out``'s largest finite value. A zero scale gives zeros."""
-    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)  # rounds to 0
-    return _saturate(fmt.round(t / scale, dither) * scale, out)
-
-
-@kernel
-def _dequantized_prescaled(
-    t: Tensor,
-    scale: Tensor,
-    dither: Tensor | None,
-    fmt: NumberFormat,
-    out: torch.dtype,
-    prescale: float,
-) -> Tensor:
-    """:func:`_dequantized` of ``t * prescale``, divided by ``prescale`` after rounding."""
-    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)
-    units = fmt.round((t / scale).mul_(prescale), dither).div_(prescale)
-    return _saturate(units * scale, out)
-
-
-def _dequantize(
-    t: Tensor, scale: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype
-) -> Tensor:
-    """``t`` (float32+) quantized with ``scale`` (broadcast) as ``spec`` rounds it; ``dither``:
-    :func:`_flat_dither` of ``t``'s size (None: nearest)."""
-    dither = None if dither is None else dither.view(t.shape)
-    fmt = spec.number_format
-    numerator, denominator = spec.prescale_ratio  # not spec.prescale: see QuantSpec
-    if numerator == denominator:
-        return _dequantized(t, scale, dither, fmt, out)
-    return _dequantized_prescaled(t, scale, dither, fmt, out, numerator / denominator)
-
-
-def _rule(spec: QuantSpec) -> ScaleRule:
-    return get_scale_rule(spec.scale_format, spec.scale_rounding)
-
-
-def _round_groups(
-    t: Tensor, spec: QuantSpec, keep: int | None, dither: Tensor | None, out: torch.dtype
-) -> Tensor:
-    """``t`` (float32+) rounded with one scale per group (as :func:`absmax`'s ``keep``)."""
-    scale = scales_by_rule(_absmax(t, keep), spec.number_format.max_value, _rule(spec))
-    return _dequantize(t, scale, spec, dither, out)
-
-
-@kernel
-def _grid_codes(t: Tensor, scale: Tensor, dither: Tensor | None, fmt: NumberFormat) -> Tensor:
-    """``t / scale`` rounded onto ``fmt``'s grid: :func:`_dequantized` before its last multiply."""
-    scale = torch.where(scale == 0, torch.finfo(scale.dtype).max, scale)  # rounds to 0
-    return fmt.round(t / scale, dither)
-
-
 def quantize_float_codes(
     x: Tensor, spec: QuantSpec, channel_dim: int = 1, *, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -296,57 +169,6 @@ def quantize_float_codes(
     scale = scales_by_rule(_absmax(t, keep), spec.number_format.max_value, _rule(spec))
     dither = _spec_dither(t, spec, generator)
     return _grid_codes(t, scale, dither, spec.number_format), scale
-
-
-def _round_blocks(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
-    """Round the rows of ``m`` (float32+) in blocks of ``spec.block_size`` along them, or in
-    square tiles of that side (``"tile"`` granularity), zero-padded."""
-    return _from_blocks(_block_grid(m, spec, dither, out), *m.shape)
-
-
-def _from_blocks(q: Tensor, rows: int, length: int) -> Tensor:
-    """The ``(rows, length)`` matrix of :func:`_block_grid`'s blocks or tiles ``q``."""
-    if q.dim() == 4:  # tiles
-        return q.reshape(q.shape[0] * q.shape[1], -1)[:rows, :length]
-    return q.reshape(rows, -1)[:, :length]
-
-
-def _block_grid(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
-    """The rows of ``m`` rounded in blocks (or tiles), as ``(rows, blocks, size)`` (or
-    ``(tiles down, size, tiles across, size)``), zero-padded."""
-    if spec.granularity == "tile":
-        return _round_tiles(m, spec, dither, out)
-    rows, length = m.shape
-    size = spec.block_size
-    padded = _whole(length, size)
-    if padded != length:
-        m = torch.nn.functional.pad(m, (0, padded - length))
-    blocks = m.reshape(rows, padded // size, size)
-    if dither is not None:  # shaped as the rows first: compiled, it indexes as the blocks do
-        dither = dither.view(rows, padded).view(blocks.shape)
-    scale = _block_scales(blocks, spec.number_format.max_value, _rule(spec))
-    return _dequantize(blocks, scale, spec, dither, out)
-
-
-def _whole(length: int, size: int) -> int:
-    """``length`` rounded up to whole blocks of ``size``. Written so that a length already
-    whole stays the same expression: compiled with symbolic sizes, its blocks index simply."""
-    return length if length % size == 0 else (length // size + 1) * size
-
-
-def _round_tiles(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
-    """``m`` (float32+) rounded in tiles of ``spec.block_size`` rows by as many columns, as
-    ``(tiles down, size, tiles across, size)``."""
-    rows, length = m.shape
-    size = spec.block_size
-    tall, wide = _whole(rows, size), _whole(length, size)
-    if (tall, wide) != (rows, length):
-        m = torch.nn.functional.pad(m, (0, wide - length, 0, tall - rows))
-    tiles = m.reshape(tall // size, size, wide // size, size)
-    if dither is not None:
-        dither = dither.view(tall, wide).view(tiles.shape)
-    scale = _block_scales(tiles, spec.number_format.max_value, _rule(spec), (1, 3))
-    return _dequantize(tiles, scale, spec, dither, out)
 
 
 def _transform_rows(
