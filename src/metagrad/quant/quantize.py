@@ -29,7 +29,6 @@ Special values, by design:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +54,7 @@ from metagrad.quant.rounding import (
     absmax,
     as_rows,
     group_dim,
+    row_order,
     scale_dtype,
 )
 from metagrad.quant.scaling import scales_by_rule
@@ -196,7 +196,7 @@ def prepare_transform(
     inner = tuple(d % max(x.dim(), 1) for d in inner)
     axes = _transform_axes(transform, inner)
     if not transform.data_dependent:  # only the padded length, dtype and device matter
-        length = transform.padded_length(math.prod([x.shape[d] for d in axes]))
+        length = transform.padded_length(row_order(x.shape, axes)[1])
         return transform.prepare(x.new_empty((0, length), dtype=scale_dtype(x)), generator)
     return transform.prepare(_transform_rows(x.to(scale_dtype(x)), transform, axes)[0], generator)
 
@@ -330,7 +330,7 @@ def _rounded_size(
     if transform is None and spec.granularity not in BLOCK_GRANULARITIES:
         return x.numel()
     axes = inner if transform is None else _transform_axes(transform, inner)
-    length = math.prod([x.shape[d] for d in axes])
+    length = row_order(x.shape, axes)[1]
     rows = x.numel() // length
     if transform is not None:
         length = transform.padded_length(length)
@@ -396,8 +396,7 @@ def quantize_along(
     q = _quantize(x, spec, inner, channel_dim, dither, dtype)
     if spec.granularity not in BLOCK_GRANULARITIES:
         return q
-    perm = [d for d in range(x.dim()) if d not in inner] + list(inner)
-    length = math.prod([x.shape[d] for d in inner])
+    perm, length = row_order(x.shape, inner)
     return _restorer(x.shape, perm)(_from_blocks(q, x.numel() // length, length))
 
 

@@ -94,10 +94,16 @@ def _saturate(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.clamp_(-top, top)
 
 
+def row_order(shape: Sequence[int], axes: Sequence[int]) -> tuple[list[int], int]:
+    """The permutation that moves ``axes`` last (the others first, in order), and the length of
+    a row: the product of ``axes``' sizes."""
+    perm = [d for d in range(len(shape)) if d not in axes] + list(axes)
+    return perm, math.prod([shape[d] for d in axes])
+
+
 def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back."""
-    perm = [d for d in range(t.dim()) if d not in axes] + list(axes)
-    length = math.prod([t.shape[d] for d in axes])
+    perm, length = row_order(t.shape, axes)
     return t.permute(perm).reshape(-1, length), _restorer(t.shape, perm)
 
 
