@@ -25,7 +25,8 @@ def _candidates(gaps: dict[str, float]) -> list[dict]:
 
 
 def test_the_quantizer_losing_most_within_2_to_10_points_is_chosen():
-    gaps = dict(zip(CANDIDATES, [1.0, 4.0, 12.0, 7.5, 60.0, 0.3, 0.1, 6.0, 2.5], strict=True))
+    losses = [1.0, 4.0, 12.0, 7.5, 60.0, 0.3, 0.1, 6.0, 2.5, 0.5, 1.5]
+    gaps = dict(zip(CANDIDATES, losses, strict=True))
     assert chosen_quantizer(_candidates(gaps)) == CANDIDATES[3]
     assert chosen_quantizer(_candidates(dict.fromkeys(CANDIDATES, 0.5))) is None
     assert chosen_quantizer(_candidates(gaps)[:-1]) is None  # not all candidates ran
