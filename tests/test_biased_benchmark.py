@@ -29,6 +29,11 @@ def test_the_quantizer_losing_most_within_2_to_10_points_is_chosen():
     gaps = dict(zip(CANDIDATES, losses, strict=True))
     assert chosen_quantizer(_candidates(gaps)) == CANDIDATES[3]
     assert chosen_quantizer(_candidates(dict.fromkeys(CANDIDATES, 0.5))) is None
+    losses = [0.5, 60.0, 11.6, 1.0, 30.0, 0.2, 25.0, 55.0, 0.1, 0.3, 0.7]
+    beyond = dict(zip(CANDIDATES, losses, strict=True))
+    assert chosen_quantizer(_candidates(beyond)) == CANDIDATES[2]  # the least beyond 10 points
+    beyond[CANDIDATES[2]] = 45.0  # at 25%: under chance + 20 points, it does not train
+    assert chosen_quantizer(_candidates(beyond)) == CANDIDATES[6]
     assert chosen_quantizer(_candidates(gaps)[:-1]) is None  # not all candidates ran
 
 
