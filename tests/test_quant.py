@@ -197,14 +197,41 @@ def test_stochastic_rounding_bias_is_within_the_dither_resolution(fraction):
 
 def test_a_16_bit_dither_is_two_bytes_of_each_draw_held_in_int32():
     """Held in ``int32`` (compiled CPU kernels vectorise its loads, not ``int16``'s), it holds the
-    same numbers as the ``int16`` halves of the 32-bit draws."""
-    from metagrad.quant.rounding import _dither
+    same numbers as the ``int16`` halves of the 32-bit hashed words."""
+    from metagrad.quant.rounding import _dither, _hashed_words
 
     like = torch.empty(5, 7)
     torch.manual_seed(3)
     dither = _dither(like, None, 16)
     torch.manual_seed(3)
-    words = torch.randint(-(2**31), 2**31 - 1, (18,), dtype=torch.int32)
+    key = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32)
+    words = _hashed_words.eager(torch.empty(18, dtype=torch.int32), key)
     assert dither.dtype == torch.int32 and dither.shape == like.shape
     assert torch.equal(dither.flatten(), words.view(torch.int16)[:35].to(torch.int32))
     assert int(dither.min()) >= -(2**15) and int(dither.max()) < 2**15
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_hashed_dither_bytes_are_uniform_and_independent(compiled):
+    """The dither's words hash each index with a key drawn from the generator: every byte value
+    equally often (chi-square), neighbours uncorrelated, another key another stream, and the
+    compiled kernel the same words as the eager one."""
+    from metagrad.quant.rounding import _hashed_words
+
+    n = 1 << 18
+    like = torch.empty(n, dtype=torch.int32)
+    key = torch.tensor([12345, -678], dtype=torch.int32)
+    words = (_hashed_words if compiled else _hashed_words.eager)(like, key)
+    if compiled:
+        assert torch.equal(words, _hashed_words.eager(like, key))
+    data = words.view(torch.uint8).long()
+    counts = torch.bincount(data, minlength=256).double()
+    expected = data.numel() / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 255 + 5 * (2 * 255) ** 0.5  # 255 degrees of freedom, 5 sigma
+    centred = data.double() - 127.5
+    for lag in (1, 4):  # the next byte of a word, the same byte of the next word
+        r = float((centred[:-lag] * centred[lag:]).mean() / centred.var())
+        assert abs(r) < 5 / data.numel() ** 0.5
+    other = _hashed_words.eager(like, key + torch.tensor([0, 1], dtype=torch.int32))
+    assert float((other == words).double().mean()) < 1e-3

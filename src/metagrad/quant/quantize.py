@@ -5,8 +5,9 @@ gets the scale ``absmax / qmax`` with ``qmax = 2**(bits-1) - 1``, so its codes a
 ``[-qmax, qmax]``. Rounding is to nearest or stochastic: ``floor(x/scale + u)`` with ``u`` uniform
 on the ``2**bits`` levels ``(k + 0.5) / 2**bits`` (the spec's ``dither_bits``: 8 by default, so
 ``E[Q(x)]`` is within ``scale / 512`` of ``x``; 16 for formats that underflow stochastically).
-One 32-bit random draw serves four elements (two at 16 bits), which is cheaper than drawing a
-float per element.
+One 32-bit random word serves four elements (two at 16 bits): a hash of the word's index keyed
+by two integers drawn from PyTorch's generator per call, computed by a compiled kernel of its
+own (integer arithmetic, the same words compiled or eager).
 
 Scales are float32 (float64 for float64 inputs) and the codes are computed in that precision
 whatever the input's dtype, so bf16 and fp16 errors (mixed precision) quantize exactly like their
@@ -15,7 +16,7 @@ low-precision products as they are.
 
 The quantizer is a registered :mod:`metagrad.kernels` kernel: compiled, it fuses the group
 maximum, the scaling, the dither and the rounding into two passes over the tensor and returns
-the same codes (stochastic rounding included: the random bytes are drawn outside the kernel).
+the same codes (stochastic rounding included: the random words are made before the kernel).
 
 Special values, by design:
 - no finite input gives a non-finite output: scales are at least the smallest normal number,

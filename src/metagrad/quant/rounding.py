@@ -47,6 +47,30 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
     return x.abs().amax(dim=dims, keepdim=True)
 
 
+def _shift(x: Tensor, bits: int) -> Tensor:
+    """``x >> bits`` as an unsigned 32-bit shift of the int32 ``x`` (zeros shifted in)."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash of the int32 ``x`` (lowbias32: xor-shifts and two odd
+    multipliers), in wrapping int32 arithmetic."""
+    x = x ^ _shift(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _shift(x, 15)
+    x = x * -0x7B935975  # 0x846CA68B as a signed 32-bit integer
+    return x ^ _shift(x, 16)
+
+
+@kernel
+def _hashed_words(like: Tensor, key: Tensor) -> Tensor:
+    """One random 32-bit word (``int32``) per element of the 1-D ``like``: two rounds of
+    :func:`_mix32` of the element's index, keyed by the two words of ``key`` (int32). Integer
+    arithmetic only, so compiled and eager give the same words."""
+    index = torch.arange(like.shape[0], device=like.device, dtype=torch.int32)
+    return _mix32(_mix32(index + key[0]) ^ key[1])
+
+
 def _flat_dither(
     n: int,
     device: torch.device,
@@ -56,21 +80,17 @@ def _flat_dither(
 ) -> Tensor:
     """``n`` uniform random integers of ``bits`` bits, flat (``uint8`` bytes, or for 16 bits
     signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`): four
-    bytes (two 16-bit halves) per 32-bit random draw. ``like``: a tensor on ``device`` whose
-    sizes trace symbolically (torch.compile) when there is no generator."""
+    bytes (two 16-bit halves) per 32-bit word of :func:`_hashed_words`, whose key is the one
+    draw from ``generator`` (None: PyTorch's default generator). ``like``: a tensor on
+    ``device`` whose sizes trace symbolically (torch.compile)."""
     dtype = dither_dtype(bits)
     drawn = torch.uint8 if bits == 8 else torch.int16
     per_word = 32 // bits
-    low, high, size = -(2**31), 2**31 - 1, ((n + per_word - 1) // per_word,)
-    if generator is None:
-        # out of place (an in-place random_ breaks torch.compile's graph), and shaped by a
-        # tensor, which traces with symbolic sizes (torch.randint's size must be concrete);
-        # the numbers of torch.randint
-        base = like if like is not None else torch.empty(0, device=device)
-        words = torch.randint_like(base.new_empty(size, dtype=torch.int32), low, high)
-    else:
-        words = torch.randint(low, high, size, dtype=torch.int32, device=device,
-                              generator=generator)  # fmt: skip
+    size = ((n + per_word - 1) // per_word,)
+    key = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, device=device,
+                        generator=generator)  # fmt: skip
+    base = like if like is not None else torch.empty(0, device=device)
+    words = _hashed_words(base.new_empty(size, dtype=torch.int32), key)
     return words.view(drawn)[:n].to(dtype)
 
 
