@@ -25,7 +25,8 @@ on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
 3. ``primary`` (6 epochs, seeds 0-4): MetaGrad at the sweep's best setting minus its base, for
    the chosen quantizer and for the two best 4-bit presets of ``methods.json`` (``rht-nvfp4``,
    ``rht-mxfp4``), and the best 4-bit preset minus full precision; each paired by seed
-   (:mod:`metagrad.stats`: mean, 95% CI, sign-flip p over the 5 seeds).
+   (:mod:`metagrad.stats`: mean, 95% CI, sign-flip p over the 5 seeds). The runs go one
+   comparison at a time, cheapest first, so that a stage stopped early has whole comparisons.
 
 Writes ``benchmarks/results/metagrad-biased.json`` after every run, all stages in one file
 (``--output``); every stage is resumable.
@@ -171,10 +172,24 @@ def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Jo
     best = best_setting(runs)
     if best is None:
         raise SystemExit("no best MetaGrad setting: run --stage sweep first")
+    # one comparison's runs over all seeds before the next one's, cheapest first
+    for seed in PRIMARY_SEEDS:
+        add("plain", quantizer, seed, PRIMARY_EPOCHS, quantizer, f"plain-{tag(quantizer)}")
+        add(
+            best,
+            quantizer,
+            seed,
+            PRIMARY_EPOCHS,
+            f"metagrad+{quantizer}",
+            f"metagrad-{tag(quantizer)}",
+        )
     for seed in PRIMARY_SEEDS:
         add("fp32", "fp32", seed, PRIMARY_EPOCHS, "fp32")
-        for q in (quantizer, *PRESETS):
-            add("plain", q, seed, PRIMARY_EPOCHS, q, f"plain-{tag(q)}")
+        add("plain", PRESETS[0], seed, PRIMARY_EPOCHS, PRESETS[0], f"plain-{tag(PRESETS[0])}")
+    for q in PRESETS:
+        for seed in PRIMARY_SEEDS:
+            if q != PRESETS[0]:
+                add("plain", q, seed, PRIMARY_EPOCHS, q, f"plain-{tag(q)}")
             add(best, q, seed, PRIMARY_EPOCHS, f"metagrad+{q}", f"metagrad-{tag(q)}")
     return planned
 
