@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 
+from benchmarks.metagrad_biased import sweep_names
 from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
 
 METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
@@ -388,6 +389,11 @@ def oracle_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _epochs(run: dict) -> str:
+    """A run's test accuracy after each epoch, as ``a, b, c``."""
+    return ", ".join(f"{a:.1f}" for a in run.get("test_acc_per_epoch") or [])
+
+
 def biased_table(data: dict) -> str:
     """The biased-quantizer benchmark's stages: the candidates against full precision, the sweep
     against plain (one seed each), and the primary comparisons paired by seed."""
@@ -403,14 +409,14 @@ def biased_table(data: dict) -> str:
         rows += [
             "Candidates (3 epochs, seed 0): plain training with each quantizer.",
             "",
-            "| gradients | test acc (%) | minus fp32 |",
-            "|---|---|---|",
+            "| gradients | test acc (%) | minus fp32 | per epoch |",
+            "|---|---|---|---|",
         ]
         for r in candidates:
             gap = r["final_test_acc"] - fp32 if r["setting"] != "fp32" and fp32 else None
             chosen = " (chosen)" if r["setting"] == data.get("chosen_quantizer") else ""
             gap_text = "" if gap is None else signed(gap)
-            rows.append(f"| {r['setting']}{chosen} | {acc(r)} | {gap_text} |")
+            rows.append(f"| {r['setting']}{chosen} | {acc(r)} | {gap_text} | {_epochs(r)} |")
     sweep = [r for r in runs if r["stage"] == "sweep"]
     if sweep:
         plain = next((r["final_test_acc"] for r in sweep if r["setting"] == "plain"), None)
@@ -419,10 +425,11 @@ def biased_table(data: dict) -> str:
             f"Sweep on `{data.get('chosen_quantizer')}` (3 epochs, seed 0; one run each, no "
             "interval):",
             "",
-            "| setting | test acc (%) | minus plain |",
-            "|---|---|---|",
+            "| setting | test acc (%) | minus plain | per epoch |",
+            "|---|---|---|---|",
         ]
-        for r in sweep:
+        order = ["plain", *sweep_names()]
+        for r in sorted(sweep, key=lambda r: order.index(r["setting"])):
             value = r["final_test_acc"]
             gap = (
                 ""
@@ -430,7 +437,7 @@ def biased_table(data: dict) -> str:
                 else signed(value - plain)
             )
             best = " (best)" if r["setting"] == data.get("best_setting") else ""
-            rows.append(f"| {r['setting']}{best} | {acc(r)} | {gap} |")
+            rows.append(f"| {r['setting']}{best} | {acc(r)} | {gap} | {_epochs(r)} |")
     comparisons = data.get("comparisons", {})
     if comparisons:
         rows += [
