@@ -21,7 +21,10 @@ on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
 2. ``sweep`` (3 epochs, seed 0) on the chosen quantizer: plain; MetaGrad with its default
    hypernetwork (``grad+weight``) and with the LSTM form, each at hyper-lr 1e-4, 3e-4 and 1e-3;
    and the learned per-layer gradient scale of :mod:`benchmarks.layer_scale` at the same three.
-   The best setting is the MetaGrad run with the highest final accuracy.
+   The best setting is the MetaGrad run with the highest final accuracy. A control, added after
+   every MetaGrad setting fell to chance on ``int6``: MetaGrad with its hypernetwork frozen at
+   its initialisation (:data:`CONTROLS`; hyper-lr 0, the identity map), which tells a harm the
+   hypernetwork learns from one its update scheme causes.
 3. ``primary`` (6 epochs, seeds 0-4): MetaGrad at the sweep's best setting minus its base, for
    the chosen quantizer and for the two best 4-bit presets of ``methods.json`` (``rht-nvfp4``,
    ``rht-mxfp4``), and the best 4-bit preset minus full precision; each paired by seed
@@ -77,6 +80,10 @@ PRESETS = ("rht-nvfp4", "rht-mxfp4")
 
 def _lr_text(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
+
+
+CONTROLS = ("metagrad-grad+weight-lr0",)
+"""Sweep settings outside the choice of the best one: MetaGrad whose hypernetwork never learns."""
 
 
 def sweep_names() -> list[str]:
@@ -166,7 +173,7 @@ def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Jo
             f"{', '.join(CANDIDATES)} lost {GAP[0]:g}-{GAP[1]:g} points, or more and trained)"
         )
     if stage == "sweep":
-        for name in ["plain", *sweep_names()]:
+        for name in ["plain", *sweep_names(), *CONTROLS]:
             add(name, quantizer, 0, SWEEP_EPOCHS, name)
         return planned
     best = best_setting(runs)

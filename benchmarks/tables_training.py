@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 
-from benchmarks.metagrad_biased import sweep_names
+from benchmarks.metagrad_biased import CONTROLS, sweep_names
 from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
 
 METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
@@ -428,7 +428,7 @@ def biased_table(data: dict) -> str:
             "| setting | test acc (%) | minus plain | per epoch |",
             "|---|---|---|---|",
         ]
-        order = ["plain", *sweep_names()]
+        order = ["plain", *sweep_names(), *CONTROLS]
         for r in sorted(sweep, key=lambda r: order.index(r["setting"])):
             value = r["final_test_acc"]
             gap = (

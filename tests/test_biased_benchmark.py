@@ -7,6 +7,7 @@ import pytest
 from benchmarks.layer_scale import LayerScaleTrainer
 from benchmarks.metagrad_biased import (
     CANDIDATES,
+    CONTROLS,
     PRESETS,
     PRIMARY_SEEDS,
     best_setting,
@@ -51,7 +52,9 @@ def test_the_plans_train_what_the_docstring_fixes(tmp_path):
     runs = _candidates(dict.fromkeys(CANDIDATES, 5.0))
     assert len(plan("candidates", [], str(tmp_path))) == 1 + len(CANDIDATES)
     sweep = plan("sweep", runs, str(tmp_path))
-    assert [s for _, s in sweep] == ["plain", *sweep_names()]
+    assert [s for _, s in sweep] == ["plain", *sweep_names(), *CONTROLS]
+    frozen = next(j for j, s in sweep if s == CONTROLS[0])
+    assert (frozen.settings["method"], frozen.settings["hyper_lr"]) == ("metagrad", 0.0)
     scale = [j for j, s in sweep if s.startswith("scale-")]
     assert all(j.trainer is LayerScaleTrainer for j in scale)
     assert {j.options["hyper_lr"] for j in scale} == {1e-4, 3e-4, 1e-3}
