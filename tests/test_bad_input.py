@@ -85,6 +85,8 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, delay):
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
+    if "Could not import runpy module" in err:  # before the interpreter ran any package code
+        pytest.skip(f"Ctrl-C after {delay} s landed while Python itself started (a busy machine)")
     assert "Traceback" not in out + err
     assert len(err.strip().splitlines()) <= 1
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
