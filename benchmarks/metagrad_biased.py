@@ -30,6 +30,9 @@ on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
    ``rht-mxfp4``), and the best 4-bit preset minus full precision; each paired by seed
    (:mod:`metagrad.stats`: mean, 95% CI, sign-flip p over the 5 seeds). The runs go one
    comparison at a time, cheapest first, so that a stage stopped early has whole comparisons.
+   A run that diverged counts at chance (:data:`CHANCE`, the accuracy of a model whose weights
+   are not finite), not as missing: a rule added when MetaGrad's first runs on ``int6``
+   diverged, since leaving them out would favour the method that diverges.
 
 Writes ``benchmarks/results/metagrad-biased.json`` after every run, all stages in one file
 (``--output``); every stage is resumable.
@@ -69,6 +72,8 @@ CANDIDATES = (
 )
 GAP = (2.0, 10.0)
 """Points plain may lose to full precision for a candidate to be chosen."""
+CHANCE = 10.0
+"""Test accuracy (%) of a CIFAR-10 model that predicts one class: where a diverged run counts."""
 TRAINS = 20.0
 """Points above chance (10% on CIFAR-10) a candidate must reach to count as training."""
 HYPER_LRS = (1e-4, 3e-4, 1e-3)
@@ -135,12 +140,19 @@ def best_setting(runs: list[dict[str, Any]]) -> str | None:
     return max(metagrad, key=lambda n: -1.0 if sweep[n] is None else sweep[n])
 
 
+def final_accuracy(run: dict[str, Any]) -> float | None:
+    """A run's final test accuracy; :data:`CHANCE` if it diverged (None: not finished)."""
+    if run.get("diverged_at_step") is not None:
+        return CHANCE
+    return run["final_test_acc"]
+
+
 def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The primary comparisons, paired by seed."""
     by: dict[str, dict[int, float | None]] = {}
     for r in runs:
         if r["stage"] == "primary":
-            by.setdefault(r["setting"], {})[r["seed"]] = r["final_test_acc"]
+            by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
     pairs = [(f"metagrad+{q}", q) for q in by if f"metagrad+{q}" in by]
     if PRESETS[0] in by and "fp32" in by:
         pairs.append((PRESETS[0], "fp32"))

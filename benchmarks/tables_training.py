@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 
-from benchmarks.metagrad_biased import CONTROLS, sweep_names
+from benchmarks.metagrad_biased import CONTROLS, final_accuracy, sweep_names
 from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
 
 METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
@@ -448,11 +448,25 @@ def biased_table(data: dict) -> str:
             "|---|---|---|---|---|",
         ]
         by: dict[str, dict[int, float | None]] = {}
+        diverged: dict[str, set[int]] = {}
         for r in runs:
             if r["stage"] == "primary":
-                by.setdefault(r["setting"], {})[r["seed"]] = r["final_test_acc"]
+                by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
+                if r.get("diverged_at_step") is not None:
+                    diverged.setdefault(r["setting"], set()).add(r["seed"])
         for name in comparisons:
             a, b = name.split(" - ")
             c = paired(by[a], by[b])
-            rows.append(f"| {name} | {_per_seed(c.differences)} | {paired_cells(c)} |")
+            marks = [
+                signed(d)
+                + (" (diverged)" if s in diverged.get(a, set()) | diverged.get(b, set()) else "")
+                for d, s in zip(c.differences, c.seeds, strict=True)
+            ]
+            rows.append(f"| {name} | {', '.join(marks)} | {paired_cells(c)} |")
+        if diverged:
+            rows += [
+                "",
+                "A run that diverged counts at chance (10%), the accuracy of a model whose "
+                "weights are not finite.",
+            ]
     return "\n".join(rows)

@@ -7,6 +7,7 @@ import pytest
 from benchmarks.layer_scale import LayerScaleTrainer
 from benchmarks.metagrad_biased import (
     CANDIDATES,
+    CHANCE,
     CONTROLS,
     PRESETS,
     PRIMARY_SEEDS,
@@ -16,6 +17,7 @@ from benchmarks.metagrad_biased import (
     primary_comparisons,
     sweep_names,
 )
+from benchmarks.tables_training import biased_table
 
 
 def _candidates(gaps: dict[str, float]) -> list[dict]:
@@ -89,3 +91,24 @@ def test_primary_comparisons_pair_metagrad_with_its_base_and_the_best_preset_wit
     assert set(out) == {f"metagrad+{PRESETS[0]} - {PRESETS[0]}", f"{PRESETS[0]} - fp32"}
     assert out[f"metagrad+{PRESETS[0]} - {PRESETS[0]}"]["mean"] == pytest.approx(0.5)
     assert out[f"{PRESETS[0]} - fp32"]["n"] == len(PRIMARY_SEEDS)
+
+
+def test_a_diverged_run_counts_at_chance_not_as_missing():
+    runs = []
+    for seed in PRIMARY_SEEDS:
+        runs.append({"stage": "primary", "setting": "int6", "seed": seed, "final_test_acc": 60.0})
+        diverged = seed % 2 == 1
+        runs.append(
+            {
+                "stage": "primary",
+                "setting": "metagrad+int6",
+                "seed": seed,
+                "final_test_acc": None if diverged else 61.0,
+                "diverged_at_step": 100 if diverged else None,
+            }
+        )
+    out = primary_comparisons(runs)["metagrad+int6 - int6"]
+    assert out["n"] == len(PRIMARY_SEEDS)
+    assert out["mean"] == pytest.approx((3 * 1.0 + 2 * (CHANCE - 60.0)) / 5)
+    table = biased_table({"runs": runs, "comparisons": {"metagrad+int6 - int6": out}})
+    assert table.count("(diverged)") == 2 and "counts at chance" in table
