@@ -444,8 +444,8 @@ def biased_table(data: dict) -> str:
             "",
             "Primary comparisons (6 epochs), paired by seed:",
             "",
-            f"| comparison | per seed | mean | {PAIRED} |",
-            "|---|---|---|---|---|",
+            f"| comparison | test acc (%), mean of each | per seed | mean | {PAIRED} |",
+            "|---|---|---|---|---|---|",
         ]
         by: dict[str, dict[int, float | None]] = {}
         diverged: dict[str, set[int]] = {}
@@ -462,7 +462,10 @@ def biased_table(data: dict) -> str:
                 + (" (diverged)" if s in diverged.get(a, set()) | diverged.get(b, set()) else "")
                 for d, s in zip(c.differences, c.seeds, strict=True)
             ]
-            rows.append(f"| {name} | {', '.join(marks)} | {paired_cells(c)} |")
+            means = " / ".join(
+                f"{statistics.fmean(by[x][seed] for seed in c.seeds):.2f}" for x in (a, b)
+            )
+            rows.append(f"| {name} | {means} | {', '.join(marks)} | {paired_cells(c)} |")
         if diverged:
             rows += [
                 "",
