@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from benchmarks.goals import GOAL_4BIT, GOAL_METAGRAD_INT4, GOAL_SEEDS
 from benchmarks.tables_training import (
     by_seed,
     comm_comparison,
@@ -22,7 +23,6 @@ from benchmarks.tables_training import (
     metric_of,
 )
 from metagrad.stats import (
-    Goal,
     PairedComparison,
     differences,
     interval_text,
@@ -33,13 +33,6 @@ from metagrad.stats import (
     summary,
     t_quantile,
 )
-
-GOAL_4BIT = Goal(lower=-0.3)
-"""The best 4-bit preset within 0.3 points of full precision (CIFAR-10)."""
-GOAL_METAGRAD_INT4 = Goal(lower=-0.5)
-"""The best INT4 MetaGrad setting within 0.5 points of full precision (CIFAR-10)."""
-GOAL_SEEDS = (0, 1)
-"""The seeds the 4-bit goal was stated for."""
 
 
 def _met(holds: bool) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.custom_runs import Job, fit_all
+from benchmarks.goals import GOAL_4BIT
 from benchmarks.layer_scale import LayerScaleTrainer
 from benchmarks.methods import BASE as METHODS_BASE
 from benchmarks.runner import command_line
@@ -158,7 +159,8 @@ def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
         pairs.append((PRESETS[0], "fp32"))
     out = {}
     for a, b in pairs:
-        out[f"{a} - {b}"] = stats.paired(by[a], by[b]).to_dict()
+        goal = GOAL_4BIT if b == "fp32" else None
+        out[f"{a} - {b}"] = stats.paired(by[a], by[b]).to_dict(goal)
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 
+from benchmarks.goals import GOAL_4BIT
 from benchmarks.metagrad_biased import CONTROLS, final_accuracy, sweep_names
 from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
 
@@ -466,6 +467,10 @@ def biased_table(data: dict) -> str:
                 f"{statistics.fmean(by[x][seed] for seed in c.seeds):.2f}" for x in (a, b)
             )
             rows.append(f"| {name} | {means} | {', '.join(marks)} | {paired_cells(c)} |")
+        rows.append("")
+        for name, c in comparisons.items():
+            goal = f" (goal: {GOAL_4BIT})" if name.endswith(" - fp32") else ""
+            rows.append(f"- `{name}`{goal}: {c['words']}.")
         if diverged:
             rows += [
                 "",
