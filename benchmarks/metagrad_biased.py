@@ -76,7 +76,7 @@ GAP = (2.0, 10.0)
 CHANCE = 10.0
 """Test accuracy (%) of a CIFAR-10 model that predicts one class: where a diverged run counts."""
 TRAINS = 20.0
-"""Points above chance (10% on CIFAR-10) a candidate must reach to count as training."""
+"""Points above :data:`CHANCE` a candidate must reach to count as training."""
 HYPER_LRS = (1e-4, 3e-4, 1e-3)
 SWEEP_EPOCHS, PRIMARY_EPOCHS = 3, 6
 PRIMARY_SEEDS = (0, 1, 2, 3, 4)
@@ -128,7 +128,7 @@ def chosen_quantizer(runs: list[dict[str, Any]]) -> str | None:
     inside = {c: g for c, g in gaps.items() if GAP[0] <= g <= GAP[1]}
     if inside:
         return max(inside, key=inside.__getitem__)
-    beyond = {c: g for c, g in gaps.items() if g > GAP[1] and acc[c] >= 10.0 + TRAINS}
+    beyond = {c: g for c, g in gaps.items() if g > GAP[1] and acc[c] >= CHANCE + TRAINS}
     return min(beyond, key=beyond.__getitem__) if beyond else None
 
 

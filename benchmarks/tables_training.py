@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Mapping
 
 from benchmarks.goals import GOAL_4BIT
-from benchmarks.metagrad_biased import CONTROLS, final_accuracy, sweep_names
+from benchmarks.metagrad_biased import CHANCE, CONTROLS, final_accuracy, sweep_names
 from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
 
 METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
@@ -474,7 +474,7 @@ def biased_table(data: dict) -> str:
         if diverged:
             rows += [
                 "",
-                "A run that diverged counts at chance (10%), the accuracy of a model whose "
-                "weights are not finite.",
+                f"A run that diverged counts at chance ({CHANCE:g}%), the accuracy of a model "
+                "whose weights are not finite.",
             ]
     return "\n".join(rows)
