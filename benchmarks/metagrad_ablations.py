@@ -123,14 +123,19 @@ def learned_response(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def steps_per_epoch(record: dict[str, Any], out: Path) -> int:
+    """The steps in one epoch of the run in ``out``: its metrics' first line's step (the run's
+    steps if it ended within its first epoch)."""
+    metrics = out / "metrics.jsonl"
+    first = metrics.read_text().splitlines()[:1] if metrics.is_file() else []
+    return json.loads(first[0])["step"] if first else record["steps"]
+
+
 def with_diagnostics(name: str, record: dict[str, Any], out: Path) -> dict[str, Any]:
     """The run's record plus its settings, gradient diagnostics and learned correction."""
-    metrics = out / "metrics.jsonl"  # its first line's step: the steps in one epoch
-    first = metrics.read_text().splitlines()[:1] if metrics.is_file() else []
-    steps_per_epoch = json.loads(first[0])["step"] if first else record["steps"]
     record = {
         **record,
-        "gradients": diagnostics(out / "gradients.jsonl", steps_per_epoch),
+        "gradients": diagnostics(out / "gradients.jsonl", steps_per_epoch(record, out)),
         "overrides": RUNS[name],
     }
     if record["method"] == "metagrad":

@@ -3,6 +3,7 @@
     python -m benchmarks.metagrad_biased --stage candidates --parallel 2
     python -m benchmarks.metagrad_biased --stage sweep --parallel 2
     python -m benchmarks.metagrad_biased --stage primary --parallel 2
+    python -m benchmarks.metagrad_biased --stage diagnose --parallel 2
 
 Stochastic rounding makes a quantized gradient unbiased, which leaves a correction little but
 noise to remove; rounding to nearest biases it (small elements vanish, large ones shrink or
@@ -34,6 +35,16 @@ on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
    are not finite), not as missing: a rule added when MetaGrad's first runs on ``int6``
    diverged, since leaving them out would favour the method that diverges.
 
+A fourth stage, added after the primary one and deciding nothing, looks into how MetaGrad
+breaks training on the chosen quantizer:
+
+4. ``diagnose`` (3 epochs, seed 0, the chosen quantizer, :data:`DIAGNOSE`): plain, MetaGrad at
+   the sweep's best setting, and the same with the correction in its gain form (zero where the
+   quantized gradient is zero), each with gradient diagnostics every :data:`DIAGNOSE_EVERY`
+   steps (``--diag-every``: cosine of the quantized and of the used gradient with the
+   full-precision one, and the correction's size ``|H(g) - g| / |g|``,
+   :mod:`benchmarks.metagrad_ablations`).
+
 Writes ``benchmarks/results/metagrad-biased.json`` after every run, all stages in one file
 (``--output``); every stage is resumable.
 """
@@ -48,6 +59,7 @@ from typing import Any
 from benchmarks.custom_runs import Job, fit_all
 from benchmarks.goals import GOAL_4BIT
 from benchmarks.layer_scale import LayerScaleTrainer
+from benchmarks.metagrad_ablations import diagnostics, learned_response, steps_per_epoch
 from benchmarks.methods import BASE as METHODS_BASE
 from benchmarks.runner import command_line
 from metagrad import stats
@@ -82,6 +94,16 @@ SWEEP_EPOCHS, PRIMARY_EPOCHS = 3, 6
 PRIMARY_SEEDS = (0, 1, 2, 3, 4)
 PRESETS = ("rht-nvfp4", "rht-mxfp4")
 """The two best 4-bit presets of ``benchmarks/results/methods.json``, best first."""
+
+
+DIAGNOSE_EVERY = 50
+DIAGNOSE: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "metagrad": {},
+    "metagrad-gain": {"hyper_form": "gain"},
+}
+"""The diagnose stage's runs: ``plain`` or MetaGrad at the sweep's best setting, with these
+settings on top."""
 
 
 def _lr_text(lr: float) -> str:
@@ -193,6 +215,11 @@ def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Jo
     best = best_setting(runs)
     if best is None:
         raise SystemExit("no best MetaGrad setting: run --stage sweep first")
+    if stage == "diagnose":
+        for label, extra in DIAGNOSE.items():
+            add("plain" if label == "plain" else best, quantizer, 0, SWEEP_EPOCHS, label, label)
+            planned[-1][0].settings.update(extra, diag_every=DIAGNOSE_EVERY)
+        return planned
     # one comparison's runs over all seeds before the next one's, cheapest first
     for seed in PRIMARY_SEEDS:
         add("plain", quantizer, seed, PRIMARY_EPOCHS, quantizer, f"plain-{tag(quantizer)}")
@@ -215,9 +242,22 @@ def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Jo
     return planned
 
 
+def with_diagnostics(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A diagnose run's record plus its gradient diagnostics per epoch and, for MetaGrad, what
+    its trained hypernetwork does to one element."""
+    gradients = out / "gradients.jsonl"  # absent if the run diverged before its first report
+    if gradients.is_file():
+        record = {**record, "gradients": diagnostics(gradients, steps_per_epoch(record, out))}
+    if record["method"] == "metagrad":
+        record["learned_response"] = learned_response(out)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["candidates", "sweep", "primary"], required=True)
+    parser.add_argument(
+        "--stage", choices=["candidates", "sweep", "primary", "diagnose"], required=True
+    )
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--runs-dir", default="runs/metagrad-biased")
     parser.add_argument("--output", default="benchmarks/results/metagrad-biased.json")
@@ -235,6 +275,8 @@ def main() -> None:
 
     def add(j: Job, record: dict[str, Any]) -> None:
         label = labels[id(j)]
+        if args.stage == "diagnose":
+            record = with_diagnostics(record, Path(j.settings["out"]))
         key = (args.stage, label, record["seed"])
         runs[:] = [r for r in runs if (r["stage"], r["setting"], r["seed"]) != key]
         runs.append({**record, "stage": args.stage, "setting": label})

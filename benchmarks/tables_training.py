@@ -477,4 +477,33 @@ def biased_table(data: dict) -> str:
                 f"A run that diverged counts at chance ({CHANCE:g}%), the accuracy of a model "
                 "whose weights are not finite.",
             ]
+    rows += _biased_diagnosis(data)
     return "\n".join(rows)
+
+
+def _biased_diagnosis(data: dict) -> list[str]:
+    """The diagnose stage: per run and epoch, the cosines of the quantized and the used gradient
+    with the full-precision one, and the correction's size."""
+    runs = [r for r in data["runs"] if r["stage"] == "diagnose"]
+    if not runs:
+        return []
+    rows = [
+        "",
+        f"Diagnosis on `{data.get('chosen_quantizer')}` (3 epochs, seed 0; added after the "
+        "primary stage, deciding nothing): per epoch, the mean over layers of the cosine with "
+        "the full-precision gradient, of the quantized gradient and of the one used (after "
+        "MetaGrad's correction), and the correction's size |H(g) - g| / |g|.",
+        "",
+        "| run | test acc (%) | epoch | quantized cosine | used cosine | correction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        epochs = (r.get("gradients") or {}).get("per_epoch") or [{}]
+        for i, e in enumerate(epochs):
+            head = f"| {r['setting']} | {_final(r)} |" if i == 0 else "| | |"
+            cells = [
+                f"{e[k]:.3f}" if k in e else "-"
+                for k in ("quantized_cosine", "used_cosine", "correction")
+            ]
+            rows.append(f"{head} {i + 1} | {' | '.join(cells)} |")
+    return rows

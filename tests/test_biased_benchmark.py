@@ -9,6 +9,8 @@ from benchmarks.metagrad_biased import (
     CANDIDATES,
     CHANCE,
     CONTROLS,
+    DIAGNOSE,
+    DIAGNOSE_EVERY,
     PRESETS,
     PRIMARY_SEEDS,
     best_setting,
@@ -73,6 +75,14 @@ def test_the_plans_train_what_the_docstring_fixes(tmp_path):
     assert len(primary) == len(PRIMARY_SEEDS) * (1 + 2 * (1 + len(PRESETS)))
     assert len({j.settings["out"] for j, _ in primary}) == len(primary)
     assert all(j.settings["epochs"] == 6 for j, _ in primary)
+    diagnose = plan("diagnose", runs, str(tmp_path))
+    assert [s for _, s in diagnose] == list(DIAGNOSE)
+    assert all(j.settings["diag_every"] == DIAGNOSE_EVERY for j, _ in diagnose)
+    assert len({j.settings["out"] for j, _ in diagnose}) == len(DIAGNOSE)
+    plain, metagrad, gain = (j.settings for j, _ in diagnose)
+    assert plain.get("method", "plain") == "plain" and metagrad["method"] == "metagrad"
+    assert (gain["hyper_form"], gain["hyper_lr"]) == ("gain", metagrad["hyper_lr"])
+    assert "hyper_form" not in metagrad  # the best setting's own form: the default
 
 
 def test_primary_comparisons_pair_metagrad_with_its_base_and_the_best_preset_with_fp32():
