@@ -56,9 +56,12 @@ from metagrad.backward import int8, simulate
 from metagrad.backward.int8.routes import CACHE_DIR_ENV, ROUTES, ProductKey, cache_path
 from metagrad.data import load_cifar10
 from metagrad.machine import cpu_model, fingerprint
+from metagrad.nn.layers import quantized_weights
 from metagrad.quant.presets import MXFP4, NVFP4
 from metagrad.quant.quantize import quantize_along, quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
+from metagrad.training.config import build_config
+from metagrad.training.setup import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE: dict[str, Any] = {"model": "vgg16", "width": 1.0, "batch_size": 128, "lr": 0.05}
@@ -272,13 +275,26 @@ def bench_blocks(device: torch.device, reps: int, warmup: int) -> dict[str, Any]
 # ---------------------------------------------------------------------------- 3. memory
 
 
+def meta_weights_mb(settings: dict[str, Any]) -> float:
+    """Size (MB) of the weights MetaGrad's hypernetwork updates, for ``settings``' model."""
+    cfg = build_config({**settings, "out": "unused"})
+    model = build_model(cfg, synthetic_data(cfg.batch_size), torch.device("cpu"))
+    return sum(w.numel() * w.element_size() for _, w in quantized_weights(model)) / 2**20
+
+
 def bench_memory(device: torch.device) -> dict[str, Any]:
+    """Tensor memory of the plain INT4 step and MetaGrad's; MetaGrad's extra growth also in units
+    of its meta weights' size (it holds three such tensors more by design: the pending gradient,
+    ``W_t`` and the new momentum buffer)."""
     rows = {name: step_memory({**BASE, **STEPS[name], "device": device.type}) for name in MEMORY}
     plain, meta = (rows[n] for n in MEMORY)
+    weights = meta_weights_mb({**BASE, **STEPS[MEMORY[1]]})
     result = {
         "tensor_memory_mb": rows,
         "ratio_peak": round(meta["peak_mb"] / plain["peak_mb"], 3),
         "ratio_growth": round(meta["growth_mb"] / plain["growth_mb"], 3),
+        "meta_weights_mb": round(weights, 2),
+        "extra_growth_in_weights": round((meta["growth_mb"] - plain["growth_mb"]) / weights, 2),
     }
     print(f"memory: {result}", flush=True)
     return result
@@ -470,6 +486,11 @@ def run_parts(args, device, out: Path, data, data_path: Path, reps: tuple[int, i
     }
     if out.is_file():  # keep the parts not rerun this time
         result = {**json.loads(out.read_text()), **result}
+    # the command that wrote each part (parts of one file may come from several invocations)
+    result["part_commands"] = {
+        **result.get("part_commands", {}),
+        **{part: result["command"] for part in args.parts},
+    }
     if "steps" in args.parts:
         result["steps"] = bench_steps(data, device, step_reps, warmup)
     if "quantizer" in args.parts:

@@ -76,6 +76,14 @@ def _quantizer_and_memory(data: dict, several: bool) -> list[str]:
             f"growth over weights {meta['growth_mb']:.0f} vs {plain['growth_mb']:.0f} MB "
             f"(**{m['ratio_growth']:.2f}x**)."
         )
+        if "extra_growth_in_weights" in m:
+            rows[-1] += (
+                f" MetaGrad's extra growth is {m['extra_growth_in_weights']:.2f} times the size "
+                f"of the weights it updates ({m['meta_weights_mb']:.1f} MB): it holds three "
+                "weight-sized tensors more by design (the pending gradient, which the "
+                "hypernetwork's backward reads; the proposed weights W_t; the new momentum "
+                "buffer, kept apart so that a skipped step leaves the old one)."
+            )
     return rows
 
 

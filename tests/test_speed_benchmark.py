@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import torch
 
@@ -103,3 +104,17 @@ def test_block_formats_are_timed_beside_a_copy_and_tabled(monkeypatch):
     text = speed_table({**amd, "blocks": blocks})
     assert "One 64 x 96 operand quantized in a block format" in text
     assert "| rht16 nvfp4 | columns | bfloat16 |" in text
+
+
+def test_each_part_records_the_command_that_wrote_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(speed, "bench_memory", lambda device: {"ratio_growth": 1.0})
+    monkeypatch.setattr(speed, "bench_blocks", lambda device, reps, warmup: {"rows": []})
+    out = tmp_path / "speed.json"
+    for part in ("memory", "blocks"):
+        monkeypatch.setattr(sys, "argv", ["speed.py", "--parts", part])
+        speed.main(["--parts", part, "--out", str(out), "--data", str(tmp_path / "absent")])
+    written = json.loads(out.read_text())
+    assert set(written["part_commands"]) == {"memory", "blocks"}
+    assert "--parts memory" in written["part_commands"]["memory"]
+    assert "--parts blocks" in written["part_commands"]["blocks"]
+    assert written["memory"] == {"ratio_growth": 1.0}  # kept when the next part ran
