@@ -35,15 +35,20 @@ on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
    are not finite), not as missing: a rule added when MetaGrad's first runs on ``int6``
    diverged, since leaving them out would favour the method that diverges.
 
-A fourth stage, added after the primary one and deciding nothing, looks into how MetaGrad
-breaks training on the chosen quantizer:
+Two stages were added after the primary one, when MetaGrad broke training on the chosen
+quantizer and beat ``rht-mxfp4`` on all five seeds:
 
-4. ``diagnose`` (3 epochs, seed 0, the chosen quantizer, :data:`DIAGNOSE`): plain, MetaGrad at
-   the sweep's best setting, and the same with the correction in its gain form (zero where the
-   quantized gradient is zero), each with gradient diagnostics every :data:`DIAGNOSE_EVERY`
-   steps (``--diag-every``: cosine of the quantized and of the used gradient with the
-   full-precision one, and the correction's size ``|H(g) - g| / |g|``,
-   :mod:`benchmarks.metagrad_ablations`).
+4. ``control`` (6 epochs, seeds 0-4): MetaGrad with its hypernetwork frozen at the identity
+   (:data:`CONTROLS`) on each of :data:`CONTROL_PRESETS`, paired by seed with plain training and
+   with MetaGrad on the same preset: whether MetaGrad's gain there is learned by the
+   hypernetwork or comes from its delayed-update scheme.
+5. ``diagnose`` (3 epochs, seed 0; deciding nothing): on the chosen quantizer and on each of
+   :data:`CONTROL_PRESETS`, plain, MetaGrad at the sweep's best setting, and the same with the
+   correction in its gain form (zero where the quantized gradient is zero), each with gradient
+   diagnostics every :data:`DIAGNOSE_EVERY` steps (``--diag-every``: cosine of the quantized
+   and of the used gradient with the full-precision one, and the correction's size
+   ``|H(g) - g| / |g|``, :mod:`benchmarks.metagrad_ablations`) and, for MetaGrad, what its
+   trained hypernetwork does to one element.
 
 Writes ``benchmarks/results/metagrad-biased.json`` after every run, all stages in one file
 (``--output``); every stage is resumable.
@@ -104,6 +109,10 @@ DIAGNOSE: dict[str, dict[str, Any]] = {
 }
 """The diagnose stage's runs: ``plain`` or MetaGrad at the sweep's best setting, with these
 settings on top."""
+CONTROL_PRESETS = ("rht-mxfp4",)
+"""The presets of the control stage (and diagnosed besides the chosen quantizer)."""
+FROZEN = "frozen"
+"""The control stage's label: MetaGrad with its hypernetwork frozen at the identity."""
 
 
 def _lr_text(lr: float) -> str:
@@ -179,6 +188,27 @@ def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
     pairs = [(f"metagrad+{q}", q) for q in by if f"metagrad+{q}" in by]
     if PRESETS[0] in by and "fp32" in by:
         pairs.append((PRESETS[0], "fp32"))
+    return _compare(by, pairs)
+
+
+def control_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The control stage's comparisons, paired by seed: the frozen hypernetwork against plain
+    training, and MetaGrad against the frozen hypernetwork, on each preset."""
+    by: dict[str, dict[int, float | None]] = {}
+    for r in runs:
+        if r["stage"] in ("primary", "control"):
+            by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
+    pairs = []
+    for q in CONTROL_PRESETS:
+        frozen = f"{FROZEN}+{q}"
+        pairs += [(frozen, q), (f"metagrad+{q}", frozen)]
+    return _compare(by, [(a, b) for a, b in pairs if a in by and b in by])
+
+
+def _compare(
+    by: dict[str, dict[int, float | None]], pairs: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """``a - b`` for each pair of settings, paired by seed (the goal where ``b`` is fp32)."""
     out = {}
     for a, b in pairs:
         goal = GOAL_4BIT if b == "fp32" else None
@@ -216,9 +246,16 @@ def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Jo
     if best is None:
         raise SystemExit("no best MetaGrad setting: run --stage sweep first")
     if stage == "diagnose":
-        for label, extra in DIAGNOSE.items():
-            add("plain" if label == "plain" else best, quantizer, 0, SWEEP_EPOCHS, label, label)
-            planned[-1][0].settings.update(extra, diag_every=DIAGNOSE_EVERY)
+        for q in (quantizer, *CONTROL_PRESETS):
+            for label, extra in DIAGNOSE.items():
+                name = label if q == quantizer else f"{label}+{q}"
+                add("plain" if label == "plain" else best, q, 0, SWEEP_EPOCHS, name, name)
+                planned[-1][0].settings.update(extra, diag_every=DIAGNOSE_EVERY)
+        return planned
+    if stage == "control":
+        for q in CONTROL_PRESETS:
+            for seed in PRIMARY_SEEDS:
+                add(CONTROLS[0], q, seed, PRIMARY_EPOCHS, f"{FROZEN}+{q}", f"{FROZEN}-{tag(q)}")
         return planned
     # one comparison's runs over all seeds before the next one's, cheapest first
     for seed in PRIMARY_SEEDS:
@@ -256,7 +293,7 @@ def with_diagnostics(record: dict[str, Any], out: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--stage", choices=["candidates", "sweep", "primary", "diagnose"], required=True
+        "--stage", choices=["candidates", "sweep", "primary", "control", "diagnose"], required=True
     )
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--runs-dir", default="runs/metagrad-biased")
@@ -287,6 +324,7 @@ def main() -> None:
             chosen_quantizer=chosen_quantizer(runs),
             best_setting=best_setting(runs),
             comparisons=primary_comparisons(runs),
+            control_comparisons=control_comparisons(runs),
             runs=runs,
         )
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +333,7 @@ def main() -> None:
     fit_all([j for j, _ in planned], args.parallel, add)
     print(f"chosen quantizer: {chosen_quantizer(runs)}")
     print(f"best MetaGrad setting: {best_setting(runs)}")
-    for name, c in primary_comparisons(runs).items():
+    for name, c in {**primary_comparisons(runs), **control_comparisons(runs)}.items():
         print(f"{name}: {c['words']}")
     print(f"wrote {output}")
 

@@ -439,46 +439,63 @@ def biased_table(data: dict) -> str:
             )
             best = " (best)" if r["setting"] == data.get("best_setting") else ""
             rows.append(f"| {r['setting']}{best} | {acc(r)} | {gap} | {_epochs(r)} |")
-    comparisons = data.get("comparisons", {})
-    if comparisons:
-        rows += [
-            "",
-            "Primary comparisons (6 epochs), paired by seed:",
-            "",
-            f"| comparison | test acc (%), mean of each | per seed | mean | {PAIRED} |",
-            "|---|---|---|---|---|---|",
-        ]
-        by: dict[str, dict[int, float | None]] = {}
-        diverged: dict[str, set[int]] = {}
-        for r in runs:
-            if r["stage"] == "primary":
-                by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
-                if r.get("diverged_at_step") is not None:
-                    diverged.setdefault(r["setting"], set()).add(r["seed"])
-        for name in comparisons:
-            a, b = name.split(" - ")
-            c = paired(by[a], by[b])
-            marks = [
-                signed(d)
-                + (" (diverged)" if s in diverged.get(a, set()) | diverged.get(b, set()) else "")
-                for d, s in zip(c.differences, c.seeds, strict=True)
-            ]
-            means = " / ".join(
-                f"{statistics.fmean(by[x][seed] for seed in c.seeds):.2f}" for x in (a, b)
-            )
-            rows.append(f"| {name} | {means} | {', '.join(marks)} | {paired_cells(c)} |")
-        rows.append("")
-        for name, c in comparisons.items():
-            goal = f" (goal: {GOAL_4BIT})" if name.endswith(" - fp32") else ""
-            rows.append(f"- `{name}`{goal}: {c['words']}.")
-        if diverged:
-            rows += [
-                "",
-                f"A run that diverged counts at chance ({CHANCE:g}%), the accuracy of a model "
-                "whose weights are not finite.",
-            ]
+    rows += _biased_comparisons(
+        data, "comparisons", ("primary",), "Primary comparisons (6 epochs), paired by seed:"
+    )
+    rows += _biased_comparisons(
+        data,
+        "control_comparisons",
+        ("primary", "control"),
+        "Control (6 epochs, added after the primary stage): MetaGrad with its hypernetwork "
+        "frozen at the identity, paired by seed with plain training and with MetaGrad:",
+    )
     rows += _biased_diagnosis(data)
     return "\n".join(rows)
+
+
+def _biased_comparisons(data: dict, key: str, stages: tuple[str, ...], title: str) -> list[str]:
+    """The comparisons of ``data[key]`` over the runs of ``stages``: each side's mean, the
+    per-seed differences (diverged runs marked), the paired mean, interval and p, and words."""
+    comparisons = data.get(key, {})
+    if not comparisons:
+        return []
+    rows = [
+        "",
+        title,
+        "",
+        f"| comparison | test acc (%), mean of each | per seed | mean | {PAIRED} |",
+        "|---|---|---|---|---|---|",
+    ]
+    by: dict[str, dict[int, float | None]] = {}
+    diverged: dict[str, set[int]] = {}
+    for r in data["runs"]:
+        if r["stage"] in stages:
+            by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
+            if r.get("diverged_at_step") is not None:
+                diverged.setdefault(r["setting"], set()).add(r["seed"])
+    for name in comparisons:
+        a, b = name.split(" - ")
+        c = paired(by[a], by[b])
+        marks = [
+            signed(d)
+            + (" (diverged)" if s in diverged.get(a, set()) | diverged.get(b, set()) else "")
+            for d, s in zip(c.differences, c.seeds, strict=True)
+        ]
+        means = " / ".join(
+            f"{statistics.fmean(by[x][seed] for seed in c.seeds):.2f}" for x in (a, b)
+        )
+        rows.append(f"| {name} | {means} | {', '.join(marks)} | {paired_cells(c)} |")
+    rows.append("")
+    for name, c in comparisons.items():
+        goal = f" (goal: {GOAL_4BIT})" if name.endswith(" - fp32") else ""
+        rows.append(f"- `{name}`{goal}: {c['words']}.")
+    if diverged:
+        rows += [
+            "",
+            f"A run that diverged counts at chance ({CHANCE:g}%), the accuracy of a model "
+            "whose weights are not finite.",
+        ]
+    return rows
 
 
 def _biased_diagnosis(data: dict) -> list[str]:
@@ -489,10 +506,11 @@ def _biased_diagnosis(data: dict) -> list[str]:
         return []
     rows = [
         "",
-        f"Diagnosis on `{data.get('chosen_quantizer')}` (3 epochs, seed 0; added after the "
-        "primary stage, deciding nothing): per epoch, the mean over layers of the cosine with "
-        "the full-precision gradient, of the quantized gradient and of the one used (after "
-        "MetaGrad's correction), and the correction's size |H(g) - g| / |g|.",
+        f"Diagnosis on `{data.get('chosen_quantizer')}` and on each control preset (3 epochs, "
+        "seed 0; added after the primary stage, deciding nothing): per epoch, the mean over "
+        "layers of the cosine with the full-precision gradient, of the quantized gradient and "
+        "of the one used (after MetaGrad's correction), and the correction's size "
+        "|H(g) - g| / |g|.",
         "",
         "| run | test acc (%) | epoch | quantized cosine | used cosine | correction |",
         "|---|---|---|---|---|---|",

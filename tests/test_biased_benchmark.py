@@ -8,13 +8,16 @@ from benchmarks.layer_scale import LayerScaleTrainer
 from benchmarks.metagrad_biased import (
     CANDIDATES,
     CHANCE,
+    CONTROL_PRESETS,
     CONTROLS,
     DIAGNOSE,
     DIAGNOSE_EVERY,
+    FROZEN,
     PRESETS,
     PRIMARY_SEEDS,
     best_setting,
     chosen_quantizer,
+    control_comparisons,
     plan,
     primary_comparisons,
     sweep_names,
@@ -76,13 +79,37 @@ def test_the_plans_train_what_the_docstring_fixes(tmp_path):
     assert len({j.settings["out"] for j, _ in primary}) == len(primary)
     assert all(j.settings["epochs"] == 6 for j, _ in primary)
     diagnose = plan("diagnose", runs, str(tmp_path))
-    assert [s for _, s in diagnose] == list(DIAGNOSE)
+    assert [s for _, s in diagnose][: len(DIAGNOSE)] == list(DIAGNOSE)
+    assert len(diagnose) == len(DIAGNOSE) * (1 + len(CONTROL_PRESETS))
     assert all(j.settings["diag_every"] == DIAGNOSE_EVERY for j, _ in diagnose)
-    assert len({j.settings["out"] for j, _ in diagnose}) == len(DIAGNOSE)
-    plain, metagrad, gain = (j.settings for j, _ in diagnose)
+    assert len({j.settings["out"] for j, _ in diagnose}) == len(diagnose)
+    assert diagnose[-1][0].settings["grad_quant"] == CONTROL_PRESETS[-1]
+    plain, metagrad, gain = (j.settings for j, _ in diagnose[: len(DIAGNOSE)])
     assert plain.get("method", "plain") == "plain" and metagrad["method"] == "metagrad"
     assert (gain["hyper_form"], gain["hyper_lr"]) == ("gain", metagrad["hyper_lr"])
     assert "hyper_form" not in metagrad  # the best setting's own form: the default
+    control = plan("control", runs, str(tmp_path))
+    assert len(control) == len(CONTROL_PRESETS) * len(PRIMARY_SEEDS)
+    assert all(j.settings["hyper_lr"] == 0.0 and j.settings["epochs"] == 6 for j, _ in control)
+    assert {s for _, s in control} == {f"{FROZEN}+{q}" for q in CONTROL_PRESETS}
+
+
+def test_the_control_pairs_the_frozen_hypernetwork_with_plain_and_with_metagrad():
+    q = CONTROL_PRESETS[0]
+    runs = []
+    for seed in PRIMARY_SEEDS:
+        for stage, setting, acc in [
+            ("primary", q, 75.0),
+            ("primary", f"metagrad+{q}", 78.0),
+            ("control", f"{FROZEN}+{q}", 75.5 + 0.1 * seed),
+        ]:
+            runs.append({"stage": stage, "setting": setting, "seed": seed, "final_test_acc": acc})
+    out = control_comparisons(runs)
+    assert list(out) == [f"{FROZEN}+{q} - {q}", f"metagrad+{q} - {FROZEN}+{q}"]
+    assert out[f"{FROZEN}+{q} - {q}"]["mean"] == pytest.approx(0.7)
+    assert out[f"metagrad+{q} - {FROZEN}+{q}"]["n"] == len(PRIMARY_SEEDS)
+    table = biased_table({"runs": runs, "control_comparisons": out})
+    assert "Control (6 epochs" in table and f"| {FROZEN}+{q} - {q} |" in table
 
 
 def test_primary_comparisons_pair_metagrad_with_its_base_and_the_best_preset_with_fp32():
