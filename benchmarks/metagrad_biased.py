@@ -192,8 +192,9 @@ def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def control_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The control stage's comparisons, paired by seed: the frozen hypernetwork against plain
-    training, and MetaGrad against the frozen hypernetwork, on each preset."""
+    """The control stage's comparisons, paired by seed, on each preset: the frozen hypernetwork
+    against plain training, MetaGrad against the frozen hypernetwork, and plain training and
+    MetaGrad against full precision."""
     by: dict[str, dict[int, float | None]] = {}
     for r in runs:
         if r["stage"] in ("primary", "control"):
@@ -201,7 +202,7 @@ def control_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
     pairs = []
     for q in CONTROL_PRESETS:
         frozen = f"{FROZEN}+{q}"
-        pairs += [(frozen, q), (f"metagrad+{q}", frozen)]
+        pairs += [(frozen, q), (f"metagrad+{q}", frozen), (q, "fp32"), (f"metagrad+{q}", "fp32")]
     return _compare(by, [(a, b) for a, b in pairs if a in by and b in by])
 
 

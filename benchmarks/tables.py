@@ -115,7 +115,7 @@ METHODS_RECIPES = (
 ORACLE = "python -m benchmarks.metagrad_oracle --parallel 2 --seeds 0 1 2 3 4"
 BIASED = (
     "python -m benchmarks.metagrad_biased --parallel 2 "
-    "--stage STAGE (candidates, sweep, primary, diagnose)"
+    "--stage STAGE (candidates, sweep, primary, control, diagnose)"
 )
 CEILING = "python -m benchmarks.metagrad_ceiling --threads 2"
 REPRODUCE = (

@@ -524,4 +524,20 @@ def _biased_diagnosis(data: dict) -> list[str]:
                 for k in ("quantized_cosine", "used_cosine", "correction")
             ]
             rows.append(f"{head} {i + 1} | {' | '.join(cells)} |")
+    learned = [r for r in runs if r.get("learned_response")]
+    if learned:
+        at = learned[0]["learned_response"]["at_rms"]
+        rows += [
+            "",
+            "What each trained hypernetwork does to one element (at weight 0): its gain H(g) / g "
+            "before the norm-preserving rescale, at g in units of the layer's rms, and its "
+            "output for g = 0 (in rms):",
+            "",
+            f"| run | {' | '.join(f'{a:+g}' for a in at)} | g = 0 |",
+            "|---|" + "---|" * (len(at) + 1),
+        ]
+        for r in learned:
+            response = r["learned_response"]
+            gains = " | ".join(f"{v:.2f}" for v in response["gain"])
+            rows.append(f"| {r['setting']} | {gains} | {response['output_for_zero']:+.3f} |")
     return rows
