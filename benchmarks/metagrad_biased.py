@@ -38,10 +38,13 @@ on vgg16 at width 0.25 (CIFAR-10, bf16 autocast, SGD as ``benchmarks.methods``):
 Two stages were added after the primary one, when MetaGrad broke training on the chosen
 quantizer and beat ``rht-mxfp4`` on all five seeds:
 
-4. ``control`` (6 epochs, seeds 0-4): MetaGrad with its hypernetwork frozen at the identity
-   (:data:`CONTROLS`) on each of :data:`CONTROL_PRESETS`, paired by seed with plain training and
-   with MetaGrad on the same preset: whether MetaGrad's gain there is learned by the
-   hypernetwork or comes from its delayed-update scheme.
+4. ``control`` (6 epochs, seeds 0-4), on each of :data:`CONTROL_PRESETS`: MetaGrad with its
+   hypernetwork frozen at the identity (:data:`CONTROLS`), which tells whether MetaGrad's gain
+   there is learned by the hypernetwork or comes from its delayed-update scheme; and plain
+   training on the preset's gradients pre-scaled by 3/4 (:data:`PRESCALE`, Tseng et al.'s fix of
+   the bias that the OCP scale rule's clipping gives stochastic rounding, which the preset leaves
+   out), which tells whether MetaGrad's gain is more than that fixed de-biasing. Each is paired
+   by seed with plain training, with MetaGrad and with full precision.
 5. ``diagnose`` (3 epochs, seed 0; deciding nothing): on the chosen quantizer and on each of
    :data:`CONTROL_PRESETS`, plain, MetaGrad at the sweep's best setting, and the same with the
    correction in its gain form (zero where the quantized gradient is zero), each with gradient
@@ -57,6 +60,7 @@ Writes ``benchmarks/results/metagrad-biased.json`` after every run, all stages i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -68,7 +72,7 @@ from benchmarks.metagrad_ablations import diagnostics, learned_response, steps_p
 from benchmarks.methods import BASE as METHODS_BASE
 from benchmarks.runner import command_line
 from metagrad import stats
-from metagrad.quant.presets import list_presets
+from metagrad.quant.presets import list_presets, preset_config
 from metagrad.training.trainer import Trainer
 
 BASE: dict[str, Any] = {**METHODS_BASE, "progress": False}
@@ -113,6 +117,10 @@ CONTROL_PRESETS = ("rht-mxfp4",)
 """The presets of the control stage (and diagnosed besides the chosen quantizer)."""
 FROZEN = "frozen"
 """The control stage's label: MetaGrad with its hypernetwork frozen at the identity."""
+PRESCALE = 0.75
+"""The control stage's pre-scale of the preset's gradients (``pre0.75`` in a spec)."""
+PRESCALED = "pre0.75"
+"""The control stage's label: plain training on the pre-scaled preset."""
 
 
 def _lr_text(lr: float) -> str:
@@ -193,16 +201,17 @@ def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def control_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The control stage's comparisons, paired by seed, on each preset: the frozen hypernetwork
-    against plain training, MetaGrad against the frozen hypernetwork, and plain training and
-    MetaGrad against full precision."""
+    and the pre-scaled preset against plain training, MetaGrad against each of them, and plain,
+    pre-scaled and MetaGrad training against full precision."""
     by: dict[str, dict[int, float | None]] = {}
     for r in runs:
         if r["stage"] in ("primary", "control"):
             by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
     pairs = []
     for q in CONTROL_PRESETS:
-        frozen = f"{FROZEN}+{q}"
-        pairs += [(frozen, q), (f"metagrad+{q}", frozen), (q, "fp32"), (f"metagrad+{q}", "fp32")]
+        frozen, prescaled, metagrad = f"{FROZEN}+{q}", f"{PRESCALED}+{q}", f"metagrad+{q}"
+        pairs += [(frozen, q), (metagrad, frozen), (prescaled, q), (metagrad, prescaled)]
+        pairs += [(q, "fp32"), (prescaled, "fp32"), (metagrad, "fp32")]
     return _compare(by, [(a, b) for a, b in pairs if a in by and b in by])
 
 
@@ -257,6 +266,10 @@ def plan(stage: str, runs: list[dict[str, Any]], runs_dir: str) -> list[tuple[Jo
         for q in CONTROL_PRESETS:
             for seed in PRIMARY_SEEDS:
                 add(CONTROLS[0], q, seed, PRIMARY_EPOCHS, f"{FROZEN}+{q}", f"{FROZEN}-{tag(q)}")
+            prescaled = str(dataclasses.replace(preset_config(q).grad, prescale=PRESCALE))
+            for seed in PRIMARY_SEEDS:
+                label = f"{PRESCALED}+{q}"
+                add("plain", prescaled, seed, PRIMARY_EPOCHS, label, f"{PRESCALED}-{tag(q)}")
         return planned
     # one comparison's runs over all seeds before the next one's, cheapest first
     for seed in PRIMARY_SEEDS:

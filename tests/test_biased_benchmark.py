@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from benchmarks.layer_scale import LayerScaleTrainer
@@ -13,6 +15,7 @@ from benchmarks.metagrad_biased import (
     DIAGNOSE,
     DIAGNOSE_EVERY,
     FROZEN,
+    PRESCALED,
     PRESETS,
     PRIMARY_SEEDS,
     best_setting,
@@ -23,6 +26,8 @@ from benchmarks.metagrad_biased import (
     sweep_names,
 )
 from benchmarks.tables_training import biased_table
+from metagrad.quant.presets import preset_config
+from metagrad.quant.spec import QuantSpec
 
 
 def _candidates(gaps: dict[str, float]) -> list[dict]:
@@ -89,9 +94,15 @@ def test_the_plans_train_what_the_docstring_fixes(tmp_path):
     assert (gain["hyper_form"], gain["hyper_lr"]) == ("gain", metagrad["hyper_lr"])
     assert "hyper_form" not in metagrad  # the best setting's own form: the default
     control = plan("control", runs, str(tmp_path))
-    assert len(control) == len(CONTROL_PRESETS) * len(PRIMARY_SEEDS)
-    assert all(j.settings["hyper_lr"] == 0.0 and j.settings["epochs"] == 6 for j, _ in control)
-    assert {s for _, s in control} == {f"{FROZEN}+{q}" for q in CONTROL_PRESETS}
+    assert len(control) == 2 * len(CONTROL_PRESETS) * len(PRIMARY_SEEDS)
+    assert len({j.settings["out"] for j, _ in control}) == len(control)
+    assert all(j.settings["epochs"] == 6 for j, _ in control)
+    frozen = [j.settings for j, s in control if s.startswith(FROZEN)]
+    assert len(frozen) == len(PRIMARY_SEEDS) and all(f["hyper_lr"] == 0.0 for f in frozen)
+    prescaled = [j.settings for j, s in control if s.startswith(PRESCALED)]
+    spec = QuantSpec.parse(prescaled[0]["grad_spec"])
+    assert spec == dataclasses.replace(preset_config(CONTROL_PRESETS[0]).grad, prescale=0.75)
+    assert all(p.get("method", "plain") == "plain" for p in prescaled)
 
 
 def test_the_control_pairs_the_frozen_hypernetwork_with_plain_and_with_metagrad():
@@ -102,10 +113,19 @@ def test_the_control_pairs_the_frozen_hypernetwork_with_plain_and_with_metagrad(
             ("primary", q, 75.0),
             ("primary", f"metagrad+{q}", 78.0),
             ("control", f"{FROZEN}+{q}", 75.5 + 0.1 * seed),
+            ("control", f"{PRESCALED}+{q}", 77.0),
+            ("primary", "fp32", 79.0),
         ]:
             runs.append({"stage": stage, "setting": setting, "seed": seed, "final_test_acc": acc})
     out = control_comparisons(runs)
-    assert list(out) == [f"{FROZEN}+{q} - {q}", f"metagrad+{q} - {FROZEN}+{q}"]
+    assert list(out)[:4] == [
+        f"{FROZEN}+{q} - {q}",
+        f"metagrad+{q} - {FROZEN}+{q}",
+        f"{PRESCALED}+{q} - {q}",
+        f"metagrad+{q} - {PRESCALED}+{q}",
+    ]
+    assert out[f"metagrad+{q} - {PRESCALED}+{q}"]["mean"] == pytest.approx(1.0)
+    assert out[f"{PRESCALED}+{q} - fp32"]["mean"] == pytest.approx(-2.0)
     assert out[f"{FROZEN}+{q} - {q}"]["mean"] == pytest.approx(0.7)
     assert out[f"metagrad+{q} - {FROZEN}+{q}"]["n"] == len(PRIMARY_SEEDS)
     table = biased_table({"runs": runs, "control_comparisons": out})
