@@ -177,11 +177,22 @@ def test_a_miss_measures_and_saves_a_hit_does_not(tmp_path):
     assert set(next(iter(machines.values()))) == {str(key), str(other)}
 
 
-def test_a_tie_keeps_the_integer_route(tmp_path):
-    cache = RouteCache(tmp_path / "r.json", lambda c, d: dict.fromkeys(c, 1.0))
+def test_a_tie_or_a_near_tie_keeps_the_integer_route(tmp_path):
     x, w, _ = _case()
     key = ProductKey.of("conv2d", ("dx", "dw"), x, w, CONV, "tensor")
-    assert cache.choose(key, lambda plan: None, x.device) == {"dx": "integer", "dw": "integer"}
+    integer = {"dx": "integer", "dw": "integer"}
+    cache = RouteCache(tmp_path / "r.json", lambda c, d: dict.fromkeys(c, 1.0))
+    assert cache.choose(key, lambda plan: None, x.device) == integer
+    inside = 1 - routes.MARGIN / 2  # faster, but by less than the margin
+    near = RouteCache(
+        tmp_path / "near.json", lambda c, d: {**dict.fromkeys(c, 1.0), "float": inside}
+    )
+    assert near.choose(key, lambda plan: None, x.device) == integer
+    beyond = 1 - 2 * routes.MARGIN
+    clear = RouteCache(
+        tmp_path / "clear.json", lambda c, d: {**dict.fromkeys(c, 1.0), "float": beyond}
+    )
+    assert clear.choose(key, lambda plan: None, x.device) == {"dx": "float", "dw": "float"}
 
 
 def test_another_machine_measures_again(tmp_path, monkeypatch):

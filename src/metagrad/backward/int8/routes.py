@@ -19,10 +19,11 @@ The mode (:func:`set_routes`, else the environment variable ``METAGRAD_INT8_ROUT
 * ``measured``: the first time a layer's products are seen (a :class:`ProductKey`: kind, which
   products, shapes, convolution geometry, dtype, layout, device, error granularity), the layer's
   backward runs a few times on each assignment of routes to its products (both integer, both
-  float, and with two products the two mixed ones), interleaved, and the one with the lowest
-  median time is kept, in memory and in a JSON file (:func:`cache_path`) under the machine's
-  fingerprint (:func:`metagrad.machine.fingerprint`: CPU model, torch version, threads), so that
-  later processes on that machine do not measure it again. Timing whole assignments counts
+  float, and with two products the two mixed ones), interleaved; the one with the lowest median
+  time is kept if it beats the all-integer one by more than :data:`MARGIN` (else the all-integer
+  one is), in memory and in a JSON file (:func:`cache_path`) under the machine's fingerprint
+  (:func:`metagrad.machine.fingerprint`: CPU model, torch version, threads), so that later
+  processes on that machine do not measure it again. Timing whole assignments counts
   what the products share (the integer products of a convolution share one patch matrix; mixed
   routes quantize the error once per route). The random draws of stochastic rounding during the
   measurement are undone, so the run draws what it would have drawn. Grouped convolutions and
@@ -62,6 +63,10 @@ CACHE_FILE = "int8-routes.json"
 CACHE_FORMAT = 1
 REPETITIONS = 3
 """Timed rounds per route (after one warm-up round); the median is compared."""
+MARGIN = 0.1
+"""How much faster than the all-integer plan another plan must measure to be chosen (a share
+of the integer plan's time): a few timed rounds are noisy, and a near tie is not worth a
+route whose real cost the measurement may have missed."""
 
 FLOAT_ROUTES: dict[tuple[str, str], str] = {
     ("cuda", "conv2d"): (
@@ -181,6 +186,13 @@ def plans(products: tuple[str, ...]) -> dict[str, Plan]:
     return named
 
 
+def _best(seconds: dict[str, float]) -> str:
+    """The fastest plan if it beats the all-integer one by more than :data:`MARGIN`, else the
+    all-integer one."""
+    fastest = min(seconds, key=seconds.__getitem__)
+    return fastest if seconds[fastest] < (1 - MARGIN) * seconds[INTEGER] else INTEGER
+
+
 @dataclass
 class Choice:
     """The route of each of a layer's products, the seconds each plan took when they were
@@ -273,7 +285,7 @@ class RouteCache:
             timer = self.timer or time_routes
             with torch.random.fork_rng(_rng_devices(device), device_type=device.type):
                 seconds = timer(candidates, device)
-            best = min(named, key=lambda n: seconds[n])  # a tie keeps the all-integer plan
+            best = _best(seconds)
             choice = Choice(named[best], {n: seconds[n] for n in named})
             self._write(machine, name, choice)
         self.memory[machine, name] = choice
