@@ -119,7 +119,7 @@ FROZEN = "frozen"
 """The control stage's label: MetaGrad with its hypernetwork frozen at the identity."""
 PRESCALE = 0.75
 """The control stage's pre-scale of the preset's gradients (``pre0.75`` in a spec)."""
-PRESCALED = "pre0.75"
+PRESCALED = f"pre{PRESCALE:g}"
 """The control stage's label: plain training on the pre-scaled preset."""
 
 
@@ -187,12 +187,21 @@ def final_accuracy(run: dict[str, Any]) -> float | None:
     return run["final_test_acc"]
 
 
-def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The primary comparisons, paired by seed."""
+def accuracies(
+    runs: list[dict[str, Any]], stages: tuple[str, ...]
+) -> dict[str, dict[int, float | None]]:
+    """Each setting's final accuracy (:func:`final_accuracy`) by seed, over the runs of
+    ``stages``."""
     by: dict[str, dict[int, float | None]] = {}
     for r in runs:
-        if r["stage"] == "primary":
+        if r["stage"] in stages:
             by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
+    return by
+
+
+def primary_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The primary comparisons, paired by seed."""
+    by = accuracies(runs, ("primary",))
     pairs = [(f"metagrad+{q}", q) for q in by if f"metagrad+{q}" in by]
     if PRESETS[0] in by and "fp32" in by:
         pairs.append((PRESETS[0], "fp32"))
@@ -203,10 +212,7 @@ def control_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The control stage's comparisons, paired by seed, on each preset: the frozen hypernetwork
     and the pre-scaled preset against plain training, MetaGrad against each of them, and plain,
     pre-scaled and MetaGrad training against full precision."""
-    by: dict[str, dict[int, float | None]] = {}
-    for r in runs:
-        if r["stage"] in ("primary", "control"):
-            by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
+    by = accuracies(runs, ("primary", "control"))
     pairs = []
     for q in CONTROL_PRESETS:
         frozen, prescaled, metagrad = f"{FROZEN}+{q}", f"{PRESCALED}+{q}", f"metagrad+{q}"

@@ -12,7 +12,15 @@ import statistics
 from collections.abc import Mapping
 
 from benchmarks.goals import GOAL_4BIT
-from benchmarks.metagrad_biased import CHANCE, CONTROLS, final_accuracy, sweep_names
+from benchmarks.metagrad_biased import (
+    CHANCE,
+    CONTROLS,
+    FROZEN,
+    PRESCALE,
+    PRESCALED,
+    accuracies,
+    sweep_names,
+)
 from metagrad.stats import PairedComparison, interval_text, p_text, paired, signed
 
 METAGRAD_DEFAULTS = {"hyper": "grad+weight", "hyper_hidden": 8, "hyper_lr": 1e-4}
@@ -447,8 +455,8 @@ def biased_table(data: dict) -> str:
         "control_comparisons",
         ("primary", "control"),
         "Controls (6 epochs, added after the primary stage), paired by seed: MetaGrad with its "
-        "hypernetwork frozen at the identity (`frozen`), and plain training on the preset "
-        "pre-scaled by 3/4 (`pre0.75`):",
+        f"hypernetwork frozen at the identity (`{FROZEN}`), and plain training on the preset "
+        f"pre-scaled by {PRESCALE:g} (`{PRESCALED}`):",
     )
     rows += _biased_diagnosis(data)
     return "\n".join(rows)
@@ -467,15 +475,13 @@ def _biased_comparisons(data: dict, key: str, stages: tuple[str, ...], title: st
         f"| comparison | test acc (%), mean of each | per seed | mean | {PAIRED} |",
         "|---|---|---|---|---|---|",
     ]
-    by: dict[str, dict[int, float | None]] = {}
+    by = accuracies(data["runs"], stages)
+    compared = {x for name in comparisons for x in name.split(" - ")}
     diverged: dict[str, set[int]] = {}
     for r in data["runs"]:
-        if r["stage"] in stages:
-            by.setdefault(r["setting"], {})[r["seed"]] = final_accuracy(r)
-            if r.get("diverged_at_step") is not None:
-                diverged.setdefault(r["setting"], set()).add(r["seed"])
-    compared = {x for name in comparisons for x in name.split(" - ")}
-    diverged = {k: v for k, v in diverged.items() if k in compared}
+        failed = r.get("diverged_at_step") is not None
+        if failed and r["stage"] in stages and r["setting"] in compared:
+            diverged.setdefault(r["setting"], set()).add(r["seed"])
     for name in comparisons:
         a, b = name.split(" - ")
         c = paired(by[a], by[b])
