@@ -102,6 +102,9 @@ def fit(ddp: bool = False, steps: int = STEPS, clip: float = 1.0) -> dict:
         callbacks=[check],
     )
     trainer.fit(module, loader)
+    if ddp and torch.distributed.is_initialized():
+        # Lightning leaves the gloo group open; a process that exits with it open can abort.
+        torch.distributed.destroy_process_group()
     optimizer = trainer.optimizers[0]
     return {
         "module": module,
