@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,43 +339,63 @@ def time_steps_apart(
     base: dict[str, Any],
     steps: int = 30,
     warmup: int = 3,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, StepTimes]:
     """:func:`time_steps` with the warm-up reported apart.
 
     After ``warmup`` interleaved warm-up steps, a setting whose last warm-up step still compiled
     (``torch.compile`` of the model, compiled kernels, a recompilation) takes more, up to
-    :data:`MAX_EXTRA_WARMUP`, so that no compilation falls into the timed steps.
+    :data:`MAX_EXTRA_WARMUP`, so that no compilation falls into the timed steps. With
+    ``errors`` given, a setting that fails to build or to step is left out and its error
+    recorded there (``"TypeError: ..."``) instead of raised.
     """
     batches = step_batches(data, base, warmup + steps)
-    runs = {
-        name: training_step({**base, **overrides}, data) for name, overrides in settings.items()
-    }
+    runs: dict[str, Step] = {}
+    for name, overrides in settings.items():
+        try:
+            runs[name] = training_step({**base, **overrides}, data)
+        except Exception as err:
+            if errors is None:
+                raise
+            errors[name] = _error_line(err)
 
-    def timed(step: Step, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+    def timed(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool] | None:
         before = compile_events()
         _sync(x.device)
         t0 = time.perf_counter()
-        step(x, y)
+        try:
+            runs[name](x, y)
+        except Exception as err:
+            if errors is None:
+                raise
+            errors[name] = _error_line(err)
+            traceback.print_exc()
+            return None
         _sync(x.device)
         return time.perf_counter() - t0, compile_events() != before
 
-    warm: dict[str, list[tuple[float, bool]]] = {name: [] for name in settings}
+    warm: dict[str, list[tuple[float, bool]]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, bool]]] = {name: [] for name in runs}
+
+    def step_each(names: list[str], x: torch.Tensor, y: torch.Tensor, into: dict) -> None:
+        for name in names:
+            if name in runs and (t := timed(name, x, y)) is not None:
+                into[name].append(t)
+            else:
+                runs.pop(name, None)
+
     for x, y in batches[:warmup]:
-        for name, step in runs.items():
-            warm[name].append(timed(step, x, y))
+        step_each(list(runs), x, y, warm)
     for extra in range(MAX_EXTRA_WARMUP if warmup else 0):
-        compiling = [name for name, ts in warm.items() if ts[-1][1]]
+        compiling = [name for name in runs if warm[name][-1][1]]
         if not compiling:
             break
-        x, y = batches[extra % warmup]
-        for name in compiling:
-            warm[name].append(timed(runs[name], x, y))
-    times: dict[str, list[tuple[float, bool]]] = {name: [] for name in settings}
+        step_each(compiling, *batches[extra % warmup], warm)
     for x, y in batches[warmup:]:
-        for name, step in runs.items():
-            times[name].append(timed(step, x, y))
+        step_each(list(runs), x, y, times)
     result = {}
-    for name, ts in times.items():
+    for name in runs:
+        ts = times[name]
         median = statistics.median(t for t, _ in ts)
         result[name] = StepTimes(
             median,
@@ -383,6 +404,10 @@ def time_steps_apart(
             sum(compiled for _, compiled in ts),
         )
     return result
+
+
+def _error_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def time_steps(

@@ -30,7 +30,9 @@ which measure them afresh (a new route cache, unless ``--route-cache`` names one
    tokens at width 1024, and ``gpt_char``'s; INT8 nearest error, both products): float32, bf16,
    the ``int8`` backend's integer products, the same 8-bit codes multiplied in bf16 (the route
    the ``int8`` backend takes on CUDA), and the backend with measured routes under bf16 (each
-   product on the route its measurement chose, recorded per layer).
+   product on the route its measurement chose, recorded per layer); beside them, a cast of the
+   bf16 error to int8, the least any 8-bit route spends before its products, so that a layer
+   whose cast alone exceeds the per-layer goal (5% over bf16) is named as out of reach.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ GPT_CHAR_MLP = ((128, 512), (512, 128))
 GPT_CHAR_TOKENS = 64 * 128
 """``gpt_char``'s MLP (width 1) over a batch of 64 windows of 128 characters."""
 LAYER_SPEC = QuantSpec(8)
+PER_LAYER_SLACK = 0.05
+"""The per-layer goal: no layer's 8-bit backward more than 5% slower than its bf16 backward."""
 
 Fn = Callable[[], object]
 
@@ -306,6 +310,9 @@ def bench_memory(device: torch.device) -> dict[str, Any]:
 LayerCase = tuple[str, dict, dict[str, Fn], ProductKey]
 """A layer's name, shape, backward variants and the route-cache key of its two products."""
 ROUTED = "int8 measured routes"
+FLOOR = "error cast to int8"
+"""One read of the bf16 error and one write of int8 codes: the least an 8-bit route spends
+before its products (a lower bound on the quantizer, not a quantizer)."""
 
 
 def conv_fns(index: int, device: torch.device) -> LayerCase:
@@ -333,6 +340,7 @@ def conv_fns(index: int, device: torch.device) -> LayerCase:
             eb, xb, w, *conv, 1, config, mask
         ),
         ROUTED: lambda: int8.backend.conv2d_backward_for(eb, xb, wb, *conv, 1, config, mask),
+        FLOOR: lambda: eb.to(torch.int8),
     }
     shape = {"batch": batch, "c_in": c_in, "c_out": c_out, "hw": hw, "kernel": 3}
     key = ProductKey.of("conv2d", ("dx", "dw"), xb, wb, conv, "tensor")
@@ -353,6 +361,7 @@ def linear_fns(c_in: int, c_out: int, tokens: int, device, name: str = "mlp") ->
         "int8": lambda: int8.linear_backward(e, x, w, config, mask),
         "int8 codes in bf16": lambda: int8.linear_backward_simulated(eb, xb, w, config, mask),
         ROUTED: lambda: int8.backend.linear_backward_for(eb, xb, wb, config, mask),
+        FLOOR: lambda: eb.to(torch.int8),
     }
     shape = {"tokens": tokens, "in": c_in, "out": c_out}
     key = ProductKey.of("linear", ("dx", "dw"), xb, wb, None, "tensor")
@@ -381,6 +390,7 @@ def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]
                 "bf16/int8 codes in bf16": round(secs["bf16"] / secs["int8 codes in bf16"], 3),
                 "bf16/int8 measured routes": round(secs["bf16"] / secs[ROUTED], 3),
                 "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
+                "floor/bf16": round(secs[FLOOR] / secs["bf16"], 3),
                 "routes": routes,
             }
             rows.append(row)
@@ -398,7 +408,8 @@ def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]
     summary = {key: round(statistics.median(r[key] for r in conv), 3) for key in keys}
     slowest = min(r["bf16/int8 measured routes"] for r in rows)
     print(f"conv medians: {summary}; slowest layer with measured routes: {slowest}x", flush=True)
-    return {"rows": rows, "conv_medians": summary}
+    beyond = [r["name"] for r in rows if r["floor/bf16"] > 1 + PER_LAYER_SLACK]
+    return {"rows": rows, "conv_medians": summary, "floor_beyond_goal": beyond}
 
 
 # ---------------------------------------------------------------------------- main

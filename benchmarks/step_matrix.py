@@ -1,6 +1,7 @@
 """Every gradient route's training step side by side, on VGG-16, ViT-Tiny and the character GPT.
 
     python -m benchmarks.step_matrix --device cuda   # -> benchmarks/results/step-matrix-cuda.json
+    python -m benchmarks.step_matrix                 # -> results/step-matrix-cpu-<cpu model>.json
     python -m benchmarks.step_matrix --quick         # a smoke run: narrow models, few steps
 
 1. steps: for each model, whole training steps (forward, backward, optimizer) as ``metagrad
@@ -9,7 +10,8 @@
    backend), the ``int8`` backend (INT8 gradients), the ``fp8`` backend (the ``fp8-e5m2``
    preset as FP8 GEMMs) and MetaGrad on the ``plain`` preset. The settings of one model are
    timed side by side in one process, one step of each in turn on the same batches, after
-   ``--warmup`` steps (compilation included), which are timed apart; medians kept. A setting
+   ``--warmup`` steps (compilation included; more for a setting whose last warm-up step still
+   compiled), which are timed apart; medians kept. A setting
    whose first step fails is left out with its error. Each model also records which of its
    layers the ``fp8`` backend routes elsewhere, and why.
 2. layers: the backward products of transformer-MLP Linear layers: bf16, the ``fp8`` backend
@@ -22,21 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.runner import command_line, step_batches, synthetic_data, training_step
-from benchmarks.speed import BASE, MLP_SHAPES, interleaved, machine
+from benchmarks.runner import command_line, synthetic_data, time_steps_apart
+from benchmarks.speed import BASE, MLP_SHAPES, interleaved, machine, machine_slug
 from benchmarks.transformers import MODELS as TRANSFORMERS
 from metagrad.backward import fallback_report, get_backend
 from metagrad.data import load_cifar10
 from metagrad.data.corpus import load_char_corpus
+from metagrad.machine import cpu_model
 from metagrad.models import model_task
 from metagrad.quant import QuantConfig, QuantSpec, list_presets
 from metagrad.training.config import build_config
@@ -72,41 +71,15 @@ def fp8_routes(base: dict[str, Any], data) -> dict[str, Any]:
 def time_settings(
     base: dict[str, Any], data, names: list[str], steps: int, warmup: int
 ) -> dict[str, dict[str, Any]]:
-    """Median step seconds of each setting (interleaved), its warm-up, or its error."""
-    batches = step_batches(data, base, warmup + steps)
-    runs: dict[str, Callable] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    for name in names:
-        try:
-            runs[name] = training_step({**base, **SETTINGS[name]}, data)
-        except Exception as err:  # a setting that cannot be built is reported, not fatal
-            rows[name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for x, y in batches:
-        for name in list(runs):
-            _sync(x.device)
-            start = time.perf_counter()
-            try:
-                runs[name](x, y)
-            except Exception as err:
-                rows[name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
-                traceback.print_exc()
-                del runs[name]
-                continue
-            _sync(x.device)
-            times[name].append(time.perf_counter() - start)
-    for name in runs:
-        median = statistics.median(times[name][warmup:])
-        rows[name] = {
-            "seconds": round(median, 5),
-            "warmup_seconds": [round(t, 3) for t in times[name][:warmup]],
-        }
+    """Median step seconds of each setting (interleaved), its warm-up (compilation included,
+    extended while a setting still compiles), or its error."""
+    errors: dict[str, str] = {}
+    timed = time_steps_apart(
+        {name: SETTINGS[name] for name in names}, data, base, steps, warmup, errors=errors
+    )
+    rows = {name: {"error": error} for name, error in errors.items()}
+    rows.update({name: t.to_dict() for name, t in timed.items()})
     return {name: rows[name] for name in names}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_model(name: str, base: dict[str, Any], data, args) -> dict[str, Any]:
@@ -169,6 +142,13 @@ def linear_rows(device: torch.device, tokens: list[int], reps: int) -> list[dict
     return rows
 
 
+def default_out(device: torch.device, width: float | None) -> Path:
+    """``results/step-matrix-cpu-<cpu model>[-w<width>].json`` on CPU, ``-<device>`` else."""
+    where = f"cpu-{machine_slug(cpu_model())}" if device.type == "cpu" else device.type
+    suffix = f"-w{width:g}" if width and width != 1 else ""
+    return RESULTS / f"step-matrix-{where}{suffix}.json"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -181,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (compile)")
     parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 1024; CUDA 16k)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--width", type=float, help="every model at this width (default: 1)")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/step-matrix-<dev>")
     args = parser.parse_args(argv)
     if args.threads:
@@ -188,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     args.steps = args.steps or (2 if args.quick else 7)
     args.warmup = min(args.warmup, 1) if args.quick else args.warmup
-    out = args.out or RESULTS / f"step-matrix-{device.type}.json"
+    out = args.out or default_out(device, args.width)
     data_path = Path(args.data)
     result: dict[str, Any] = {
         "benchmark": "step_matrix",
@@ -211,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         base = {**MODELS[name], "device": device.type}
         if args.quick:
             base.update(width=0.25, batch_size=16)
+        if args.width:
+            base.update(width=args.width)
         if model_task(base["model"]) == "image":
             count = base["batch_size"] * (args.warmup + args.steps)
             data = load_cifar10(data_path) if data_path.exists() else synthetic_data(count)

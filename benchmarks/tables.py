@@ -47,7 +47,7 @@ from benchmarks.tables_measures import (
     step_ratio_table,
     transformers_table,
 )
-from benchmarks.tables_speed import speed_table
+from benchmarks.tables_speed import speed_table, step_matrix_table
 from benchmarks.tables_training import (
     ablation_table,
     biased_table,
@@ -128,6 +128,10 @@ SPEED_CPU = tuple(sorted(p.name for p in RESULTS.glob("speed-cpu-*.json"))) or (
     "speed-cpu-amd-epyc.json",
 )
 """The speed benchmark's CPU results, one file per CPU model (``speed-cpu-<model>.json``)."""
+STEP_MATRIX_CPU = tuple(sorted(p.name for p in RESULTS.glob("step-matrix-cpu-*.json"))) or (
+    "step-matrix-cpu-intel-xeon-processor.json",
+)
+"""The step matrix's CPU results (``step-matrix-cpu-<model>[-w<width>].json``)."""
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"
 TABLES: dict[str, Table] = {
@@ -194,6 +198,15 @@ TABLES: dict[str, Table] = {
         "metagrad-overhead.json", overhead_table, "python -m benchmarks.metagrad_overhead"
     ),
     "speed-cpu": _table(SPEED_CPU, speed_table, *[SPEED] * len(SPEED_CPU)),
+    "step-matrix-cpu": _table(
+        STEP_MATRIX_CPU,
+        step_matrix_table,
+        *[
+            "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
+            + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
+            for f in STEP_MATRIX_CPU
+        ],
+    ),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),

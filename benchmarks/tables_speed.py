@@ -120,6 +120,7 @@ LAYER_COLUMNS = {
     "int8": "int8 ms",
     "int8 codes in bf16": "int8 codes in bf16 ms",
     "int8 measured routes": "int8 measured routes ms",
+    "error cast to int8": "error cast to int8 ms",
 }
 
 
@@ -158,6 +159,13 @@ def _layers(datas: tuple[dict, ...]) -> list[str]:
             f"\nMedian over the 13 convolutions{where}: bf16/int8 **{med['bf16/int8']:.2f}x**"
             f"{extra}, fp32/int8 {med['fp32/int8']:.2f}x."
         )
+        if "floor_beyond_goal" in lay:
+            beyond = lay["floor_beyond_goal"]
+            named = ", ".join(beyond) if beyond else "none"
+            rows.append(
+                f"\nLayers whose error cast to int8 alone takes more than 1.05x their bf16 "
+                f"backward{where} (no 8-bit route can meet the per-layer goal there): {named}."
+            )
     return rows
 
 
@@ -213,3 +221,65 @@ def speed_table(*datas: dict) -> str:
     for data in datas:
         rows += route_table(data)
     return "\n".join(rows)
+
+
+PRESET_GOAL = 1.3
+"""Issue goal: every preset's step at most this times the ``plain`` step."""
+
+
+def step_matrix_table(*datas: dict) -> str:
+    """Every gradient route's training step per model: against bf16, against the ``plain``
+    quantized step (the goal for the presets), and against the step it replaces; one results
+    file after another."""
+    return "\n\n".join(_step_matrix(data) for data in datas)
+
+
+def _step_matrix(data: dict) -> str:
+    models = [k for k, v in data.items() if isinstance(v, dict) and "steps" in v]
+    out = [
+        f"torch {data['machine']['torch']}, {_where(data)}; median of "
+        f"{data['repetitions']} interleaved steps after {data['warmup']} warm-up steps."
+    ]
+    for name in models:
+        part = data[name]
+        s = part["settings"]
+        steps = part["steps"]
+        plain = steps.get("plain", {}).get("seconds")
+        out += [
+            "",
+            f"**{name}** (width {s.get('width', 1):g}, batch {s['batch_size']}, "
+            f"{s.get('optimizer', 'sgd')}):",
+            "",
+            "| training step | ms | x bf16 | x `plain` | x the step it replaces | warm-up s "
+            "| compile s |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for setting, row in steps.items():
+            if "seconds" not in row:
+                out.append(f"| {setting} | failed: {row['error']} | | | | | |")
+                continue
+            versus = f"{row['seconds'] / plain:.2f}x" if plain and setting != "bf16" else ""
+            replaces = f"{row['ratio']:.2f}x ({row['compared_with']})" if "ratio" in row else ""
+            warm = sum(row.get("warmup_seconds", []))
+            out.append(
+                f"| {setting} | {row['seconds'] * 1e3:.1f} | {row.get('x_bf16', 0):.2f}x "
+                f"| {versus} | {replaces} | {warm:.1f} | {row.get('compile_seconds', 0):.1f} |"
+            )
+        presets = {
+            k: r["seconds"] / plain
+            for k, r in steps.items()
+            if plain
+            and "seconds" in r
+            and r
+            and k not in ("bf16", "plain")
+            and not k.endswith("backend")
+            and not k.startswith("metagrad")
+        }
+        if presets:
+            over = [f"{k} {v:.2f}x" for k, v in presets.items() if v > PRESET_GOAL]
+            out.append(
+                f"\nPresets over {PRESET_GOAL}x the `plain` step ({name}): "
+                + (", ".join(over) if over else "none")
+                + "."
+            )
+    return "\n".join(out)

@@ -7,10 +7,11 @@ import copy
 import json
 import sys
 
+import pytest
 import torch
 
 from benchmarks import runner, speed, tables
-from benchmarks.tables_speed import speed_table
+from benchmarks.tables_speed import speed_table, step_matrix_table
 
 
 def test_warmup_goes_on_while_a_step_compiles(monkeypatch):
@@ -118,3 +119,91 @@ def test_each_part_records_the_command_that_wrote_it(monkeypatch, tmp_path):
     assert "--parts memory" in written["part_commands"]["memory"]
     assert "--parts blocks" in written["part_commands"]["blocks"]
     assert written["memory"] == {"ratio_growth": 1.0}  # kept when the next part ran
+
+
+def test_a_failing_setting_is_recorded_and_the_others_timed(monkeypatch):
+    """With ``errors`` given, a setting that cannot be built or whose step raises is left out
+    with its error; without it the error propagates."""
+
+    def training_step(settings, data):
+        if settings["name"] == "unbuilt":
+            raise ValueError("no such preset")
+
+        def step(x, y):
+            if settings["name"] == "fails":
+                raise RuntimeError("step failed\nsecond line")
+
+        return step
+
+    batch = (torch.zeros(1), torch.zeros(1))
+    monkeypatch.setattr(runner, "training_step", training_step)
+    monkeypatch.setattr(runner, "step_batches", lambda data, base, count: [batch] * count)
+    settings = {n: {"name": n} for n in ("ok", "unbuilt", "fails")}
+    errors: dict[str, str] = {}
+    timed = runner.time_steps_apart(settings, None, {}, steps=2, warmup=1, errors=errors)
+    assert set(timed) == {"ok"}
+    assert errors == {
+        "unbuilt": "ValueError: no such preset",
+        "fails": "RuntimeError: step failed",
+    }
+    with pytest.raises(ValueError, match="no such preset"):
+        runner.time_steps_apart(settings, None, {}, steps=2, warmup=1)
+
+
+def test_step_matrix_files_are_named_per_cpu_and_width(monkeypatch):
+    from benchmarks import step_matrix
+
+    monkeypatch.setattr(step_matrix, "cpu_model", lambda: "AMD EPYC")
+    cpu = torch.device("cpu")
+    assert step_matrix.default_out(cpu, None).name == "step-matrix-cpu-amd-epyc.json"
+    assert step_matrix.default_out(cpu, 0.25).name == "step-matrix-cpu-amd-epyc-w0.25.json"
+    assert step_matrix.default_out(torch.device("cuda"), None).name == "step-matrix-cuda.json"
+
+
+def test_step_matrix_table_names_the_presets_over_the_goal():
+    def row(ms: float, **extra) -> dict:
+        return {"seconds": ms / 1e3, "warmup_seconds": [1.0, 0.5], "compile_seconds": 0.9, **extra}
+
+    data = {
+        "machine": {"torch": "2.13.0", "cpu": "Some CPU", "threads": 2},
+        "repetitions": 7,
+        "warmup": 3,
+        "vgg16": {
+            "settings": {"width": 1.0, "batch_size": 128},
+            "steps": {
+                "bf16": row(100, x_bf16=1.0),
+                "plain": row(110, x_bf16=1.1),
+                "psq": row(140, x_bf16=1.4),
+                "int8 backend": row(80, x_bf16=0.8),
+                "metagrad plain": row(150, x_bf16=1.5, compared_with="plain", ratio=1.364),
+                "bhq": {"error": "RuntimeError: out of memory"},
+            },
+        },
+    }
+    text = step_matrix_table(data)
+    assert "**vgg16** (width 1, batch 128, sgd):" in text
+    assert "| psq | 140.0 | 1.40x | 1.27x |  | 1.5 | 0.9 |" in text
+    assert "| metagrad plain | 150.0 | 1.50x | 1.36x | 1.36x (plain) | 1.5 | 0.9 |" in text
+    assert "| bhq | failed: RuntimeError: out of memory |" in text
+    assert "Presets over 1.3x the `plain` step (vgg16): none." in text  # 1.27x is within
+    data["vgg16"]["steps"]["psq"] = row(150, x_bf16=1.5)
+    assert "(vgg16): psq 1.36x." in step_matrix_table(data)
+
+
+def test_layers_name_where_the_error_cast_alone_exceeds_the_goal(monkeypatch):
+    """The cast of the error to int8 is timed beside each layer's routes; a layer where it
+    alone takes more than 1.05x the bf16 backward is named."""
+    monkeypatch.setattr(speed, "VGG16_SPATIAL", speed.VGG16_SPATIAL[:1])
+    monkeypatch.setattr(speed, "GPT_CHAR_MLP", ())
+    monkeypatch.setattr(speed, "GPT_CHAR_TOKENS", 8)
+    monkeypatch.setattr(speed, "BASE", {**speed.BASE, "batch_size": 2})
+    result = speed.bench_layers(torch.device("cpu"), reps=1, warmup=0, tokens=[])
+    (conv,) = result["rows"]
+    assert speed.FLOOR in conv["ms"] and conv["floor/bf16"] > 0
+    beyond = conv["floor/bf16"] > 1 + speed.PER_LAYER_SLACK
+    assert result["floor_beyond_goal"] == (["vgg16.conv1"] if beyond else [])
+    text = speed_table(
+        {**json.loads((tables.RESULTS / "speed-cpu-amd-epyc.json").read_text()), "layers": result}
+    )
+    assert "error cast to int8 ms" in text
+    assert "no 8-bit route can meet the per-layer goal there" in text
