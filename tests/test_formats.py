@@ -10,7 +10,13 @@ from metagrad import kernels
 from metagrad.quant import formats
 from metagrad.quant.formats import FloatFormat, IntFormat, get_format, register_format
 from metagrad.quant.quantize import fake_quantize, quantize_along, quantize_codes
-from metagrad.quant.scaling import E4M3, ceil_to_format, ceil_to_power_of_two, group_scales
+from metagrad.quant.scaling import (
+    E4M3,
+    ceil_to_format,
+    ceil_to_power_of_two,
+    floor_power_of_two_scale,
+    group_scales,
+)
 from metagrad.quant.spec import QuantSpec
 from metagrad.quant.transforms import BlockHouseholder, RandomizedHadamard, hadamard_matrix
 
@@ -125,6 +131,28 @@ def test_integer_specs_quantize_alike_on_both_paths():
 def test_power_of_two_scales_round_up():
     s = torch.tensor([0.3, 0.5, 1.0, 3.0, 1e-30])
     assert ceil_to_power_of_two(s).tolist() == [0.5, 0.5, 1.0, 4.0, 2.0**-99]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_power_of_two_scales_read_from_bits_match_frexp(dtype):
+    """The scales built from the exponent bits equal their ``frexp``/``ldexp`` definition on
+    every binade of float32, either side of each power of two and on subnormals, and clamp to
+    E8M0's range."""
+    g = torch.Generator().manual_seed(0)
+    powers = torch.pow(2.0, torch.arange(-149, 128, dtype=torch.float64)).to(dtype)
+    below = torch.nextafter(powers, torch.zeros_like(powers))
+    above = torch.nextafter(powers, torch.full_like(powers, float("inf")))
+    spread = torch.rand(20000, generator=g, dtype=torch.float64)
+    spread = (spread * 10.0 ** torch.randint(-45, 39, (20000,), generator=g)).to(dtype)
+    x = torch.cat([powers, below, above, spread])
+    x = x[(x > 0) & torch.isfinite(x)]
+    mantissa, exponent = torch.frexp(x)
+    up = torch.where(mantissa == 0.5, exponent - 1, exponent).clamp(-127, 127)
+    assert torch.equal(ceil_to_power_of_two(x), torch.ldexp(torch.ones_like(x), up))
+    for emax in (0, 2, 8, 15):
+        floor = (exponent - 1 - emax).clamp(-127, 127)
+        expected = torch.ldexp(torch.ones_like(x), floor)
+        assert torch.equal(floor_power_of_two_scale(x, emax), expected)
 
 
 def test_e4m3_ceiling_is_the_next_value_of_the_grid():

@@ -98,20 +98,52 @@ def element_emax(max_value: float) -> int:
     return math.frexp(max_value)[1] - 1
 
 
+_FLOAT_BITS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+"""A float dtype's integer twin, mantissa bits and exponent bias: its exponent read from its
+bits, which compiled kernels vectorize (``frexp`` and ``ldexp`` they run element by element)."""
+
+
+def _power_of_two(k: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2**k`` as ``dtype`` for integer ``k`` (its bits' dtype) in E8M0's range, from its bits."""
+    _, mantissa_bits, bias = _FLOAT_BITS[dtype]
+    bits = (k + bias) << mantissa_bits
+    if 1 - bias > E8M0_MIN_EXPONENT:  # 2**-127 is subnormal in float32: one mantissa bit
+        bits = torch.where(k >= 1 - bias, bits, torch.full_like(bits, 1 << (mantissa_bits - 1)))
+    return bits.view(dtype)
+
+
 def ceil_to_power_of_two(s: Tensor) -> Tensor:
     """The smallest power of two ``>= s`` (positive finite ``s``), within E8M0's range."""
-    mantissa, exponent = torch.frexp(s)
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    layout = _FLOAT_BITS.get(s.dtype)
+    if layout is None:
+        mantissa, exponent = torch.frexp(s)
+        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+        exponent = exponent.clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+        return torch.ldexp(torch.ones_like(s), exponent)
+    int_dtype, mantissa_bits, bias = layout
+    bits = s.view(int_dtype)
+    field = bits >> mantissa_bits
+    exponent = field - bias + ((bits & ((1 << mantissa_bits) - 1)) != 0).to(int_dtype)
+    if 1 - bias > E8M0_MIN_EXPONENT:  # subnormal s: 2**-127 up to it, else 2**-126
+        below = torch.where(bits > 1 << (mantissa_bits - 1), 1 - bias, -bias).to(int_dtype)
+        exponent = torch.where(field == 0, below, exponent)
     exponent = exponent.clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
-    return torch.ldexp(torch.ones_like(s), exponent)
+    return _power_of_two(exponent, s.dtype)
 
 
 def floor_power_of_two_scale(amax: Tensor, emax: int) -> Tensor:
     """OCP MX's shared scale ``2**(floor(log2(amax)) - emax)`` (positive finite ``amax``),
     within E8M0's range; exact for every float, subnormals included."""
-    _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
-    exponent = (exponent - 1 - emax).clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
-    return torch.ldexp(torch.ones_like(amax), exponent)
+    layout = _FLOAT_BITS.get(amax.dtype)
+    if layout is None or emax < 0:
+        _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
+        exponent = (exponent - 1 - emax).clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+        return torch.ldexp(torch.ones_like(amax), exponent)
+    int_dtype, mantissa_bits, bias = layout
+    # floor(log2 amax) of a normal amax; a subnormal one reads -bias, below E8M0's range too
+    binade = (amax.view(int_dtype) >> mantissa_bits) - bias
+    exponent = (binade - emax).clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+    return _power_of_two(exponent, amax.dtype)
 
 
 def ceil_to_format(r: Tensor, fmt: FloatFormat) -> Tensor:
