@@ -106,6 +106,13 @@ METHODS_GPT = (
     "python -m benchmarks.methods --task gpt --epochs 3 --parallel 2 --threads 1 --diag-every 25 "
     f"--metagrad fp8-e5m2 rht-nvfp4 --recipes {RECIPES}"
 )
+METHODS_GPT7 = (
+    "python -m benchmarks.methods --task gpt --seeds 0 1 2 3 4 5 6 7 "
+    "--presets plain rht-nvfp4 fp8-e5m2 --metagrad plain rht-nvfp4 fp8-e5m2 --hyper-lr 1e-4 "
+    "--parallel 2 --threads 1 --timing-steps 0 "
+    "--skip fp32-s0 fp32-s1 fp32-s2 fp32-s3 fp32-s4 fp32-s5 fp32-s6 fp32-s7 "
+    "--runs-dir runs/methods-gpt7 --output benchmarks/results/methods-gpt7.json"
+)
 METHODS_RECIPES = (
     f"python -m benchmarks.methods --epochs 3 --presets {RECIPES} --recipes {RECIPES} "
     "--metagrad "
@@ -128,9 +135,12 @@ SPEED_CPU = tuple(sorted(p.name for p in RESULTS.glob("speed-cpu-*.json"))) or (
     "speed-cpu-amd-epyc.json",
 )
 """The speed benchmark's CPU results, one file per CPU model (``speed-cpu-<model>.json``)."""
-STEP_MATRIX_CPU = tuple(sorted(p.name for p in RESULTS.glob("step-matrix-cpu-*.json"))) or (
-    "step-matrix-cpu-intel-xeon-processor.json",
-)
+STEP_MATRIX_CPU = tuple(
+    sorted(
+        (p.name for p in RESULTS.glob("step-matrix-cpu-*.json")),
+        key=lambda name: (re.search(r"-w[\d.]+\.json$", name) is not None, name),
+    )
+) or ("step-matrix-cpu-intel-xeon-processor.json",)
 """The step matrix's CPU results (``step-matrix-cpu-<model>[-w<width>].json``)."""
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"
@@ -143,6 +153,7 @@ TABLES: dict[str, Table] = {
     "methods": _table("methods.json", methods_table, METHODS),
     "methods-gpt": _table("methods-gpt.json", methods_table, METHODS_GPT),
     "methods-recipes": _table("methods-recipes.json", methods_table, METHODS_RECIPES),
+    "methods-gpt7": _table("methods-gpt7.json", methods_table, METHODS_GPT7),
     "oracle": _table("metagrad-oracle.json", oracle_table, ORACLE),
     "biased": _table("metagrad-biased.json", biased_table, BIASED),
     "ceiling-rerun": _table("metagrad-ceiling.json", ceiling_rerun_table, CEILING),

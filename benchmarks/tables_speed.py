@@ -159,14 +159,35 @@ def _layers(datas: tuple[dict, ...]) -> list[str]:
             f"\nMedian over the 13 convolutions{where}: bf16/int8 **{med['bf16/int8']:.2f}x**"
             f"{extra}, fp32/int8 {med['fp32/int8']:.2f}x."
         )
-        if "floor_beyond_goal" in lay:
-            beyond = lay["floor_beyond_goal"]
-            named = ", ".join(beyond) if beyond else "none"
+        if all(FLOOR in r["ms"] for r in lay["rows"]):
+            named = ", ".join(out_of_reach(lay["rows"])) or "none"
             rows.append(
-                f"\nLayers whose error cast to int8 alone takes more than 1.05x their bf16 "
-                f"backward{where} (no 8-bit route can meet the per-layer goal there): {named}."
+                f"\nOut of reach{where}: the layers where no route can meet the per-layer goal "
+                f"(at most {1 + PER_LAYER_SLACK:g}x the bf16 backward), because bf16 products "
+                f"of the 8-bit codes cost at least bf16's own plus the error's cast to int8, "
+                f"which alone takes more than {PER_LAYER_SLACK:.0%} of it, and the integer "
+                f"route was measured slower than the goal: {named}."
             )
     return rows
+
+
+FLOOR = "error cast to int8"
+"""The layers part's floor: one read of the bf16 error and one write of int8 codes."""
+PER_LAYER_SLACK = 0.05
+"""The per-layer goal: no layer's 8-bit backward more than 5% slower than its bf16 backward."""
+
+
+def out_of_reach(rows: list[dict[str, Any]]) -> list[str]:
+    """The layers no route of the ``int8`` backend can bring within the per-layer goal: the
+    float route (bf16 products of the codes) is bounded below by bf16's backward plus the
+    error's cast, which exceeds the slack, and the integer route measured beyond it."""
+    goal = 1 + PER_LAYER_SLACK
+    return [
+        r["name"]
+        for r in rows
+        if r["ms"][FLOOR] > PER_LAYER_SLACK * r["ms"]["bf16"]
+        and r["ms"]["int8"] > goal * r["ms"]["bf16"]
+    ]
 
 
 def _plan_ms(choice: dict[str, Any]) -> str:

@@ -230,29 +230,33 @@ def methods_comparisons(data: dict) -> dict[str, PairedComparison]:
 
 def methods_table(data: dict) -> str:
     """Every gradient preset (and MetaGrad on the chosen ones) against full precision, paired
-    by seed; then MetaGrad against the preset it corrects."""
+    by seed; then MetaGrad against the preset it corrects. A file without full-precision runs
+    (or without step timings) leaves those columns out."""
     metric = data.get("metric", "test acc")
     _, digits = metric_of(data)
     wide = data.get("step_time_vs_plain_at_width", {})
-    wide_column = f" step vs plain, width {data['timing_width']:g} |" if wide else ""
-    rows = [
-        f"| method | seeds | {metric} | minus fp32, paired | {PAIRED} | grad cosine "
-        "| grad rel. error | step vs plain |" + wide_column,
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if wide else ""),
-    ]
     timing = data.get("step_time_vs_plain", {})
+    with_fp32 = "fp32" in data["methods"]
+    head = ["method", "seeds", metric]
+    head += ["minus fp32, paired", PAIRED] if with_fp32 else []
+    head += ["grad cosine", "grad rel. error"]
+    head += ["step vs plain"] if timing else []
+    head += [f"step vs plain, width {data['timing_width']:g}"] if wide else []
+    columns = sum(cell.count("|") + 1 for cell in head)
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * columns]
     compared = methods_comparisons(data)
     for method, row in data["methods"].items():
-        seeds = ", ".join(str(seed) for seed in row["seeds"])
-        value = "diverged" if row["mean"] is None else _spread(row["values"], digits=digits)
-        gap = " | | " if method == "fp32" else paired_cells(compared[method], digits)
-        cos = "-" if row["grad_cosine"] is None else f"{row['grad_cosine']:.3f}"
-        err = "-" if row["grad_rel_error"] is None else f"{row['grad_rel_error']:.3f}"
-        step = f"{timing[method]:.2f}x" if method in timing else "-"
-        row_text = f"| {method} | {seeds} | {value} | {gap} | {cos} | {err} | {step} |"
+        cells = [method, ", ".join(str(seed) for seed in row["seeds"])]
+        cells.append("diverged" if row["mean"] is None else _spread(row["values"], digits=digits))
+        if with_fp32:
+            cells.append(" | | " if method == "fp32" else paired_cells(compared[method], digits))
+        cells.append("-" if row["grad_cosine"] is None else f"{row['grad_cosine']:.3f}")
+        cells.append("-" if row["grad_rel_error"] is None else f"{row['grad_rel_error']:.3f}")
+        if timing:
+            cells.append(f"{timing[method]:.2f}x" if method in timing else "-")
         if wide:
-            row_text += f" {wide[method]:.2f}x |" if method in wide else " - |"
-        rows.append(row_text)
+            cells.append(f"{wide[method]:.2f}x" if method in wide else "-")
+        rows.append("| " + " | ".join(cells) + " |")
     better = "lower" if digits == 3 else "higher"
     recipes = any(name.startswith("recipe+") and " - " in name for name in compared)
     meta = any(name.startswith("metagrad+") and " - " in name for name in compared)

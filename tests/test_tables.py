@@ -151,3 +151,17 @@ def test_the_headline_comparisons_are_what_the_json_gives():
 def test_overclaims_stay_out_of_the_findings(claim):
     for doc in tables.DOCUMENTS:
         assert claim not in doc.read_text(), (doc.name, claim)
+
+
+def test_a_methods_file_without_full_precision_leaves_its_columns_out():
+    """The GPT's 8-seed file has no fp32 runs and no step timings: no empty columns for them,
+    and MetaGrad is still compared with the preset it corrects."""
+    from benchmarks.tables_training import methods_table
+
+    data = json.loads((tables.RESULTS / "methods-gpt7.json").read_text())
+    text = methods_table(data)
+    assert text.startswith("| method | seeds | test bits/char | grad cosine | grad rel. error |")
+    assert "minus fp32" not in text and "step vs plain" not in text
+    assert "| metagrad+rht-nvfp4 - rht-nvfp4 |" in text
+    full = json.loads((tables.RESULTS / "methods.json").read_text())
+    assert "| minus fp32, paired | 95% CI | sign-flip p |" in methods_table(full)
