@@ -248,6 +248,12 @@ PRESET_GOAL = 1.3
 """Issue goal: every preset's step at most this times the ``plain`` step."""
 
 
+def _is_preset(setting: dict[str, Any]) -> bool:
+    """Whether a step matrix setting is a gradient preset on the emulating backend (not bf16,
+    another backend or MetaGrad), from the configuration it recorded."""
+    return "grad_quant" in setting and "backend" not in setting and "method" not in setting
+
+
 def step_matrix_table(*datas: dict) -> str:
     """Every gradient route's training step per model: against bf16, against the ``plain``
     quantized step (the goal for the presets), and against the step it replaces; one results
@@ -289,12 +295,7 @@ def _step_matrix(data: dict) -> str:
         presets = {
             k: r["seconds"] / plain
             for k, r in steps.items()
-            if plain
-            and "seconds" in r
-            and r
-            and k not in ("bf16", "plain")
-            and not k.endswith("backend")
-            and not k.startswith("metagrad")
+            if plain and "seconds" in r and k != "plain" and _is_preset(data["step_settings"][k])
         }
         if presets:
             over = [f"{k} {v:.2f}x" for k, v in presets.items() if v > PRESET_GOAL]

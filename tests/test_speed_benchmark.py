@@ -168,6 +168,12 @@ def test_step_matrix_table_names_the_presets_over_the_goal():
         "machine": {"torch": "2.13.0", "cpu": "Some CPU", "threads": 2},
         "repetitions": 7,
         "warmup": 3,
+        "step_settings": {
+            "bf16": {"amp": "bf16"},
+            **{p: {"grad_quant": p} for p in ("plain", "psq", "bhq")},
+            "int8 backend": {"grad_bits": 8, "backend": "int8"},
+            "metagrad plain": {"grad_quant": "plain", "method": "metagrad"},
+        },
         "vgg16": {
             "settings": {"width": 1.0, "batch_size": 128},
             "steps": {
