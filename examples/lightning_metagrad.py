@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import metagrad as mg
+from metagrad.parallel.distributed import shutdown
 
 STEPS = 8
 VOCAB, LENGTH, WIDTH = 32, 16, 32
@@ -102,9 +103,6 @@ def fit(ddp: bool = False, steps: int = STEPS, clip: float = 1.0) -> dict:
         callbacks=[check],
     )
     trainer.fit(module, loader)
-    if ddp and torch.distributed.is_initialized():
-        # Lightning leaves the gloo group open; a process that exits with it open can abort.
-        torch.distributed.destroy_process_group()
     optimizer = trainer.optimizers[0]
     return {
         "module": module,
@@ -132,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(summary, f)
+    if args.ddp:
+        # Lightning leaves the gloo group open, and the optimizer holds the DDP wrapper it
+        # adopted: free both now, not at interpreter exit, where the group's threads can abort.
+        run.clear()
+        shutdown()
     return run
 
 
