@@ -47,7 +47,7 @@ from benchmarks.tables_measures import (
     step_ratio_table,
     transformers_table,
 )
-from benchmarks.tables_speed import speed_table, step_matrix_table
+from benchmarks.tables_speed import speed_goals_table, speed_table, step_matrix_table
 from benchmarks.tables_training import (
     ablation_table,
     biased_table,
@@ -142,6 +142,11 @@ STEP_MATRIX_CPU = tuple(
     )
 ) or ("step-matrix-cpu-intel-xeon-processor.json",)
 """The step matrix's CPU results (``step-matrix-cpu-<model>[-w<width>].json``)."""
+STEP_MATRIX_COMMANDS = tuple(
+    "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
+    + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
+    for f in STEP_MATRIX_CPU
+)
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"
 TABLES: dict[str, Table] = {
@@ -209,15 +214,8 @@ TABLES: dict[str, Table] = {
         "metagrad-overhead.json", overhead_table, "python -m benchmarks.metagrad_overhead"
     ),
     "speed-cpu": _table(SPEED_CPU, speed_table, *[SPEED] * len(SPEED_CPU)),
-    "step-matrix-cpu": _table(
-        STEP_MATRIX_CPU,
-        step_matrix_table,
-        *[
-            "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
-            + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
-            for f in STEP_MATRIX_CPU
-        ],
-    ),
+    "step-matrix-cpu": _table(STEP_MATRIX_CPU, step_matrix_table, *STEP_MATRIX_COMMANDS),
+    "speed-goals": _table(STEP_MATRIX_CPU, speed_goals_table, *STEP_MATRIX_COMMANDS),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),

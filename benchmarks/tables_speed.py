@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.goals import GOAL_INT4_STEP, GOAL_INT8_STEP, GOAL_METAGRAD_STEP, GOAL_PRESET_STEP
+
 
 def _where(data: dict) -> str:
     machine = data["machine"]
@@ -244,10 +246,6 @@ def speed_table(*datas: dict) -> str:
     return "\n".join(rows)
 
 
-PRESET_GOAL = 1.3
-"""Issue goal: every preset's step at most this times the ``plain`` step."""
-
-
 def _is_preset(setting: dict[str, Any]) -> bool:
     """Whether a step matrix setting is a gradient preset on the emulating backend (not bf16,
     another backend or MetaGrad), from the configuration it recorded."""
@@ -298,10 +296,66 @@ def _step_matrix(data: dict) -> str:
             if plain and "seconds" in r and k != "plain" and _is_preset(data["step_settings"][k])
         }
         if presets:
-            over = [f"{k} {v:.2f}x" for k, v in presets.items() if v > PRESET_GOAL]
+            over = [f"{k} {v:.2f}x" for k, v in presets.items() if v > GOAL_PRESET_STEP]
             out.append(
-                f"\nPresets over {PRESET_GOAL}x the `plain` step ({name}): "
+                f"\nPresets over {GOAL_PRESET_STEP}x the `plain` step ({name}): "
                 + (", ".join(over) if over else "none")
                 + "."
             )
     return "\n".join(out)
+
+
+def speed_goals_table(*datas: dict) -> str:
+    """The step-time goals on each CPU, model and width of the step matrix: each ratio of
+    median step times, and whether it meets its goal."""
+    head = (
+        f"| CPU | model | width | `plain` (INT4) x bf16, goal <= {GOAL_INT4_STEP:g}x "
+        f"| `int8` backend x bf16, <= {GOAL_INT8_STEP:g}x "
+        f"| MetaGrad x `plain`, <= {GOAL_METAGRAD_STEP:g}x "
+        f"| slowest preset x `plain`, <= {GOAL_PRESET_STEP:g}x |"
+    )
+    rows = [
+        "Each a ratio of median step times from one step-matrix run (steps interleaved; "
+        "on a shared machine a rerun moves them by a few percent), and whether it meets its goal.",
+        "",
+        head,
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for data in datas:
+        for name, part in data.items():
+            if not (isinstance(part, dict) and "steps" in part):
+                continue
+            steps = {k: r["seconds"] for k, r in part["steps"].items() if "seconds" in r}
+            settings = data["step_settings"]
+            bf16, plain = steps.get("bf16"), steps.get("plain")
+            presets = {k: t for k, t in steps.items() if k != "plain" and _is_preset(settings[k])}
+            metagrad = [
+                t
+                for k, t in steps.items()
+                if settings[k].get("method") == "metagrad"
+                and settings[k].get("grad_quant") == "plain"
+            ]
+            int8 = [t for k, t in steps.items() if settings[k].get("backend") == "int8"]
+            slowest = max(presets, key=presets.get) if presets else None
+            cells = [
+                _goal_cell(plain, bf16, GOAL_INT4_STEP),
+                _goal_cell(int8[0] if int8 else None, bf16, GOAL_INT8_STEP),
+                _goal_cell(metagrad[0] if metagrad else None, plain, GOAL_METAGRAD_STEP),
+                _goal_cell(presets.get(slowest), plain, GOAL_PRESET_STEP, slowest),
+            ]
+            width = part["settings"].get("width", 1)
+            rows.append(
+                f"| {data['machine']['cpu']} | {name} | {width:g} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(rows)
+
+
+def _goal_cell(seconds: float | None, base: float | None, goal: float, what: str = "") -> str:
+    if not seconds or not base:
+        return "not measured"
+    ratio = seconds / base
+    text = f"{ratio:.2f}"
+    if float(text) == goal and ratio > goal:  # a miss that two decimals would round onto the goal
+        text = f"{ratio:.3f}"
+    words = "met" if ratio <= goal else "missed"
+    return f"{what + ' ' if what else ''}{text}x, {words}"
