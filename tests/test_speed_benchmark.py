@@ -178,7 +178,6 @@ def _row(ms: float, **extra) -> dict:
 
 
 def _step_matrix_data() -> dict:
-    row = _row
     return {
         "machine": {"torch": "2.13.0", "cpu": "Some CPU", "threads": 2},
         "repetitions": 7,
@@ -192,11 +191,11 @@ def _step_matrix_data() -> dict:
         "vgg16": {
             "settings": {"width": 1.0, "batch_size": 128},
             "steps": {
-                "bf16": row(100, x_bf16=1.0),
-                "plain": row(110, x_bf16=1.1),
-                "psq": row(140, x_bf16=1.4),
-                "int8 backend": row(80, x_bf16=0.8),
-                "metagrad plain": row(150, x_bf16=1.5, compared_with="plain", ratio=1.364),
+                "bf16": _row(100, x_bf16=1.0),
+                "plain": _row(110, x_bf16=1.1),
+                "psq": _row(140, x_bf16=1.4),
+                "int8 backend": _row(80, x_bf16=0.8),
+                "metagrad plain": _row(150, x_bf16=1.5, compared_with="plain", ratio=1.364),
                 "bhq": {"error": "RuntimeError: out of memory"},
             },
         },
@@ -205,14 +204,13 @@ def _step_matrix_data() -> dict:
 
 def test_step_matrix_table_names_the_presets_over_the_goal():
     data = _step_matrix_data()
-    row = _row
     text = step_matrix_table(data)
     assert "**vgg16** (width 1, batch 128, sgd):" in text
     assert "| psq | 140.0 | 1.40x | 1.27x |  | 1.5 | 0.9 |" in text
     assert "| metagrad plain | 150.0 | 1.50x | 1.36x | 1.36x (plain) | 1.5 | 0.9 |" in text
     assert "| bhq | failed: RuntimeError: out of memory |" in text
     assert "Presets over 1.3x the `plain` step (vgg16): none." in text  # 1.27x is within
-    data["vgg16"]["steps"]["psq"] = row(150, x_bf16=1.5)
+    data["vgg16"]["steps"]["psq"] = _row(150, x_bf16=1.5)
     assert "(vgg16): psq 1.36x." in step_matrix_table(data)
 
 
