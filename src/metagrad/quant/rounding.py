@@ -227,11 +227,36 @@ def _block_grid(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dt
     padded = _whole(length, size)
     if padded != length:
         m = torch.nn.functional.pad(m, (0, padded - length))
-    blocks = m.reshape(rows, padded // size, size)
-    if dither is not None:  # shaped as the rows first: compiled, it indexes as the blocks do
-        dither = dither.view(rows, padded).view(blocks.shape)
+    blocks = _split(m, size)
+    if dither is not None:  # flat, in the blocks' logical order
+        dither = _split_flat(dither, rows, padded, size)
     scale = _block_scales(blocks, spec.number_format.max_value, _rule(spec))
     return _dequantize(blocks, scale, spec, dither, out)
+
+
+def _split(m: Tensor, size: int, tiles: bool = False) -> Tensor:
+    """``m`` (rows, length), ``length`` (and for ``tiles`` ``rows``) a multiple of ``size``, as
+    ``(rows, length // size, size)`` blocks or ``(rows // size, size, length // size, size)``
+    tiles.
+
+    A contiguous ``m`` is split by strides: compiled with symbolic sizes, a reshape would give
+    the last dim the size ``length // (length // size)``, which the compiler cannot prove equal
+    to ``size``, and it would then store the rounding's intermediates to memory and read them
+    back in a second loop."""
+    rows, length = m.shape
+    shape: tuple[int, ...] = (rows, length // size, size)
+    strides: tuple[int, ...] = (length, size, 1)
+    if tiles:
+        shape, strides = (
+            (rows // size, size, length // size, size),
+            (size * length, length, size, 1),
+        )
+    return m.as_strided(shape, strides) if m.is_contiguous() else m.reshape(shape)
+
+
+def _split_flat(flat: Tensor, rows: int, length: int, size: int, tiles: bool = False) -> Tensor:
+    """A flat tensor of ``rows * length`` elements split as :func:`_split` splits a matrix."""
+    return _split(flat.as_strided((rows, length), (length, 1)), size, tiles)
 
 
 def _whole(length: int, size: int) -> int:
@@ -248,8 +273,8 @@ def _round_tiles(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.d
     tall, wide = _whole(rows, size), _whole(length, size)
     if (tall, wide) != (rows, length):
         m = torch.nn.functional.pad(m, (0, wide - length, 0, tall - rows))
-    tiles = m.reshape(tall // size, size, wide // size, size)
+    tiles = _split(m, size, tiles=True)
     if dither is not None:
-        dither = dither.view(tall, wide).view(tiles.shape)
+        dither = _split_flat(dither, tall, wide, size, tiles=True)
     scale = _block_scales(tiles, spec.number_format.max_value, _rule(spec), (1, 3))
     return _dequantize(tiles, scale, spec, dither, out)
