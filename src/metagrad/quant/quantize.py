@@ -316,9 +316,12 @@ def _quantize(
     rounding compiled into one graph. Blocks come back as :func:`_block_grid` lays them out
     (laid back as ``x`` by views: compiled, a reshape between symbolic sizes would index
     every element through a division)."""
-    t = x.to(scale_dtype(x))
     if spec.granularity in BLOCK_GRANULARITIES:
-        return _block_grid(as_rows(t, inner)[0], spec, dither, dtype).to(dtype)
+        perm, length = row_order(x.shape, inner)
+        rows = x.permute(perm)  # split by strides where its rows are a view of x
+        strided = rows.is_contiguous()
+        return _block_grid(rows.reshape(-1, length), spec, dither, dtype, strided).to(dtype)
+    t = x.to(scale_dtype(x))
     keep = group_dim(t, spec.granularity, channel_dim)
     return _round_groups(t, spec, keep, dither, dtype).to(dtype)
 

@@ -217,46 +217,45 @@ def _from_blocks(q: Tensor, rows: int, length: int) -> Tensor:
     return q.reshape(rows, -1)[:, :length]
 
 
-def _block_grid(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
+def _block_grid(
+    m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype, strided: bool = False
+) -> Tensor:
     """The rows of ``m`` rounded in blocks (or tiles), as ``(rows, blocks, size)`` (or
-    ``(tiles down, size, tiles across, size)``), zero-padded."""
+    ``(tiles down, size, tiles across, size)``), zero-padded, computed in
+    :func:`scale_dtype`. ``strided``: ``m`` is a view of a tensor that exists (not computed),
+    so that it splits into blocks by strides (:func:`_split`)."""
     if spec.granularity == "tile":
-        return _round_tiles(m, spec, dither, out)
+        return _round_tiles(m, spec, dither, out, strided)
     rows, length = m.shape
     size = spec.block_size
     padded = _whole(length, size)
     if padded != length:
-        m = torch.nn.functional.pad(m, (0, padded - length))
-    blocks = _split(m, size)
+        m, strided = torch.nn.functional.pad(m, (0, padded - length)), False
+    blocks = _split(m, size, strided=strided).to(scale_dtype(m))
     if dither is not None:  # flat, in the blocks' logical order
-        dither = _split_flat(dither, rows, padded, size)
+        dither = _split(dither.view(rows, padded), size, strided=True)
     scale = _block_scales(blocks, spec.number_format.max_value, _rule(spec))
     return _dequantize(blocks, scale, spec, dither, out)
 
 
-def _split(m: Tensor, size: int, tiles: bool = False) -> Tensor:
+def _split(m: Tensor, size: int, tiles: bool = False, strided: bool = False) -> Tensor:
     """``m`` (rows, length), ``length`` (and for ``tiles`` ``rows``) a multiple of ``size``, as
     ``(rows, length // size, size)`` blocks or ``(rows // size, size, length // size, size)``
     tiles.
 
-    A contiguous ``m`` is split by strides: compiled with symbolic sizes, a reshape would give
-    the last dim the size ``length // (length // size)``, which the compiler cannot prove equal
-    to ``size``, and it would then store the rounding's intermediates to memory and read them
-    back in a second loop."""
+    ``strided``: split by strides, for an ``m`` that exists in memory. Compiled with symbolic
+    sizes, a reshape gives the last dim the size ``length // (length // size)``, which the
+    compiler cannot prove equal to ``size``, and it then stores the rounding's intermediates to
+    memory and reads them back in a second loop; strides on a computed ``m`` would store it
+    instead."""
     rows, length = m.shape
+    row, column = m.stride()
     shape: tuple[int, ...] = (rows, length // size, size)
-    strides: tuple[int, ...] = (length, size, 1)
+    strides: tuple[int, ...] = (row, size * column, column)
     if tiles:
-        shape, strides = (
-            (rows // size, size, length // size, size),
-            (size * length, length, size, 1),
-        )
-    return m.as_strided(shape, strides) if m.is_contiguous() else m.reshape(shape)
-
-
-def _split_flat(flat: Tensor, rows: int, length: int, size: int, tiles: bool = False) -> Tensor:
-    """A flat tensor of ``rows * length`` elements split as :func:`_split` splits a matrix."""
-    return _split(flat.as_strided((rows, length), (length, 1)), size, tiles)
+        shape = (rows // size, size, length // size, size)
+        strides = (size * row, row, size * column, column)
+    return m.as_strided(shape, strides) if strided else m.reshape(shape)
 
 
 def _whole(length: int, size: int) -> int:
@@ -265,16 +264,19 @@ def _whole(length: int, size: int) -> int:
     return length if length % size == 0 else (length // size + 1) * size
 
 
-def _round_tiles(m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype) -> Tensor:
-    """``m`` (float32+) rounded in tiles of ``spec.block_size`` rows by as many columns, as
-    ``(tiles down, size, tiles across, size)``."""
+def _round_tiles(
+    m: Tensor, spec: QuantSpec, dither: Tensor | None, out: torch.dtype, strided: bool = False
+) -> Tensor:
+    """``m`` rounded in tiles of ``spec.block_size`` rows by as many columns, as ``(tiles
+    down, size, tiles across, size)``; ``strided`` as :func:`_block_grid` says."""
     rows, length = m.shape
     size = spec.block_size
     tall, wide = _whole(rows, size), _whole(length, size)
     if (tall, wide) != (rows, length):
         m = torch.nn.functional.pad(m, (0, wide - length, 0, tall - rows))
-    tiles = _split(m, size, tiles=True)
+        strided = False
+    tiles = _split(m, size, tiles=True, strided=strided).to(scale_dtype(m))
     if dither is not None:
-        dither = _split_flat(dither, tall, wide, size, tiles=True)
+        dither = _split(dither.view(tall, wide), size, tiles=True, strided=True)
     scale = _block_scales(tiles, spec.number_format.max_value, _rule(spec), (1, 3))
     return _dequantize(tiles, scale, spec, dither, out)
