@@ -371,7 +371,9 @@ def oracle_findings(data: dict) -> str:
         cos = cosines.get(arm, [])
         before = sum(x["quantized"] for x in cos) / len(cos)
         after = sum(x["oracle"] for x in cos) / len(cos)
-        scale = "rescaled to the quantized gradient's norm" if arm == "oracle" else "unscaled"
+        scale = "at its own scale"
+        if arm == "oracle":
+            scale = "rescaled to the quantized gradient's norm"
         lines.append(
             f"- `{arm}` ({scale}): its fit raises the cosine to the reference gradient from "
             f"{before:.3f} (the quantized gradient) to {after:.3f}, averaged over the steps; "

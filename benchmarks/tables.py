@@ -119,7 +119,10 @@ METHODS_RECIPES = (
     "--skip fp32-s0 fp32-s1 fp32-s2 --timing-steps 0 --parallel 2 --threads 1 "
     "--output benchmarks/results/methods-recipes.json"
 )
-ORACLE = "python -m benchmarks.metagrad_oracle --parallel 2 --seeds 0 1 2 3 4"
+ORACLE = (
+    "python -m benchmarks.metagrad_oracle --arms plain oracle oracle-ls --seeds 0 1 2 3 4 "
+    "--parallel 2"
+)
 BIASED = (
     "python -m benchmarks.metagrad_biased --parallel 2 "
     "--stage STAGE (candidates, sweep, primary, control, diagnose)"
