@@ -190,6 +190,16 @@ def test_transforms_are_orthogonal(transform):
     assert torch.allclose(transform.inverse(forward, state), t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rht_gain_equals_rescaling_its_input_bit_for_bit(dtype):
+    t = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    rht = RandomizedHadamard(32)
+    state = rht.prepare(t, torch.Generator().manual_seed(1))
+    for gain in (2.0**-32, 1.0, 4.0):
+        scaled = rht.forward(t * gain, state)
+        assert torch.equal(rht.forward(t, state, gain=torch.tensor(gain)), scaled)
+
+
 def test_hadamard_spreads_an_outlier_over_its_block():
     t = torch.zeros(1, 32, dtype=torch.float64)
     t[0, 3] = 1.0

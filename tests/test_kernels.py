@@ -192,3 +192,23 @@ def test_compiling_where_it_cannot_work_warns_and_stays_eager(monkeypatch):
         assert kernels.set_compile(True) is False
     assert not kernels.compile_enabled()
     assert any("no compiler" in str(w.message) for w in caught)
+
+
+def test_a_kernel_first_called_on_a_small_tensor_still_runs_large_ones_in_parallel(compiled):
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    @kernels.kernel
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * 3 + 1
+
+    with config.patch(force_disable_caches=True):
+        _, (code,) = run_and_get_code(scaled, torch.ones(4))  # compiled for every size
+    assert "#pragma omp parallel" in code  # threads chosen when it runs, not when it compiled
+    large = torch.randn(1 << 16)
+    torch.testing.assert_close(scaled(large), large * 3 + 1)
+
+
+def test_inductor_options_keep_known_settings_of_sub_configs_only():
+    options = {"cpp.dynamic_threads": True, "cpp.no_such_setting": 1, "no_such_section.x": 2}
+    assert kernels._inductor_options(options) == {"cpp.dynamic_threads": True}

@@ -105,12 +105,28 @@ than their inputs (a hypernetwork's hidden units)."""
 EXACT_CASTS = {"emulate_precision_casts": True}
 """Inductor settings that round low-precision intermediates as eager code does."""
 
+THREADS_AT_RUN_TIME = {"cpp.dynamic_threads": True}
+"""Inductor settings for every kernel: each CPU loop gets an OpenMP region whose threads are
+chosen at run time. Otherwise inductor decides per loop, from the sizes of the first call,
+whether it runs in parallel at all; since one dynamic-shape compilation serves every size (and
+is kept in inductor's on-disk cache for later processes), a kernel first called on a small
+tensor would run on one thread for every tensor after it."""
+
 
 def _inductor_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The ``options`` this torch's inductor knows (names come and go between releases)."""
+    """The ``options`` this torch's inductor knows (names come and go between releases; a
+    dotted name is a setting of a sub-config, such as ``cpp.threads``)."""
     from torch._inductor import config
 
-    return {k: v for k, v in options.items() if hasattr(config, k)}
+    def known(name: str) -> bool:
+        owner: Any = config
+        for part in name.split("."):
+            if not hasattr(owner, part):
+                return False
+            owner = getattr(owner, part)
+        return True
+
+    return {k: v for k, v in options.items() if known(k)}
 
 
 def kernel(
@@ -143,7 +159,11 @@ def kernel(
             return fn(*args, **kwargs)
         if compiled_fn is None:
             options = _inductor_options(
-                {**(RECOMPUTE if recompute else {}), **(EXACT_CASTS if exact_casts else {})}
+                {
+                    **THREADS_AT_RUN_TIME,
+                    **(RECOMPUTE if recompute else {}),
+                    **(EXACT_CASTS if exact_casts else {}),
+                }
             )
             compiled_fn = torch.compile(fn, dynamic=True, options=options)
         if static_ints:

@@ -295,7 +295,7 @@ def _transformed_blocks(
     compute = torch.float32
     t = blocks.to(work)
     down = _overflow_guard(t)  # exact: quantization commutes with powers of two
-    t = transform.forward(t * down, state).to(compute)
+    t = transform.forward(t, state, gain=down).to(compute)  # t read once, not rescaled first
     t = t.view(t.shape[0], t.shape[1] // spec.block_size, spec.block_size)
     scale = _block_scales(t, spec.number_format.max_value, _rule(spec))
     q = _dequantize(t, scale, spec, dither, compute).flatten(1)

@@ -32,7 +32,9 @@ float32 accumulation, as hardware runs it on tensor cores; the others run in flo
 A new transform is a class with ``axis``, ``data_dependent``, ``low_precision``,
 ``padded_length``, ``prepare``, ``forward`` and ``inverse``, registered with
 :func:`register_transform`; one that acts on blocks of a row one by one may say so with
-``blockwise(state) -> block``, and the quantizer then fuses it with block scales of that size.
+``blockwise(state) -> block``, and the quantizer then fuses it with block scales of that size
+(its ``forward`` then also takes ``gain``: a power of two, as a 0-d tensor, to multiply the
+result by; the quantizer scales rows near their dtype's largest value down with it).
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ class RandomizedHadamard:
         bits = torch.randint(0, 2, (block,), generator=generator, device=t.device)
         return _RHTState(bits.to(t.dtype).mul_(2).sub_(1), block)
 
-    def _apply(self, t: Tensor, state: _RHTState, *, inverse: bool) -> Tensor:
+    def _apply(
+        self, t: Tensor, state: _RHTState, *, inverse: bool, gain: Tensor | None = None
+    ) -> Tensor:
         rows, length = t.shape
         b = state.block
         if length % b:
@@ -157,8 +161,11 @@ class RandomizedHadamard:
         h = _sign_hadamard(b, t.dtype, t.device)
         signs = state.signs.to(t.dtype)
         # forward: (x * signs) @ h = x @ (signs[:, None] * h); inverse: (x @ h) * signs. The
-        # +-1 products are exact in any dtype; the 1/sqrt(block) scaling comes after.
+        # +-1 products (and a power-of-two gain) are exact in any dtype; the 1/sqrt(block)
+        # scaling comes after.
         h = h * signs if inverse else signs[:, None] * h
+        if gain is not None:
+            h = h * gain.to(t.dtype)
         return (t.reshape(-1, b) @ h).mul_(1 / math.sqrt(b)).reshape(rows, length)
 
     def blockwise(self, state: _RHTState) -> int:
@@ -166,8 +173,10 @@ class RandomizedHadamard:
         transformed as a ``(n, block)`` matrix."""
         return state.block
 
-    def forward(self, t: Tensor, state: _RHTState) -> Tensor:
-        return self._apply(t, state, inverse=False)
+    def forward(self, t: Tensor, state: _RHTState, gain: Tensor | None = None) -> Tensor:
+        """The transform of ``t``'s rows; ``gain``: a power of two (0-d) the result is multiplied
+        by, folded into the matrix (so ``t`` is not rescaled in memory first)."""
+        return self._apply(t, state, inverse=False, gain=gain)
 
     def inverse(self, t: Tensor, state: _RHTState) -> Tensor:
         return self._apply(t, state, inverse=True)
