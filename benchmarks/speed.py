@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -248,14 +249,18 @@ def bench_blocks(device: torch.device, reps: int, warmup: int) -> dict[str, Any]
     result: dict[str, Any] = {"shape": list(BLOCK_OPERAND), "dtypes": {}}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(BLOCK_OPERAND, device=device).to(dtype)
+        into = torch.empty_like(x)
 
-        fns: dict[str, Fn] = {"copy": x.clone}
+        # a copy into a new tensor allocates its output, as the quantizer does; a copy into an
+        # existing one is memory traffic alone (a new tensor past the C library's reuse
+        # threshold is fresh pages from the kernel, whose first touch costs more than the copy)
+        fns: dict[str, Fn] = {"copy": x.clone, "copy into": functools.partial(into.copy_, x)}
         for name, spec in BLOCK_FORMATS.items():
             for axis, inner in BLOCK_AXES.items():
                 for mode in ("eager", "compiled"):
                     fns[f"{name}|{axis}|{mode}"] = _quantize_fn(x, spec, inner, mode, device)
         secs = interleaved(fns, reps, warmup, device)
-        copy = secs.pop("copy")
+        copy, copy_into = secs.pop("copy"), secs.pop("copy into")
         rows = [
             {
                 "format": key.split("|")[0],
@@ -263,14 +268,19 @@ def bench_blocks(device: torch.device, reps: int, warmup: int) -> dict[str, Any]
                 "kernels": key.split("|")[2],
                 "ms": round(v * 1e3, 3),
                 "vs_copy": round(v / copy, 2),
+                "vs_copy_into": round(v / copy_into, 2),
             }
             for key, v in secs.items()
         ]
         result["dtypes"][str(dtype).removeprefix("torch.")] = {
             "copy_ms": round(copy * 1e3, 3),
+            "copy_into_ms": round(copy_into * 1e3, 3),
             "rows": rows,
         }
-        print(f"blocks {dtype}: copy {copy * 1e3:.1f} ms", flush=True)
+        print(
+            f"blocks {dtype}: copy {copy * 1e3:.1f} ms, into a tensor {copy_into * 1e3:.1f} ms",
+            flush=True,
+        )
         for r in rows:
             print(f"  {r['format']:12s} {r['axis']:8s} {r['kernels']:8s} {r['vs_copy']:6.2f}x")
     return result

@@ -113,11 +113,15 @@ def test_block_formats_are_timed_beside_a_copy_and_tabled(monkeypatch):
     for dtype in ("float32", "bfloat16"):
         rows = blocks["dtypes"][dtype]["rows"]
         assert len(rows) == len(speed.BLOCK_FORMATS) * len(speed.BLOCK_AXES) * 2
-        assert all(r["ms"] > 0 and r["vs_copy"] > 0 for r in rows)
+        assert all(r["ms"] > 0 and r["vs_copy"] > 0 and r["vs_copy_into"] > 0 for r in rows)
+        assert blocks["dtypes"][dtype]["copy_into_ms"] > 0
     amd = json.loads((tables.RESULTS / "speed-cpu-amd-epyc.json").read_text())
     text = speed_table({**amd, "blocks": blocks})
     assert "One 64 x 96 operand quantized in a block format" in text
     assert "| rht16 nvfp4 | columns | bfloat16 |" in text
+    without = {k: v for k, v in blocks["dtypes"]["float32"].items() if k != "copy_into_ms"}
+    earlier = speed_table({**amd, "blocks": {**blocks, "dtypes": {"float32": without}}})
+    assert "| - |" in earlier  # runs from before the copy into a tensor was timed
 
 
 def test_each_part_records_the_command_that_wrote_it(monkeypatch, tmp_path):
