@@ -110,7 +110,9 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize(
     ("method", "comm_bits"),
-    [("plain", 32), ("plain", 8), ("plain", 4), ("metagrad", 32), ("metagrad", 4)],
+    # uncompressed; compressed (the dither's generator is the state that resumes, the same
+    # at any width); MetaGrad's state with the compressor's
+    [("plain", 32), ("plain", 8), ("metagrad", 4)],
 )
 def test_cli_under_torchrun_resumes_exactly_after_one_rank_is_killed(tmp_path, method, comm_bits):
     args = ["-m", "metagrad", "train", "--model", "small_cnn", "--data", "digits"]

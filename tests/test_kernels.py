@@ -11,7 +11,8 @@ from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
-from metagrad.quant.quantize import quantize_along, quantize_codes
+from metagrad.quant.quantize import _guarded_rows, quantize_along, quantize_codes
+from metagrad.quant.transforms import get_transform
 
 GRANULARITIES = ["tensor", "channel", "sample"]
 
@@ -60,18 +61,25 @@ ALONG_SPECS = [
     "fp4_e2m1:block16:e4m3-nearest:stochastic:rht16",
     "fp4_e2m1:block32:e8m0-floor:stochastic:pre0.75:rht64",  # two blocks per transform block
     "fp4_e2m1:block32:e8m0:stochastic:rht16",  # blocks across transform blocks: not fused
+    "int4:sample:stochastic:bhq8",  # a data-dependent transform along the samples
 ]
 
 
 @pytest.mark.parametrize("text", ALONG_SPECS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "channels_last"),
+    # bf16 in channels-last memory alone: its contiguous rows (along dim 1) and strided ones
+    # (along the others) are the two paths a contiguous bf16 tensor takes too
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
+)
 def test_compiled_quantize_along_equals_eager_in_every_layout(compiled, text, dtype, channels_last):
     """One fused kernel per layout: contraction over the last, the first or several axes, row
     lengths that are not whole blocks, channels-last memory; the same draws give the same bits."""
     spec = QuantSpec.parse(text)
     e = _error(dtype, channels_last)
-    for inner in [(3,), (0,), (0, 2, 3), (1,)]:
+    # channels-last: its contiguous rows (along the channels) and strided ones suffice
+    inners = [(1,), (0, 2, 3)] if channels_last else [(3,), (0,), (0, 2, 3), (1,)]
+    for inner in inners:
         out = []
         for on in (False, True):
             with kernels.compiled(on):
@@ -79,6 +87,20 @@ def test_compiled_quantize_along_equals_eager_in_every_layout(compiled, text, dt
                 out.append(quantize_along(e, spec, inner, 1, generator=gen, dtype=dtype))
         assert torch.equal(out[0], out[1]), (text, inner)
         assert out[1].shape == e.shape and out[1].dtype == dtype
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_sample_transform_gets_its_rows_in_the_layout_its_forward_reads(compiled, channels_last):
+    """Rows along the samples come as the transposed view of sample-major memory (one copy of a
+    channels-last tensor, none of a contiguous one), which the forward reads without a copy."""
+    x = _error(torch.bfloat16, channels_last)
+    bhq = get_transform("bhq", 8)
+    rows, down = _guarded_rows(x, bhq, (0,), torch.float32)
+    assert rows.shape == (10 * 5 * 7, 6) and rows.t().is_contiguous() and down.item() == 1
+    expected = x.float().permute(1, 2, 3, 0).reshape(-1, 6)
+    assert torch.equal(rows, expected)
+    huge = _guarded_rows(x.float() * 2.0**126, bhq, (0,), torch.float32)
+    assert huge[1].item() < 1 and torch.equal(huge[0], expected * 2.0**126 * huge[1])
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -229,6 +229,36 @@ def _overflow_guard(rows: Tensor) -> Tensor:
     return torch.where(big, one * 2.0**-OVERFLOW_SHIFT, one)
 
 
+@kernel(static_ints=True)
+def _guarded_rows(
+    x: Tensor, transform: Transform, axes: tuple[int, ...], work: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``x`` as ``transform``'s rows (:func:`_transform_rows`) in ``work``, scaled by
+    :func:`_overflow_guard`, and that guard: compiled, one pass that reads ``x`` twice. A
+    ``"sample"`` transform's rows come as the transposed view of position-major memory, the
+    layout its forward reads (a row-major copy would be transposed back there)."""
+    rest = [d for d in range(x.dim()) if d not in axes]
+    length = 1
+    for d in axes:
+        length *= x.shape[d]
+    if transform.axis == "sample":
+        rows = x.permute([*axes, *rest]).reshape(length, -1).t()
+    else:
+        rows = x.permute([*rest, *axes]).reshape(-1, length)
+    rows = rows.to(work)
+    padded = transform.padded_length(length)
+    if padded != length:
+        rows = torch.nn.functional.pad(rows, (0, padded - length))
+    down = _overflow_guard(rows)  # exact: quantization commutes with powers of two
+    return rows * down, down
+
+
+@kernel
+def _unguarded(q: Tensor, down: Tensor, dtype: torch.dtype) -> Tensor:
+    """``q`` scaled back by the overflow guard ``down``, saturated to ``dtype`` and cast to it."""
+    return _saturate(q / down.to(q.dtype), dtype).to(dtype)
+
+
 def _quantize_transformed(
     x: Tensor,
     spec: QuantSpec,
@@ -243,9 +273,9 @@ def _quantize_transformed(
     axes = _transform_axes(transform, inner)
     work = _transform_dtype(transform, x)
     compute = scale_dtype(x)
-    rows, restore = _transform_rows(x.to(work), transform, axes)
-    down = _overflow_guard(rows)  # exact: quantization commutes with powers of two
-    rows = rows * down
+    perm, length = row_order(x.shape, axes)
+    restore = _restorer(x.shape, perm)
+    rows, down = _guarded_rows(x, transform, axes, work)
     if state is None:  # a data-dependent transform (the others are prepared before)
         state = transform.prepare(rows, generator)
     rows = transform.forward(rows, state).to(compute)
@@ -262,7 +292,7 @@ def _quantize_transformed(
             keep = _group_axis(dim, rest, axes, spec)
         q = _round_groups(grid, spec, keep, dither, compute).reshape(rows.shape)
     q = transform.inverse(q.to(work), state).to(compute)
-    return restore(_saturate(q.div_(down.to(compute)), dtype)).to(dtype)
+    return restore(_unguarded(q, down, dtype)[:, :length])
 
 
 def _fused_block(transform: Transform, state: Any, spec: QuantSpec, inner, x: Tensor) -> int:
