@@ -399,7 +399,9 @@ def quantize_along(
 
     The random numbers are drawn first (a transform's, then the dither). With no transform the
     rest is one registered kernel (:mod:`metagrad.kernels`): compiled, a few fused loops over
-    ``x`` whatever its layout. A transform runs eagerly, its scales and rounding compiled.
+    ``x`` whatever its layout. A transform whose blocks are the scale's blocks is one kernel
+    with them; any other runs its own steps eagerly between compiled kernels (the layout with
+    the overflow guard, the scales and rounding, the way back).
     """
     dtype = dtype or scale_dtype(x)
     if not spec.enabled or x.numel() == 0:
