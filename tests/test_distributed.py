@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from metagrad.checkpoint import load_checkpoint
+from metagrad.parallel.distributed import is_collective_failure
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -216,3 +217,17 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split()[2]
     except OSError:
         return "Z"
+
+
+@pytest.mark.parametrize(
+    ("message", "collective"),
+    [
+        ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 4000ms", True),
+        ("Application timeout caused pair closure", True),  # a peer stopped mid-broadcast
+        ("[pair.cc:598] Connection closed by peer [127.0.0.1]:4567", True),
+        ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)", False),
+    ],
+)
+def test_backend_errors_of_a_lost_peer_count_as_collective_failures(message, collective):
+    assert is_collective_failure(RuntimeError(message)) is collective
+    assert not is_collective_failure(ValueError(message))

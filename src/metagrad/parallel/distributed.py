@@ -77,13 +77,24 @@ def from_environment(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> 
     return Distributed(rank, world_size, local_rank, backend)
 
 
+COLLECTIVE_FAILURES = (
+    "Timed out",
+    "timed out",
+    "Application timeout",  # gloo, when a peer stops mid-broadcast ("... caused pair closure")
+    "Connection closed by peer",
+    "Connection reset",
+    "NCCL",
+)
+"""Marks of a collective that timed out or lost a peer in the message of the ``RuntimeError``
+a backend raises (older torch raises no ``DistError``)."""
+
+
 def is_collective_failure(err: BaseException) -> bool:
     """Whether ``err`` is a collective that timed out or lost a peer."""
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err)
-    marks = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL")
-    return isinstance(err, RuntimeError) and any(mark in text for mark in marks)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in COLLECTIVE_FAILURES)
 
 
 def collective_failure(err: BaseException, place: Distributed, timeout: float) -> str:
