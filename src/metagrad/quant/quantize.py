@@ -176,8 +176,9 @@ def _transform_rows(
     t: Tensor, transform: Transform, axes: tuple[int, ...]
 ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``t`` as rows along ``axes`` (flattened), zero-padded to the transform's length, and
-    the function that lays such rows (cropped) back as ``t``."""
-    rows, restore = as_rows(t, axes)
+    the function that lays such rows (cropped) back as ``t``. A ``"sample"`` transform's rows
+    are the transposed view of position-major memory, the layout its forward reads."""
+    rows, restore = as_rows(t, axes, position_major=transform.axis == "sample")
     length = rows.shape[1]
     padded = transform.padded_length(length)
     if padded != length:
@@ -234,21 +235,8 @@ def _guarded_rows(
     x: Tensor, transform: Transform, axes: tuple[int, ...], work: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """``x`` as ``transform``'s rows (:func:`_transform_rows`) in ``work``, scaled by
-    :func:`_overflow_guard`, and that guard: compiled, one pass that reads ``x`` twice. A
-    ``"sample"`` transform's rows come as the transposed view of position-major memory, the
-    layout its forward reads (a row-major copy would be transposed back there)."""
-    rest = [d for d in range(x.dim()) if d not in axes]
-    length = 1
-    for d in axes:
-        length *= x.shape[d]
-    if transform.axis == "sample":
-        rows = x.permute([*axes, *rest]).reshape(length, -1).t()
-    else:
-        rows = x.permute([*rest, *axes]).reshape(-1, length)
-    rows = rows.to(work)
-    padded = transform.padded_length(length)
-    if padded != length:
-        rows = torch.nn.functional.pad(rows, (0, padded - length))
+    :func:`_overflow_guard`, and that guard: compiled, one pass that reads ``x`` twice."""
+    rows = _transform_rows(x, transform, axes)[0].to(work)
     down = _overflow_guard(rows)  # exact: quantization commutes with powers of two
     return rows * down, down
 

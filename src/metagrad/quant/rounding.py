@@ -121,10 +121,21 @@ def row_order(shape: Sequence[int], axes: Sequence[int]) -> tuple[list[int], int
     return perm, math.prod([shape[d] for d in axes])
 
 
-def as_rows(t: Tensor, axes: Sequence[int]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back."""
+def as_rows(
+    t: Tensor, axes: Sequence[int], *, position_major: bool = False
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as a ``(rest, prod(axes))`` matrix, and the function that lays such a matrix back.
+
+    ``position_major``: the matrix as the transposed view of memory laid out position by
+    position along ``axes`` (a copy only where ``t``'s memory is not).
+    """
     perm, length = row_order(t.shape, axes)
-    return t.permute(perm).reshape(-1, length), _restorer(t.shape, perm)
+    if position_major:
+        k = len(axes)
+        rows = t.permute(perm[-k:] + perm[:-k]).reshape(length, -1).t()
+    else:
+        rows = t.permute(perm).reshape(-1, length)
+    return rows, _restorer(t.shape, perm)
 
 
 def _restorer(shape: Sequence[int], perm: list[int]) -> Callable[[Tensor], Tensor]:
