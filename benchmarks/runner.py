@@ -323,10 +323,12 @@ class StepTimes:
     # first, such as the int8 backend's route measurements)
     compile_seconds: float = 0.0
     compiled_while_timed: int = 0  # timed steps that compiled nonetheless (0 expected)
+    step_seconds: list[float] = field(default_factory=list)  # each timed step, round by round
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "seconds": round(self.seconds, 5),
+            "step_seconds": [round(t, 5) for t in self.step_seconds],
             "warmup_seconds": [round(t, 3) for t in self.warmup_seconds],
             "compile_seconds": round(self.compile_seconds, 3),
             "compiled_while_timed": self.compiled_while_timed,
@@ -402,6 +404,7 @@ def time_steps_apart(
             [t for t, _ in warm[name]],
             sum(max(0.0, t - median) for t, compiled in warm[name] if compiled),
             sum(compiled for _, compiled in ts),
+            [t for t, _ in ts],
         )
     return result
 

@@ -16,7 +16,8 @@ which measure them afresh (a new route cache, unless ``--route-cache`` names one
    TF32 (CUDA), bf16 autocast; quantized gradients (simulate backend, compiled or eager
    kernels), the ``int8`` backend (fixed and measured routes), and MetaGrad. Each row has its
    ratio to float32, to bf16 and to the setting it should be compared with (the plain step of
-   the same precision, or for MetaGrad the plain quantized step).
+   the same precision, or for MetaGrad the plain quantized step), from the medians; each timed
+   step is kept (``step_seconds``), from which the tables take each ratio with its interval.
 2. quantizer: the quantizer alone on the errors of one INT4 training step (same shapes, dtypes
    and layouts), eager and compiled, and its share of the quantized bf16 step.
 3. memory: tensor memory of MetaGrad's training steps against the plain quantized step's, each
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = args.out or default_out(device)
-    reps = (2, 2, 1) if args.quick else (8, 6, 3)
+    reps = (2, 2, 1) if args.quick else (15, 6, 3)
     data_path = Path(args.data)
     data = load_cifar10(data_path) if data_path.exists() else synthetic_data(BASE["batch_size"])
     with tempfile.TemporaryDirectory() as fresh:

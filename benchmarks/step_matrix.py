@@ -11,9 +11,10 @@
    preset as FP8 GEMMs) and MetaGrad on the ``plain`` preset. The settings of one model are
    timed side by side in one process, one step of each in turn on the same batches, after
    ``--warmup`` steps (compilation included; more for a setting whose last warm-up step still
-   compiled), which are timed apart; medians kept. A setting
-   whose first step fails is left out with its error. Each model also records which of its
-   layers the ``fp8`` backend routes elsewhere, and why.
+   compiled), which are timed apart; medians kept. Each ratio (``paired``: against bf16,
+   ``plain`` and the step a setting replaces) is the geometric mean of the per-round ratios,
+   with its 95% interval. A setting whose first step fails is left out with its error. Each
+   model also records which of its layers the ``fp8`` backend routes elsewhere, and why.
 2. layers: the backward products of transformer-MLP Linear layers: bf16, the ``fp8`` backend
    (FP8 GEMMs where the device has them) and the same recipe emulated by ``simulate``.
 
@@ -38,6 +39,7 @@ from metagrad.data.corpus import load_char_corpus
 from metagrad.machine import cpu_model
 from metagrad.models import model_task
 from metagrad.quant import QuantConfig, QuantSpec, list_presets
+from metagrad.stats import paired_ratio
 from metagrad.training.config import build_config
 from metagrad.training.setup import build_model
 
@@ -95,13 +97,23 @@ def bench_model(name: str, base: dict[str, Any], data, args) -> dict[str, Any]:
         if other:
             row["compared_with"] = COMPARE_WITH[setting]
             row["ratio"] = round(row["seconds"] / other, 3)
-        extra = f"  {row['ratio']:.3f}x {row['compared_with']}" if "ratio" in row else ""
+        wanted = [] if setting == "bf16" else ["bf16", "plain", COMPARE_WITH.get(setting)]
+        row["paired"] = {
+            against: paired_ratio(row["step_seconds"], rows[against]["step_seconds"])
+            for against in wanted
+            if against not in (None, setting) and "seconds" in rows.get(against, {})
+        }
         print(
             f"{name} {setting:20s} {row['seconds'] * 1e3:9.2f} ms  "
-            f"{row.get('x_bf16', float('nan')):.3f}x bf16{extra}",
+            + "  ".join(f"{_ratio_text(r)} {k}" for k, r in row["paired"].items()),
             flush=True,
         )
     return {"settings": base, "steps": rows, "fp8_routes": fp8_routes(base, data)}
+
+
+def _ratio_text(r: dict[str, Any]) -> str:
+    ci = r.get("ci95")
+    return f"{r['ratio']:.3f}x" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def linear_rows(device: torch.device, tokens: list[int], reps: int) -> list[dict[str, Any]]:
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--parts", nargs="*", default=["steps", "layers"])
-    parser.add_argument("--steps", type=int, help="timed steps per setting (default 7; quick 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per setting (default 15; quick 2)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (compile)")
     parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 1024; CUDA 16k)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    args.steps = args.steps or (2 if args.quick else 7)
+    args.steps = args.steps or (2 if args.quick else 15)
     args.warmup = min(args.warmup, 1) if args.quick else args.warmup
     out = args.out or default_out(device, args.width)
     data_path = Path(args.data)

@@ -47,7 +47,12 @@ from benchmarks.tables_measures import (
     step_ratio_table,
     transformers_table,
 )
-from benchmarks.tables_speed import speed_goals_table, speed_table, step_matrix_table
+from benchmarks.tables_speed import (
+    speed_goals_table,
+    speed_table,
+    step_matrix_runs_table,
+    step_matrix_table,
+)
 from benchmarks.tables_training import (
     ablation_table,
     biased_table,
@@ -150,6 +155,18 @@ STEP_MATRIX_COMMANDS = tuple(
     + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
     for f in STEP_MATRIX_CPU
 )
+STEP_MATRIX_RUNS = tuple(
+    f
+    for name in ("step-matrix-cpu-amd-epyc.json", "step-matrix-cpu-amd-epyc-w0.25.json")
+    for f in (name, name.replace("step-matrix-cpu", "step-matrix-repeat-cpu"))
+)
+"""Step-matrix runs on one CPU, each followed by its repeat (``step-matrix-repeat-cpu-*``)."""
+STEP_MATRIX_RUNS_COMMANDS = tuple(
+    "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
+    + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
+    + (f" --out benchmarks/results/{f}" if "repeat" in f else "")
+    for f in STEP_MATRIX_RUNS
+)
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"
 TABLES: dict[str, Table] = {
@@ -219,6 +236,9 @@ TABLES: dict[str, Table] = {
     "speed-cpu": _table(SPEED_CPU, speed_table, *[SPEED] * len(SPEED_CPU)),
     "step-matrix-cpu": _table(STEP_MATRIX_CPU, step_matrix_table, *STEP_MATRIX_COMMANDS),
     "speed-goals": _table(STEP_MATRIX_CPU, speed_goals_table, *STEP_MATRIX_COMMANDS),
+    "step-matrix-runs": _table(
+        STEP_MATRIX_RUNS, step_matrix_runs_table, *STEP_MATRIX_RUNS_COMMANDS
+    ),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.goals import GOAL_INT4_STEP, GOAL_INT8_STEP, GOAL_METAGRAD_STEP, GOAL_PRESET_STEP
+from metagrad.stats import paired_ratio
 
 
 def _where(data: dict) -> str:
@@ -44,12 +45,14 @@ def _steps(datas: tuple[dict, ...]) -> list[str]:
             if r is None:
                 cells += [""] * (6 if warm else 4)
                 continue
-            ratio = f"{r['ratio']:.3f} ({r['compared_with']})" if "ratio" in r else ""
+            steps, ref = data["steps"], r.get("compared_with")
             cells += [
                 f"{r['seconds'] * 1e3:.1f}",
-                f"{r['x_fp32']:.3f}",
-                f"{r['x_bf16']:.3f}",
-                ratio,
+                *(
+                    _ratio_text(step_ratio(steps, name, k), 3) if k != name else "1.000x"
+                    for k in ("fp32", "bf16")
+                ),
+                f"{_ratio_text(step_ratio(steps, name, ref), 3)} ({ref})" if ref else "",
             ]
             if warm:
                 cells += [f"{sum(r['warmup_seconds']):.1f}", f"{r['compile_seconds']:.1f}"]
@@ -237,9 +240,16 @@ def speed_table(*datas: dict) -> str:
     routes: one results file per machine, side by side."""
     several = len(datas) > 1
     torch_versions = sorted({d["machine"]["torch"] for d in datas})
+    kept = any("step_seconds" in r for d in datas for r in d["steps"].values())
+    how = (
+        " Where a run kept every step, each ratio is the geometric mean of the per-step ratios "
+        "(steps interleaved) with its 95% interval; else a ratio of medians."
+        if kept
+        else ""
+    )
     rows = [
         f"Full-width VGG-16, batch 128, CIFAR-10 batches, torch {', '.join(torch_versions)}, "
-        f"{'; '.join(_where(d) for d in datas)}.",
+        f"{'; '.join(_where(d) for d in datas)}.{how}",
         "",
         *_steps(datas),
     ]
@@ -267,15 +277,21 @@ def step_matrix_table(*datas: dict) -> str:
 
 def _step_matrix(data: dict) -> str:
     models = [k for k, v in data.items() if isinstance(v, dict) and "steps" in v]
+    kept = any("step_seconds" in r for m in models for r in data[m]["steps"].values())
+    how = (
+        "each ratio the geometric mean of the per-step ratios (one step of each setting in turn, "
+        "on the same batch) with its 95% interval"
+        if kept
+        else "each ratio one of medians, with no interval"
+    )
     out = [
         f"torch {data['machine']['torch']}, {_where(data)}; median of "
-        f"{data['repetitions']} interleaved steps after {data['warmup']} warm-up steps."
+        f"{data['repetitions']} interleaved steps after {data['warmup']} warm-up steps; {how}."
     ]
     for name in models:
         part = data[name]
         s = part["settings"]
         steps = part["steps"]
-        plain = steps.get("plain", {}).get("seconds")
         out += [
             "",
             f"**{name}** (width {s.get('width', 1):g}, batch {s['batch_size']}, "
@@ -289,31 +305,76 @@ def _step_matrix(data: dict) -> str:
             if "seconds" not in row:
                 out.append(f"| {setting} | failed: {row['error']} | | | | | |")
                 continue
-            versus = f"{row['seconds'] / plain:.2f}x" if plain and setting != "bf16" else ""
-            replaces = f"{row['ratio']:.2f}x ({row['compared_with']})" if "ratio" in row else ""
+            ratios = {k: _ratio_text(r) for k, r in step_ratios(steps, setting).items()}
+            replaces = row.get("compared_with")
             warm = sum(row.get("warmup_seconds", []))
             out.append(
-                f"| {setting} | {row['seconds'] * 1e3:.1f} | {row.get('x_bf16', 0):.2f}x "
-                f"| {versus} | {replaces} | {warm:.1f} | {row.get('compile_seconds', 0):.1f} |"
+                f"| {setting} | {row['seconds'] * 1e3:.1f} | {ratios.get('bf16', '')} "
+                f"| {ratios.get('plain', '')} "
+                f"| {f'{ratios[replaces]} ({replaces})' if replaces in ratios else ''} "
+                f"| {warm:.1f} | {row.get('compile_seconds', 0):.1f} |"
             )
         presets = {
-            k: r["seconds"] / plain
-            for k, r in steps.items()
-            if plain and "seconds" in r and k != "plain" and _is_preset(data["step_settings"][k])
+            k: step_ratios(steps, k)["plain"]
+            for k in _presets(data, name)
+            if "plain" in step_ratios(steps, k)
         }
         if presets:
-            over = [f"{k} {v:.2f}x" for k, v in presets.items() if v > GOAL_PRESET_STEP]
+            over = [
+                f"{k} {_ratio_text(r)}" for k, r in presets.items() if _upper(r) > GOAL_PRESET_STEP
+            ]
             out.append(
-                f"\nPresets over {GOAL_PRESET_STEP}x the `plain` step ({name}): "
+                f"\nPresets that may exceed {GOAL_PRESET_STEP}x the `plain` step ({name}): "
                 + (", ".join(over) if over else "none")
                 + "."
             )
     return "\n".join(out)
 
 
+def step_ratio(steps: dict[str, dict], name: str, against: str) -> dict[str, Any]:
+    """Step ``name`` against step ``against``, ``{"ratio", "ci95"}``: paired over their timed
+    steps (:func:`metagrad.stats.paired_ratio`) where the run kept them, else the ratio of the
+    medians alone (files that predate ``step_seconds``)."""
+    a, b = steps[name], steps[against]
+    if a.get("step_seconds") and b.get("step_seconds"):
+        return paired_ratio(a["step_seconds"], b["step_seconds"])
+    return {"ratio": a["seconds"] / b["seconds"]}
+
+
+def step_ratios(steps: dict[str, dict], setting: str) -> dict[str, dict[str, Any]]:
+    """A step-matrix setting's ratios (:func:`step_ratio`) to bf16, ``plain`` and the step it
+    replaces."""
+    if "seconds" not in steps[setting] or setting == "bf16":
+        return {}
+    return {
+        k: step_ratio(steps, setting, k)
+        for k in ("bf16", "plain", steps[setting].get("compared_with"))
+        if k and k != setting and "seconds" in steps.get(k, {})
+    }
+
+
+def _presets(data: dict, model: str) -> list[str]:
+    settings = data["step_settings"]
+    return [
+        k
+        for k, r in data[model]["steps"].items()
+        if k != "plain" and "seconds" in r and _is_preset(settings[k])
+    ]
+
+
+def _ratio_text(r: dict[str, Any], digits: int = 2) -> str:
+    ci = r.get("ci95")
+    interval = f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
+    return f"{r['ratio']:.{digits}f}x{interval}"
+
+
+def _upper(r: dict[str, Any]) -> float:
+    return r["ci95"][1] if "ci95" in r else r["ratio"]
+
+
 def speed_goals_table(*datas: dict) -> str:
-    """The step-time goals on each CPU, model and width of the step matrix: each ratio of
-    median step times, and whether it meets its goal."""
+    """The step-time goals on each CPU, model and width of the step matrix: each ratio with its
+    95% interval where the run has one, and whether it meets its goal."""
     head = (
         f"| CPU | model | width | `plain` (INT4) x bf16, goal <= {GOAL_INT4_STEP:g}x "
         f"| `int8` backend x bf16, <= {GOAL_INT8_STEP:g}x "
@@ -321,8 +382,11 @@ def speed_goals_table(*datas: dict) -> str:
         f"| slowest preset x `plain`, <= {GOAL_PRESET_STEP:g}x |"
     )
     rows = [
-        "Each a ratio of median step times from one step-matrix run (steps interleaved; "
-        "on a shared machine a rerun moves them by a few percent), and whether it meets its goal.",
+        "Each a ratio of step times from one step-matrix run (steps interleaved). Where the run "
+        "kept every step, the ratio is the geometric mean of the per-step ratios with its 95% "
+        "interval: *met* when the whole interval is within the goal, *missed* when it is all "
+        "beyond, *undecided* otherwise. The interval covers one run's step-to-step noise, not "
+        "what moves between runs. Older runs give a ratio of medians with no interval.",
         "",
         head,
         "|---|---|---:|---|---|---|---|",
@@ -331,23 +395,35 @@ def speed_goals_table(*datas: dict) -> str:
         for name, part in data.items():
             if not (isinstance(part, dict) and "steps" in part):
                 continue
-            steps = {k: r["seconds"] for k, r in part["steps"].items() if "seconds" in r}
-            settings = data["step_settings"]
-            bf16, plain = steps.get("bf16"), steps.get("plain")
-            presets = {k: t for k, t in steps.items() if k != "plain" and _is_preset(settings[k])}
-            metagrad = [
-                t
-                for k, t in steps.items()
-                if settings[k].get("method") == "metagrad"
-                and settings[k].get("grad_quant") == "plain"
-            ]
-            int8 = [t for k, t in steps.items() if settings[k].get("backend") == "int8"]
-            slowest = max(presets, key=presets.get) if presets else None
+            steps, settings = part["steps"], data["step_settings"]
+
+            def ratio(against: str, pick, steps=steps, settings=settings) -> dict | None:
+                found = [k for k in steps if pick(settings[k])]
+                return step_ratios(steps, found[0]).get(against) if found else None
+
+            presets = {k: step_ratios(steps, k)["plain"] for k in _presets(data, name)}
+            presets = {k: r for k, r in presets.items() if r}
             cells = [
-                _goal_cell(plain, bf16, GOAL_INT4_STEP),
-                _goal_cell(int8[0] if int8 else None, bf16, GOAL_INT8_STEP),
-                _goal_cell(metagrad[0] if metagrad else None, plain, GOAL_METAGRAD_STEP),
-                _goal_cell(presets.get(slowest), plain, GOAL_PRESET_STEP, slowest),
+                goal_cell(
+                    ratio(
+                        "bf16",
+                        lambda s: (
+                            s.get("grad_quant") == "plain"
+                            and "method" not in s
+                            and "backend" not in s
+                        ),
+                    ),
+                    GOAL_INT4_STEP,
+                ),
+                goal_cell(ratio("bf16", lambda s: s.get("backend") == "int8"), GOAL_INT8_STEP),
+                goal_cell(
+                    ratio(
+                        "plain",
+                        lambda s: s.get("method") == "metagrad" and s.get("grad_quant") == "plain",
+                    ),
+                    GOAL_METAGRAD_STEP,
+                ),
+                _presets_cell(presets, GOAL_PRESET_STEP),
             ]
             width = part["settings"].get("width", 1)
             rows.append(
@@ -356,12 +432,90 @@ def speed_goals_table(*datas: dict) -> str:
     return "\n".join(rows)
 
 
-def _goal_cell(seconds: float | None, base: float | None, goal: float, what: str = "") -> str:
-    if not seconds or not base:
+def _verdict(rs: list[dict[str, Any]], goal: float) -> str:
+    """``met`` when every ratio is within ``goal``, ``missed`` when one is beyond it, each by
+    its whole 95% interval; ``undecided`` otherwise. Without intervals, by the ratios alone."""
+    if not all("ci95" in r for r in rs):
+        return ("met" if all(r["ratio"] <= goal for r in rs) else "missed") + " (no interval)"
+    if any(r["ci95"][0] > goal for r in rs):
+        return "missed"
+    return "met" if all(r["ci95"][1] <= goal for r in rs) else "undecided"
+
+
+def _presets_cell(presets: dict[str, dict[str, Any]], goal: float) -> str:
+    if not presets:
         return "not measured"
-    ratio = seconds / base
+    slowest = max(presets, key=lambda k: presets[k]["ratio"])
+    return f"{slowest} {_figure(presets[slowest], goal)}, {_verdict(list(presets.values()), goal)}"
+
+
+def goal_cell(r: dict[str, Any] | None, goal: float) -> str:
+    """``ratio [lo, hi], met`` (or ``missed``, ``undecided``, ``... (no interval)``) for a ratio
+    ``{"ratio", "ci95"}`` against an upper-bound goal; ``not measured`` for None."""
+    if not r:
+        return "not measured"
+    return f"{_figure(r, goal)}, {_verdict([r], goal)}"
+
+
+def _figure(r: dict[str, Any], goal: float) -> str:
+    ratio = r["ratio"]
     text = f"{ratio:.2f}"
     if float(text) == goal and ratio > goal:  # a miss that two decimals would round onto the goal
         text = f"{ratio:.3f}"
-    words = "met" if ratio <= goal else "missed"
-    return f"{what + ' ' if what else ''}{text}x, {words}"
+    ci = r.get("ci95")
+    return f"{text}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def goal_ratios(data: dict, model: str) -> dict[str, tuple[dict[str, Any], float]]:
+    """A step-matrix model's ratios that the step-time goals judge, each with its goal: the
+    ``plain`` and ``int8`` steps against bf16, MetaGrad's against ``plain``, each preset's
+    against ``plain``."""
+    steps, settings = data[model]["steps"], data["step_settings"]
+    out = {}
+    for name in steps:
+        s, ratios = settings[name], step_ratios(steps, name)
+        if name == "plain" and "bf16" in ratios:
+            out["`plain` x bf16"] = (ratios["bf16"], GOAL_INT4_STEP)
+        elif s.get("backend") == "int8" and "bf16" in ratios:
+            out[f"{name} x bf16"] = (ratios["bf16"], GOAL_INT8_STEP)
+        elif s.get("method") == "metagrad" and "plain" in ratios:
+            out[f"{name} x `plain`"] = (ratios["plain"], GOAL_METAGRAD_STEP)
+        elif name in _presets(data, model) and "plain" in ratios:
+            out[f"{name} x `plain`"] = (ratios["plain"], GOAL_PRESET_STEP)
+    return out
+
+
+def step_matrix_runs_table(*datas: dict) -> str:
+    """Two step-matrix runs of the same CPU and width side by side (the files come in pairs: a
+    run, then its repeat), each goal ratio with both intervals and verdicts: how far one run's
+    interval covers what moves between runs."""
+    rows = [
+        "| CPU | model | width | ratio (goal) | run 1 | run 2 | run 2's ratio within run 1's "
+        "interval | same verdict |",
+        "|---|---|---:|---|---|---|---|---|",
+    ]
+    inside = same = total = 0
+    for first, second in zip(datas[::2], datas[1::2], strict=True):
+        for model in [m for m in first if isinstance(first[m], dict) and "steps" in first[m]]:
+            if model not in second:
+                continue
+            one, two = goal_ratios(first, model), goal_ratios(second, model)
+            width = first[model]["settings"].get("width", 1)
+            for name, (r1, goal) in one.items():
+                if name not in two:
+                    continue
+                r2 = two[name][0]
+                v1, v2 = _verdict([r1], goal), _verdict([r2], goal)
+                covered = "ci95" in r1 and r1["ci95"][0] <= r2["ratio"] <= r1["ci95"][1]
+                inside, same, total = inside + covered, same + (v1 == v2), total + 1
+                rows.append(
+                    f"| {first['machine']['cpu']} | {model} | {width:g} | {name} ({goal:g}x) "
+                    f"| {_figure(r1, goal)}, {v1} | {_figure(r2, goal)}, {v2} "
+                    f"| {'yes' if covered else 'no'} | {'yes' if v1 == v2 else 'no'} |"
+                )
+    rows += [
+        "",
+        f"Of {total} ratios, the second run's lies within the first run's 95% interval in "
+        f"{inside}, and the two runs give the same verdict in {same}.",
+    ]
+    return "\n".join(rows)

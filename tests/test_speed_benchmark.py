@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import sys
 
 import pytest
@@ -15,8 +16,10 @@ from benchmarks.tables_speed import (
     out_of_reach,
     speed_goals_table,
     speed_table,
+    step_matrix_runs_table,
     step_matrix_table,
 )
+from metagrad.stats import paired_ratio
 
 
 def test_warmup_goes_on_while_a_step_compiles(monkeypatch):
@@ -46,7 +49,14 @@ def test_warmup_goes_on_while_a_step_compiles(monkeypatch):
     assert calls == {"a": 7, "b": 4}
     assert all(t.compiled_while_timed == 0 and t.compile_seconds >= 0 for t in timed.values())
     row = timed["a"].to_dict()
-    assert set(row) == {"seconds", "warmup_seconds", "compile_seconds", "compiled_while_timed"}
+    assert set(row) == {
+        "seconds",
+        "warmup_seconds",
+        "compile_seconds",
+        "compiled_while_timed",
+        "step_seconds",
+    }
+    assert len(row["step_seconds"]) == 3
     medians = runner.time_steps(settings, None, {}, steps=3, warmup=1)
     assert set(medians) == {"a", "b"}
 
@@ -105,6 +115,17 @@ def test_several_machines_side_by_side_with_their_routes():
     single = speed_table(amd)
     assert "| training step | ms | x float32 | x bf16 | x the step it replaces |" in single
     assert "Measured routes" not in single
+    # each ratio paired over the steps where a run kept them, a ratio of medians where not
+    name, against = "metagrad int4-stochastic bf16", "int4-stochastic bf16"
+    meta, plain = (amd["steps"][k] for k in (name, against))
+    r = paired_ratio(meta["step_seconds"], plain["step_seconds"])
+    for row in xeon["steps"].values():
+        row.pop("step_seconds")
+    text = speed_table(amd, xeon)
+    assert f"| {r['ratio']:.3f}x [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({against}) |" in text
+    assert f"| {meta['seconds'] / plain['seconds']:.3f}x ({against}) |" in text
+    assert "| fp32 | " in text and "| 1.000x | " in text  # the reference itself
+    assert "with its 95% interval" in text
 
 
 def test_block_formats_are_timed_beside_a_copy_and_tabled(monkeypatch):
@@ -216,9 +237,63 @@ def test_step_matrix_table_names_the_presets_over_the_goal():
     assert "| psq | 140.0 | 1.40x | 1.27x |  | 1.5 | 0.9 |" in text
     assert "| metagrad plain | 150.0 | 1.50x | 1.36x | 1.36x (plain) | 1.5 | 0.9 |" in text
     assert "| bhq | failed: RuntimeError: out of memory |" in text
-    assert "Presets over 1.3x the `plain` step (vgg16): none." in text  # 1.27x is within
+    assert "Presets that may exceed 1.3x the `plain` step (vgg16): none." in text  # 1.27x
+    assert "each ratio one of medians, with no interval" in text
     data["vgg16"]["steps"]["psq"] = _row(150, x_bf16=1.5)
     assert "(vgg16): psq 1.36x." in step_matrix_table(data)
+
+
+def _timed(base: list[float], ratios: list[float]) -> dict:
+    """A step-matrix row whose steps are ``base``'s times these ratios, one per round."""
+    steps = [b * r for b, r in zip(base, ratios, strict=True)]
+    return {**_row(statistics.median(steps) * 1e3), "step_seconds": steps}
+
+
+def _interval_data() -> dict:
+    """bf16, then ``plain`` 1.1x it in every round (an interval of no width, within 1.15x), the
+    ``int8`` backend 0.7x and 0.9x in turn (undecided about 0.8x), MetaGrad 1.36x ``plain``
+    (missed), ``psq`` 1.27x ``plain`` (met)."""
+    data = _step_matrix_data()
+    steps = data["vgg16"]["steps"]
+    steps.pop("bhq")
+    bf16 = [0.1, 0.12, 0.1, 0.11]
+    steps["bf16"] = _timed(bf16, [1.0] * 4)
+    steps["plain"] = plain = _timed(bf16, [1.1] * 4)
+    steps["int8 backend"] = _timed(bf16, [0.7, 0.9, 0.7, 0.9])
+    steps["metagrad plain"] = {
+        **_timed(plain["step_seconds"], [1.36] * 4),
+        "compared_with": "plain",
+    }
+    steps["psq"] = _timed(plain["step_seconds"], [1.27] * 4)
+    return data
+
+
+def _cells(text: str, start: str) -> list[str]:
+    (line,) = [x for x in text.splitlines() if x.startswith(start)]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_goals_are_met_or_missed_only_where_the_interval_says_so():
+    data = _interval_data()
+    text = speed_goals_table(data)
+    cells = _cells(text, "| Some CPU | vgg16 |")
+    assert cells[3:] == [
+        "1.10x [1.10, 1.10], met",
+        cells[4],
+        "1.36x [1.36, 1.36], missed",
+        "psq 1.27x [1.27, 1.27], met",
+    ]
+    assert cells[4].startswith("0.79x [") and cells[4].endswith("], undecided")
+    table = step_matrix_table(data)
+    assert "| psq | " in table and "| 1.40x [1.40, 1.40] | 1.27x [1.27, 1.27] |  |" in table
+    assert "| 1.36x [1.36, 1.36] (plain) |" in table
+    assert "geometric mean of the per-step ratios" in table
+    assert "(vgg16): none." in table
+    # a preset whose interval reaches past the goal is named, and leaves the goal undecided
+    plain = data["vgg16"]["steps"]["plain"]["step_seconds"]
+    data["vgg16"]["steps"]["psq"] = _timed(plain, [1.2, 1.34, 1.2, 1.34])
+    assert "(vgg16): psq 1.27x [1.1" in step_matrix_table(data)
+    assert _cells(speed_goals_table(data), "| Some CPU |")[6].endswith("], undecided")
 
 
 def test_speed_goals_table_judges_each_ratio_against_its_goal():
@@ -227,13 +302,13 @@ def test_speed_goals_table_judges_each_ratio_against_its_goal():
     # plain 1.10x bf16, int8 0.80x bf16 (the goal itself), MetaGrad 1.36x plain, psq 1.27x plain;
     # bhq failed, so the slowest preset measured is psq
     assert (
-        "| Some CPU | vgg16 | 1 | 1.10x, met | 0.80x, met | 1.36x, missed | psq 1.27x, met |"
-        in text
+        "| Some CPU | vgg16 | 1 | 1.10x, met (no interval) | 0.80x, met (no interval) "
+        "| 1.36x, missed (no interval) | psq 1.27x, met (no interval) |" in text
     )
     data["vgg16"]["steps"]["plain"] = _row(115.4)  # 1.154x: two decimals would show the goal
     data["vgg16"]["steps"].pop("int8 backend")
     text = speed_goals_table(data)
-    assert "| 1.154x, missed | not measured |" in text
+    assert "| 1.154x, missed (no interval) | not measured |" in text
 
 
 def test_layers_name_where_no_route_meets_the_per_layer_goal(monkeypatch):
@@ -264,3 +339,27 @@ def test_layers_name_where_no_route_meets_the_per_layer_goal(monkeypatch):
     assert "error cast to int8 ms" in text
     assert "the layers where no route can meet the per-layer goal" in text
     assert ": cast too slow, integer too slow" in text
+
+
+def test_two_runs_side_by_side_say_whether_one_runs_interval_held():
+    first = _interval_data()
+    second = copy.deepcopy(first)
+    steps = second["vgg16"]["steps"]
+    plain = steps["plain"]["step_seconds"]
+    steps["metagrad plain"] = {**_timed(plain, [1.25] * 4), "compared_with": "plain"}  # met now
+    steps["psq"] = _timed(plain, [1.2, 1.34, 1.2, 1.34])  # undecided now
+    text = step_matrix_runs_table(first, second)
+    assert _cells(text, "| Some CPU | vgg16 | 1 | metagrad plain x `plain` (1.3x) |")[4:] == [
+        "1.36x [1.36, 1.36], missed",
+        "1.25x [1.25, 1.25], met",
+        "no",
+        "no",
+    ]
+    psq = _cells(text, "| Some CPU | vgg16 | 1 | psq x `plain` (1.3x) |")
+    assert psq[4] == "1.27x [1.27, 1.27], met" and psq[5].endswith("undecided")
+    assert psq[6:] == ["no", "no"]  # 1.268x lies outside an interval of no width
+    assert "| `plain` x bf16 (1.15x) |" in text and "| int8 backend x bf16 (0.8x) |" in text
+    assert (
+        "Of 4 ratios, the second run's lies within the first run's 95% interval in 2, and the "
+        "two runs give the same verdict in 2." in text
+    )

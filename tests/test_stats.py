@@ -17,6 +17,7 @@ from metagrad.stats import (
     outcome,
     p_text,
     paired,
+    paired_ratio,
     sign_flip_p,
     sign_patterns,
     summary,
@@ -157,3 +158,20 @@ def test_to_dict_keeps_what_a_results_file_needs():
     assert d["words"] == summary(c, Goal(lower=0.0))
     one = differences([0.7]).to_dict()
     assert one["ci95"] is None and one["p"] is None and one["words"] == verdict(differences([0.7]))
+
+
+def test_a_paired_ratio_is_the_geometric_mean_of_the_pairs_with_a_t_interval():
+    rng = np.random.default_rng(0)
+    b = 0.5 + rng.random(9)
+    a = b * 1.3 * (1 + 0.05 * rng.standard_normal(9))
+    logs = np.log(a) - np.log(b)
+    half = sps.t.ppf(0.975, 8) * logs.std(ddof=1) / 3
+    r = paired_ratio(a.tolist(), b.tolist())
+    assert r["n"] == 9
+    assert r["ratio"] == pytest.approx(math.exp(logs.mean()), abs=1e-4)
+    assert r["ci95"] == pytest.approx(
+        [math.exp(logs.mean() - half), math.exp(logs.mean() + half)], abs=1e-4
+    )
+    assert paired_ratio([2.0, 4.0], [1.0, 2.0]) == {"n": 2, "ratio": 2.0, "ci95": [2.0, 2.0]}
+    assert paired_ratio([2.0], [1.0]) == {"n": 1, "ratio": 2.0}  # no interval from one pair
+    assert paired_ratio([], []) == {"n": 0}

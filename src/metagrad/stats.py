@@ -127,6 +127,19 @@ def differences(values: Sequence[float], level: float = LEVEL) -> PairedComparis
     return PairedComparison(tuple(values), (), level)
 
 
+def paired_ratio(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """``a / b`` for positive measurements paired by position (e.g. two settings' step times
+    taken in the same rounds): the geometric mean of the pairs' ratios, ``ratio``, and its
+    t-based interval on the log scale, ``ci95``, over ``n`` pairs (no interval below two)."""
+    logs = differences([math.log(x / y) for x, y in zip(a, b, strict=False)], level)
+    if not logs.n:
+        return {"n": 0}
+    out: dict[str, Any] = {"n": logs.n, "ratio": round(math.exp(logs.mean), 4)}
+    if logs.ci is not None:
+        out["ci95"] = [round(math.exp(v), 4) for v in logs.ci]
+    return out
+
+
 @dataclass(frozen=True)
 class Goal:
     """What the difference should be: ``lower <= difference <= upper`` (None: unbounded)."""
