@@ -28,6 +28,7 @@ from metagrad import kernels
 from metagrad.backward.int8.routes import set_routes
 from metagrad.data import BatchLoader, ImageDataset
 from metagrad.data.corpus import CharCorpus, load_char_corpus
+from metagrad.machine import retain_freed_cpu_memory
 from metagrad.models import model_task
 from metagrad.training.config import TrainConfig, build_config
 from metagrad.training.launcher import Launch, launch_runs
@@ -190,7 +191,8 @@ def training_step(
     """One training step of ``settings`` (``metagrad train`` keys, plus ``tf32`` on CUDA), as
     ``metagrad train`` runs it: autocast as ``amp`` says, compiled kernels as ``compile`` says
     (``model``: ``torch.compile(model, fullgraph=fullgraph)``), the ``int8`` backend's routes as
-    ``routes`` says (``auto``: fixed, so that timings are reproducible).
+    ``routes`` says (``auto``: fixed, so that timings are reproducible), freed CPU memory as
+    ``cpu_memory`` says (for the whole process: settings interleaved in one process share it).
 
     Global switches (compiled kernels, TF32, routes) are set at every call, so steps of settings
     that differ in them can be interleaved in one process.
@@ -199,6 +201,8 @@ def training_step(
     tf32 = bool(settings.pop("tf32", False))
     cfg = build_config({**settings, "out": "unused"})
     device = resolve_device(cfg.device)
+    if cfg.cpu_memory == "retain":
+        retain_freed_cpu_memory()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data, device)
     optimizer = build_optimizer(cfg, model)

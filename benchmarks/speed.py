@@ -4,7 +4,8 @@
     python -m benchmarks.speed --device cuda    # CUDA -> benchmarks/results/speed-cuda.json
     python -m benchmarks.speed --quick          # few repetitions (a smoke run)
 
-Every comparison is made side by side in one process, repetitions interleaved, medians kept.
+Every comparison is made side by side in one process, repetitions interleaved, medians kept;
+the process retains the CPU memory it frees, as ``metagrad train`` does (``--cpu-memory``).
 Warm-up steps (compilation of the model or of the kernels, the ``int8`` backend's route
 measurements) are not among the timed steps; a setting whose warm-up still compiles takes more
 warm-up steps, and each row reports its warm-up apart (``warmup_seconds``, ``compile_seconds``).
@@ -61,7 +62,7 @@ from metagrad import kernels
 from metagrad.backward import int8, simulate
 from metagrad.backward.int8.routes import CACHE_DIR_ENV, ROUTES, ProductKey, cache_path
 from metagrad.data import load_cifar10
-from metagrad.machine import cpu_model, fingerprint
+from metagrad.machine import cpu_model, fingerprint, retain_freed_cpu_memory
 from metagrad.nn.layers import quantized_weights
 from metagrad.quant.presets import MXFP4, NVFP4
 from metagrad.quant.quantize import quantize_along, quantize_codes
@@ -430,6 +431,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "compile_available": kernels.available(device)[0],
+        "cpu_memory": build_config({"out": "unused"}).cpu_memory,  # what the steps set
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -470,6 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if build_config({"out": "unused"}).cpu_memory == "retain":  # as metagrad train: every part
+        retain_freed_cpu_memory()
     device = torch.device(args.device)
     out = args.out or default_out(device)
     reps = (2, 2, 1) if args.quick else (15, 6, 3)

@@ -5,7 +5,8 @@
     python -m benchmarks.step_matrix --quick         # a smoke run: narrow models, few steps
 
 1. steps: for each model, whole training steps (forward, backward, optimizer) as ``metagrad
-   train`` runs them, under bf16 autocast with compiled kernels: plain bf16 (no quantization),
+   train`` runs them (freed CPU memory retained: ``--cpu-memory``), under bf16 autocast with
+   compiled kernels: plain bf16 (no quantization),
    every gradient preset (``plain`` is INT4 stochastic; the others emulated by the ``simulate``
    backend), the ``int8`` backend (INT8 gradients), the ``fp8`` backend (the ``fp8-e5m2``
    preset as FP8 GEMMs) and MetaGrad on the ``plain`` preset. The settings of one model are

@@ -1,14 +1,17 @@
-"""What a measurement depends on besides the code: the CPU model, and a machine fingerprint."""
+"""What a measurement depends on besides the code: the CPU model, a machine fingerprint, and how
+the process's memory allocator treats freed memory (:func:`retain_freed_cpu_memory`)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_model", "fingerprint"]
+__all__ = ["CPU_MEMORY_MODES", "cpu_model", "fingerprint", "retain_freed_cpu_memory"]
 
 
 @functools.cache
@@ -37,3 +40,39 @@ def fingerprint(device: torch.device | None = None) -> str:
 @functools.cache
 def _gpu_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
+
+
+CPU_MEMORY_MODES = ("retain", "release")
+"""``--cpu-memory``: :func:`retain_freed_cpu_memory`, or the C library's default."""
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def retain_freed_cpu_memory() -> bool:
+    """Keep the CPU memory this process frees for reuse; returns whether it could be set.
+
+    glibc's malloc serves each allocation of 32 MiB or more with a fresh ``mmap`` and returns it
+    at ``free``, so every large temporary of a training step (a float32 copy of an activation's
+    gradient, say) is page-faulted in afresh, which can cost more than the arithmetic on it.
+    Here malloc serves them from its heap and keeps freed memory (``mallopt``: no mmap'd
+    blocks, no trimming), for the rest of the process: its resident memory stays at its peak.
+    Elsewhere than glibc (macOS, musl, Windows) nothing changes and the result is False. The
+    numbers computed are the same either way.
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+@functools.cache
+def _mallopt():
+    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt

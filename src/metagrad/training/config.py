@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from metagrad.backward.backend import list_backends
+from metagrad.machine import CPU_MEMORY_MODES
 from metagrad.meta.forms import HYPERNET_FORMS
 from metagrad.meta.hyper import HYPERNET_KINDS
 from metagrad.meta.updates import BASE_RULES
@@ -125,6 +126,7 @@ class TrainConfig:
     compile: str = "auto"
     routes: str = "auto"
     threads: int = 0
+    cpu_memory: str = "retain"
     nonfinite: str = "stop"
     comm_bits: int = 32
     shard: str = "ddp"
@@ -153,6 +155,7 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("routes", self.routes, ROUTE_MODES)
+        _choice("cpu_memory", self.cpu_memory, CPU_MEMORY_MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _choice("shard", self.shard, SHARD_MODES)
         _require(
@@ -383,6 +386,7 @@ RESUMABLE_KEYS = frozenset(
         "progress",
         "out",
         "threads",
+        "cpu_memory",
         "data",
         "compile",
         "routes",

@@ -92,6 +92,10 @@ def help_texts() -> dict[str, str]:
         "except convolutions on CUDA; reproducible timing); auto: $METAGRAD_INT8_ROUTES if set, "
         "else measured",
         "threads": "torch CPU threads (0: torch's default)",
+        "cpu_memory": "what the process does with the CPU memory it frees (Linux, glibc): "
+        "retain (kept for reuse, so that large temporaries are not page-faulted in afresh at "
+        "every step; resident memory stays at its peak) or release (the C library's default: "
+        "glibc returns large blocks to the system)",
         "nonfinite": "a step with a non-finite loss or gradient: stop the run before applying "
         "it, or skip it and count it (summary.json: nonfinite_steps)",
         "comm_bits": f"under torchrun: bits of the gradient all-reduce ({comm}; 16: bfloat16; "
@@ -105,8 +109,8 @@ def help_texts() -> dict[str, str]:
         "max_steps": "stop after this many steps in total (0: no limit)",
         "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
         "resume": "continue the run in --out with its saved settings (plugins included); only "
-        "epochs, max-steps, data, threads, progress, compile, routes, nonfinite and dist-timeout "
-        "may be given again",
+        "epochs, max-steps, data, threads, cpu-memory, progress, compile, routes, nonfinite and "
+        "dist-timeout may be given again",
         "progress": "show a progress bar",
         "plugins": "a module to import before the settings are checked, so that what it "
         "registers (formats, scale formats, transforms, presets, backends, models, "

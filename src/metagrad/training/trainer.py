@@ -29,6 +29,7 @@ from metagrad.checkpoint import (
     write_json,
     write_jsonl,
 )
+from metagrad.machine import retain_freed_cpu_memory
 from metagrad.meta.diagnostics import gradient_report
 from metagrad.nn.layers import quantized_layers
 from metagrad.parallel import distributed
@@ -98,6 +99,8 @@ class Trainer(CheckpointState):
         self._check_out_dir()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.cpu_memory == "retain":
+            retain_freed_cpu_memory()
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.dist = distributed.from_environment(self.device, cfg.dist_timeout)
