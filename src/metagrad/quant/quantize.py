@@ -263,6 +263,10 @@ def _quantize_transformed(
     compute = scale_dtype(x)
     perm, length = row_order(x.shape, axes)
     restore = _restorer(x.shape, perm)
+    if transform.axis == "sample":
+        # sample-major memory, where its rows are a view: aten's copy of a channels-last error
+        # transposes it faster than the compiled kernel's reads across it would
+        x = x.contiguous()
     rows, down = _guarded_rows(x, transform, axes, work)
     if state is None:  # a data-dependent transform (the others are prepared before)
         state = transform.prepare(rows, generator)
