@@ -386,7 +386,8 @@ def speed_goals_table(*datas: dict) -> str:
         "kept every step, the ratio is the geometric mean of the per-step ratios with its 95% "
         "interval: *met* when the whole interval is within the goal, *missed* when it is all "
         "beyond, *undecided* otherwise. The interval covers one run's step-to-step noise, not "
-        "what moves between runs. Older runs give a ratio of medians with no interval.",
+        "what moves between runs (docs/results.md sets each AMD EPYC run beside a repeat). "
+        "Older runs give a ratio of medians with no interval.",
         "",
         head,
         "|---|---|---:|---|---|---|---|",
