@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.runner import command_line, synthetic_data, time_steps_apart
 from benchmarks.speed import BASE, MLP_SHAPES, interleaved, machine, machine_slug
+from benchmarks.tables_speed import ratio_text, step_ratios
 from benchmarks.transformers import MODELS as TRANSFORMERS
 from metagrad.backward import fallback_report, get_backend
 from metagrad.data import load_cifar10
@@ -40,7 +41,6 @@ from metagrad.data.corpus import load_char_corpus
 from metagrad.machine import cpu_model
 from metagrad.models import model_task
 from metagrad.quant import QuantConfig, QuantSpec, list_presets
-from metagrad.stats import paired_ratio
 from metagrad.training.config import build_config
 from metagrad.training.setup import build_model
 
@@ -98,23 +98,13 @@ def bench_model(name: str, base: dict[str, Any], data, args) -> dict[str, Any]:
         if other:
             row["compared_with"] = COMPARE_WITH[setting]
             row["ratio"] = round(row["seconds"] / other, 3)
-        wanted = [] if setting == "bf16" else ["bf16", "plain", COMPARE_WITH.get(setting)]
-        row["paired"] = {
-            against: paired_ratio(row["step_seconds"], rows[against]["step_seconds"])
-            for against in wanted
-            if against not in (None, setting) and "seconds" in rows.get(against, {})
-        }
+        row["paired"] = step_ratios(rows, setting)
         print(
             f"{name} {setting:20s} {row['seconds'] * 1e3:9.2f} ms  "
-            + "  ".join(f"{_ratio_text(r)} {k}" for k, r in row["paired"].items()),
+            + "  ".join(f"{ratio_text(r, 3)} {k}" for k, r in row["paired"].items()),
             flush=True,
         )
     return {"settings": base, "steps": rows, "fp8_routes": fp8_routes(base, data)}
-
-
-def _ratio_text(r: dict[str, Any]) -> str:
-    ci = r.get("ci95")
-    return f"{r['ratio']:.3f}x" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def linear_rows(device: torch.device, tokens: list[int], reps: int) -> list[dict[str, Any]]:

@@ -49,10 +49,10 @@ def _steps(datas: tuple[dict, ...]) -> list[str]:
             cells += [
                 f"{r['seconds'] * 1e3:.1f}",
                 *(
-                    _ratio_text(step_ratio(steps, name, k), 3) if k != name else "1.000x"
+                    ratio_text(step_ratio(steps, name, k), 3) if k != name else "1.000x"
                     for k in ("fp32", "bf16")
                 ),
-                f"{_ratio_text(step_ratio(steps, name, ref), 3)} ({ref})" if ref else "",
+                f"{ratio_text(step_ratio(steps, name, ref), 3)} ({ref})" if ref else "",
             ]
             if warm:
                 cells += [f"{sum(r['warmup_seconds']):.1f}", f"{r['compile_seconds']:.1f}"]
@@ -305,7 +305,7 @@ def _step_matrix(data: dict) -> str:
             if "seconds" not in row:
                 out.append(f"| {setting} | failed: {row['error']} | | | | | |")
                 continue
-            ratios = {k: _ratio_text(r) for k, r in step_ratios(steps, setting).items()}
+            ratios = {k: ratio_text(r) for k, r in step_ratios(steps, setting).items()}
             replaces = row.get("compared_with")
             warm = sum(row.get("warmup_seconds", []))
             out.append(
@@ -321,7 +321,7 @@ def _step_matrix(data: dict) -> str:
         }
         if presets:
             over = [
-                f"{k} {_ratio_text(r)}" for k, r in presets.items() if _upper(r) > GOAL_PRESET_STEP
+                f"{k} {ratio_text(r)}" for k, r in presets.items() if _upper(r) > GOAL_PRESET_STEP
             ]
             out.append(
                 f"\nPresets that may exceed {GOAL_PRESET_STEP}x the `plain` step ({name}): "
@@ -362,7 +362,8 @@ def _presets(data: dict, model: str) -> list[str]:
     ]
 
 
-def _ratio_text(r: dict[str, Any], digits: int = 2) -> str:
+def ratio_text(r: dict[str, Any], digits: int = 2) -> str:
+    """``1.23x [1.20, 1.26]`` for a ratio ``{"ratio", "ci95"}`` (no brackets without one)."""
     ci = r.get("ci95")
     interval = f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
     return f"{r['ratio']:.{digits}f}x{interval}"

@@ -44,11 +44,11 @@ def _absmax(x: Tensor, keep: int | None) -> Tensor:
     dims = tuple(d for d in range(x.dim()) if d != keep)
     if not dims:
         return x.abs()
-    return magnitude_amax(x, dims)
+    return _magnitude_amax(x, dims)
 
 
 @kernel(static_ints=True)
-def magnitude_amax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+def _magnitude_amax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``x.abs().amax(dims, keepdim=True)``; compiled, one pass with no tensor of magnitudes."""
     return x.abs().amax(dim=dims, keepdim=True)
 
