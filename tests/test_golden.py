@@ -1,7 +1,9 @@
 """Training trajectories and layer gradients bit-identical to the recorded ones (tests/golden.py).
 
 The recorded values are keyed by CPU model, torch build and Python version: float results are
-bit-reproducible only there, so on another machine the test skips and says how to record.
+bit-reproducible only there, so on another machine the test skips and says how to record; so
+does a case whose entry was dropped because its numerics may have changed on a CPU that was not
+at hand to record it again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def workdir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*golden.TRAINING_CASES, *golden.TORCHRUN_CASES])
 def test_training_trajectory_is_bit_identical(name, workdir):
+    if name not in EXPECTED["training"]:
+        pytest.skip(
+            f"{name} is not recorded for {golden.fingerprint()!r} (its numerics changed on "
+            f"purpose since); record it with `python tests/golden.py --record --case {name}`"
+        )
     assert golden.run_training(name, workdir) == EXPECTED["training"][name]
 
 

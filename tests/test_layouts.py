@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from metagrad import kernels
 from metagrad.nn.functional import conv2d, linear
 from metagrad.quant import QuantConfig, QuantSpec, fake_quantize, quantize_along, quantize_codes
 from metagrad.quant.presets import list_presets, preset_config
@@ -73,6 +74,32 @@ def test_a_view_quantizes_as_its_contiguous_copy(name, layout):
         got = quantize_codes(view, spec, 1, generator=torch.Generator().manual_seed(2))
         want = quantize_codes(dense, spec, 1, generator=torch.Generator().manual_seed(2))
         assert all(_same(a, b) for a, b in zip(got, want, strict=True))
+
+
+ROTATED = sorted(name for name, spec in SPECS.items() if spec.transform == "rht")
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ROTATED)
+def test_a_channels_last_error_quantizes_along_its_samples_as_its_contiguous_copy(
+    name, dtype, compile_kernels
+):
+    """The operand of a convolution's weight gradient: rows along the samples and pixels run down
+    a channels-last error's memory, and are quantized there instead of in a transposed copy: the
+    same values, laid out as the error."""
+    if compile_kernels and not kernels.available("cpu")[0]:
+        pytest.skip(f"torch.compile does not work here: {kernels.available('cpu')[1]}")
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(16, 8, 4, 4, generator=gen) * torch.rand(16, 8, 4, 4, generator=gen) ** 3
+    t = t.to(dtype)
+    error = t.contiguous(memory_format=torch.channels_last)
+    with kernels.compiled(compile_kernels):
+        got = quantize_along(error, spec, (0, 2, 3), 1, generator=torch.Generator().manual_seed(4))
+        want = quantize_along(t, spec, (0, 2, 3), 1, generator=torch.Generator().manual_seed(4))
+    assert _same(got, want)
+    assert got.stride() == error.stride()
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

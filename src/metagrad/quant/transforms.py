@@ -34,7 +34,9 @@ A new transform is a class with ``axis``, ``data_dependent``, ``low_precision``,
 :func:`register_transform`; one that acts on blocks of a row one by one may say so with
 ``blockwise(state) -> block``, and the quantizer then fuses it with block scales of that size
 (its ``forward`` then also takes ``gain``: a power of two, as a 0-d tensor, to multiply the
-result by; the quantizer scales rows near their dtype's largest value down with it).
+result by; the quantizer scales rows near their dtype's largest value down with it; and its
+``forward`` and ``inverse`` take ``columns=True``: the same map of the columns of a
+``(length, n)`` matrix, for rows that run down a tensor's memory).
 """
 
 from __future__ import annotations
@@ -152,12 +154,19 @@ class RandomizedHadamard:
         return _RHTState(bits.to(t.dtype).mul_(2).sub_(1), block)
 
     def _apply(
-        self, t: Tensor, state: _RHTState, *, inverse: bool, gain: Tensor | None = None
+        self,
+        t: Tensor,
+        state: _RHTState,
+        *,
+        inverse: bool,
+        gain: Tensor | None = None,
+        columns: bool = False,
     ) -> Tensor:
         rows, length = t.shape
         b = state.block
-        if length % b:
-            raise ValueError(f"rht rows of length {length} are not a multiple of its block {b}")
+        along = rows if columns else length
+        if along % b:
+            raise ValueError(f"rht rows of length {along} are not a multiple of its block {b}")
         h = _sign_hadamard(b, t.dtype, t.device)
         signs = state.signs.to(t.dtype)
         # forward: (x * signs) @ h = x @ (signs[:, None] * h); inverse: (x @ h) * signs. The
@@ -166,20 +175,27 @@ class RandomizedHadamard:
         h = h * signs if inverse else signs[:, None] * h
         if gain is not None:
             h = h * gain.to(t.dtype)
-        return (t.reshape(-1, b) @ h).mul_(1 / math.sqrt(b)).reshape(rows, length)
+        if columns:  # each block of a column times h, as a row's block would be: h^T @ block
+            product = torch.matmul(h.t(), t.view(rows // b, b, length))
+        else:
+            product = t.reshape(-1, b) @ h
+        return product.mul_(1 / math.sqrt(b)).reshape(rows, length)
 
     def blockwise(self, state: _RHTState) -> int:
         """The length of the blocks it acts on one by one: rows of any multiple of it may be
         transformed as a ``(n, block)`` matrix."""
         return state.block
 
-    def forward(self, t: Tensor, state: _RHTState, gain: Tensor | None = None) -> Tensor:
-        """The transform of ``t``'s rows; ``gain``: a power of two (0-d) the result is multiplied
-        by, folded into the matrix (so ``t`` is not rescaled in memory first)."""
-        return self._apply(t, state, inverse=False, gain=gain)
+    def forward(
+        self, t: Tensor, state: _RHTState, gain: Tensor | None = None, columns: bool = False
+    ) -> Tensor:
+        """The transform of ``t``'s rows (``columns``: of its columns, in blocks down them);
+        ``gain``: a power of two (0-d) the result is multiplied by, folded into the matrix (so
+        ``t`` is not rescaled in memory first)."""
+        return self._apply(t, state, inverse=False, gain=gain, columns=columns)
 
-    def inverse(self, t: Tensor, state: _RHTState) -> Tensor:
-        return self._apply(t, state, inverse=True)
+    def inverse(self, t: Tensor, state: _RHTState, columns: bool = False) -> Tensor:
+        return self._apply(t, state, inverse=True, columns=columns)
 
 
 @dataclass
