@@ -11,6 +11,7 @@ from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
+from metagrad.quant.formats import get_format
 from metagrad.quant.quantize import _guarded_rows, quantize_along, quantize_codes
 from metagrad.quant.transforms import get_transform
 
@@ -101,6 +102,24 @@ def test_a_sample_transform_gets_its_rows_in_the_layout_its_forward_reads(compil
     assert torch.equal(rows, expected)
     huge = _guarded_rows(x.float() * 2.0**126, bhq, (0,), torch.float32)
     assert huge[1].item() < 1 and torch.equal(huge[0], expected * 2.0**126 * huge[1])
+
+
+@pytest.mark.parametrize("name", ["fp4_e2m1", "log4", "fp8_e4m3", "fp8_e5m2"])
+def test_a_compiled_float_format_rounds_every_binade_edge_as_eager_code(compiled, name):
+    """The grid step read from a value's bits, compiled as eager: the same rounding at the
+    bounds of every float32 binade, just off them, in the subnormals and past the largest
+    value."""
+    fmt = get_format(name)
+    edges = torch.tensor([2.0**k for k in range(-149, 128)])
+    off = torch.cat([torch.nextafter(edges, edges * 0), torch.nextafter(edges, edges * 2)])
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-9, 9, (4096,), generator=gen)
+    values = torch.cat([edges, off, spread, torch.tensor([0.0, float("inf")])])
+    values = torch.cat([values, -values])
+    dither = torch.randint(0, 256, values.shape, dtype=torch.uint8, generator=gen)
+    rounded = torch.compile(fmt.round, dynamic=True)
+    for d in (None, dither):
+        assert torch.equal(rounded(values, d), fmt.round(values, d))
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
