@@ -307,6 +307,54 @@ def test_a_new_transform_is_one_registration(monkeypatch):
         transforms.register_transform("rht", RandomizedHadamard)
 
 
+def test_a_blockwise_transform_without_columns_still_takes_a_channels_last_error(monkeypatch):
+    """A registered blockwise transform that does not say ``acts_on_columns`` gets rows (a
+    transposed copy) where a channels-last error's rows run down its memory."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from metagrad.quant import transforms
+
+    @dataclass(frozen=True)
+    class BlockReverse:
+        axis: ClassVar[str] = "inner"
+        data_dependent: ClassVar[bool] = False
+        low_precision: ClassVar[bool] = True
+        block: int = 4
+
+        def padded_length(self, length: int) -> int:
+            return -(-length // self.block) * self.block
+
+        def prepare(self, t, generator):
+            return None
+
+        def blockwise(self, state) -> int:
+            return self.block
+
+        def forward(self, t, state, gain=None):
+            out = t.reshape(t.shape[0], -1, self.block).flip(-1).reshape(t.shape)
+            return out if gain is None else out * gain.to(t.dtype)
+
+        def inverse(self, t, state):
+            return self.forward(t, state)
+
+    monkeypatch.setattr(transforms, "_TRANSFORMS", transforms._TRANSFORMS.copy())
+    transforms.register_transform("block-reverse", BlockReverse)
+    spec = QuantSpec(
+        format="fp8_e4m3",
+        rounding="stochastic",
+        granularity="block",
+        block_size=4,
+        transform="block-reverse",
+        transform_block=4,
+    )
+    x = torch.randn(4, 6, 2, 2, generator=torch.Generator().manual_seed(0))
+    error = x.contiguous(memory_format=torch.channels_last)
+    got = quantize_along(error, spec, (0, 2, 3), 1, generator=torch.Generator().manual_seed(1))
+    want = quantize_along(x, spec, (0, 2, 3), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------ no finite input gives inf/NaN
 
 FP32_MAX = torch.finfo(torch.float32).max

@@ -490,7 +490,7 @@ def quantize_along(
         block = _fused_block(transform, transform_state, spec, inner, x)
         if block:
             work = _transform_dtype(transform, x)
-            m = _as_columns(x, inner)
+            m = _as_columns(x, inner) if getattr(transform, "acts_on_columns", False) else None
             if m is not None and m.shape[0] % block == 0:
                 return _quantize_columns(
                     x, m, spec, transform, inner, transform_state, dither, work, dtype

@@ -34,9 +34,10 @@ A new transform is a class with ``axis``, ``data_dependent``, ``low_precision``,
 :func:`register_transform`; one that acts on blocks of a row one by one may say so with
 ``blockwise(state) -> block``, and the quantizer then fuses it with block scales of that size
 (its ``forward`` then also takes ``gain``: a power of two, as a 0-d tensor, to multiply the
-result by; the quantizer scales rows near their dtype's largest value down with it; and its
-``forward`` and ``inverse`` take ``columns=True``: the same map of the columns of a
-``(length, n)`` matrix, for rows that run down a tensor's memory).
+result by; the quantizer scales rows near their dtype's largest value down with it). One whose
+``forward`` and ``inverse`` also take ``columns=True`` (the same map of the columns of a
+``(length, n)`` matrix) says so with ``acts_on_columns = True``, and then quantizes rows that
+run down a convolution error's memory where they lie, without transposed copies.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class RandomizedHadamard:
     axis: ClassVar[Axis] = "inner"
     data_dependent: ClassVar[bool] = False
     low_precision: ClassVar[bool] = True
+    acts_on_columns: ClassVar[bool] = True  # forward and inverse take columns=True
     block: int = 128
 
     def __post_init__(self) -> None:
