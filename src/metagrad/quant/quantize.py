@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from metagrad.kernels import kernel
+from metagrad.quant.columns import as_columns, quantize_columns
 from metagrad.quant.formats import add_dither
 from metagrad.quant.rounding import (
     _absmax,
@@ -60,7 +61,7 @@ from metagrad.quant.rounding import (
 )
 from metagrad.quant.scaling import scales_by_rule
 from metagrad.quant.spec import BLOCK_GRANULARITIES, QuantSpec
-from metagrad.quant.transforms import Transform, get_transform
+from metagrad.quant.transforms import Transform, get_transform, overflow_guard
 
 __all__ = [
     "absmax",
@@ -76,10 +77,6 @@ __all__ = [
     "quantize_weight",
     "scale_dtype",
 ]
-
-OVERFLOW_SHIFT = 32
-"""A transform runs on values scaled by ``2**-OVERFLOW_SHIFT`` when their largest magnitude is
-within that factor of the dtype's largest value (its sums could overflow otherwise)."""
 
 
 @kernel
@@ -221,23 +218,15 @@ def _transform_dtype(transform: Transform, x: Tensor) -> torch.dtype:
     return scale_dtype(x)
 
 
-def _overflow_guard(rows: Tensor) -> Tensor:
-    """``2**-OVERFLOW_SHIFT`` where the largest magnitude of ``rows`` is within that factor of
-    its dtype's largest value (a transform's sums of such values could overflow), else 1."""
-    top = torch.finfo(rows.dtype).max * 2.0**-OVERFLOW_SHIFT
-    big = rows.abs().amax() > top
-    one = torch.ones((), dtype=rows.dtype, device=rows.device)
-    return torch.where(big, one * 2.0**-OVERFLOW_SHIFT, one)
-
-
 @kernel(static_ints=True)
 def _guarded_rows(
     x: Tensor, transform: Transform, axes: tuple[int, ...], work: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """``x`` as ``transform``'s rows (:func:`_transform_rows`) in ``work``, scaled by
-    :func:`_overflow_guard`, and that guard: compiled, one pass that reads ``x`` twice."""
+    :func:`~metagrad.quant.transforms.overflow_guard`, and that guard: compiled, one pass that
+    reads ``x`` twice."""
     rows = _transform_rows(x, transform, axes)[0].to(work)
-    down = _overflow_guard(rows)  # exact: quantization commutes with powers of two
+    down = overflow_guard(rows)  # exact: quantization commutes with powers of two
     return rows * down, down
 
 
@@ -316,90 +305,13 @@ def _transformed_blocks(
     whole blocks of the quantizer: transform, scales, rounding and the way back in one graph."""
     compute = torch.float32
     t = blocks.to(work)
-    down = _overflow_guard(t)  # exact: quantization commutes with powers of two
+    down = overflow_guard(t)  # exact: quantization commutes with powers of two
     t = transform.forward(t, state, gain=down).to(compute)  # t read once, not rescaled first
     t = t.view(t.shape[0], t.shape[1] // spec.block_size, spec.block_size)
     scale = _block_scales(t, spec.number_format.max_value, _rule(spec))
     q = _dequantize(t, scale, spec, dither, compute).flatten(1)
     q = transform.inverse(q.to(work), state).to(compute)
     return _saturate(q.div_(down.to(compute)), dtype).to(dtype)
-
-
-def _as_columns(x: Tensor, inner: tuple[int, ...]) -> Tensor | None:
-    """``x``'s memory as a ``(length, rest)`` matrix whose columns are its rows along ``inner``
-    (a view): for an image tensor (4-D) whose memory runs along those axes outermost, as the
-    samples and pixels of a channels-last convolution error do; None elsewhere.
-
-    Only images: a convolution's backward copies an operand into its own layout, so rows laid
-    back as ``x`` save that copy as well as the transposed one; a matrix product takes either
-    layout as it is, and there the transposed copy measured faster than the column products.
-    """
-    if x.dim() != 4:
-        return None
-    rest = [d for d in range(x.dim()) if d not in inner]
-    moved = x.permute(*inner, *rest)
-    if not rest or not moved.is_contiguous() or moved[0].numel() < 2:
-        return None
-    return moved.view(moved.shape[: len(inner)].numel(), -1)
-
-
-@kernel(static_ints=True, exact_casts=True)
-def _column_transform(
-    m: Tensor, spec: QuantSpec, transform: Transform, state: Any, work: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The first half of :func:`_transformed_blocks` on the columns of ``m`` ``(length, n)``:
-    the transformed columns in blocks ``(length // size, size, n)``, their scales and the
-    overflow guard (compiled, the scales come out of the pass that reduces the blocks, so the
-    rounding reads them instead of computing them again per element)."""
-    t = m.to(work)
-    down = _overflow_guard(t)
-    t = transform.forward(t, state, gain=down, columns=True).to(torch.float32)
-    t = t.view(t.shape[0] // spec.block_size, spec.block_size, t.shape[1])
-    return t, _block_scales(t, spec.number_format.max_value, _rule(spec), (1,)), down
-
-
-@kernel(static_ints=True, exact_casts=True)
-def _column_rounding(
-    t: Tensor,
-    scale: Tensor,
-    down: Tensor,
-    spec: QuantSpec,
-    transform: Transform,
-    state: Any,
-    dither: Tensor | None,
-    work: torch.dtype,
-    dtype: torch.dtype,
-) -> Tensor:
-    """The second half: rounding (the dither read in the rows' order) and the way back, as a
-    ``(length, n)`` matrix."""
-    n = t.shape[2]
-    if dither is not None:  # flat in the order of the rows, which are the columns here
-        dither = dither.view(n, -1).t()
-    q = _dequantize(t, scale, spec, dither, torch.float32).view(-1, n)
-    q = transform.inverse(q.to(work), state, columns=True).to(torch.float32)
-    return _saturate(q.div_(down.to(torch.float32)), dtype).to(dtype)
-
-
-def _quantize_columns(
-    x: Tensor,
-    m: Tensor,
-    spec: QuantSpec,
-    transform: Transform,
-    inner: tuple[int, ...],
-    state: Any,
-    dither: Tensor | None,
-    work: torch.dtype,
-    dtype: torch.dtype,
-) -> Tensor:
-    """:func:`_transformed_blocks` where ``x``'s rows are the columns ``m`` of its memory
-    (:func:`_as_columns`): worked on in place of a transposed copy, the same values, laid out as
-    ``x``."""
-    t, scale, down = _column_transform(m, spec, transform, state, work)
-    q = _column_rounding(t, scale, down, spec, transform, state, dither, work, dtype)
-    rest = [d for d in range(x.dim()) if d not in inner]
-    perm = [*inner, *rest]
-    moved = [x.shape[d] for d in perm]
-    return q.view(moved).permute([perm.index(d) for d in range(x.dim())])
 
 
 @kernel(static_ints=True)
@@ -490,9 +402,9 @@ def quantize_along(
         block = _fused_block(transform, transform_state, spec, inner, x)
         if block:
             work = _transform_dtype(transform, x)
-            m = _as_columns(x, inner) if getattr(transform, "acts_on_columns", False) else None
+            m = as_columns(x, inner) if getattr(transform, "acts_on_columns", False) else None
             if m is not None and m.shape[0] % block == 0:
-                return _quantize_columns(
+                return quantize_columns(
                     x, m, spec, transform, inner, transform_state, dither, work, dtype
                 )
             rows, restore = _transform_rows(x, transform, inner)

@@ -81,6 +81,20 @@ class Transform(Protocol):
     def inverse(self, t: Tensor, state: Any) -> Tensor: ...
 
 
+OVERFLOW_SHIFT = 32
+"""A transform runs on values scaled by ``2**-OVERFLOW_SHIFT`` when their largest magnitude is
+within that factor of the dtype's largest value (its sums could overflow otherwise)."""
+
+
+def overflow_guard(rows: Tensor) -> Tensor:
+    """``2**-OVERFLOW_SHIFT`` where the largest magnitude of ``rows`` is within that factor of
+    its dtype's largest value (a transform's sums of such values could overflow), else 1."""
+    top = torch.finfo(rows.dtype).max * 2.0**-OVERFLOW_SHIFT
+    big = rows.abs().amax() > top
+    one = torch.ones((), dtype=rows.dtype, device=rows.device)
+    return torch.where(big, one * 2.0**-OVERFLOW_SHIFT, one)
+
+
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """The orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of two)."""
     return _sign_hadamard(n, dtype, device) / math.sqrt(n)
