@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -268,31 +269,32 @@ def test_registry_refuses_a_name_twice_and_names_the_choices():
     assert isinstance(copy, Registry) and copy.kind == "widget" and "b" not in reg
 
 
+@dataclasses.dataclass(frozen=True)
+class Reverse:
+    """A test transform: a reversal of each block of a row (an orthogonal permutation)."""
+
+    axis: ClassVar[str] = "inner"
+    data_dependent: ClassVar[bool] = False
+    low_precision: ClassVar[bool] = True
+    block: int = 4
+
+    def padded_length(self, length: int) -> int:
+        return -(-length // self.block) * self.block
+
+    def prepare(self, t, generator):
+        return None
+
+    def forward(self, t, state):
+        return t.reshape(t.shape[0], -1, self.block).flip(-1).reshape(t.shape)
+
+    def inverse(self, t, state):
+        return self.forward(t, state)
+
+
 def test_a_new_transform_is_one_registration(monkeypatch):
     """A registered transform (here: a reversal of each block, an orthogonal permutation) is
     used by QuantSpec and undone after quantization."""
-    from dataclasses import dataclass
-    from typing import ClassVar
-
     from metagrad.quant import transforms
-
-    @dataclass(frozen=True)
-    class Reverse:
-        axis: ClassVar[str] = "inner"
-        data_dependent: ClassVar[bool] = False
-        low_precision: ClassVar[bool] = True
-        block: int = 4
-
-        def padded_length(self, length: int) -> int:
-            return -(-length // self.block) * self.block
-
-        def prepare(self, t, generator):
-            return None
-
-        def forward(self, t, state):
-            return t.reshape(t.shape[0], -1, self.block).flip(-1).reshape(t.shape)
-
-        inverse = forward
 
     monkeypatch.setattr(transforms, "_TRANSFORMS", transforms._TRANSFORMS.copy())
     transforms.register_transform("reverse", Reverse)
@@ -310,33 +312,15 @@ def test_a_new_transform_is_one_registration(monkeypatch):
 def test_a_blockwise_transform_without_columns_still_takes_a_channels_last_error(monkeypatch):
     """A registered blockwise transform that does not say ``acts_on_columns`` gets rows (a
     transposed copy) where a channels-last error's rows run down its memory."""
-    from dataclasses import dataclass
-    from typing import ClassVar
-
     from metagrad.quant import transforms
 
-    @dataclass(frozen=True)
-    class BlockReverse:
-        axis: ClassVar[str] = "inner"
-        data_dependent: ClassVar[bool] = False
-        low_precision: ClassVar[bool] = True
-        block: int = 4
-
-        def padded_length(self, length: int) -> int:
-            return -(-length // self.block) * self.block
-
-        def prepare(self, t, generator):
-            return None
-
+    class BlockReverse(Reverse):
         def blockwise(self, state) -> int:
             return self.block
 
         def forward(self, t, state, gain=None):
-            out = t.reshape(t.shape[0], -1, self.block).flip(-1).reshape(t.shape)
+            out = super().forward(t, state)
             return out if gain is None else out * gain.to(t.dtype)
-
-        def inverse(self, t, state):
-            return self.forward(t, state)
 
     monkeypatch.setattr(transforms, "_TRANSFORMS", transforms._TRANSFORMS.copy())
     transforms.register_transform("block-reverse", BlockReverse)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from metagrad.kernels import kernel
-from metagrad.quant.rounding import _block_scales, _dequantize, _rule, _saturate
+from metagrad.quant.rounding import _block_scales, _dequantize, _restorer, _rule, _saturate
 from metagrad.quant.spec import QuantSpec
 from metagrad.quant.transforms import Transform, overflow_guard
 
@@ -93,7 +93,5 @@ def quantize_columns(
     values, laid out as ``x``."""
     t, scale, down = _column_transform(m, spec, transform, state, work)
     q = _column_rounding(t, scale, down, spec, transform, state, dither, work, dtype)
-    rest = [d for d in range(x.dim()) if d not in inner]
-    perm = [*inner, *rest]
-    moved = [x.shape[d] for d in perm]
-    return q.view(moved).permute([perm.index(d) for d in range(x.dim())])
+    perm = [*inner, *(d for d in range(x.dim()) if d not in inner)]
+    return _restorer(x.shape, perm)(q)
