@@ -253,3 +253,26 @@ def test_a_kernel_first_called_on_a_small_tensor_still_runs_large_ones_in_parall
 def test_inductor_options_keep_known_settings_of_sub_configs_only():
     options = {"cpp.dynamic_threads": True, "cpp.no_such_setting": 1, "no_such_section.x": 2}
     assert kernels._inductor_options(options) == {"cpp.dynamic_threads": True}
+
+
+def test_static_ints_are_constants_of_the_compiled_code_and_leave_dynamo_as_it_was(compiled):
+    from torch._dynamo import config
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    @kernels.kernel(static_ints=True)
+    def shifted(x: torch.Tensor, k: int) -> torch.Tensor:
+        if k < 0:
+            raise ValueError("k must not be negative")
+        return x + k * 1000
+
+    before = config.specialize_int
+    with inductor_config.patch(force_disable_caches=True):
+        for k in (3, 7):  # one compilation per value, with the value in the generated code
+            out, (code,) = run_and_get_code(shifted, torch.zeros(4), k)
+            torch.testing.assert_close(out, torch.full((4,), k * 1000.0))
+            assert f"{k * 1000}" in code
+    assert config.specialize_int == before
+    with pytest.raises(ValueError, match="negative"):
+        shifted(torch.zeros(4), -1)
+    assert config.specialize_int == before

@@ -166,11 +166,15 @@ def kernel(
                 }
             )
             compiled_fn = torch.compile(fn, dynamic=True, options=options)
-        if static_ints:
+        if static_ints:  # set for this call only: config.patch costs several times more
             from torch._dynamo import config
 
-            with config.patch(specialize_int=True):
+            before = config.specialize_int
+            config.specialize_int = True
+            try:
                 return compiled_fn(*args, **kwargs)
+            finally:
+                config.specialize_int = before
         return compiled_fn(*args, **kwargs)
 
     run.eager = fn  # type: ignore[attr-defined]
