@@ -21,11 +21,16 @@ from metagrad.quant.rounding import _block_scales, _dequantize, _restorer, _rule
 from metagrad.quant.spec import QuantSpec
 from metagrad.quant.transforms import Transform, overflow_guard
 
+MIN_COLUMNS = 32
+"""Fewer columns than this (a 16-channel error) make the batched products too thin: there the
+transposed copy and row-major products measured faster."""
+
 
 def as_columns(x: Tensor, inner: tuple[int, ...]) -> Tensor | None:
     """``x``'s memory as a ``(length, rest)`` matrix whose columns are its rows along ``inner``
     (a view): for an image tensor (4-D) whose memory runs along those axes outermost, as the
-    samples and pixels of a channels-last convolution error do; None elsewhere.
+    samples and pixels of a channels-last convolution error do, with at least
+    :data:`MIN_COLUMNS` columns; None elsewhere.
 
     Only images: a convolution's backward copies an operand into its own layout, so rows laid
     back as ``x`` save that copy as well as the transposed one; a matrix product takes either
@@ -35,7 +40,7 @@ def as_columns(x: Tensor, inner: tuple[int, ...]) -> Tensor | None:
         return None
     rest = [d for d in range(x.dim()) if d not in inner]
     moved = x.permute(*inner, *rest)
-    if not rest or not moved.is_contiguous() or moved[0].numel() < 2:
+    if not rest or not moved.is_contiguous() or moved[0].numel() < MIN_COLUMNS:
         return None
     return moved.view(moved.shape[: len(inner)].numel(), -1)
 
