@@ -276,3 +276,24 @@ def test_static_ints_are_constants_of_the_compiled_code_and_leave_dynamo_as_it_w
     with pytest.raises(ValueError, match="negative"):
         shifted(torch.zeros(4), -1)
     assert config.specialize_int == before
+
+
+def _binade(x: torch.Tensor) -> torch.Tensor:
+    """The power of two of each float32's binade, from its bits and back to a float."""
+    return ((x.view(torch.int32) >> 23) << 23).view(torch.float32)
+
+
+def test_metagrad_kernels_bit_cast_in_vectors_and_others_compile_as_before(compiled):
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    special = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-45, 3e38]
+    x = torch.cat([torch.randn(999, generator=torch.Generator().manual_seed(0)) * 100,
+                   torch.tensor(special)])  # fmt: skip
+    want = _binade(x).view(torch.int32)
+    with config.patch(force_disable_caches=True):
+        ours, (code,) = run_and_get_code(kernels.kernel(_binade), x)
+        theirs, (their_code,) = run_and_get_code(torch.compile(_binade), x)
+    assert torch.equal(ours.view(torch.int32), want) and torch.equal(theirs.view(torch.int32), want)
+    assert "at::vec::cast<int32_t>" in code and "at::vec::cast<float>" in code
+    assert "at::vec::cast<" not in their_code  # code compiled outside metagrad's kernels

@@ -3,8 +3,9 @@
 Each kernel is a plain torch function, registered with :func:`kernel`. Run eagerly it is the
 reference; with compilation on (:func:`set_compile`), ``torch.compile`` fuses it into a few
 generated kernels (C++ with OpenMP on CPU, Triton on CUDA) that compute the same numbers in fewer
-passes over memory. Compilation is off by default in the library, on in ``metagrad train``
-(``--compile``), and falls back to eager execution, with a warning, where no compiler works.
+passes over memory (on CPU with vector bit casts: :mod:`metagrad.vector_casts`). Compilation is
+off by default in the library, on in ``metagrad train`` (``--compile``), and falls back to eager
+execution, with a warning, where no compiler works.
 
 Usage::
 
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
+
+from metagrad import vector_casts
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,6 +71,7 @@ def set_compile(enabled: bool, device: str | torch.device = "cpu") -> bool:
             enabled = False
     _enabled = bool(enabled)
     if _enabled:
+        vector_casts.install()
         from torch._dynamo import config
 
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
@@ -166,16 +170,16 @@ def kernel(
                 }
             )
             compiled_fn = torch.compile(fn, dynamic=True, options=options)
-        if static_ints:  # set for this call only: config.patch costs several times more
-            from torch._dynamo import config
+        from torch._dynamo import config
 
-            before = config.specialize_int
-            config.specialize_int = True
-            try:
+        # set for this call only, by assignment: config.patch costs several times more
+        before = config.specialize_int
+        config.specialize_int = before or static_ints
+        try:
+            with vector_casts.active():
                 return compiled_fn(*args, **kwargs)
-            finally:
-                config.specialize_int = before
-        return compiled_fn(*args, **kwargs)
+        finally:
+            config.specialize_int = before
 
     run.eager = fn  # type: ignore[attr-defined]
     return run  # type: ignore[return-value]
