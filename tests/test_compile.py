@@ -270,6 +270,34 @@ def test_nearest_rounding_gives_eager_gradients_under_aot_eager(name):
     _assert_close(grads(model, conv_batch(), compiled), want)
 
 
+def mlp_net(config: QuantConfig) -> nn.Module:
+    """Three linear layers: each saved activation is quantized for the weight gradient, where the
+    partitioner may move that work into the forward graph."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)]
+    return metagrad.quantize(nn.Sequential(*layers), config)
+
+
+def mlp_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(64, 16, generator=gen), torch.randint(0, 5, (64,), generator=gen)
+
+
+@pytest.mark.parametrize("name", [f"recipe:{name}" for name in ("rht-mxfp4", "rht-nvfp4")])
+def test_a_transform_draw_shared_with_a_saved_activation_stays_one_draw_when_traced(name):
+    """The recipes share one ``rht`` draw between the error and the saved activation of a
+    weight-gradient product. AOT autograd's partitioner (``aot_eager``, as inductor's) may
+    quantize the activation in the forward graph; the draw must still be one draw, made where
+    eager makes it (``metagrad.quant.draws``), or the gradients differ from eager's."""
+    model = mlp_net(nearest(config_for(name)))
+    torch.manual_seed(5)
+    want = grads(model, mlp_batch())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    _assert_close(grads(model, mlp_batch(), compiled), want)
+
+
 INDUCTOR_NEAREST = ("default", "int8", "bhq", "fp8-e5m2")
 
 

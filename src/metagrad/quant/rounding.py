@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from metagrad.kernels import kernel
+from metagrad.quant.draws import draw_integers
 from metagrad.quant.formats import DITHER_BITS, NumberFormat, dither_dtype
 from metagrad.quant.scaling import ScaleRule, get_scale_rule, scales_by_rule
 from metagrad.quant.spec import QuantSpec
@@ -88,14 +89,14 @@ def _flat_dither(
     signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`): four
     bytes (two 16-bit halves) per 32-bit word of :func:`_hashed_words`, whose key is the one
     draw from ``generator`` (None: PyTorch's default generator). ``like``: a tensor on
-    ``device`` whose sizes trace symbolically (torch.compile)."""
+    ``device`` whose sizes trace symbolically (torch.compile), and the draw's input
+    (:mod:`metagrad.quant.draws`)."""
     dtype = dither_dtype(bits)
     drawn = torch.uint8 if bits == 8 else torch.int16
     per_word = 32 // bits
     size = ((n + per_word - 1) // per_word,)
-    key = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, device=device,
-                        generator=generator)  # fmt: skip
     base = like if like is not None else torch.empty(0, device=device)
+    key = draw_integers(base, -(2**31), 2**31 - 1, 2, generator, torch.int32)
     words = _hashed_words(base.new_empty(size, dtype=torch.int32), key)
     return words.view(drawn)[:n].to(dtype)
 

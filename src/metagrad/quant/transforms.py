@@ -51,6 +51,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from metagrad.quant.draws import draw_integers
 from metagrad.quant.formats import NAME_CHARS, NAME_HELP
 from metagrad.registry import Registry
 
@@ -166,7 +167,7 @@ class RandomizedHadamard:
 
     def prepare(self, t: Tensor, generator: torch.Generator | None) -> _RHTState:
         block = self.block_for(t.shape[-1])
-        bits = torch.randint(0, 2, (block,), generator=generator, device=t.device)
+        bits = draw_integers(t, 0, 2, block, generator)  # one draw under torch.compile too
         return _RHTState(bits.to(t.dtype).mul_(2).sub_(1), block)
 
     def _apply(
