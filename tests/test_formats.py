@@ -503,3 +503,37 @@ def test_luq_stochastic_underflow_keeps_small_values_at_their_probability():
     eight = dataclasses.replace(spec, dither_bits=8)
     q8 = quantize_along(x, eight, (0,), 0, generator=torch.Generator().manual_seed(0))[1:]
     assert (q8 == 0).all()
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [16, 12])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_rows_shorter_than_a_scale_block_take_the_fused_kernel_with_the_same_values(
+    monkeypatch, rounding, length, dtype, compile_kernels
+):
+    """Rows shorter than MXFP4's block of 32 (a 16-channel convolution's error along its
+    channels) are one Hadamard block each, zero-padded to a scale block: the fused kernel gives
+    what the step-by-step path gives from the same draws."""
+    from metagrad.quant import quantize as quantize_module
+    from metagrad.quant.presets import preset_config
+
+    if compile_kernels and not kernels.available("cpu")[0]:
+        pytest.skip(f"torch.compile does not work here: {kernels.available('cpu')[1]}")
+    spec = dataclasses.replace(preset_config("rht-mxfp4").grad, rounding=rounding)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, length, 5, 5, generator=gen) * torch.rand(6, 1, 5, 5, generator=gen) ** 3
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    stepwise = quantize_module._quantize_transformed
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the step-by-step path was taken")
+
+    with kernels.compiled(compile_kernels):
+        monkeypatch.setattr(quantize_module, "_quantize_transformed", not_called)
+        fused = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
+        monkeypatch.setattr(quantize_module, "_quantize_transformed", stepwise)
+        monkeypatch.setattr(quantize_module, "_fused_block", lambda *args: 0)
+        want = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
+    assert fused.dtype == want.dtype and torch.equal(fused, want)
+    assert (fused - x.float()).norm() < 0.3 * x.float().norm()

@@ -282,14 +282,18 @@ def _quantize_transformed(
 
 def _fused_block(transform: Transform, state: Any, spec: QuantSpec, inner, x: Tensor) -> int:
     """The block of a data-independent transform that acts on whole blocks of the quantizer, one
-    by one, along the contraction axis (so the two fuse into one kernel); 0 where it does not."""
+    by one, along the contraction axis (so the two fuse into one kernel), or on whole rows
+    shorter than one (each a zero-padded block); 0 where it does not."""
     along = getattr(transform, "blockwise", None)
     if along is None or transform.data_dependent or spec.granularity != "block":
         return 0
     if _transform_axes(transform, inner) != inner or x.dtype not in _FUSED_DTYPES:
         return 0
     block = along(state)
-    return block if block % spec.block_size == 0 else 0
+    if block % spec.block_size == 0:
+        return block
+    whole_rows = transform.padded_length(row_order(x.shape, inner)[1]) == block
+    return block if whole_rows and block < spec.block_size else 0
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -311,7 +315,12 @@ def _transformed_blocks(
     t = blocks.to(work)
     down = overflow_guard(t)  # exact: quantization commutes with powers of two
     t = transform.forward(t, state, gain=down).to(compute)  # t read once, not rescaled first
-    t = t.view(t.shape[0], t.shape[1] // spec.block_size, spec.block_size)
+    size = spec.block_size
+    if t.shape[1] < size:  # whole rows, each one block zero-padded: the padding rounds to 0
+        t = t.unsqueeze(1)
+        dither = None if dither is None else dither.view(-1, size)[:, : t.shape[2]]
+    else:
+        t = t.view(t.shape[0], t.shape[1] // size, size)
     scale = _block_scales(t, spec.number_format.max_value, _rule(spec))
     q = _dequantize(t, scale, spec, dither, compute).flatten(1)
     q = transform.inverse(q.to(work), state).to(compute)
@@ -407,7 +416,7 @@ def quantize_along(
         if block:
             work = _transform_dtype(transform, x)
             m = as_columns(x, inner) if getattr(transform, "acts_on_columns", False) else None
-            if m is not None and m.shape[0] % block == 0:
+            if m is not None and m.shape[0] % block == 0 and block % spec.block_size == 0:
                 return quantize_columns(
                     x, m, spec, transform, inner, transform_state, dither, work, dtype
                 )
