@@ -27,9 +27,10 @@ def draw_integers(
     dtype: torch.dtype = torch.int64,
 ) -> Tensor:
     """``torch.randint(low, high, (n,))`` on ``like``'s device, the same numbers from the same
-    generator, depending on one element of ``like`` in a traced graph (its value is not used)."""
+    generator; traced by ``torch.compile``, depending on one element of ``like`` (its value is
+    not used)."""
     drawn = torch.randint(low, high, (n,), generator=generator, dtype=dtype, device=like.device)
-    if like.numel() == 0:
+    if like.numel() == 0 or not torch.compiler.is_compiling():  # eager code: no partitioner
         return drawn
     one = like.detach()[(0,) * like.dim()]  # a view: no copy
     never = (one != one) & (one == one)  # False for every value, NaN included

@@ -196,11 +196,10 @@ def prepare_transform(
     axes = _transform_axes(transform, inner)
     if not transform.data_dependent:  # only the padded length, dtype and device matter
         length = transform.padded_length(row_order(x.shape, axes)[1])
-        if x.numel() == 0:
-            return transform.prepare(x.new_empty((0, length), dtype=scale_dtype(x)), generator)
-        # one element of x, broadcast: the draws depend on it (metagrad.quant.draws)
-        one = x.detach()[(0,) * x.dim()].to(scale_dtype(x))
-        return transform.prepare(one.expand(1, length), generator)
+        rows = x.new_empty((0, length), dtype=scale_dtype(x))
+        if x.numel() and torch.compiler.is_compiling():  # the draws depend on x: one element
+            rows = x.detach()[(0,) * x.dim()].to(rows.dtype).expand(1, length)  # (.quant.draws)
+        return transform.prepare(rows, generator)
     return transform.prepare(_transform_rows(x.to(scale_dtype(x)), transform, axes)[0], generator)
 
 
