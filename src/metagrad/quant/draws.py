@@ -8,8 +8,9 @@ activation when the partitioner moves the activation's quantization into the for
 (``torch.randint_like`` has a tensor input, but AOT's common-subexpression pass merges two such
 draws with the same arguments into one.)
 
-:func:`draw_integers` makes each draw a function of a tensor's value, by a data dependence that
-changes nothing: a draw made from the error, and all that uses it, stays in the backward graph.
+:func:`draw_integers` makes each traced draw a function of a tensor's value, by a data
+dependence that changes nothing: a draw made from the error, and all that uses it, stays in the
+backward graph. Eager code draws as ``torch.randint`` does.
 """
 
 from __future__ import annotations
