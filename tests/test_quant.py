@@ -239,23 +239,29 @@ def test_hashed_dither_bytes_are_uniform_and_independent(compiled):
 
 @pytest.mark.parametrize(
     "like",
-    [torch.empty(3, 4, 5, 6).contiguous(memory_format=torch.channels_last), torch.ones(()),
-     torch.empty(0, 7)],
-    ids=["channels-last", "0-d", "empty"],
+    [torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last), torch.ones(()),
+     torch.full((2, 3), float("nan")), torch.empty(0, 7)],
+    ids=["channels-last", "0-d", "nan", "empty"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     ("low", "high", "dtype"), [(0, 2, torch.int64), (-(2**31), 2**31 - 1, torch.int32)]
 )
 def test_draw_integers_draws_what_randint_draws_from_either_generator(like, low, high, dtype):
-    """Tied to ``like`` in a traced graph (``metagrad.quant.draws``), the draw takes the numbers
-    ``torch.randint`` takes, from a given generator and from the default one, so eager results
-    did not change with it."""
+    """The draw takes the numbers ``torch.randint`` takes, from a given generator and from the
+    default one, so eager results did not change with it; traced (tied to ``like``, NaN or not)
+    it takes them too."""
     from metagrad.quant.draws import draw_integers
 
     got = draw_integers(like, low, high, 37, torch.Generator().manual_seed(4), dtype)
     want = torch.randint(low, high, (37,), generator=torch.Generator().manual_seed(4), dtype=dtype)
     assert got.dtype == dtype and got.shape == (37,) and torch.equal(got, want)
     torch.manual_seed(9)
-    got = draw_integers(like, low, high, 37, dtype=dtype)
+    want = torch.randint(low, high, (37,), dtype=dtype)
     torch.manual_seed(9)
-    assert torch.equal(got, torch.randint(low, high, (37,), dtype=dtype))
+    assert torch.equal(draw_integers(like, low, high, 37, dtype=dtype), want)
+    torch._dynamo.reset()
+    traced = torch.compile(
+        lambda t: draw_integers(t, low, high, 37, dtype=dtype), backend="aot_eager", fullgraph=True
+    )
+    torch.manual_seed(9)
+    assert torch.equal(traced(like), want)
