@@ -257,17 +257,22 @@ def _assert_close(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _assert_eager_gradients_under_aot_eager(model: nn.Module, batch) -> None:
+    """``model``'s gradients on ``batch()`` traced by ``aot_eager`` equal eager's, both drawing
+    from PyTorch's generator after the same seed."""
+    torch.manual_seed(5)
+    want = grads(model, batch())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    _assert_close(grads(model, batch(), compiled), want)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_nearest_rounding_gives_eager_gradients_under_aot_eager(name):
     """Without dither (and with eager's RNG for ``rht`` signs) the traced backward computes the
     eager gradients."""
-    model = conv_net(nearest(config_for(name)))
-    torch.manual_seed(5)
-    want = grads(model, conv_batch())
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(5)
-    _assert_close(grads(model, conv_batch(), compiled), want)
+    _assert_eager_gradients_under_aot_eager(conv_net(nearest(config_for(name))), conv_batch)
 
 
 def mlp_net(config: QuantConfig) -> nn.Module:
@@ -289,13 +294,7 @@ def test_a_transform_draw_shared_with_a_saved_activation_stays_one_draw_when_tra
     weight-gradient product. AOT autograd's partitioner (``aot_eager``, as inductor's) may
     quantize the activation in the forward graph; the draw must still be one draw, made where
     eager makes it (``metagrad.quant.draws``), or the gradients differ from eager's."""
-    model = mlp_net(nearest(config_for(name)))
-    torch.manual_seed(5)
-    want = grads(model, mlp_batch())
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(5)
-    _assert_close(grads(model, mlp_batch(), compiled), want)
+    _assert_eager_gradients_under_aot_eager(mlp_net(nearest(config_for(name))), mlp_batch)
 
 
 INDUCTOR_NEAREST = ("default", "int8", "bhq", "fp8-e5m2")
