@@ -16,6 +16,8 @@
    ``plain`` and the step a setting replaces) is the geometric mean of the per-round ratios,
    with its 95% interval. A setting whose first step fails is left out with its error. Each
    model also records which of its layers the ``fp8`` backend routes elsewhere, and why.
+   The papers' whole recipes (``--recipe``) are timed when named: ``--settings bf16 plain
+   rht-mxfp4 "rht-mxfp4 recipe"`` (each judged against its preset).
 2. layers: the backward products of transformer-MLP Linear layers: bf16, the ``fp8`` backend
    (FP8 GEMMs where the device has them) and the same recipe emulated by ``simulate``.
 
@@ -40,7 +42,7 @@ from metagrad.data import load_cifar10
 from metagrad.data.corpus import load_char_corpus
 from metagrad.machine import cpu_model
 from metagrad.models import model_task
-from metagrad.quant import QuantConfig, QuantSpec, list_presets
+from metagrad.quant import QuantConfig, QuantSpec, list_presets, list_recipes
 from metagrad.training.config import build_config
 from metagrad.training.setup import build_model
 
@@ -54,9 +56,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "fp8 backend": {**ROUTE, "grad_quant": "fp8-e5m2", "backend": "fp8"},
     "metagrad plain": {**ROUTE, "grad_quant": "plain", "method": "metagrad"},
 }
-COMPARE_WITH = {"fp8 backend": "fp8-e5m2", "metagrad plain": "plain"}
+DEFAULT_SETTINGS = list(SETTINGS)
+RECIPES = {
+    f"{name} recipe": {**ROUTE, "grad_quant": name, "recipe": True} for name in list_recipes()
+}
+"""The papers' whole recipes (``--recipe``): timed when named in ``--settings``."""
+SETTINGS.update(RECIPES)
+COMPARE_WITH = {
+    "fp8 backend": "fp8-e5m2",
+    "metagrad plain": "plain",
+    **{name: name.removesuffix(" recipe") for name in RECIPES},
+}
 """Besides bf16, the step each setting is judged against (the same numbers emulated; the
-quantized step MetaGrad corrects)."""
+quantized step MetaGrad corrects; the preset a recipe extends)."""
 E4M3 = QuantSpec(format="fp8_e4m3")
 
 
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip", help="CIFAR-10")
     parser.add_argument("--quick", action="store_true", help="width 0.25, batch 16, few steps")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--parts", nargs="*", default=["steps", "layers"])
     parser.add_argument("--steps", type=int, help="timed steps per setting (default 15; quick 2)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (compile)")

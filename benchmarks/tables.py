@@ -167,6 +167,21 @@ STEP_MATRIX_RUNS_COMMANDS = tuple(
     + (f" --out benchmarks/results/{f}" if "repeat" in f else "")
     for f in STEP_MATRIX_RUNS
 )
+STEP_RECIPES = (
+    "step-recipes-before-cpu-amd-epyc-w0.25.json",
+    "step-recipes-cpu-amd-epyc-w0.25.json",
+)
+"""The papers' whole recipes timed beside their presets: on the code before their products ran
+on the transformed operands (93f73d2), then after."""
+STEP_RECIPES_COMMAND = (
+    "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2 "
+    "--width 0.25 --settings bf16 plain rht-mxfp4 rht-nvfp4 'rht-mxfp4 recipe' "
+    "'rht-nvfp4 recipe' --out benchmarks/results/"
+)
+STEP_RECIPES_COMMANDS = (
+    f"PYTHONPATH=<a checkout of 93f73d2>/src {STEP_RECIPES_COMMAND}{STEP_RECIPES[0]}",
+    f"{STEP_RECIPES_COMMAND}{STEP_RECIPES[1]}",
+)
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"
 TABLES: dict[str, Table] = {
@@ -239,6 +254,7 @@ TABLES: dict[str, Table] = {
     "step-matrix-runs": _table(
         STEP_MATRIX_RUNS, step_matrix_runs_table, *STEP_MATRIX_RUNS_COMMANDS
     ),
+    "step-recipes": _table(STEP_RECIPES, step_matrix_table, *STEP_RECIPES_COMMANDS),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),

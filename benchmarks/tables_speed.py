@@ -264,8 +264,8 @@ def speed_table(*datas: dict) -> str:
 
 def _is_preset(setting: dict[str, Any]) -> bool:
     """Whether a step matrix setting is a gradient preset on the emulating backend (not bf16,
-    another backend or MetaGrad), from the configuration it recorded."""
-    return "grad_quant" in setting and "backend" not in setting and "method" not in setting
+    another backend, MetaGrad or a whole recipe), from the configuration it recorded."""
+    return "grad_quant" in setting and not {"backend", "method", "recipe"} & setting.keys()
 
 
 def step_matrix_table(*datas: dict) -> str:

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metagrad.backward import emulated
 from metagrad.nn.functional import conv2d, linear
 from metagrad.quant.presets import preset_config
-from metagrad.quant.quantize import prepare_transform, quantize_along
+from metagrad.quant.quantize import prepare_transform, quantize_along, quantize_transformed
+from metagrad.quant.recipes import get_recipe
 from metagrad.quant.spec import QuantConfig, QuantSpec
 from metagrad.training.config import ConfigError, build_config
 
@@ -83,6 +85,73 @@ def test_a_shared_transform_cancels_in_the_product():
         scale = (t @ source).abs().max() / 448
         on_grid = (t @ q) / scale
         assert torch.allclose(on_grid.float().to(torch.float8_e4m3fn).double(), on_grid)
+
+
+def _recipe_grads(recipe: str, layer: str, seed: int = 3):
+    """Float64 gradients of a linear layer or a strided convolution (with bias) under a
+    recipe whose backward operands share their transforms; contraction lengths of whole
+    transform blocks (a padded one adds the products of what the rounding leaves in the
+    padding, as a product on padded hardware operands does)."""
+    g = torch.Generator().manual_seed(0)
+    if layer == "linear":
+        shapes, fn = ((4, 16, 40), (32, 40), (32,), (4, 16, 32)), linear
+    else:
+        shapes = ((4, 8, 8, 8), (32, 8, 3, 3), (32,), (4, 32, 4, 4))
+
+        def fn(*t, config):
+            return conv2d(*t, stride=2, padding=1, config=config)
+
+    x, w, b, e = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    config = get_recipe(recipe).config
+    torch.manual_seed(seed)
+    return _grads(lambda *t: fn(*t, config=config), x, w, b, e=e)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("recipe", ["rht-mxfp4", "rht-nvfp4"])
+def test_operands_sharing_a_transform_multiply_as_transformed_rows(recipe, layer, monkeypatch):
+    """Where both operands of a product share one transform draw, the product runs on Q(T e)
+    and Q(T o) as they are (no inverse transform): in float64 it equals the product of the
+    operands transformed back, bias included, from the same draws."""
+    got = _recipe_grads(recipe, layer)
+    calls = []
+
+    def laid_back(*args, **kwargs):
+        calls.append(args)
+        return None
+
+    monkeypatch.setattr(emulated, "_transformed_pair", laid_back)
+    ref = _recipe_grads(recipe, layer)
+    assert calls  # the recipe has products with a shared transform
+    for a, r in zip(got, ref, strict=True):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-9)
+
+
+def test_under_bf16_a_shared_transform_adds_no_rounding_between_grid_and_product():
+    """The MXFP4 recipe under bf16 autocast: each product equals the float64 product of the
+    transformed, quantized operands to the rounding of its bf16 result (the operands
+    transformed back in bf16 would add their own rounding first)."""
+    config = get_recipe("rht-mxfp4").config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g, requires_grad=True)
+    w = torch.randn(48, 64, generator=g, requires_grad=True)
+    e = torch.randn(256, 48, generator=g).bfloat16()
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear(x, w, None, config=config).backward(e)
+    torch.manual_seed(5)  # the same draws, in the backward's order: dL/dx's pair, then dL/dW's
+    spec, operands = config.grad, (x.detach().bfloat16(), w.detach().bfloat16())
+    products = []
+    for inner, other, other_inner in (((1,), operands[1], (0,)), ((0,), operands[0], (0,))):
+        state = prepare_transform(e, spec, inner)
+        er, orows = (
+            quantize_transformed(t, spec, i, transform_state=state, dtype=torch.bfloat16)
+            for t, i in ((e, inner), (other, other_inner))
+        )
+        products.append(er.double() @ orows.double().T)
+    for grad, exact in ((x.grad, products[0]), (w.grad, products[1])):
+        assert (grad.double() - exact).norm() < 2**-8 * exact.norm()
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -10,7 +10,14 @@ import torch
 from metagrad import kernels
 from metagrad.quant import formats
 from metagrad.quant.formats import FloatFormat, IntFormat, get_format, register_format
-from metagrad.quant.quantize import fake_quantize, quantize_along, quantize_codes
+from metagrad.quant.quantize import (
+    fake_quantize,
+    prepare_transform,
+    quantize_along,
+    quantize_codes,
+    quantize_transformed,
+)
+from metagrad.quant.rounding import as_rows
 from metagrad.quant.scaling import (
     E4M3,
     ceil_to_format,
@@ -232,6 +239,70 @@ def test_rht_pads_rows_whose_length_is_not_a_multiple_of_the_block():
     x = torch.randn(5, 75, generator=torch.Generator().manual_seed(0))
     q = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(0))
     assert q.shape == x.shape and (q - x).norm() < 0.05 * x.norm()
+
+
+MXFP4_RHT = QuantSpec(
+    format="fp4_e2m1",
+    rounding="stochastic",
+    granularity="block",
+    block_size=32,
+    scale_format="e8m0",
+    transform="rht",
+    transform_block=64,
+)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(
+    ("spec", "shape", "inner", "channels_last"),
+    [
+        (MXFP4_RHT, (8, 16, 96), (2,), False),  # rows, fused
+        (MXFP4_RHT, (8, 16, 96), (0, 1), False),  # across memory, fused
+        (MXFP4_RHT, (4, 40, 8, 8), (0, 2, 3), True),  # a channels-last error's columns
+        (MXFP4_RHT, (6, 70), (1,), False),  # padded to whole transform blocks
+        (dataclasses.replace(MXFP4_RHT, block_size=16, transform_block=16), (6, 24), (1,), False),
+        (QuantSpec(bits=4, rounding="stochastic", transform="rht"), (12, 40), (0,), False),
+    ],
+)
+def test_transformed_rows_are_the_quantized_values_before_the_inverse(
+    spec, shape, inner, channels_last, compiled
+):
+    """quantize_transformed returns Q(T x), rows padded to the transform's length: transformed
+    back (float64) they are quantize_along's values from the same draws, and each block of
+    them lies on the FP4 grid times one power-of-two scale (nothing rounded after the grid)."""
+    if compiled and not kernels.available("cpu")[0]:
+        pytest.skip(f"torch.compile does not work here: {kernels.available('cpu')[1]}")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    state = prepare_transform(x, spec, inner, torch.Generator().manual_seed(1))
+    with kernels.compiled(compiled):
+        laid_back, rows = (
+            fn(x, spec, inner, generator=torch.Generator().manual_seed(2), transform_state=state)
+            for fn in (quantize_along, quantize_transformed)
+        )
+    reference, _ = as_rows(laid_back.double(), inner)
+    length = reference.shape[1]
+    assert rows.shape == (
+        reference.shape[0],
+        RandomizedHadamard(spec.transform_block).padded_length(length),
+    )
+    signs = state.signs.double()
+    back = RandomizedHadamard(spec.transform_block).inverse(
+        rows.double(), type(state)(signs, state.block)
+    )
+    assert torch.allclose(back[:, :length], reference, atol=1e-5 * reference.abs().max())
+    if spec.granularity == "block":
+        blocks = rows.reshape(-1, spec.block_size).double()
+        top = blocks.abs().amax(1, keepdim=True)
+        scale = torch.exp2(torch.ceil(torch.log2(top / 6))).clamp_min(2.0**-126)
+        grid = blocks / scale
+        assert torch.equal(FloatFormat(2, 1).round(grid.float(), None).double(), grid)
+
+
+def test_quantize_transformed_needs_a_transform_along_the_contraction():
+    with pytest.raises(ValueError, match="inner transform"):
+        quantize_transformed(torch.randn(4, 8), QuantSpec(bits=4), (1,))
 
 
 def test_compiled_dequantize_kernel_equals_the_eager_one():

@@ -34,15 +34,19 @@ def _case(seed: int = 0):
 
 
 def _spy(monkeypatch) -> list[tuple[QuantSpec, torch.Tensor]]:
-    """Record every operand the emulated backward quantizes, with its spec."""
+    """Record every operand the emulated backward quantizes, with its spec (laid back, or as
+    transformed rows)."""
     calls: list[tuple[QuantSpec, torch.Tensor]] = []
-    real = emulated.quantize_along
 
-    def spy(t, spec, *args, **kwargs):
-        calls.append((spec, t.detach().clone()))
-        return real(t, spec, *args, **kwargs)
+    def spying(real):
+        def spy(t, spec, *args, **kwargs):
+            calls.append((spec, t.detach().clone()))
+            return real(t, spec, *args, **kwargs)
 
-    monkeypatch.setattr(emulated, "quantize_along", spy)
+        return spy
+
+    for name in ("quantize_along", "quantize_transformed"):
+        monkeypatch.setattr(emulated, name, spying(getattr(emulated, name)))
     return calls
 
 

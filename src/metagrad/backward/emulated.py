@@ -5,11 +5,13 @@ with their own specs (:class:`~metagrad.nn.functional.QuantConfig`: the error an
 ``dL/dx``, the error and the layer input for ``dL/dW``), each along that product's contraction
 axis, by :func:`metagrad.quant.quantize_along`, and multiplies the dequantized tensors in the
 compute dtype (the autocast dtype under mixed precision). A transform drawn for a product is
-shared by its two operands, as hardware would share it, so the product equals the product of the
-transformed, quantized operands. An error spec bound to neither product's axis (per tensor,
-channel or sample; no transform, or one across samples) quantizes the error once for both
-products, as the per-tensor, per-sample and block Householder quantizers' papers do. The bias
-gradient sums the error of the ``dL/dW`` product.
+shared by its two operands, as hardware would share it, and the product then runs on the
+transformed, quantized operands as they are (:func:`metagrad.quant.quantize_transformed`), with
+no inverse transform: over a padded contraction length it includes the padded positions, as a
+product on padded hardware operands does. An error spec bound to neither product's axis (per
+tensor, channel or sample; no transform, or one across samples) quantizes the error once for
+both products, as the per-tensor, per-sample and block Householder quantizers' papers do. The
+bias gradient sums the error of the ``dL/dW`` product.
 
 Contraction axes: ``dL/dx`` contracts the output features (a convolution's output channels, per
 kernel tap); ``dL/dW`` contracts every other axis of the error (samples, tokens, positions). A
@@ -19,13 +21,15 @@ input's blocks and transforms run along the same positions as the error's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagrad.quant.quantize import prepare_transform, quantize_along
+from metagrad.quant.quantize import prepare_transform, quantize_along, quantize_transformed
+from metagrad.quant.rounding import row_order
 from metagrad.quant.spec import QuantSpec
 from metagrad.quant.transforms import get_transform
 
@@ -58,6 +62,53 @@ def _pair(e: Tensor, o: Tensor, specs, inner, channels, dtype: torch.dtype):
     return eq, oq
 
 
+@dataclass
+class _Transformed:
+    """Both operands of one product as :func:`quantize_transformed` rows ``(rest, padded)``,
+    under one draw of their shared transform: their product over the padded length is the
+    product, with no inverse transform."""
+
+    e: Tensor
+    other: Tensor
+    spec: QuantSpec
+    state: Any
+    length: int  # the contraction length before padding
+
+    def error_sums(self) -> Tensor:
+        """:func:`_sums` of the error laid back, over the unpadded contraction axis: its rows
+        times the transformed indicator of those positions."""
+        dtype = torch.promote_types(self.e.dtype, torch.float32)
+        transform = get_transform(self.spec.transform, self.spec.transform_block)
+        ones = self.e.new_zeros((1, self.e.shape[1]), dtype=dtype)
+        ones[:, : self.length] = 1
+        indicator = transform.forward(ones, self.state)
+        return self.e.to(dtype).mm(indicator.t()).flatten()
+
+
+def _transformed_pair(
+    e: Tensor, o: Tensor, specs, inner, channels, dtype: torch.dtype
+) -> _Transformed | None:
+    """:func:`_pair` as :class:`_Transformed` rows where the two operands share a transform
+    draw (None elsewhere)."""
+    state = _shared_state(specs[0], specs[1], e, inner[0])
+    if state is None:
+        return None
+    er = quantize_transformed(
+        e, specs[0], inner[0], channels[0], transform_state=state, dtype=dtype
+    )
+    orows = quantize_transformed(
+        o, specs[1], inner[1], channels[1], transform_state=state, dtype=dtype
+    )
+    length = row_order(e.shape, inner[0])[1]
+    return _Transformed(er, orows, specs[0], state, length)
+
+
+def _sums(eq: Tensor, dims: int | tuple[int, ...]) -> Tensor:
+    """The quantized error summed over ``dims`` (the bias gradient), accumulated in float32
+    (float64 for float64)."""
+    return eq.sum(dims, dtype=torch.promote_types(eq.dtype, torch.float32))
+
+
 def _shared_error(err_x: QuantSpec, err_w: QuantSpec) -> bool:
     """Whether both products can use one quantized error: the same spec, with no part bound to
     a product's contraction axis (blocks, or a transform along it), as the papers of per-tensor,
@@ -88,24 +139,35 @@ def linear_backward(
         shared = quantize_along(e, err_x, (e.dim() - 1,), -1, dtype=dtype)
     if need_x:
         # dL/dx = e W: contracts the output features (e's last dim, W's dim 0)
-        if shared is None:
-            last = e.dim() - 1
-            eq, wq = _pair(e, weight, (err_x, w_spec), ((last,), (0,)), (-1, 0), dtype)
+        args = (err_x, w_spec), ((e.dim() - 1,), (0,)), (-1, 0)
+        rows = None if shared is not None else _transformed_pair(e, weight, *args, dtype)
+        if rows is not None:  # (tokens, out) times (in, out)^T
+            grad_x = rows.e.mm(rows.other.t()).view(*e.shape[:-1], -1)
         else:
-            eq, wq = shared, quantize_along(weight, w_spec, (0,), 0, dtype=dtype)
-        grad_x = eq.matmul(wq).to(dtypes[0])
+            if shared is None:
+                eq, wq = _pair(e, weight, *args, dtype)
+            else:
+                eq, wq = shared, quantize_along(weight, w_spec, (0,), 0, dtype=dtype)
+            grad_x = eq.matmul(wq)
+        grad_x = grad_x.to(dtypes[0])
     if need_w or need_b:
         # dL/dW = e^T x: contracts every leading dim (samples, tokens)
         lead = tuple(range(e.dim() - 1))
-        if shared is None:
-            eq, xq = _pair(e, x, (err_w, x_spec), (lead, lead), (-1, -1), dtype)
+        args = (err_w, x_spec), (lead, lead), (-1, -1)
+        rows = None if shared is not None else _transformed_pair(e, x, *args, dtype)
+        if rows is not None:  # (out, tokens) times (in, tokens)^T
+            grad_w = rows.e.mm(rows.other.t()) if need_w else None
+            grad_b = rows.error_sums() if need_b else None
         else:
-            eq, xq = shared, quantize_along(x, x_spec, lead, -1, dtype=dtype)
-        eq = eq.reshape(-1, e.shape[-1])
-        if need_w:
-            grad_w = eq.t().mm(xq.reshape(-1, x.shape[-1])).to(dtypes[1])
-        if need_b:
-            grad_b = eq.sum(0, dtype=torch.float32).to(dtypes[2])
+            if shared is None:
+                eq, xq = _pair(e, x, *args, dtype)
+            else:
+                eq, xq = shared, quantize_along(x, x_spec, lead, -1, dtype=dtype)
+            eq = eq.reshape(-1, e.shape[-1])
+            grad_w = eq.t().mm(xq.reshape(-1, x.shape[-1])) if need_w else None
+            grad_b = _sums(eq, 0) if need_b else None
+        grad_w = grad_w.to(dtypes[1]) if need_w else None
+        grad_b = grad_b.to(dtypes[2]) if need_b else None
     return grad_x, grad_w, grad_b
 
 
@@ -132,25 +194,33 @@ def conv2d_backward(
         eq = quantize_along(e, err_x, (1,), 1, dtype=dtype)
         grad_x, grad_w, _ = backward(eq, x, weight.to(dtype), None, *args, (True, need_w, False))
         grad_w = grad_w.to(dtypes[1]) if need_w else None
-        grad_b = eq.sum((0, 2, 3), dtype=torch.float32).to(dtypes[2]) if need_b else None
+        grad_b = _sums(eq, (0, 2, 3)).to(dtypes[2]) if need_b else None
         return grad_x.to(dtypes[0]), grad_w, grad_b
     if need_x:
         # contracts output channels: e's dim 1, W's dim 0
-        eq, wq = _pair(e, weight, (err_x, w_spec), ((1,), (0,)), (1, 0), dtype)
+        pair = (err_x, w_spec), ((1,), (0,)), (1, 0)
+        rows = _transformed_pair(e, weight, *pair, dtype) if groups == 1 else None
+        if rows is not None:  # both as images whose output channels are the padded rows
+            eq = rows.e.reshape(e.shape[0], *e.shape[2:], -1).permute(0, 3, 1, 2)
+            wq = rows.other.reshape(*weight.shape[1:], -1).permute(3, 0, 1, 2)
+        else:
+            eq, wq = _pair(e, weight, *pair, dtype)
         stand_in = eq.new_empty(1).expand(x.shape)
         grad_x = backward(eq, stand_in, wq, None, *args, (True, False, False))[0].to(dtypes[0])
     if need_w or need_b:
         # contracts samples and positions: e's dims 0, 2, 3
         if x_spec.enabled:
-            grad_w, eq = _conv_weight_grad_unfolded(e, x, weight, conv, err_w, x_spec, dtype)
+            grad_w, sums = _conv_weight_grad_unfolded(
+                e, x, weight, conv, err_w, x_spec, dtype, need_b
+            )
         else:
             eq = quantize_along(e, err_w, (0, 2, 3), 1, dtype=dtype)
             if need_w:
                 stand_in = eq.new_empty(1).expand(weight.shape)
                 grad_w = backward(eq, x, stand_in, None, *args, (False, True, False))[1]
+            sums = _sums(eq, (0, 2, 3)) if need_b else None
         grad_w = grad_w.to(dtypes[1]) if need_w else None
-        if need_b:
-            grad_b = eq.sum((0, 2, 3), dtype=torch.float32).to(dtypes[2])
+        grad_b = sums.to(dtypes[2]) if need_b else None
     return grad_x, grad_w, grad_b
 
 
@@ -162,19 +232,27 @@ def _conv_weight_grad_unfolded(
     err_spec: QuantSpec,
     x_spec: QuantSpec,
     dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """``dL/dW`` as ``e^T im2col(x)``, both quantized along the positions; and the error used."""
+    need_sums: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``dL/dW`` as ``e^T im2col(x)``, both quantized along the positions; and (``need_sums``)
+    the quantized error summed over them, in float32."""
     stride, padding, dilation, groups = conv
     c_out, c_in_g, kh, kw = weight.shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     cols = cols.transpose(1, 2)  # (N, L, C*kh*kw), L = Ho*Wo in the error's order
-    specs, inner = (err_spec, x_spec), ((0, 2, 3), (0, 1))
-    eq, xq = _pair(e, cols, specs, inner, (1, -1), dtype)
-    e2 = eq.permute(0, 2, 3, 1).reshape(-1, c_out)
-    x2 = xq.reshape(-1, cols.shape[-1])
+    pair = (err_spec, x_spec), ((0, 2, 3), (0, 1)), (1, -1)
+    rows = _transformed_pair(e, cols, *pair, dtype)
+    if rows is not None:  # (positions, out) and (positions, in x taps), padded
+        e2, x2 = rows.e.t(), rows.other.t()
+        sums = rows.error_sums() if need_sums else None
+    else:
+        eq, xq = _pair(e, cols, *pair, dtype)
+        e2 = eq.permute(0, 2, 3, 1).reshape(-1, c_out)
+        x2 = xq.reshape(-1, cols.shape[-1])
+        sums = _sums(eq, (0, 2, 3)) if need_sums else None
     per_out, per_in = c_out // groups, c_in_g * kh * kw
     parts = [
         e2[:, g * per_out : (g + 1) * per_out].t().mm(x2[:, g * per_in : (g + 1) * per_in])
         for g in range(groups)
     ]
-    return torch.cat(parts, 0).reshape(weight.shape), eq
+    return torch.cat(parts, 0).reshape(weight.shape), sums

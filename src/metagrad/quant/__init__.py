@@ -16,6 +16,7 @@ from metagrad.quant.quantize import (
     prepare_transform,
     quantize_along,
     quantize_codes,
+    quantize_transformed,
 )
 from metagrad.quant.recipes import get_recipe, list_recipes, recipe_config, register_recipe
 from metagrad.quant.scaling import register_scale_format
@@ -35,6 +36,7 @@ __all__ = [
     "preset_config",
     "quantize_along",
     "quantize_codes",
+    "quantize_transformed",
     "recipe_config",
     "register_format",
     "register_preset",

@@ -71,14 +71,16 @@ def _column_rounding(
     dither: Tensor | None,
     work: torch.dtype,
     dtype: torch.dtype,
+    invert: bool,
 ) -> Tensor:
-    """The second half: rounding (the dither read in the rows' order) and the way back, as a
-    ``(length, n)`` matrix."""
+    """The second half: rounding (the dither read in the rows' order) and the way back
+    (``invert``), as a ``(length, n)`` matrix."""
     n = t.shape[2]
     if dither is not None:  # flat in the order of the rows, which are the columns here
         dither = dither.view(n, -1).t()
     q = _dequantize(t, scale, spec, dither, torch.float32).view(-1, n)
-    q = transform.inverse(q.to(work), state, columns=True).to(torch.float32)
+    if invert:
+        q = transform.inverse(q.to(work), state, columns=True).to(torch.float32)
     return _saturate(q.div_(down.to(torch.float32)), dtype).to(dtype)
 
 
@@ -92,11 +94,15 @@ def quantize_columns(
     dither: Tensor | None,
     work: torch.dtype,
     dtype: torch.dtype,
+    invert: bool = True,
 ) -> Tensor:
     """The fused quantizer (a transform and block scales) where ``x``'s rows are the columns
     ``m`` of its memory (:func:`as_columns`): worked on in place of a transposed copy, the same
-    values, laid out as ``x``."""
+    values, laid out as ``x``; without ``invert``, the transformed rows as the columns of a
+    ``(length, n)`` matrix."""
     t, scale, down = _column_transform(m, spec, transform, state, work)
-    q = _column_rounding(t, scale, down, spec, transform, state, dither, work, dtype)
+    q = _column_rounding(t, scale, down, spec, transform, state, dither, work, dtype, invert)
+    if not invert:
+        return q
     perm = [*inner, *(d for d in range(x.dim()) if d not in inner)]
     return _restorer(x.shape, perm)(q)

@@ -30,6 +30,7 @@ Special values, by design:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,7 @@ __all__ = [
     "quantize_codes",
     "quantize_float_codes",
     "quantize_input",
+    "quantize_transformed",
     "quantize_weight",
     "scale_dtype",
 ]
@@ -249,6 +251,7 @@ def _quantize_transformed(
     state: Any,
     dtype: torch.dtype,
     generator: torch.Generator | None = None,
+    invert: bool = True,
 ) -> Tensor:
     axes = _transform_axes(transform, inner)
     work = _transform_dtype(transform, x)
@@ -275,6 +278,8 @@ def _quantize_transformed(
             dim = 0 if spec.granularity == "sample" else channel_dim % x.dim()
             keep = _group_axis(dim, rest, axes, spec)
         q = _round_groups(grid, spec, keep, dither, compute).reshape(rows.shape)
+    if not invert:
+        return _unguarded(q, down, dtype)
     q = transform.inverse(q.to(work), state).to(compute)
     return restore(_unguarded(q, down, dtype)[:, :length])
 
@@ -307,9 +312,11 @@ def _transformed_blocks(
     dither: Tensor | None,
     work: torch.dtype,
     dtype: torch.dtype,
+    invert: bool = True,
 ) -> Tensor:
     """:func:`_quantize_transformed` on ``(n, block)`` rows where the transform's blocks are
-    whole blocks of the quantizer: transform, scales, rounding and the way back in one graph."""
+    whole blocks of the quantizer: transform, scales, rounding and the way back (``invert``)
+    in one graph."""
     compute = torch.float32
     t = blocks.to(work)
     down = overflow_guard(t)  # exact: quantization commutes with powers of two
@@ -322,7 +329,8 @@ def _transformed_blocks(
         t = t.view(t.shape[0], t.shape[1] // size, size)
     scale = _block_scales(t, spec.number_format.max_value, _rule(spec))
     q = _dequantize(t, scale, spec, dither, compute).flatten(1)
-    q = transform.inverse(q.to(work), state).to(compute)
+    if invert:
+        q = transform.inverse(q.to(work), state).to(compute)
     return _saturate(q.div_(down.to(compute)), dtype).to(dtype)
 
 
@@ -399,39 +407,109 @@ def quantize_along(
     dtype = dtype or scale_dtype(x)
     if not spec.enabled or x.numel() == 0:
         return x.to(dtype)
-    nd = max(x.dim(), 1)
-    inner = tuple(d % nd for d in inner)
-    transform = None
-    if spec.transform is not None:
-        transform = get_transform(spec.transform, spec.transform_block)
-        if transform_state is None and not transform.data_dependent:
-            transform_state = prepare_transform(x, spec, inner, generator)
-    dither = None
-    if spec.rounding == "stochastic":
-        size = _rounded_size(x, spec, transform, inner)
-        dither = _flat_dither(size, x.device, generator, spec.dither_bits, x)
+    inner = tuple(d % max(x.dim(), 1) for d in inner)
+    transform, transform_state, dither = _draws(x, spec, inner, generator, transform_state)
     if transform is not None:
-        block = _fused_block(transform, transform_state, spec, inner, x)
-        if block:
-            work = _transform_dtype(transform, x)
-            m = as_columns(x, inner) if getattr(transform, "acts_on_columns", False) else None
-            if m is not None and m.shape[0] % block == 0 and block % spec.block_size == 0:
-                return quantize_columns(
-                    x, m, spec, transform, inner, transform_state, dither, work, dtype
-                )
-            rows, restore = _transform_rows(x, transform, inner)
-            q = _transformed_blocks(
-                rows.reshape(-1, block), spec, transform, transform_state, dither, work, dtype
-            )
-            return restore(q.reshape(rows.shape))
-        return _quantize_transformed(
-            x, spec, transform, inner, channel_dim, dither, transform_state, dtype, generator
+        return _with_transform(
+            x, spec, transform, inner, channel_dim, transform_state, dither, dtype, generator
         )
     q = _quantize(x, spec, inner, channel_dim, dither, dtype)
     if spec.granularity not in BLOCK_GRANULARITIES:
         return q
     perm, length = row_order(x.shape, inner)
     return _restorer(x.shape, perm)(_from_blocks(q, x.numel() // length, length))
+
+
+def quantize_transformed(
+    x: Tensor,
+    spec: QuantSpec,
+    inner: Sequence[int],
+    channel_dim: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    transform_state: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``Q(T x)``: :func:`quantize_along` of a spec with an ``"inner"`` transform, without the
+    way back: the quantized, transformed rows of ``x`` along ``inner``, as the ``(rest,
+    padded length)`` matrix of :func:`~metagrad.quant.rounding.as_rows` (the other dims
+    flattened in order, the row zero-padded to the transform's length).
+
+    A transform is orthogonal, so for two operands quantized with one draw (``transform_state``
+    from :func:`prepare_transform`) the product of their rows over the padded length is the
+    product of their :func:`quantize_along` values, computed as hardware computes it: on the
+    quantized values themselves, with no inverse transform rounded in between. The same random
+    draws as :func:`quantize_along`, so its values are these rows transformed back.
+    """
+    transform = (
+        None if spec.transform is None else get_transform(spec.transform, spec.transform_block)
+    )
+    if not spec.enabled or transform is None or transform.axis != "inner":
+        raise ValueError(
+            f"quantize_transformed needs an enabled spec with an inner transform; got {spec}"
+        )
+    dtype = dtype or scale_dtype(x)
+    inner = tuple(d % max(x.dim(), 1) for d in inner)
+    if x.numel() == 0:
+        perm, length = row_order(x.shape, inner)
+        rest = math.prod([x.shape[d] for d in perm[: x.dim() - len(inner)]])
+        return x.new_zeros((rest, transform.padded_length(length)), dtype=dtype)
+    transform, transform_state, dither = _draws(x, spec, inner, generator, transform_state)
+    return _with_transform(
+        x, spec, transform, inner, channel_dim, transform_state, dither, dtype, generator, False
+    )
+
+
+def _draws(
+    x: Tensor,
+    spec: QuantSpec,
+    inner: tuple[int, ...],
+    generator: torch.Generator | None,
+    state: Any,
+) -> tuple[Transform | None, Any, Tensor | None]:
+    """The spec's transform, its draw (``state``, or one from ``generator``; data-dependent
+    transforms draw later) and the dither, drawn in that order."""
+    transform = None
+    if spec.transform is not None:
+        transform = get_transform(spec.transform, spec.transform_block)
+        if state is None and not transform.data_dependent:
+            state = prepare_transform(x, spec, inner, generator)
+    dither = None
+    if spec.rounding == "stochastic":
+        size = _rounded_size(x, spec, transform, inner)
+        dither = _flat_dither(size, x.device, generator, spec.dither_bits, x)
+    return transform, state, dither
+
+
+def _with_transform(
+    x: Tensor,
+    spec: QuantSpec,
+    transform: Transform,
+    inner: tuple[int, ...],
+    channel_dim: int,
+    state: Any,
+    dither: Tensor | None,
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+    invert: bool = True,
+) -> Tensor:
+    """``x`` quantized after ``transform``, laid back as ``x`` (``invert``) or as the rows of
+    :func:`quantize_transformed`."""
+    block = _fused_block(transform, state, spec, inner, x)
+    if not block:
+        return _quantize_transformed(
+            x, spec, transform, inner, channel_dim, dither, state, dtype, generator, invert
+        )
+    work = _transform_dtype(transform, x)
+    m = as_columns(x, inner) if getattr(transform, "acts_on_columns", False) else None
+    if m is not None and m.shape[0] % block == 0 and block % spec.block_size == 0:
+        q = quantize_columns(x, m, spec, transform, inner, state, dither, work, dtype, invert)
+        return q if invert else q.t()
+    rows, restore = _transform_rows(x, transform, inner)
+    q = _transformed_blocks(
+        rows.reshape(-1, block), spec, transform, state, dither, work, dtype, invert
+    ).reshape(rows.shape)
+    return restore(q) if invert else q
 
 
 WEIGHT_INNER = (1,)
