@@ -128,6 +128,16 @@ def test_operands_sharing_a_transform_multiply_as_transformed_rows(recipe, layer
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("recipe", ["rht-mxfp4", "rht-nvfp4"])
+def test_a_shared_transform_takes_an_empty_batch(recipe):
+    x = torch.randn(0, 5, 40, requires_grad=True)
+    w = torch.randn(24, 40, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    y = linear(x, w, b, config=get_recipe(recipe).config)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert gx.shape == x.shape and not gw.any() and not gb.any()
+
+
 def test_under_bf16_a_shared_transform_adds_no_rounding_between_grid_and_product():
     """The MXFP4 recipe under bf16 autocast: each product equals the float64 product of the
     transformed, quantized operands to the rounding of its bf16 result (the operands

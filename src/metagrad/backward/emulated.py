@@ -142,7 +142,7 @@ def linear_backward(
         args = (err_x, w_spec), ((e.dim() - 1,), (0,)), (-1, 0)
         rows = None if shared is not None else _transformed_pair(e, weight, *args, dtype)
         if rows is not None:  # (tokens, out) times (in, out)^T
-            grad_x = rows.e.mm(rows.other.t()).view(*e.shape[:-1], -1)
+            grad_x = rows.e.mm(rows.other.t()).view(*e.shape[:-1], weight.shape[1])
         else:
             if shared is None:
                 eq, wq = _pair(e, weight, *args, dtype)
