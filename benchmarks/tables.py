@@ -167,20 +167,20 @@ STEP_MATRIX_RUNS_COMMANDS = tuple(
     + (f" --out benchmarks/results/{f}" if "repeat" in f else "")
     for f in STEP_MATRIX_RUNS
 )
-STEP_RECIPES = (
-    "step-recipes-before-cpu-amd-epyc-w0.25.json",
-    "step-recipes-cpu-amd-epyc-w0.25.json",
+STEP_RECIPES = tuple(
+    f"step-recipes{when}-cpu-amd-epyc{width}.json"
+    for width in ("", "-w0.25")
+    for when in ("-before", "")
 )
-"""The papers' whole recipes timed beside their presets: on the code before their products ran
-on the transformed operands (93f73d2), then after."""
-STEP_RECIPES_COMMAND = (
-    "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2 "
-    "--width 0.25 --settings bf16 plain rht-mxfp4 rht-nvfp4 'rht-mxfp4 recipe' "
-    "'rht-nvfp4 recipe' --out benchmarks/results/"
-)
-STEP_RECIPES_COMMANDS = (
-    f"PYTHONPATH=<a checkout of 93f73d2>/src {STEP_RECIPES_COMMAND}{STEP_RECIPES[0]}",
-    f"{STEP_RECIPES_COMMAND}{STEP_RECIPES[1]}",
+"""The papers' whole recipes timed beside their presets, at full width and at width 0.25: on the
+code before their products ran on the transformed operands (93f73d2), then after."""
+STEP_RECIPES_COMMANDS = tuple(
+    ("PYTHONPATH=<a checkout of 93f73d2>/src " if "before" in f else "")
+    + "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2 "
+    + "".join(f"--width {w} " for w in re.findall(r"-w([\d.]+)\.json$", f))
+    + "--settings bf16 plain rht-mxfp4 rht-nvfp4 'rht-mxfp4 recipe' 'rht-nvfp4 recipe' "
+    + f"--out benchmarks/results/{f}"
+    for f in STEP_RECIPES
 )
 SIGNAL = "python -m benchmarks.metagrad_signal --threads 1"
 HORIZON = "python -m benchmarks.metagrad_horizon --threads 1 --parallel 2"

@@ -438,8 +438,10 @@ def quantize_transformed(
     A transform is orthogonal, so for two operands quantized with one draw (``transform_state``
     from :func:`prepare_transform`) the product of their rows over the padded length is the
     product of their :func:`quantize_along` values, computed as hardware computes it: on the
-    quantized values themselves, with no inverse transform rounded in between. The same random
-    draws as :func:`quantize_along`, so its values are these rows transformed back.
+    quantized values themselves, with no inverse transform rounded in between (where the
+    length is padded, it also adds the products of what the rounding leaves in the padding,
+    which :func:`quantize_along` crops). The same random draws as :func:`quantize_along`, so
+    its values are these rows transformed back.
     """
     transform = (
         None if spec.transform is None else get_transform(spec.transform, spec.transform_block)
