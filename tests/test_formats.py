@@ -586,7 +586,7 @@ def test_rows_shorter_than_a_scale_block_take_the_fused_kernel_with_the_same_val
     """Rows shorter than MXFP4's block of 32 (a 16-channel convolution's error along its
     channels) are one Hadamard block each, zero-padded to a scale block: the fused kernel gives
     what the step-by-step path gives from the same draws."""
-    from metagrad.quant import quantize as quantize_module
+    from metagrad.quant import transformed as transformed_module
     from metagrad.quant.presets import preset_config
 
     if compile_kernels and not kernels.available("cpu")[0]:
@@ -595,16 +595,16 @@ def test_rows_shorter_than_a_scale_block_take_the_fused_kernel_with_the_same_val
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, length, 5, 5, generator=gen) * torch.rand(6, 1, 5, 5, generator=gen) ** 3
     x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    stepwise = quantize_module._quantize_transformed
+    stepwise = transformed_module._quantize_transformed
 
     def not_called(*args, **kwargs):
         raise AssertionError("the step-by-step path was taken")
 
     with kernels.compiled(compile_kernels):
-        monkeypatch.setattr(quantize_module, "_quantize_transformed", not_called)
+        monkeypatch.setattr(transformed_module, "_quantize_transformed", not_called)
         fused = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
-        monkeypatch.setattr(quantize_module, "_quantize_transformed", stepwise)
-        monkeypatch.setattr(quantize_module, "_fused_block", lambda *args: 0)
+        monkeypatch.setattr(transformed_module, "_quantize_transformed", stepwise)
+        monkeypatch.setattr(transformed_module, "_fused_block", lambda *args: 0)
         want = quantize_along(x, spec, (1,), 0, generator=torch.Generator().manual_seed(1))
     assert fused.dtype == want.dtype and torch.equal(fused, want)
     assert (fused - x.float()).norm() < 0.3 * x.float().norm()

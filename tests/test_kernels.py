@@ -12,7 +12,8 @@ from torch import nn
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
 from metagrad.quant.formats import get_format
-from metagrad.quant.quantize import _guarded_rows, quantize_along, quantize_codes
+from metagrad.quant.quantize import quantize_along, quantize_codes
+from metagrad.quant.transformed import _guarded_rows
 from metagrad.quant.transforms import get_transform
 
 GRANULARITIES = ["tensor", "channel", "sample"]

@@ -3,9 +3,9 @@
 The bottom layer of the package (it imports only :mod:`metagrad.registry` and
 :mod:`metagrad.kernels`): :mod:`~metagrad.quant.spec` (specs, their text, and layer configs),
 :mod:`~metagrad.quant.formats`, :mod:`~metagrad.quant.scaling`, :mod:`~metagrad.quant.transforms`,
-:mod:`~metagrad.quant.quantize` (the quantizers), :mod:`~metagrad.quant.presets` (the
-published gradient quantizers by name) and :mod:`~metagrad.quant.recipes` (their papers' whole
-training recipes).
+:mod:`~metagrad.quant.quantize` (the quantizers; :mod:`~metagrad.quant.transformed` after a
+transform), :mod:`~metagrad.quant.presets` (the published gradient quantizers by name) and
+:mod:`~metagrad.quant.recipes` (their papers' whole training recipes).
 """
 
 from metagrad.quant.formats import register_format

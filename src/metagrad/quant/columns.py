@@ -4,9 +4,9 @@ The weight gradient of a convolution contracts its error over the samples and pi
 channels-last error holds outermost in memory. Its rows along those axes are the columns of that
 memory seen as a ``(samples x pixels, channels)`` matrix; a transform that says
 ``acts_on_columns`` (``rht``) transforms them there, in blocks down the columns, with the block
-scales and rounding of :func:`metagrad.quant.quantize.quantize_along`'s fused path, and the codes
-come back laid out as the error: the same values as the row-major path, without its transposed
-copy in and the convolution's copy back.
+scales and rounding of :func:`metagrad.quant.transformed.quantize_with_transform`'s fused path,
+and the codes come back laid out as the error: the same values as the row-major path, without
+its transposed copy in and the convolution's copy back.
 """
 
 from __future__ import annotations
