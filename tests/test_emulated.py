@@ -128,6 +128,31 @@ def test_operands_sharing_a_transform_multiply_as_transformed_rows(recipe, layer
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "channels_last"),
+    [
+        (3, 1, 1, 1, False),
+        (3, 2, 1, 1, True),
+        (3, 1, 2, 2, True),
+        (1, 3, 0, 1, False),
+        (5, 2, 2, 1, True),
+    ],
+)
+def test_unfolded_rows_are_im2col_along_the_error_positions(
+    kernel, stride, padding, dilation, channels_last
+):
+    """The weight-gradient operand of a recipe's convolution: F.unfold's columns as rows over
+    (sample, output row, output column), from one strided copy whatever the input's layout."""
+    x = torch.randn(3, 5, 11, 10, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    ho, wo = ((size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1 for size in (11, 10))
+    conv = ((stride,) * 2, (padding,) * 2, (dilation,) * 2, 1)
+    rows = emulated._unfolded_rows(x, (kernel, kernel), conv, torch.Size((ho, wo)))
+    assert torch.equal(rows, cols.permute(1, 0, 2).reshape(cols.shape[1], -1))
+
+
 @pytest.mark.parametrize("recipe", ["rht-mxfp4", "rht-nvfp4"])
 def test_a_shared_transform_takes_an_empty_batch(recipe):
     x = torch.randn(0, 5, 40, requires_grad=True)

@@ -40,15 +40,18 @@ Mask = tuple[bool, bool, bool]
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
+def _shares_transform(error: QuantSpec, other: QuantSpec) -> bool:
+    """Whether both operands of a product use the same transform along its contraction axis."""
+    if not (error.enabled and other.enabled) or error.transform is None:
+        return False
+    if (other.transform, other.transform_block) != (error.transform, error.transform_block):
+        return False
+    return get_transform(error.transform, error.transform_block).axis == "inner"
+
+
 def _shared_state(error: QuantSpec, other: QuantSpec, e: Tensor, inner: tuple[int, ...]):
     """One draw of the error's transform, for both operands when they use the same one."""
-    if not (error.enabled and other.enabled) or error.transform is None:
-        return None
-    if (other.transform, other.transform_block) != (error.transform, error.transform_block):
-        return None
-    if get_transform(error.transform, error.transform_block).axis != "inner":
-        return None
-    return prepare_transform(e, error, inner)
+    return prepare_transform(e, error, inner) if _shares_transform(error, other) else None
 
 
 def _pair(e: Tensor, o: Tensor, specs, inner, channels, dtype: torch.dtype):
@@ -238,15 +241,18 @@ def _conv_weight_grad_unfolded(
     the quantized error summed over them, in float32."""
     stride, padding, dilation, groups = conv
     c_out, c_in_g, kh, kw = weight.shape
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    cols = cols.transpose(1, 2)  # (N, L, C*kh*kw), L = Ho*Wo in the error's order
-    pair = (err_spec, x_spec), ((0, 2, 3), (0, 1)), (1, -1)
-    rows = _transformed_pair(e, cols, *pair, dtype)
-    if rows is not None:  # (positions, out) and (positions, in x taps), padded
+    rows = None
+    if _shares_transform(err_spec, x_spec):  # (out, positions) and (in x taps, positions)
+        cols = _unfolded_rows(x, (kh, kw), conv, e.shape[2:])
+        pair = (err_spec, x_spec), ((0, 2, 3), (1,)), (1, 0)
+        rows = _transformed_pair(e, cols, *pair, dtype)
+    if rows is not None:
         e2, x2 = rows.e.t(), rows.other.t()
         sums = rows.error_sums() if need_sums else None
     else:
-        eq, xq = _pair(e, cols, *pair, dtype)
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        cols = cols.transpose(1, 2)  # (N, L, C*kh*kw), L = Ho*Wo in the error's order
+        eq, xq = _pair(e, cols, (err_spec, x_spec), ((0, 2, 3), (0, 1)), (1, -1), dtype)
         e2 = eq.permute(0, 2, 3, 1).reshape(-1, c_out)
         x2 = xq.reshape(-1, cols.shape[-1])
         sums = _sums(eq, (0, 2, 3)) if need_sums else None
@@ -256,3 +262,18 @@ def _conv_weight_grad_unfolded(
         for g in range(groups)
     ]
     return torch.cat(parts, 0).reshape(weight.shape), sums
+
+
+def _unfolded_rows(x: Tensor, kernel: tuple[int, int], conv: tuple, out: torch.Size) -> Tensor:
+    """``im2col(x)`` as the ``(C*kh*kw, N*Ho*Wo)`` matrix of rows along the positions, in the
+    error's order: one strided copy of the padded input, where ``F.unfold`` and the rows'
+    transposed layout would take two."""
+    stride, padding, dilation, _ = conv
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    n, c = x.shape[:2]
+    sn, sc, sh, sw = padded.stride()
+    taps = padded.as_strided(
+        (c, *kernel, n, *out),
+        (sc, sh * dilation[0], sw * dilation[1], sn, sh * stride[0], sw * stride[1]),
+    )
+    return taps.reshape(c * kernel[0] * kernel[1], -1)
