@@ -140,24 +140,24 @@ def linear_backward(
     shared = None
     if _shared_error(err_x, err_w) and need_x and (need_w or need_b):
         shared = quantize_along(e, err_x, (e.dim() - 1,), -1, dtype=dtype)
+    # a shared error has no transform along a contraction axis: no transformed pair then
     if need_x:
         # dL/dx = e W: contracts the output features (e's last dim, W's dim 0)
         args = (err_x, w_spec), ((e.dim() - 1,), (0,)), (-1, 0)
-        rows = None if shared is not None else _transformed_pair(e, weight, *args, dtype)
+        rows = _transformed_pair(e, weight, *args, dtype)
         if rows is not None:  # (tokens, out) times (in, out)^T
             grad_x = rows.e.mm(rows.other.t()).view(*e.shape[:-1], weight.shape[1])
+        elif shared is not None:
+            grad_x = shared.matmul(quantize_along(weight, w_spec, (0,), 0, dtype=dtype))
         else:
-            if shared is None:
-                eq, wq = _pair(e, weight, *args, dtype)
-            else:
-                eq, wq = shared, quantize_along(weight, w_spec, (0,), 0, dtype=dtype)
+            eq, wq = _pair(e, weight, *args, dtype)
             grad_x = eq.matmul(wq)
         grad_x = grad_x.to(dtypes[0])
     if need_w or need_b:
         # dL/dW = e^T x: contracts every leading dim (samples, tokens)
         lead = tuple(range(e.dim() - 1))
         args = (err_w, x_spec), (lead, lead), (-1, -1)
-        rows = None if shared is not None else _transformed_pair(e, x, *args, dtype)
+        rows = _transformed_pair(e, x, *args, dtype)
         if rows is not None:  # (out, tokens) times (in, tokens)^T
             grad_w = rows.e.mm(rows.other.t()) if need_w else None
             grad_b = rows.error_sums() if need_b else None
