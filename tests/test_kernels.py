@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
+from metagrad.backward.products import bias_grad
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
 from metagrad.quant.formats import get_format
 from metagrad.quant.quantize import quantize_along, quantize_codes
@@ -121,6 +122,23 @@ def test_a_compiled_float_format_rounds_every_binade_edge_as_eager_code(compiled
     rounded = torch.compile(fmt.round, dynamic=True)
     for d in (None, dither):
         assert torch.equal(rounded(values, d), fmt.round(values, d))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bias_gradient_of_bf16_codes_is_their_exact_float32_sum_compiled_or_not(
+    compiled, granularity, channels_last
+):
+    """The bias gradient's sums read bf16 codes in place (compiled: no float32 copy); integer
+    codes sum exactly in float32, so eager and compiled agree with a float64 reference."""
+    e = _error(torch.bfloat16, channels_last)
+    codes, scale = quantize_codes(e, QuantSpec(4, "stochastic", granularity))
+    got = bias_grad(codes, scale, 1)
+    with kernels.compiled(False):
+        ref = bias_grad(codes, scale, 1)
+    exact = (codes.double() * scale.double()).sum((0, 2, 3))
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

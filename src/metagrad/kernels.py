@@ -172,14 +172,16 @@ def kernel(
             compiled_fn = torch.compile(fn, dynamic=True, options=options)
         from torch._dynamo import config
 
+        if not static_ints or config.specialize_int:
+            with vector_casts.active():
+                return compiled_fn(*args, **kwargs)
         # set for this call only, by assignment: config.patch costs several times more
-        before = config.specialize_int
-        config.specialize_int = before or static_ints
+        config.specialize_int = True
         try:
             with vector_casts.active():
                 return compiled_fn(*args, **kwargs)
         finally:
-            config.specialize_int = before
+            config.specialize_int = False
 
     run.eager = fn  # type: ignore[attr-defined]
     return run  # type: ignore[return-value]

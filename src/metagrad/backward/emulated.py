@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metagrad.backward.products import summed
 from metagrad.quant.quantize import prepare_transform, quantize_along, quantize_transformed
 from metagrad.quant.rounding import row_order
 from metagrad.quant.spec import QuantSpec
@@ -106,10 +107,10 @@ def _transformed_pair(
     return _Transformed(er, orows, specs[0], state, length)
 
 
-def _sums(eq: Tensor, dims: int | tuple[int, ...]) -> Tensor:
+def _sums(eq: Tensor, dims: tuple[int, ...]) -> Tensor:
     """The quantized error summed over ``dims`` (the bias gradient), accumulated in float32
-    (float64 for float64)."""
-    return eq.sum(dims, dtype=torch.promote_types(eq.dtype, torch.float32))
+    (float64 for float64), flat."""
+    return summed(eq, dims, torch.promote_types(eq.dtype, torch.float32)).flatten()
 
 
 def _shared_error(err_x: QuantSpec, err_w: QuantSpec) -> bool:
@@ -168,7 +169,7 @@ def linear_backward(
                 eq, xq = shared, quantize_along(x, x_spec, lead, -1, dtype=dtype)
             eq = eq.reshape(-1, e.shape[-1])
             grad_w = eq.t().mm(xq.reshape(-1, x.shape[-1])) if need_w else None
-            grad_b = _sums(eq, 0) if need_b else None
+            grad_b = _sums(eq, (0,)) if need_b else None
         grad_w = grad_w.to(dtypes[1]) if need_w else None
         grad_b = grad_b.to(dtypes[2]) if need_b else None
     return grad_x, grad_w, grad_b

@@ -91,12 +91,19 @@ def _factor(base: Tensor, operand: Operand, shape: tuple[int, ...] | None = None
     return base * scale
 
 
+@kernel(static_ints=True)
+def summed(t: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``t.sum(dims, keepdim=True, dtype=dtype)``. Compiled, each element is converted to
+    ``dtype`` as the sum reads it; eager PyTorch first copies the whole of ``t`` in ``dtype``."""
+    return t.sum(dims, keepdim=True, dtype=dtype)
+
+
 def bias_grad(codes: Tensor, scale: Tensor, channel_dim: int) -> Tensor:
     """``sum(codes * scale)`` over every dim but ``channel_dim``, accumulated in float32+."""
     nd = codes.dim()
     channel_dim %= nd
-    first = [d for d in range(nd) if d != channel_dim and scale.shape[d] == 1]
-    part = codes.sum(first, keepdim=True, dtype=scale.dtype) if first else codes.to(scale.dtype)
+    first = tuple(d for d in range(nd) if d != channel_dim and scale.shape[d] == 1)
+    part = summed(codes, first, scale.dtype) if first else codes.to(scale.dtype)
     return (part * scale).sum([d for d in range(nd) if d != channel_dim])
 
 
