@@ -12,6 +12,7 @@ from torch import nn
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.backward.products import bias_grad
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
+from metagrad.quant import transformed
 from metagrad.quant.formats import get_format
 from metagrad.quant.quantize import quantize_along, quantize_codes
 from metagrad.quant.transformed import _guarded_rows
@@ -90,6 +91,27 @@ def test_compiled_quantize_along_equals_eager_in_every_layout(compiled, text, dt
                 out.append(quantize_along(e, spec, inner, 1, generator=gen, dtype=dtype))
         assert torch.equal(out[0], out[1]), (text, inner)
         assert out[1].shape == e.shape and out[1].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_along_leading_axes_are_copied_by_a_kernel_and_keep_eager_bits(
+    compiled, dtype, monkeypatch
+):
+    """Rows along a contiguous error's leading axes (a linear layer's tokens) are a transposed
+    view; the fused path copies them with a compiled kernel (faster than aten's transposed
+    copy), and the codes are eager's bit for bit."""
+    e = torch.randn(8, 16, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    spec = QuantSpec.parse("fp4_e2m1:block32:e8m0-floor:stochastic:rht32")
+    copied = []
+    copy = transformed._contiguous
+    monkeypatch.setattr(transformed, "_contiguous", lambda x: copied.append(x.stride()) or copy(x))
+    out = []
+    for on in (False, True):
+        with kernels.compiled(on):
+            gen = torch.Generator().manual_seed(3)
+            out.append(quantize_along(e, spec, (0, 1), -1, generator=gen, dtype=dtype))
+    assert torch.equal(out[0], out[1])
+    assert copied == [(1, 40), (1, 40)]  # (40 rows, 128 tokens) of memory laid out by token
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -150,6 +150,13 @@ def _quantize_transformed(
     return restore(_unguarded(q, down, dtype)[:, :length])
 
 
+@kernel
+def _contiguous(x: Tensor) -> Tensor:
+    """``x.contiguous()``. Compiled, the copy of a transposed view (rows along a matrix's
+    leading axis) runs in vectorized tiles: several times faster than aten's copy."""
+    return x.contiguous()
+
+
 def _fused_block(transform: Transform, state: Any, spec: QuantSpec, inner, x: Tensor) -> int:
     """The block of a data-independent transform that acts on whole blocks of the quantizer, one
     by one, along the contraction axis (so the two fuse into one kernel), or on whole rows
@@ -225,7 +232,8 @@ def quantize_with_transform(
         q = quantize_columns(x, m, spec, transform, inner, state, dither, work, dtype, invert)
         return q if invert else q.t()
     rows, restore = _transform_rows(x, transform, inner)
+    whole = rows if rows.is_contiguous() else _contiguous(rows)
     q = _transformed_blocks(
-        rows.reshape(-1, block), spec, transform, state, dither, work, dtype, invert
+        whole.view(-1, block), spec, transform, state, dither, work, dtype, invert
     ).reshape(rows.shape)
     return restore(q) if invert else q
