@@ -338,3 +338,20 @@ def test_metagrad_kernels_bit_cast_in_vectors_and_others_compile_as_before(compi
     assert torch.equal(ours.view(torch.int32), want) and torch.equal(theirs.view(torch.int32), want)
     assert "at::vec::cast<int32_t>" in code and "at::vec::cast<float>" in code
     assert "at::vec::cast<" not in their_code  # code compiled outside metagrad's kernels
+
+
+@pytest.mark.parametrize("on", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_finds_any_nan_or_infinity_compiled_or_not(on, dtype):
+    """``kernels.finite``: one pass compiled, ``torch.isfinite(t).all()`` eager; the same
+    answer for every shape the training checks meet (a loss, biases, weights, empty)."""
+    shapes = [(), (7,), (5, 3), (4, 3, 3, 2)]
+    with kernels.compiled(on):
+        assert bool(kernels.finite(torch.empty(0, 3, dtype=dtype)))
+        for shape in shapes:
+            t = torch.randn(shape).to(dtype)
+            assert bool(kernels.finite(t))
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                u = t.clone()
+                u.view(-1)[-1] = bad
+                assert not bool(kernels.finite(u)), (shape, bad)

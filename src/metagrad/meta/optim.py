@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from metagrad import kernels
 from metagrad.meta import sharded
 from metagrad.meta.chunking import auto_chunk_size, check_chunk_size
 from metagrad.meta.closure import Closure, run_swapped
@@ -401,7 +402,7 @@ class MetaGrad(Optimizer):
             tensors.append(loss.detach())
         tensors = [sharded.local(t) for t in tensors]
         device = tensors[0].device if tensors else torch.device("cpu")
-        flags = [torch.isfinite(t).all().to(device) for t in tensors]
+        flags = [kernels.finite(t).to(device) for t in tensors]
         finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
         group = self._ddp.process_group if self._ddp is not None else self._shards
         if group is not None:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from metagrad import kernels
 from metagrad.checkpoint import CheckpointError
 from metagrad.parallel import distributed
 
@@ -88,7 +89,7 @@ def all_finite_shards(tensors: list[Tensor], device: torch.device, everywhere: b
     parts = [t for t in local_tensors(tensors) if t.numel()]
     ok = torch.ones((), dtype=torch.bool, device=device)
     if parts:
-        ok = torch.stack([torch.isfinite(t).all() for t in parts]).all().to(device)
+        ok = torch.stack([kernels.finite(t) for t in parts]).all().to(device)
     return on_every_rank(bool(ok), device) if everywhere else bool(ok)
 
 

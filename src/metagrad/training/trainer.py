@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from metagrad import kernels
 from metagrad.backward import fallback_report
 from metagrad.backward.int8.routes import route_record
 from metagrad.checkpoint import (
@@ -82,7 +83,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite (one synchronisation)."""
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return bool(torch.stack([kernels.finite(t) for t in tensors]).all())
 
 
 class Trainer(CheckpointState):
