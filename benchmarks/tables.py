@@ -48,6 +48,7 @@ from benchmarks.tables_measures import (
     transformers_table,
 )
 from benchmarks.tables_speed import (
+    kernel_ab_table,
     speed_goals_table,
     speed_table,
     step_matrix_runs_table,
@@ -255,6 +256,9 @@ TABLES: dict[str, Table] = {
         STEP_MATRIX_RUNS, step_matrix_runs_table, *STEP_MATRIX_RUNS_COMMANDS
     ),
     "step-recipes": _table(STEP_RECIPES, step_matrix_table, *STEP_RECIPES_COMMANDS),
+    "kernel-ab": _table(
+        "kernel-ab-cpu-amd-epyc.json", kernel_ab_table, "python -m benchmarks.kernel_ab"
+    ),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),

@@ -521,3 +521,26 @@ def step_matrix_runs_table(*datas: dict) -> str:
         f"{inside}, and the two runs give the same verdict in {same}.",
     ]
     return "\n".join(rows)
+
+
+def kernel_ab_table(data: dict) -> str:
+    """Each compiled kernel's training step against its eager reference (``kernel_ab``)."""
+    m = data["machine"]
+    lines = [
+        f"torch {m['torch']}, {m['cpu']}, {m['threads']} threads; each case's two steps "
+        "alternating on the same batches, medians and the paired ratio new/old.",
+        "",
+        "| case | model, setting | new ms | old ms | new/old | verdict |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for name, case in data["cases"].items():
+        r, median = case["new_over_old"], case["median_seconds"]
+        ci = r.get("ci95")
+        verdict = (
+            "faster" if ci and ci[1] < 1 else "slower" if ci and ci[0] > 1 else "no change resolved"
+        )
+        lines.append(
+            f"| {name} | {case['model']}, `{case['setting']}` | {median['new'] * 1e3:.1f} | "
+            f"{median['old'] * 1e3:.1f} | {ratio_text(r, 3)}, n = {r['n']} | {verdict} |"
+        )
+    return "\n".join(lines)

@@ -363,3 +363,21 @@ def test_two_runs_side_by_side_say_whether_one_runs_interval_held():
         "Of 4 ratios, the second run's lies within the first run's 95% interval in 2, and the "
         "two runs give the same verdict in 2." in text
     )
+
+
+def test_kernel_ab_times_each_kernel_against_its_eager_reference_and_puts_it_back():
+    import metagrad.backward.emulated as emulated
+    import metagrad.backward.products as products
+    import metagrad.quant.transformed as transformed
+    from benchmarks.kernel_ab import CASES
+    from metagrad import kernels
+
+    compiled = (products.summed, emulated.summed, transformed._contiguous, kernels.finite)
+    with CASES["bias sums"]["old"]():
+        assert products.summed is emulated.summed is compiled[0].eager
+    with CASES["transposed copy"]["old"]():
+        assert transformed._contiguous is compiled[2].eager
+    with CASES["finiteness"]["old"]():
+        t = torch.tensor([1.0, float("nan")])
+        assert kernels.finite is not compiled[3] and not bool(kernels.finite(t))
+    assert (products.summed, emulated.summed, transformed._contiguous, kernels.finite) == compiled

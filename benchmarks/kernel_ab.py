@@ -1,0 +1,130 @@
+"""Compiled kernels against their eager references, inside whole training steps.
+
+    python -m benchmarks.kernel_ab            # -> results/kernel-ab-cpu-<cpu model>.json
+
+Each case builds two copies of one training step (as ``metagrad train`` runs it: bf16 autocast,
+compiled kernels) and times them alternately, step by step on the same batches, after
+``--warmup`` steps: one with a kernel compiled (new), one with that kernel's eager reference in
+its place (old), which computes the same numbers as the code before the kernel existed. The
+ratio new/old is the geometric mean of the per-step ratios with its 95% interval
+(``metagrad.stats.paired_ratio``). Cases:
+
+- ``bias sums``: the full-width character GPT under ``plain``; the bias gradient's float32 sum
+  of the error's bf16 codes (``metagrad.backward.products.summed``).
+- ``transposed copy``: the full-width character GPT under ``rht-mxfp4``; the copy of the
+  error's rows along the tokens (``metagrad.quant.transformed._contiguous``).
+- ``finiteness``: full-width VGG-16 under MetaGrad (``plain``); its check that the loss and
+  every gradient are finite (``metagrad.kernels.finite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metagrad.backward.emulated as emulated
+import metagrad.backward.products as products
+import metagrad.quant.transformed as transformed
+from benchmarks.runner import command_line, step_batches, synthetic_data, training_step
+from benchmarks.speed import RESULTS, machine, machine_slug
+from benchmarks.step_matrix import MODELS, SETTINGS
+from metagrad import kernels
+from metagrad.data.corpus import load_char_corpus
+from metagrad.machine import cpu_model
+from metagrad.stats import paired_ratio
+
+
+@contextmanager
+def _replaced(module: Any, name: str, value: Callable) -> Iterator[None]:
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
+@contextmanager
+def _eager_bias_sums() -> Iterator[None]:
+    eager = products.summed.eager
+    with _replaced(products, "summed", eager), _replaced(emulated, "summed", eager):
+        yield
+
+
+@contextmanager
+def _eager_copy() -> Iterator[None]:
+    with _replaced(transformed, "_contiguous", transformed._contiguous.eager):
+        yield
+
+
+@contextmanager
+def _eager_finite() -> Iterator[None]:
+    with _replaced(kernels, "finite", lambda t: torch.isfinite(t).all()):
+        yield
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "bias sums": {"model": "gpt_char", "setting": "plain", "old": _eager_bias_sums},
+    "transposed copy": {"model": "gpt_char", "setting": "rht-mxfp4", "old": _eager_copy},
+    "finiteness": {"model": "vgg16", "setting": "metagrad plain", "old": _eager_finite},
+}
+
+
+def run_case(case: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+    """Median step seconds of new and old, and the paired ratio new/old."""
+    base = {**MODELS[case["model"]], "width": 1.0, "device": "cpu"}
+    gpt = case["model"].startswith("gpt")
+    data = load_char_corpus() if gpt else synthetic_data(base["batch_size"] * (warmup + steps))
+    batches = step_batches(data, base, warmup + steps)
+    settings = {**base, **SETTINGS[case["setting"]]}
+    runs = {"new": training_step(settings, data), "old": training_step(settings, data)}
+    times: dict[str, list[float]] = {"new": [], "old": []}
+    for i, (x, y) in enumerate(batches):
+        for name, step in runs.items():
+            with case["old"]() if name == "old" else nullcontext():
+                t0 = time.perf_counter()
+                step(x, y)
+                seconds = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(seconds)
+    return {
+        "model": case["model"],
+        "setting": case["setting"],
+        "median_seconds": {k: sorted(v)[len(v) // 2] for k, v in times.items()},
+        "step_seconds": times,
+        "new_over_old": paired_ratio(times["new"], times["old"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = args.out or RESULTS / f"kernel-ab-cpu-{machine_slug(cpu_model())}.json"
+    record: dict[str, Any] = {
+        "benchmark": "kernel_ab",
+        "command": command_line(),
+        "machine": machine(torch.device("cpu")),
+        "cases": {},
+    }
+    for name in args.cases:
+        record["cases"][name] = run_case(CASES[name], args.steps, args.warmup)
+        r = record["cases"][name]["new_over_old"]
+        print(f"{name:16s} new/old {r['ratio']:.3f} {r.get('ci95')} (n = {r['n']})", flush=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
