@@ -14,23 +14,30 @@ ratio new/old is the geometric mean of the per-step ratios with its 95% interval
 - ``transposed copy``: the full-width character GPT under ``rht-mxfp4``; the copy of the
   error's rows along the tokens (``metagrad.quant.transformed._contiguous``).
 - ``finiteness``: full-width VGG-16 under MetaGrad (``plain``); its check that the loss and
-  every gradient are finite (``metagrad.kernels.finite``).
+  every gradient are finite (``metagrad.kernels.all_finite``: one compiled call for them all).
+- ``hypernet passes``: full-width VGG-16 under MetaGrad (``plain``); the fused hypernetwork
+  (``metagrad.meta.fused``) against its code at commit ``HYPERNET_BEFORE``, read from the git
+  history, whose kernels evaluated the network twice in the forward pass and four times in the
+  backward (now once and twice) and recomputed the root mean squares; the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 import metagrad.backward.emulated as emulated
 import metagrad.backward.products as products
+import metagrad.meta.hyper as hyper
 import metagrad.quant.transformed as transformed
 from benchmarks.runner import command_line, step_batches, synthetic_data, training_step
 from benchmarks.speed import RESULTS, machine, machine_slug
@@ -66,7 +73,36 @@ def _eager_copy() -> Iterator[None]:
 
 @contextmanager
 def _eager_finite() -> Iterator[None]:
-    with _replaced(kernels, "finite", lambda t: torch.isfinite(t).all()):
+    with _replaced(kernels, "_all_finite", kernels._all_finite.eager):
+        yield
+
+
+HYPERNET_BEFORE = "24983e8"
+"""The last commit with the fused hypernetwork's earlier kernels."""
+
+_OLD_OPTIONS = {k: v for k, v in kernels.RECOMPUTE.items() if k != "cpp.max_horizontal_fusion_size"}
+
+
+def _module_at(commit: str, path: str, name: str) -> ModuleType:
+    """The module in file ``path`` as it was at ``commit`` (from the git history)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    module = ModuleType(name)
+    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
+    return module
+
+
+@contextmanager
+def _hypernet_before() -> Iterator[None]:
+    if not hasattr(_hypernet_before, "module"):
+        _hypernet_before.module = _module_at(  # type: ignore[attr-defined]
+            HYPERNET_BEFORE, "src/metagrad/meta/fused.py", "fused_before"
+        )
+    old = _hypernet_before.module.FusedMLP  # type: ignore[attr-defined]
+    # its kernels compile on their first call, here: with the inductor settings of that commit
+    with _replaced(hyper, "FusedMLP", old), _replaced(kernels, "RECOMPUTE", _OLD_OPTIONS):
         yield
 
 
@@ -74,6 +110,7 @@ CASES: dict[str, dict[str, Any]] = {
     "bias sums": {"model": "gpt_char", "setting": "plain", "old": _eager_bias_sums},
     "transposed copy": {"model": "gpt_char", "setting": "rht-mxfp4", "old": _eager_copy},
     "finiteness": {"model": "vgg16", "setting": "metagrad plain", "old": _eager_finite},
+    "hypernet passes": {"model": "vgg16", "setting": "metagrad plain", "old": _hypernet_before},
 }
 
 

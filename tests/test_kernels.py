@@ -241,6 +241,35 @@ def test_compiled_fused_hypernet_matches_eager(compiled):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("use_weight", [True, False])
+def test_compiled_fused_hypernet_evaluates_the_network_once_forward_and_twice_backward(
+    compiled, use_weight
+):
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    from metagrad.meta import fused
+
+    torch.manual_seed(0)
+    params = [torch.randn(8, 2), torch.randn(8), torch.randn(1, 8), torch.randn(1)]
+    g, w, dout = torch.randn(3, 4096).unbind()
+    feature = HYPERNET_FORMS.lookup("residual").feature
+    options = kernels._inductor_options({**kernels.THREADS_AT_RUN_TIME, **kernels.RECOMPUTE})
+
+    def loops(fn, *args):
+        fresh = torch.compile(fn.eager, dynamic=True, options=options)
+        with config.patch(force_disable_caches=True):
+            result, codes = run_and_get_code(fresh, *args)
+        return result, "\n".join(codes).count("#pragma omp parallel")
+
+    flags = (use_weight, feature, False, 1e-12)
+    (_, *scales), forward_loops = loops(fused._mlp_forward, g, w, *params, *flags)
+    assert forward_loops == 2 + use_weight  # rms(g), rms(w) and one loop through the network
+    sums, backward_loops = loops(fused._mlp_backward, dout, g, w, *params, *scales, *flags)
+    assert backward_loops == 2  # the rescaling's gradient, then all parameter sums in one loop
+    assert len(sums) == 1 + 8 * (3 + use_weight)
+
+
 def test_metagrad_with_compiled_kernels_follows_the_eager_trajectory(compiled):
     config = QuantConfig(grad=QuantSpec(4, "stochastic", "sample"))
     runs = []
@@ -355,3 +384,22 @@ def test_finite_finds_any_nan_or_infinity_compiled_or_not(on, dtype):
                 u = t.clone()
                 u.view(-1)[-1] = bad
                 assert not bool(kernels.finite(u)), (shape, bad)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_all_finite_finds_a_nan_or_infinity_in_any_tensor_of_a_list_compiled_or_not(on):
+    """``kernels.all_finite``: one compiled call for a whole list (a step's loss and gradients,
+    of mixed dtypes and with empty ones among them)."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(()), torch.randn(7).bfloat16(), torch.empty(0), torch.randn(4, 3, 3)]
+    with kernels.compiled(on):
+        assert bool(kernels.all_finite([]))
+        assert bool(kernels.all_finite([torch.empty(0, 2)]))
+        assert bool(kernels.all_finite(tensors))
+        for i, t in enumerate(tensors):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                if t.numel():
+                    changed = t.clone()
+                    changed.view(-1)[-1] = bad
+                    assert not bool(kernels.all_finite([*tensors[:i], changed, *tensors[i + 1 :]]))
+    assert kernels.all_finite(tensors, "meta").device.type == "meta"

@@ -3,13 +3,16 @@ tables of several machines side by side. No test depends on a timing."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks import runner, speed, tables
 from benchmarks.tables_speed import (
@@ -19,7 +22,10 @@ from benchmarks.tables_speed import (
     step_matrix_runs_table,
     step_matrix_table,
 )
+from metagrad.meta.fused import FusedMLP
 from metagrad.stats import paired_ratio
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_warmup_goes_on_while_a_step_compiles(monkeypatch):
@@ -372,12 +378,43 @@ def test_kernel_ab_times_each_kernel_against_its_eager_reference_and_puts_it_bac
     from benchmarks.kernel_ab import CASES
     from metagrad import kernels
 
-    compiled = (products.summed, emulated.summed, transformed._contiguous, kernels.finite)
+    compiled = (products.summed, emulated.summed, transformed._contiguous, kernels._all_finite)
     with CASES["bias sums"]["old"]():
         assert products.summed is emulated.summed is compiled[0].eager
     with CASES["transposed copy"]["old"]():
         assert transformed._contiguous is compiled[2].eager
     with CASES["finiteness"]["old"]():
         t = torch.tensor([1.0, float("nan")])
-        assert kernels.finite is not compiled[3] and not bool(kernels.finite(t))
-    assert (products.summed, emulated.summed, transformed._contiguous, kernels.finite) == compiled
+        assert kernels._all_finite is compiled[3].eager and not bool(kernels.finite(t))
+    now = (products.summed, emulated.summed, transformed._contiguous, kernels._all_finite)
+    assert now == compiled
+
+
+def test_kernel_ab_takes_the_earlier_hypernet_from_the_git_history_with_the_same_numbers():
+    import subprocess
+
+    import metagrad.meta.hyper as hyper
+    from benchmarks.kernel_ab import CASES, HYPERNET_BEFORE
+    from metagrad import kernels
+    from metagrad.meta.hyper import create_hypernet
+
+    found = subprocess.run(["git", "cat-file", "-e", HYPERNET_BEFORE], cwd=ROOT, check=False)
+    if found.returncode != 0:
+        pytest.skip(f"needs the git history (commit {HYPERNET_BEFORE})")
+    torch.manual_seed(0)
+    net = create_hypernet("grad+weight")
+    nn.init.normal_(net.head.weight, std=0.5)
+    g, w, upstream = torch.randn(3, 16, 8, 3, 3).unbind()
+    results = []
+    for before in (False, True):
+        with CASES["hypernet passes"]["old"]() if before else contextlib.nullcontext():
+            assert (hyper.FusedMLP is not FusedMLP) == before
+            assert ("cpp.max_horizontal_fusion_size" in kernels.RECOMPUTE) != before
+            out = net.fused(g, w)
+        torch.autograd.backward(out, upstream)
+        results.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+        net.zero_grad()
+    (out_now, grads_now), (out_then, grads_then) = results
+    assert torch.equal(out_now, out_then)
+    assert all(torch.equal(a, b) for a, b in zip(grads_now, grads_then, strict=True))
+    assert hyper.FusedMLP is FusedMLP

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -100,10 +100,12 @@ RECOMPUTE = {
     "realize_acc_reads_threshold": 1_000,
     "realize_cpu_opcount_threshold": 10_000,
     "realize_cpu_acc_reads_threshold": 1_000,
+    "cpp.max_horizontal_fusion_size": 64,
 }
 """Inductor settings that make it recompute cheap elementwise values in every loop that reads
 them instead of storing them to memory: for kernels whose intermediates are many times larger
-than their inputs (a hypernetwork's hidden units)."""
+than their inputs (a hypernetwork's hidden units). On CPU, up to 64 reductions over the same
+elements share a loop (inductor's default, 16, would recompute the values once per 16)."""
 
 
 EXACT_CASTS = {"emulate_precision_casts": True}
@@ -188,14 +190,31 @@ def kernel(
 
 
 @kernel
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(t).all()
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def all_finite(
+    tensors: Sequence[torch.Tensor], device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Whether every element of every tensor is finite: a 0-d bool tensor on ``device`` (default:
+    the first tensor's device; True for no elements), without synchronisation.
+
+    Compiled, one call per device the tensors are on, each tensor read once; eager
+    ``torch.isfinite(t).all()`` makes four passes per tensor."""
+    if device is None:
+        device = tensors[0].device if tensors else "cpu"
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault(t.device, []).append(t)
+    flags = [_all_finite(group).to(device) for group in groups.values()]
+    if len(flags) == 1:
+        return flags[0]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
 def finite(t: torch.Tensor) -> torch.Tensor:
     """Whether every element of ``t`` is finite: a 0-d bool tensor on ``t``'s device (no
-    synchronisation). Compiled, one pass over ``t``; eager ``torch.isfinite(t).all()`` makes
-    four (two comparisons, a magnitude and the reduction)."""
-    if t.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    return _finite(t)
+    synchronisation; :func:`all_finite` of one tensor)."""
+    return all_finite([t])

@@ -400,10 +400,7 @@ class MetaGrad(Optimizer):
             tensors += [q.grad for q in self.hypernet.parameters() if q.grad is not None]
         if isinstance(loss, Tensor):
             tensors.append(loss.detach())
-        tensors = [sharded.local(t) for t in tensors]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        flags = [kernels.finite(t).to(device) for t in tensors]
-        finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
+        finite = kernels.all_finite([sharded.local(t) for t in tensors]).float()
         group = self._ddp.process_group if self._ddp is not None else self._shards
         if group is not None:
             import torch.distributed as dist

@@ -86,11 +86,8 @@ def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
 def all_finite_shards(tensors: list[Tensor], device: torch.device, everywhere: bool) -> bool:
     """Whether every element of every tensor (of this rank's shard, for a DTensor) is finite;
     with ``everywhere``, on every rank (one all-reduce, the same answer on all)."""
-    parts = [t for t in local_tensors(tensors) if t.numel()]
-    ok = torch.ones((), dtype=torch.bool, device=device)
-    if parts:
-        ok = torch.stack([kernels.finite(t) for t in parts]).all().to(device)
-    return on_every_rank(bool(ok), device) if everywhere else bool(ok)
+    ok = bool(kernels.all_finite(local_tensors(tensors), device))
+    return on_every_rank(ok, device) if everywhere else ok
 
 
 def on_every_rank(ok: bool, device: torch.device) -> bool:

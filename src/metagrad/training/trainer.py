@@ -81,9 +81,7 @@ __all__ = [  # the run, and (re-exported) what its callers build and read it wit
 
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite (one synchronisation)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([kernels.finite(t) for t in tensors]).all())
+    return bool(kernels.all_finite(tensors))
 
 
 class Trainer(CheckpointState):
