@@ -14,7 +14,7 @@ ratio new/old is the geometric mean of the per-step ratios with its 95% interval
 - ``transposed copy``: the full-width character GPT under ``rht-mxfp4``; the copy of the
   error's rows along the tokens (``metagrad.quant.transformed._contiguous``).
 - ``finiteness``: full-width VGG-16 under MetaGrad (``plain``); its check that the loss and
-  every gradient are finite (``metagrad.kernels.all_finite``: one compiled call for them all).
+  every gradient are finite (``metagrad.kernels.all_finite``: compiled calls of 8 tensors each).
 - ``hypernet passes``: full-width VGG-16 under MetaGrad (``plain``); the fused hypernetwork
   (``metagrad.meta.fused``) against its code at commit ``HYPERNET_BEFORE``, read from the git
   history, whose kernels evaluated the network twice in the forward pass and four times in the

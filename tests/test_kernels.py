@@ -403,3 +403,20 @@ def test_all_finite_finds_a_nan_or_infinity_in_any_tensor_of_a_list_compiled_or_
                     changed.view(-1)[-1] = bad
                     assert not bool(kernels.all_finite([*tensors[:i], changed, *tensors[i + 1 :]]))
     assert kernels.all_finite(tensors, "meta").device.type == "meta"
+
+
+def test_all_finite_checks_lists_longer_than_a_group_of_every_layout(compiled):
+    """Groups of ``FINITE_GROUP`` flattened tensors: the last one padded, channels-last and
+    transposed tensors read as they lie, integers skipped, complex tensors checked too."""
+    torch.manual_seed(0)
+    count = 2 * kernels.FINITE_GROUP + 3
+    tensors = [torch.randn(2, 3 + i % 4, 2, 2) for i in range(count)]
+    tensors[1] = tensors[1].to(memory_format=torch.channels_last)
+    tensors[2] = tensors[2].transpose(0, 3)
+    tensors += [torch.arange(4), torch.randn(3, dtype=torch.complex64), torch.randn(1)]
+    assert bool(kernels.all_finite(tensors))
+    for i in [0, 1, 2, kernels.FINITE_GROUP, count - 1, count + 1, count + 2]:
+        changed = list(tensors)
+        changed[i] = tensors[i].clone()
+        changed[i][(0,) * tensors[i].dim()] = float("nan")
+        assert not bool(kernels.all_finite(changed)), i

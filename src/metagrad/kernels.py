@@ -189,9 +189,23 @@ def kernel(
     return run  # type: ignore[return-value]
 
 
+FINITE_GROUP = 8
+"""Tensors per compiled call of :func:`all_finite`: one call for a whole list would compile a
+graph as long as the list (hundreds of parameters: minutes), and one per tensor costs a call
+each."""
+
+
 @kernel
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """All elements of ``t`` in 1-D (a view when ``t`` is dense in any dim order), at least two
+    (a single element is repeated: size 1 would compile a variant of its own)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    flat = t.permute(order).reshape(-1)
+    return flat.repeat(2) if flat.numel() == 1 else flat
 
 
 def all_finite(
@@ -200,15 +214,27 @@ def all_finite(
     """Whether every element of every tensor is finite: a 0-d bool tensor on ``device`` (default:
     the first tensor's device; True for no elements), without synchronisation.
 
-    Compiled, one call per device the tensors are on, each tensor read once; eager
-    ``torch.isfinite(t).all()`` makes four passes per tensor."""
+    Compiled, the floating-point tensors of each device and dtype are checked in calls of
+    :data:`FINITE_GROUP` tensors, each read once as 1-D, so that one compilation serves every
+    model; eager ``torch.isfinite(t).all()`` makes four passes per tensor. Integer tensors are
+    finite."""
     if device is None:
         device = tensors[0].device if tensors else "cpu"
-    groups: dict[torch.device, list[torch.Tensor]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    flags = []
     for t in tensors:
-        if t.numel():
-            groups.setdefault(t.device, []).append(t)
-    flags = [_all_finite(group).to(device) for group in groups.values()]
+        if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+            continue
+        if t.is_complex():  # (inductor's complex support is partial)
+            flags.append(torch.isfinite(t).all().to(device))
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(_flat(t))
+    for (where, dtype), flat in groups.items():
+        pad = torch.zeros(2, dtype=dtype, device=where)
+        for start in range(0, len(flat), FINITE_GROUP):
+            chunk = flat[start : start + FINITE_GROUP]
+            chunk += [pad] * (FINITE_GROUP - len(chunk))
+            flags.append(_all_finite(chunk).to(device))
     if len(flags) == 1:
         return flags[0]
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
