@@ -151,9 +151,23 @@ STEP_MATRIX_CPU = tuple(
     )
 ) or ("step-matrix-cpu-intel-xeon-processor.json",)
 """The step matrix's CPU results (``step-matrix-cpu-<model>[-w<width>].json``)."""
+
+
+def _recorded_command(name: str, default: str) -> str:
+    """The command a result file records it was written by (``default`` where it records none)."""
+    try:
+        command = json.loads((RESULTS / name).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    return command if isinstance(command, str) and command else default
+
+
 STEP_MATRIX_COMMANDS = tuple(
-    "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
-    + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
+    _recorded_command(
+        f,
+        "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
+        + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f)),
+    )
     for f in STEP_MATRIX_CPU
 )
 STEP_MATRIX_RUNS = tuple(
@@ -163,9 +177,12 @@ STEP_MATRIX_RUNS = tuple(
 )
 """Step-matrix runs on one CPU, each followed by its repeat (``step-matrix-repeat-cpu-*``)."""
 STEP_MATRIX_RUNS_COMMANDS = tuple(
-    "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
-    + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
-    + (f" --out benchmarks/results/{f}" if "repeat" in f else "")
+    _recorded_command(
+        f,
+        "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
+        + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
+        + (f" --out benchmarks/results/{f}" if "repeat" in f else ""),
+    )
     for f in STEP_MATRIX_RUNS
 )
 STEP_RECIPES = tuple(

@@ -19,10 +19,10 @@ recomputation (``torch.utils.checkpoint``), so the memory held for the backward 
 and outputs plus one chunk's activations at a time. Chunked and unchunked results are equal.
 
 With compiled kernels on (:mod:`metagrad.kernels`), the default one-hidden-layer MLP runs fused
-(:mod:`metagrad.meta.fused`): one generated kernel computes features, network, correction and
-rescaling element by element, and its hand-derived backward recomputes the hidden units in two
-passes instead of storing them, so no ``numel * hidden`` activation is ever held and no chunking
-is needed.
+(:mod:`metagrad.meta.fused`): one generated kernel computes features, network and correction
+element by element (the rescaling is one multiplication after it), and its hand-derived
+backward recomputes the hidden units in two passes instead of storing them, so no
+``numel * hidden`` activation is ever held and no chunking is needed.
 
 Variants (:func:`create_hypernet`): ``"grad"`` (an MLP of the gradient), ``"grad+weight"`` (an MLP
 of gradient and weight, the default) and ``"lstm"`` (a coordinate-wise ``nn.LSTMCell`` whose
