@@ -418,3 +418,10 @@ def test_kernel_ab_takes_the_earlier_hypernet_from_the_git_history_with_the_same
     assert torch.equal(out_now, out_then)
     assert all(torch.equal(a, b) for a, b in zip(grads_now, grads_then, strict=True))
     assert hyper.FusedMLP is FusedMLP
+
+
+def test_kernel_ab_says_when_the_git_history_it_needs_is_missing():
+    from benchmarks.kernel_ab import _module_at
+
+    with pytest.raises(RuntimeError, match=r"git history of a clone.*--cases"):
+        _module_at("0000000", "src/metagrad/meta/fused.py", "fused_before")
