@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     # 0: foundations, importing nothing of the package above them
     "registry": 0,
     "kernels": 0,
+    "layout": 0,
     "vector_casts": 0,
     "checkpoint": 0,
     "_version": 0,

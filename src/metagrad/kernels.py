@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from metagrad import vector_casts
+from metagrad.layout import flat_view
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -203,8 +204,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """All elements of ``t`` in 1-D (a view when ``t`` is dense in any dim order), at least two
     (a single element is repeated: size 1 would compile a variant of its own)."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
-    flat = t.permute(order).reshape(-1)
+    flat = flat_view(t)
     return flat.repeat(2) if flat.numel() == 1 else flat
 
 

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metagrad import kernels
+from metagrad.layout import memory_order
 from metagrad.meta import sharded
 from metagrad.meta.forms import DEFAULT_FORM, HYPERNET_FORMS
 from metagrad.meta.fused import FusedMLP
@@ -257,7 +258,7 @@ class MLPHypernet(Hypernet):
         dtype = self._dtype()
         # Coordinate-wise: any element order will do, so take the weight's memory order and
         # flatten without copies (a reshape of a channels_last tensor would copy it).
-        order = sorted(range(weight.dim()), key=lambda d: (-weight.stride(d), d))
+        order = memory_order(weight)
         g = grad.permute(order).reshape(-1)
         out = FusedMLP.apply(
             g.to(dtype),

@@ -25,6 +25,7 @@ from metagrad.backward.int8.intmm import (
     int_mm,
 )
 from metagrad.backward.products import Operand, OperandFn
+from metagrad.layout import flat_view, memory_order
 from metagrad.quant.quantize import quantize_codes, scale_dtype
 from metagrad.quant.spec import QuantSpec
 
@@ -45,16 +46,6 @@ class Quantized:
         return self.codes.to(self.scale.dtype) * self.scale
 
 
-def _stride_order(t: Tensor) -> list[int]:
-    """Dims of ``t`` from outermost to innermost in memory."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
-
-
-def _flat(x: Tensor) -> Tensor:
-    """All elements of ``x`` as a 1-D tensor (a view when ``x`` is dense in any dim order)."""
-    return x.permute(_stride_order(x)).reshape(-1)
-
-
 def _absmax(x: Tensor, keep: Sequence[int]) -> Tensor:
     """Largest ``|x|`` over every dim not in ``keep``, keepdim; NaN if the group holds one."""
     dims = [d for d in range(x.dim()) if d not in keep]
@@ -63,7 +54,7 @@ def _absmax(x: Tensor, keep: Sequence[int]) -> Tensor:
     if torch.compiler.is_compiling():  # one fused reduction (the layouts below need strides)
         return x.abs().amax(dims, keepdim=True)
     if len(dims) == x.dim():
-        lo, hi = torch.aminmax(_flat(x))
+        lo, hi = torch.aminmax(flat_view(x))
         return torch.maximum(-lo, hi).reshape([1] * x.dim())
     fast = _leading_absmax(x, dims)
     if fast is not None:
@@ -76,7 +67,7 @@ def _leading_absmax(x: Tensor, dims: list[int]) -> Tensor | None:
 
     None when that does not apply. Each chunk's ``|x|`` stays in cache.
     """
-    order = _stride_order(x)
+    order = memory_order(x)
     lead = len(dims)
     if not _cpu_eager(x.device) or sorted(order[:lead]) != sorted(dims):
         return None
@@ -100,7 +91,7 @@ def _leading_absmax(x: Tensor, dims: list[int]) -> Tensor | None:
 def _reduce(x: Tensor, dims: list[int], fn) -> Tensor:
     """``fn(x, dims, keepdim=True)`` in two stages: first the dims outside the innermost kept
     one (a vectorized pass over memory), then the rest on the small intermediate."""
-    rank = {d: i for i, d in enumerate(_stride_order(x))}
+    rank = {d: i for i, d in enumerate(memory_order(x))}
     inner_kept = max(rank[d] for d in range(x.dim()) if d not in dims)
     outer = [d for d in dims if rank[d] < inner_kept]
     inner = [d for d in dims if rank[d] > inner_kept]
@@ -127,7 +118,7 @@ def _round_into(x: Tensor, factor: Tensor, out: Tensor, *, divide: bool) -> None
     if not _cpu_eager(x.device):
         out.copy_(op(x, factor).round_())
         return
-    perm = _stride_order(out)
+    perm = memory_order(out)
     dim = next((d for d in perm if out.shape[d] > 1), perm[0])
     size = out.shape[dim]
     per_row = out.numel() // size
