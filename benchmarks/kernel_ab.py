@@ -7,7 +7,8 @@ compiled kernels) and times them alternately, step by step on the same batches, 
 ``--warmup`` steps: one with a kernel compiled (new), one with that kernel's eager reference in
 its place (old), which computes the same numbers as the code before the kernel existed. The
 ratio new/old is the geometric mean of the per-step ratios with its 95% interval
-(``metagrad.stats.paired_ratio``). Cases:
+(``metagrad.stats.paired_ratio``). ``--cases`` reruns some cases and keeps the others of the
+results file (each case records its command). Cases:
 
 - ``bias sums``: the full-width character GPT under ``plain``; the bias gradient's float32 sum
   of the error's bf16 codes (``metagrad.backward.products.summed``).
@@ -19,6 +20,9 @@ ratio new/old is the geometric mean of the per-step ratios with its 95% interval
   (``metagrad.meta.fused``) against its code at commit ``HYPERNET_BEFORE``, read from the git
   history, whose kernels evaluated the network twice in the forward pass and four times in the
   backward (now once and twice) and recomputed the root mean squares; the same numbers.
+- ``int8 codes``: full-width VGG-16 under the ``int8`` backend; its operand quantizer (absmax
+  and rounding to int8 codes written into the product's buffer) and the rescaling of the
+  integer products to float gradients (``metagrad.backward.int8.codes``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from typing import Any
 import torch
 
 import metagrad.backward.emulated as emulated
+import metagrad.backward.int8.codes as int8_codes
+import metagrad.backward.int8.conv as int8_conv
+import metagrad.backward.int8.linear as int8_linear
 import metagrad.backward.products as products
 import metagrad.meta.hyper as hyper
 import metagrad.quant.transformed as transformed
@@ -75,6 +82,19 @@ def _eager_copy() -> Iterator[None]:
 @contextmanager
 def _eager_finite() -> Iterator[None]:
     with _replaced(kernels, "_all_finite", kernels._all_finite.eager):
+        yield
+
+
+@contextmanager
+def _eager_int8_codes() -> Iterator[None]:
+    eager_rescale = int8_codes._rescale.eager
+    with (
+        _replaced(int8_codes, "_operand_codes", int8_codes._operand_codes.eager),
+        _replaced(int8_codes, "_nearest_codes", int8_codes._nearest_codes.eager),
+        _replaced(int8_conv, "_rescale", eager_rescale),
+        _replaced(int8_linear, "_rescale", eager_rescale),
+        _replaced(int8_conv, "_rescale_flipped_taps", int8_conv._rescale_flipped_taps.eager),
+    ):
         yield
 
 
@@ -122,6 +142,7 @@ CASES: dict[str, dict[str, Any]] = {
     "transposed copy": {"model": "gpt_char", "setting": "rht-mxfp4", "old": _eager_copy},
     "finiteness": {"model": "vgg16", "setting": "metagrad plain", "old": _eager_finite},
     "hypernet passes": {"model": "vgg16", "setting": "metagrad plain", "old": _hypernet_before},
+    "int8 codes": {"model": "vgg16", "setting": "int8 backend", "old": _eager_int8_codes},
 }
 
 
@@ -165,13 +186,32 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "kernel_ab",
         "command": command_line(),
         "machine": machine(torch.device("cpu")),
-        "cases": {},
+        "cases": _kept_cases(out, args.cases),
     }
     for name in args.cases:
-        record["cases"][name] = run_case(CASES[name], args.steps, args.warmup)
-        r = record["cases"][name]["new_over_old"]
+        case = run_case(CASES[name], args.steps, args.warmup)
+        record["cases"][name] = {**case, "command": record["command"]}
+        r = case["new_over_old"]
         print(f"{name:16s} new/old {r['ratio']:.3f} {r.get('ci95')} (n = {r['n']})", flush=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _kept_cases(out: Path, rerun: list[str]) -> dict[str, Any]:
+    """The cases of an earlier record in ``out`` that this run leaves as they are: those not
+    rerun, still defined, from a run on this machine (each keeps the command that made it)."""
+    if not out.exists():
+        return {}
+    try:
+        earlier = json.loads(out.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if earlier.get("machine") != machine(torch.device("cpu")):
+        return {}
+    return {
+        name: {"command": earlier.get("command", ""), **case}
+        for name, case in earlier.get("cases", {}).items()
+        if name in CASES and name not in rerun
+    }
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def command_line() -> str:
     ``python -m benchmarks.NAME ARGS`` for a benchmark module."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
-    return " ".join(["python", *program, *sys.argv[1:]])
+    return shlex.join(["python", *program, *sys.argv[1:]])
 
 
 def train_runs(

@@ -543,4 +543,14 @@ def kernel_ab_table(data: dict) -> str:
             f"| {name} | {case['model']}, `{case['setting']}` | {median['new'] * 1e3:.1f} | "
             f"{median['old'] * 1e3:.1f} | {ratio_text(r, 3)}, n = {r['n']} | {verdict} |"
         )
+    runs: dict[str, list[str]] = {}
+    for name, case in data["cases"].items():
+        runs.setdefault(case.get("command", data["command"]), []).append(f"`{name}`")
+    if len(runs) > 1:
+        lines.append("")
+        lines.append(
+            "Cases from separate runs: "
+            + "; ".join(f"{', '.join(names)} by `{cmd}`" for cmd, names in runs.items())
+            + "."
+        )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metagrad import kernels
 from metagrad.backward import fallback_report, get_backend, int8
 from metagrad.backward.int8.conv import _conv_grad_input_int, _conv_grad_weight_int
 from metagrad.backward.int8.im2col import _Conv, _nhwc_canvas
@@ -433,3 +434,50 @@ def test_grouped_conv_with_forward_quantization_backpropagates(backend, granular
     F.conv2d(x_ref, w_ref, None, 1, 1, 1, 2).sum().backward()
     for got, ref in ((x.grad, x_ref.grad), (w.grad, w_ref.grad)):
         assert (got - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.parametrize(
+    ("granularity", "rounding", "dtype"),
+    [
+        ("tensor", "stochastic", torch.bfloat16),
+        ("sample", "nearest", torch.float32),
+        ("channel", "stochastic", torch.float32),
+    ],
+)
+def test_compiled_kernels_give_the_eager_bits(granularity: str, rounding: str, dtype) -> None:
+    """Compiled, the backend's quantizers (error, operands, forward codes) and rescales
+    (products, flipped taps, bias) compute the eager code's bits: convolutions on both backward
+    paths (one patch matrix for both products, and two), channels-last, and linear layers."""
+    config = QuantConfig(
+        grad=QuantSpec(8, rounding, granularity),
+        weight=QuantSpec(8, granularity="channel"),
+        activation=QuantSpec(8, granularity="sample"),
+        backend="int8",
+        backward_operand_bits=8,
+    )
+    plain = QuantConfig(grad=QuantSpec(8, rounding, granularity), backend="int8")
+
+    def run(cfg, shape, layout):
+        x, weight, e, stride, padding, dilation = _conv_inputs(shape)
+        x, e = (t.contiguous(memory_format=layout) for t in (x, e))
+        x.requires_grad_(True)
+        weight.requires_grad_(True)
+        b = torch.linspace(-1, 1, weight.shape[0], requires_grad=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = conv2d(x, weight, b, stride, padding, dilation, config=cfg)
+            lin_w = torch.randn(7, y[0].numel(), generator=torch.Generator().manual_seed(2))
+            lin_w.requires_grad_(True)
+            z = linear(y.flatten(1), lin_w, b[:1], config=cfg)
+        (z.float().sum() + (y.float() * e).sum()).backward()
+        return y, z, x.grad, weight.grad, b.grad, lin_w.grad
+
+    for cfg in (config, plain):
+        for shape in (CONV_SHAPES[0], CONV_SHAPES[1]):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                with kernels.compiled(False):
+                    eager = run(cfg, shape, layout)
+                with kernels.compiled(True):
+                    compiled = run(cfg, shape, layout)
+                for got, want in zip(compiled, eager, strict=True):
+                    assert got.dtype == want.dtype and torch.equal(got, want)

@@ -16,6 +16,7 @@ from torch import nn
 
 from benchmarks import runner, speed, tables
 from benchmarks.tables_speed import (
+    kernel_ab_table,
     out_of_reach,
     speed_goals_table,
     speed_table,
@@ -388,6 +389,45 @@ def test_kernel_ab_times_each_kernel_against_its_eager_reference_and_puts_it_bac
         assert kernels._all_finite is compiled[3].eager and not bool(kernels.finite(t))
     now = (products.summed, emulated.summed, transformed._contiguous, kernels._all_finite)
     assert now == compiled
+    import metagrad.backward.int8.codes as codes
+    import metagrad.backward.int8.conv as conv
+    import metagrad.backward.int8.linear as linear
+
+    int8_kernels = (
+        codes._operand_codes,
+        conv._rescale,
+        linear._rescale,
+        conv._rescale_flipped_taps,
+    )
+    with CASES["int8 codes"]["old"]():
+        assert codes._operand_codes is int8_kernels[0].eager
+        assert conv._rescale is linear._rescale is codes._rescale.eager
+        assert conv._rescale_flipped_taps is int8_kernels[3].eager
+    now = (codes._operand_codes, conv._rescale, linear._rescale, conv._rescale_flipped_taps)
+    assert now == int8_kernels
+
+
+def test_kernel_ab_reruns_some_cases_and_keeps_the_others_with_their_commands(
+    tmp_path, monkeypatch
+):
+    import benchmarks.kernel_ab as kernel_ab
+
+    def fake_case(case, steps, warmup):  # timings are not what this test checks
+        r = {"ratio": 0.9, "ci95": [0.8, 0.95], "n": steps}
+        median = {"new": 0.9, "old": 1.0}
+        return {"model": "m", "setting": "s", "median_seconds": median, "new_over_old": r}
+
+    monkeypatch.setattr(kernel_ab, "run_case", fake_case)
+    monkeypatch.setattr(kernel_ab, "CASES", {"a": {}, "b": {}})
+    out = tmp_path / "ab.json"
+    for argv in (["--cases", "a", "b", "--steps", "4"], ["--cases", "b", "--steps", "5"]):
+        monkeypatch.setattr(sys, "argv", ["kernel_ab", *argv])
+        kernel_ab.main([*argv, "--out", str(out)])
+    cases = json.loads(out.read_text())["cases"]
+    assert cases["a"]["new_over_old"]["n"] == 4 and cases["b"]["new_over_old"]["n"] == 5
+    assert "--steps 4" in cases["a"]["command"] and "--steps 5" in cases["b"]["command"]
+    text = kernel_ab_table(json.loads(out.read_text()))
+    assert "`a` by `python -m" in text and "--steps 4`; `b` by `python" in text
 
 
 def test_kernel_ab_takes_the_earlier_hypernet_from_the_git_history_with_the_same_numbers():

@@ -25,6 +25,7 @@ from metagrad.backward.int8.intmm import (
     int_mm,
 )
 from metagrad.backward.products import Operand, OperandFn
+from metagrad.kernels import kernel
 from metagrad.layout import flat_view, memory_order
 from metagrad.quant.quantize import quantize_codes, scale_dtype
 from metagrad.quant.spec import QuantSpec
@@ -157,12 +158,19 @@ def quantize_codes_int8(
         codes, scale = quantize_codes(x, spec, channel_dim, dtype=torch.int8)
         out.copy_(codes)
         return out, scale
-    amax = _absmax(x, _spec_keep(spec, x.dim(), channel_dim)).to(scale_dtype(x))
-    scale = (amax / spec.qmax).clamp_min_(torch.finfo(amax.dtype).tiny)  # as quantize_codes
+    keep = _spec_keep(spec, x.dim(), channel_dim)
+    return out, _nearest_codes(x, keep, spec.qmax, out)
+
+
+@kernel(static_ints=True)
+def _nearest_codes(x: Tensor, keep: tuple[int, ...], qmax: int, out: Tensor) -> Tensor:
+    """Nearest codes of ``x`` written into ``out``; returns their scale (a registered kernel)."""
+    amax = _absmax(x, keep).to(scale_dtype(x))
+    scale = (amax / qmax).clamp_min_(torch.finfo(amax.dtype).tiny)  # as quantize_codes
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     # |x / scale| <= qmax up to rounding, so nearest rounding needs no clamp.
     _round_into(x, scale, out, divide=True)
-    return out, _nan_if_nonfinite(scale)
+    return _nan_if_nonfinite(scale)
 
 
 @torch.no_grad()
@@ -176,10 +184,18 @@ def quantize_operand(
     ``codes = round(x * (fold / scale))`` with ``scale = absmax(x * fold) / 127`` per group, so
     ``codes * scale ≈ x * fold``. Both backends call this one function.
     """
+    keep = () if scale_dim is None else (scale_dim % x.dim(),)
+    out = out if out is not None else torch.empty_like(x, dtype=torch.int8)
+    return out, _operand_codes(x, keep, fold, out)
+
+
+@kernel(static_ints=True)
+def _operand_codes(x: Tensor, keep: tuple[int, ...], fold: Tensor | None, out: Tensor) -> Tensor:
+    """:func:`quantize_operand`'s codes written into ``out``; returns their scale (a registered
+    kernel)."""
     nd = x.dim()
-    keep = [] if scale_dim is None else [scale_dim % nd]
     fold_dims = [] if fold is None else [d for d in range(nd) if fold.shape[d] != 1]
-    amax = _absmax(x, sorted(set(keep + fold_dims))).to(scale_dtype(x))
+    amax = _absmax(x, sorted(set(keep) | set(fold_dims))).to(scale_dtype(x))
     if fold is not None:
         amax = amax * fold  # |x| * fold is monotone in |x|: the group max is exact
         extra = [d for d in fold_dims if d not in keep]
@@ -189,9 +205,8 @@ def quantize_operand(
     scale = torch.where(amax == 0, torch.ones_like(amax), scale)
     scale = _nan_if_nonfinite(scale)
     factor = scale.reciprocal() if fold is None else fold / scale
-    out = out if out is not None else torch.empty_like(x, dtype=torch.int8)
     _round_into(x, factor, out, divide=False)
-    return out, scale
+    return scale
 
 
 def _scale_along(scale: Tensor, dim: int | None) -> bool:
@@ -226,23 +241,31 @@ def backward_operand(
     return Quantized(*quantize_operand(src, scale_dim, fold, out=out))
 
 
-def _rescale(acc: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``acc * scale (+ bias)`` as a new float tensor laid out like ``acc``'s logical order.
+@kernel
+def _rescale(
+    acc: Tensor, scale: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``acc * scale (+ bias)`` as a new ``dtype`` tensor (default the scale's) laid out like
+    ``acc``'s logical order (a registered kernel).
 
-    ``acc`` (an int view of an ``int_mm`` result) and ``scale`` are in memory order; conversion,
-    scaling and bias run chunk by chunk while each chunk is in cache, and avoid the slow
-    mixed-dtype multiply.
+    ``acc`` (an int view of an ``int_mm`` result) and ``scale`` are in memory order; eager on
+    CPU, conversion, scaling and bias run chunk by chunk while each chunk is in cache, and avoid
+    the slow mixed-dtype multiply.
     """
+    dtype = dtype or scale.dtype
+    if not _cpu_eager(acc.device):
+        y = acc.to(scale.dtype) * scale
+        return (y if bias is None else y + bias).to(dtype)
     out = torch.empty(acc.shape, dtype=scale.dtype, device=acc.device)
     size = acc.shape[0] if acc.dim() else 1
-    step = size if not _cpu_eager(acc.device) else max(1, _CPU_CHUNK // max(acc[0].numel(), 1))
+    step = max(1, _CPU_CHUNK // max(acc[0].numel(), 1)) if acc.dim() else 1
     for start in range(0, size, step):
         part = out[start : start + step]
         part.copy_(acc[start : start + step])
         part.mul_(scale if scale.shape[0] == 1 else scale[start : start + step])
         if bias is not None:
             part.add_(bias)
-    return out
+    return out.to(dtype)
 
 
 def _bias_grad(err: Tensor, inner: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:

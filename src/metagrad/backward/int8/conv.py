@@ -37,6 +37,7 @@ from metagrad.backward.int8.im2col import (
 )
 from metagrad.backward.int8.intmm import (
     _ALIGN,
+    _cpu_eager,
     _matrix,
     _padded,
     _round_up,
@@ -45,6 +46,7 @@ from metagrad.backward.int8.intmm import (
 )
 from metagrad.backward.int8.settings import BackwardSettings, Grads, IntPair, Mask
 from metagrad.backward.products import bias_grad, conv2d_grads, error_scales
+from metagrad.kernels import kernel
 from metagrad.quant.quantize import quantize_codes
 
 
@@ -124,18 +126,23 @@ def _conv_grad_weight_shared(patches: Tensor, xmat: Tensor, g: _Conv, e_max: int
     return acc[: g.kh * g.kw * g.c_out, : g.c_in].view(g.kh, g.kw, g.c_out, g.c_in)
 
 
-def _rescale_flipped_taps(acc: Tensor, scale: Tensor) -> Tensor:
-    """``dL/dW`` (Cout×Cin×kh×kw, stored Cout×kh×kw×Cin) from the flipped-tap int result.
+@kernel
+def _rescale_flipped_taps(acc: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dL/dW`` (Cout×Cin×kh×kw as ``dtype``, stored Cout×kh×kw×Cin) from the flipped-tap int
+    result (a registered kernel).
 
     ``acc``: kh×kw×Cout×Cin (tap ``(i', j')``); ``scale``: broadcasts on Cout×Cin.
     """
     kh, kw, c_out, c_in = acc.shape
+    if not _cpu_eager(acc.device):
+        taps = acc.flip(0, 1).permute(2, 0, 1, 3).to(scale.dtype) * scale[:, None, None, :]
+        return taps.to(dtype).contiguous().permute(0, 3, 1, 2)
     out = torch.empty(c_out, kh, kw, c_in, dtype=scale.dtype, device=acc.device)
     for i in range(kh):
         for j in range(kw):
             out[:, i, j].copy_(acc[kh - 1 - i, kw - 1 - j])
     out.mul_(scale[:, None, None, :])
-    return out.permute(0, 3, 1, 2)
+    return out.to(dtype).permute(0, 3, 1, 2)
 
 
 def _conv_grad_weight_int(err: Tensor, canvas: Tensor, g: _Conv, e_max: int) -> Tensor:
@@ -220,12 +227,12 @@ def conv2d_backward(
         wq = backward_operand(weight, w_pre, 1, es.input_fold)
         acc = _conv_grad_input_int(err, inner, wq.codes, g, spec.qmax)
         scale = es.input_factor * wq.scale
-        grad_x = _rescale(acc, scale.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(x.dtype)
+        grad_x = _rescale(acc, scale.permute(0, 2, 3, 1), dtype=x.dtype).permute(0, 3, 1, 2)
     if need_w:
         canvas, s_x = _x_canvas(x, g, state, es.weight_fold)
         acc = _conv_grad_weight_int(err, canvas, g, spec.qmax)
         scale = es.weight_factor * s_x.reshape(1, -1, 1, 1)
-        grad_w = _rescale(acc, scale.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(weight.dtype)
+        grad_w = _rescale(acc, scale.permute(0, 2, 3, 1), dtype=weight.dtype).permute(0, 3, 1, 2)
     if need_b:
         grad_b = _bias_grad(err, inner, s_e, spec).to(e.dtype)
     return grad_x, grad_w, grad_b
@@ -257,13 +264,13 @@ def _conv2d_backward_shared(
     acc = int_mm(patches, wmat, a_max=spec.qmax, b_max=OPERAND_QMAX, out_name="acc")
     acc = acc[: g.n * g.h * g.w, : g.c_in].view(g.n, g.h, g.w, g.c_in)
     scale = es.input_factor * wq.scale
-    grad_x = _rescale(acc, scale.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(x.dtype)
+    grad_x = _rescale(acc, scale.permute(0, 2, 3, 1), dtype=x.dtype).permute(0, 3, 1, 2)
     grad_w = grad_b = None
     if need_w:
         xmat, s_x = _x_matrix(x, g, state, es.weight_fold)
         acc = _conv_grad_weight_shared(patches, xmat, g, spec.qmax)
         scale = (es.weight_factor * s_x.reshape(1, -1, 1, 1))[:, :, 0, 0]
-        grad_w = _rescale_flipped_taps(acc, scale).to(weight.dtype)
+        grad_w = _rescale_flipped_taps(acc, scale, weight.dtype)
     if need_b:
         rows = g.n * g.ho * g.wo
         err = _matrix(_padded(rows), _padded(g.c_out), rows, g.c_out, device=e.device, name="error")

@@ -81,12 +81,12 @@ def linear_backward(
         wq = backward_operand(weight, w_pre, 1, es.input_fold, out=wmat[:c_out, :c_in])
         acc = int_mm(err, wmat, a_max=spec.qmax, b_max=OPERAND_QMAX, out_name="acc")
         scale = es.input_factor * wq.scale.reshape(-1)
-        grad_x = _rescale(acc[:rows, :c_in].view(*lead, c_in), scale).to(x.dtype)
+        grad_x = _rescale(acc[:rows, :c_in].view(*lead, c_in), scale, dtype=x.dtype)
     if need_w:
         xmat, s_x = _linear_x_operand(x, rows, state, es.weight_fold)
         acc = int_mm(err.t(), xmat, a_max=spec.qmax, b_max=OPERAND_QMAX, out_name="acc")
         scale = es.weight_factor * s_x.reshape(1, -1)
-        grad_w = _rescale(acc[:c_out, :c_in], scale).to(weight.dtype)
+        grad_w = _rescale(acc[:c_out, :c_in], scale, dtype=weight.dtype)
     if need_b:
         grad_b = _bias_grad(err, inner, s_e, spec).to(e.dtype)
     return grad_x, grad_w, grad_b
