@@ -427,7 +427,8 @@ def test_kernel_ab_reruns_some_cases_and_keeps_the_others_with_their_commands(
     assert cases["a"]["new_over_old"]["n"] == 4 and cases["b"]["new_over_old"]["n"] == 5
     assert "--steps 4" in cases["a"]["command"] and "--steps 5" in cases["b"]["command"]
     text = kernel_ab_table(json.loads(out.read_text()))
-    assert "`a` by `python -m" in text and "--steps 4`; `b` by `python" in text
+    assert "separate runs: `a` by `" in text and "--steps 4`; `b` by `" in text
+    assert text.rstrip().endswith("--steps 5`.")
 
 
 def test_kernel_ab_takes_the_earlier_hypernet_from_the_git_history_with_the_same_numbers():
