@@ -23,6 +23,9 @@ results file (each case records its command). Cases:
 - ``int8 codes``: full-width VGG-16 under the ``int8`` backend; its operand quantizer (absmax
   and rounding to int8 codes written into the product's buffer) and the rescaling of the
   integer products to float gradients (``metagrad.backward.int8.codes``).
+- ``int32 conversions``: full-width VGG-16 under the ``int8`` backend; its rescaling kernels
+  compiled with the per-vector int32 conversion of ``metagrad.vector_casts`` against the same
+  kernels compiled with inductor's own (a scalar loop where a kernel writes bf16).
 """
 
 from __future__ import annotations
@@ -98,6 +101,32 @@ def _eager_int8_codes() -> Iterator[None]:
         yield
 
 
+@functools.cache
+def _rescale_kernels() -> dict[str, Callable]:
+    """The ``int8`` backend's rescaling kernels registered afresh (compiled on first use)."""
+    return {
+        "rescale": kernels.kernel(int8_codes._rescale.eager),
+        "taps": kernels.kernel(int8_conv._rescale_flipped_taps.eager),
+    }
+
+
+@contextmanager
+def _scalar_int32_conversions() -> Iterator[None]:
+    from torch._inductor import config
+    from torch._inductor.codegen import cpp
+
+    old = _rescale_kernels()  # compiled here, without the cache, by inductor's own conversion
+    ours = cpp.CppVecKernel.get_to_dtype_expr
+    with (
+        _replaced(cpp.CppVecKernel, "get_to_dtype_expr", getattr(ours, "__wrapped__", ours)),
+        config.patch(force_disable_caches=True),
+        _replaced(int8_conv, "_rescale", old["rescale"]),
+        _replaced(int8_linear, "_rescale", old["rescale"]),
+        _replaced(int8_conv, "_rescale_flipped_taps", old["taps"]),
+    ):
+        yield
+
+
 HYPERNET_BEFORE = "24983e8"
 """The last commit with the fused hypernetwork's earlier kernels."""
 
@@ -143,6 +172,11 @@ CASES: dict[str, dict[str, Any]] = {
     "finiteness": {"model": "vgg16", "setting": "metagrad plain", "old": _eager_finite},
     "hypernet passes": {"model": "vgg16", "setting": "metagrad plain", "old": _hypernet_before},
     "int8 codes": {"model": "vgg16", "setting": "int8 backend", "old": _eager_int8_codes},
+    "int32 conversions": {
+        "model": "vgg16",
+        "setting": "int8 backend",
+        "old": _scalar_int32_conversions,
+    },
 }
 
 

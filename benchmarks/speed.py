@@ -29,7 +29,8 @@ which measure them afresh (a new route cache, unless ``--route-cache`` names one
    rows and along its columns (the weight-gradient product's layout), eager and compiled
    kernels, beside a memory copy of the same tensor (the goal: within 3x of the copy).
 5. layers: the backward of each VGG-16 convolution and of transformer-MLP Linear layers (4096
-   tokens at width 1024, and ``gpt_char``'s; INT8 nearest error, both products): float32, bf16,
+   tokens at width 1024, and ``gpt_char``'s; INT8 nearest error, both products; kernels compiled
+   as training's ``--compile auto`` runs them): float32, bf16,
    the ``int8`` backend's integer products, the same 8-bit codes multiplied in bf16 (the route
    the ``int8`` backend takes on CUDA), and the backend with measured routes under bf16 (each
    product on the route its measurement chose, recorded per layer); beside them, a cast of the
@@ -57,7 +58,7 @@ from typing import Any
 import torch
 
 from benchmarks.runner import command_line, step_memory, synthetic_data, time_steps_apart
-from benchmarks.tables_speed import FLOOR, out_of_reach
+from benchmarks.tables_speed import FLOOR, ROUTED, out_of_reach
 from metagrad import kernels
 from metagrad.backward import int8, simulate
 from metagrad.backward.int8.routes import CACHE_DIR_ENV, ROUTES, ProductKey, cache_path
@@ -321,7 +322,6 @@ def bench_memory(device: torch.device) -> dict[str, Any]:
 
 LayerCase = tuple[str, dict, dict[str, Fn], ProductKey]
 """A layer's name, shape, backward variants and the route-cache key of its two products."""
-ROUTED = "int8 measured routes"
 
 
 def conv_fns(index: int, device: torch.device) -> LayerCase:
@@ -377,6 +377,31 @@ def linear_fns(c_in: int, c_out: int, tokens: int, device, name: str = "mlp") ->
     return f"{name}.{tokens}tok.{c_in}x{c_out}", shape, fns, key
 
 
+def layer_row(name, shape, fns, key, reps: int, warmup: int, device: torch.device) -> dict:
+    """One layer's timings (median ms) and ratios, and the routes measured for it."""
+    secs = interleaved(fns, reps, max(warmup, 1), device)
+    routes = ROUTES.used[str(key)].to_dict()
+    row = {
+        "name": name,
+        "shape": shape,
+        "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
+        "bf16/int8": round(secs["bf16"] / secs["int8"], 3),
+        "bf16/int8 codes in bf16": round(secs["bf16"] / secs["int8 codes in bf16"], 3),
+        "bf16/int8 measured routes": round(secs["bf16"] / secs[ROUTED], 3),
+        "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
+        "floor/bf16": round(secs[FLOOR] / secs["bf16"], 3),
+        "routes": routes,
+    }
+    print(
+        f"{name:28s} "
+        + "  ".join(f"{k} {v:8.2f}" for k, v in row["ms"].items())
+        + f" ms  bf16/int8 {row['bf16/int8']:.2f}x  routes "
+        + " ".join(f"{p} {r}" for p, r in routes["routes"].items()),
+        flush=True,
+    )
+    return row
+
+
 def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]) -> dict:
     """Each layer's backward variants; the measured routes are chosen in the warm-up round."""
     if device.type == "cuda":
@@ -385,31 +410,11 @@ def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]
     layers = [conv_fns(i, device) for i in range(len(VGG16_SPATIAL))]
     layers += [linear_fns(a, b, t, device) for t in tokens for a, b in MLP_SHAPES]
     layers += [linear_fns(a, b, GPT_CHAR_TOKENS, device, "gpt_char") for a, b in GPT_CHAR_MLP]
-    rows = []
     int8.set_routes("measured")
+    # the kernels as training runs them (``--compile auto``: compiled where torch.compile works)
     try:
-        for name, shape, fns, key in layers:
-            secs = interleaved(fns, reps, max(warmup, 1), device)
-            routes = ROUTES.used[str(key)].to_dict()
-            row = {
-                "name": name,
-                "shape": shape,
-                "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
-                "bf16/int8": round(secs["bf16"] / secs["int8"], 3),
-                "bf16/int8 codes in bf16": round(secs["bf16"] / secs["int8 codes in bf16"], 3),
-                "bf16/int8 measured routes": round(secs["bf16"] / secs[ROUTED], 3),
-                "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
-                "floor/bf16": round(secs[FLOOR] / secs["bf16"], 3),
-                "routes": routes,
-            }
-            rows.append(row)
-            print(
-                f"{name:28s} "
-                + "  ".join(f"{k} {v:8.2f}" for k, v in row["ms"].items())
-                + f" ms  bf16/int8 {row['bf16/int8']:.2f}x  routes "
-                + " ".join(f"{p} {r}" for p, r in routes["routes"].items()),
-                flush=True,
-            )
+        with kernels.compiled(kernels.available(device)[0], device) as compiled:
+            rows = [layer_row(*layer, reps, warmup, device) for layer in layers]
     finally:
         int8.set_routes(None)
     conv = [r for r in rows if r["name"].startswith("vgg16")]
@@ -417,7 +422,12 @@ def bench_layers(device: torch.device, reps: int, warmup: int, tokens: list[int]
     summary = {key: round(statistics.median(r[key] for r in conv), 3) for key in keys}
     slowest = min(r["bf16/int8 measured routes"] for r in rows)
     print(f"conv medians: {summary}; slowest layer with measured routes: {slowest}x", flush=True)
-    return {"rows": rows, "conv_medians": summary, "out_of_reach": out_of_reach(rows)}
+    return {
+        "kernels": "compiled" if compiled else "eager",
+        "rows": rows,
+        "conv_medians": summary,
+        "out_of_reach": out_of_reach(rows),
+    }
 
 
 # ---------------------------------------------------------------------------- main

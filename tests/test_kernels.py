@@ -369,6 +369,32 @@ def test_metagrad_kernels_bit_cast_in_vectors_and_others_compile_as_before(compi
     assert "at::vec::cast<" not in their_code  # code compiled outside metagrad's kernels
 
 
+def _rescaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An integer product's rescaling: int32 to float32, times a scale, written as bf16."""
+    return (acc.to(torch.float32) * scale).to(torch.bfloat16)
+
+
+def test_metagrad_kernels_convert_int32_vectors_one_at_a_time_with_the_same_rounding(compiled):
+    """Two vectors of int32 at a time (a kernel writing bf16) convert to float32 per vector
+    (ATen's vector conversion) instead of inductor's scalar loop; the values, large ones that
+    float32 must round included, are eager's bits."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-(2**31), 2**31 - 1, (64, 40), generator=g, dtype=torch.int32)
+    acc[0, :6] = torch.tensor([0, 1, -1, 2**24 + 1, 2**24 + 3, -(2**31)], dtype=torch.int32)
+    scale = torch.tensor(3.0e-7)
+    with config.patch(force_disable_caches=True):
+        ours, (code,) = run_and_get_code(kernels.kernel(_rescaled), acc, scale)
+        theirs, (their_code,) = run_and_get_code(torch.compile(_rescaled), acc, scale)
+    want = _rescaled(acc, scale)
+    assert torch.equal(ours.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(theirs.view(torch.int16), want.view(torch.int16))
+    assert "at::vec::convert<float>(" in code and "convert<float,2,int32_t,2>" not in code
+    assert "convert<float,2,int32_t,2>" in their_code  # code compiled outside metagrad's kernels
+
+
 @pytest.mark.parametrize("on", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_finite_finds_any_nan_or_infinity_compiled_or_not(on, dtype):

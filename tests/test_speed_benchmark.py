@@ -23,6 +23,7 @@ from benchmarks.tables_speed import (
     step_matrix_runs_table,
     step_matrix_table,
 )
+from metagrad import kernels
 from metagrad.meta.fused import FusedMLP
 from metagrad.stats import paired_ratio
 
@@ -326,19 +327,24 @@ def test_layers_name_where_no_route_meets_the_per_layer_goal(monkeypatch):
     monkeypatch.setattr(speed, "GPT_CHAR_MLP", ())
     monkeypatch.setattr(speed, "GPT_CHAR_TOKENS", 8)
     monkeypatch.setattr(speed, "BASE", {**speed.BASE, "batch_size": 2})
+    before = kernels.compile_enabled()
     result = speed.bench_layers(torch.device("cpu"), reps=1, warmup=0, tokens=[])
     (conv,) = result["rows"]
     assert speed.FLOOR in conv["ms"] and conv["floor/bf16"] > 0
+    # timed with the kernels as training runs them, and the setting restored after
+    assert result["kernels"] == ("compiled" if kernels.available("cpu")[0] else "eager")
+    assert kernels.compile_enabled() == before
     assert result["out_of_reach"] == out_of_reach(result["rows"])
 
-    def row(name: str, bf16: float, int8: float, cast: float) -> dict:
-        ms = {"bf16": bf16, "int8": int8, speed.FLOOR: cast}
+    def row(name: str, bf16: float, int8: float, cast: float, routed: float = 2.0) -> dict:
+        ms = {"bf16": bf16, "int8": int8, speed.FLOOR: cast, speed.ROUTED: routed}
         return {"name": name, "ms": ms, "bf16/int8": bf16 / int8}
 
     rows = [
         row("cast too slow, integer too slow", 1.0, 2.0, 0.2),
         row("cast within the slack", 1.0, 2.0, 0.04),
         row("integer within the goal", 1.0, 1.04, 0.2),
+        row("measured routes within the goal", 1.0, 1.2, 0.2, routed=1.0),
     ]
     assert out_of_reach(rows) == ["cast too slow, integer too slow"]
     amd = json.loads((tables.RESULTS / "speed-cpu-amd-epyc.json").read_text())
@@ -405,6 +411,31 @@ def test_kernel_ab_times_each_kernel_against_its_eager_reference_and_puts_it_bac
         assert conv._rescale_flipped_taps is int8_kernels[3].eager
     now = (codes._operand_codes, conv._rescale, linear._rescale, conv._rescale_flipped_taps)
     assert now == int8_kernels
+
+
+def test_kernel_ab_compiles_the_old_rescaling_with_inductors_own_int32_conversion():
+    from torch._inductor.utils import run_and_get_code
+
+    import metagrad.backward.int8.conv as conv
+    import metagrad.backward.int8.linear as linear
+    from benchmarks.kernel_ab import CASES
+
+    def rescaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (acc.to(torch.float32) * scale).to(torch.bfloat16)
+
+    acc, scale = torch.arange(-40, 40, dtype=torch.int32).view(2, 40), torch.tensor(0.5)
+    before = (conv._rescale, linear._rescale, conv._rescale_flipped_taps)
+    with kernels.compiled(True):
+        if not kernels.compile_enabled():
+            pytest.skip("torch.compile does not work here")
+        with CASES["int32 conversions"]["old"]():
+            assert conv._rescale is linear._rescale and conv._rescale is not before[0]
+            old, (old_code,) = run_and_get_code(kernels.kernel(rescaled), acc, scale)
+        new, (new_code,) = run_and_get_code(kernels.kernel(rescaled), acc, scale)
+    assert torch.equal(old, new) and torch.equal(new, rescaled(acc, scale))
+    assert "convert<float,2,int32_t,2>" in old_code
+    assert "convert<float,2,int32_t,2>" not in new_code
+    assert (conv._rescale, linear._rescale, conv._rescale_flipped_taps) == before
 
 
 def test_kernel_ab_reruns_some_cases_and_keeps_the_others_with_their_commands(

@@ -3,9 +3,9 @@
 Each kernel is a plain torch function, registered with :func:`kernel`. Run eagerly it is the
 reference; with compilation on (:func:`set_compile`), ``torch.compile`` fuses it into a few
 generated kernels (C++ with OpenMP on CPU, Triton on CUDA) that compute the same numbers in fewer
-passes over memory (on CPU with vector bit casts: :mod:`metagrad.vector_casts`). Compilation is
-off by default in the library, on in ``metagrad train`` (``--compile``), and falls back to eager
-execution, with a warning, where no compiler works.
+passes over memory (on CPU with vector bit casts and conversions: :mod:`metagrad.vector_casts`).
+Compilation is off by default in the library, on in ``metagrad train`` (``--compile``), and falls
+back to eager execution, with a warning, where no compiler works.
 
 Usage::
 
