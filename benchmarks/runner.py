@@ -35,7 +35,13 @@ from metagrad.training.config import TrainConfig, build_config
 from metagrad.training.launcher import Launch, launch_runs
 from metagrad.training.records import gradient_record
 from metagrad.training.run_files import METRICS, SUMMARY, read_summary
-from metagrad.training.setup import build_model, build_optimizer, resolve_amp, resolve_device
+from metagrad.training.setup import (
+    attention_kernel,
+    build_model,
+    build_optimizer,
+    resolve_amp,
+    resolve_device,
+)
 from metagrad.training.tasks import task_for_model
 
 PROBE_STEPS = 3
@@ -222,7 +228,10 @@ def training_step(
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)):
+            with (
+                attention_kernel(cfg.attention_kernel),
+                torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)),
+            ):
                 out = forward(x)
             loss = task.loss(out, y)
             loss.backward()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from benchmarks.runner import command_line, synthetic_data, time_steps_apart
 from benchmarks.speed import BASE, MLP_SHAPES, interleaved, machine, machine_slug
@@ -43,7 +44,7 @@ from metagrad.data.corpus import load_char_corpus
 from metagrad.machine import cpu_model
 from metagrad.models import model_task
 from metagrad.quant import QuantConfig, QuantSpec, list_presets, list_recipes
-from metagrad.training.config import build_config
+from metagrad.training.config import ATTENTION_KERNELS, build_config
 from metagrad.training.setup import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,7 +98,36 @@ def time_settings(
     return {name: rows[name] for name in names}
 
 
+ATTENTION_STEPS = 6
+"""Timed steps of each attention kernel when ``--attention-kernel fastest`` chooses one."""
+
+
+def has_attention(base: dict[str, Any], data) -> bool:
+    """Whether ``base``'s model has attention layers (``scaled_dot_product_attention``)."""
+    model = build_model(build_config({**base, "out": "unused"}), data, torch.device("cpu"))
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+def choose_attention(base: dict[str, Any], data, kernel: str, warmup: int) -> dict[str, Any]:
+    """The attention kernel every setting of ``base``'s model runs with: ``kernel``, or for
+    ``fastest`` the one whose bf16 step was faster, the two timed side by side."""
+    if kernel != "fastest":
+        return {"attention_kernel": kernel}
+    settings = {k: {**SETTINGS["bf16"], "attention_kernel": k} for k in ATTENTION_KERNELS}
+    timed = time_steps_apart(settings, data, base, ATTENTION_STEPS, warmup)
+    seconds = {k: t.seconds for k, t in timed.items()}
+    return {
+        "attention_kernel": min(seconds, key=seconds.__getitem__),
+        "attention_kernel_seconds": {k: round(v, 5) for k, v in seconds.items()},
+    }
+
+
 def bench_model(name: str, base: dict[str, Any], data, args) -> dict[str, Any]:
+    attention: dict[str, Any] = {}
+    if has_attention(base, data):
+        attention = choose_attention(base, data, args.attention_kernel, args.warmup)
+        base = {**base, "attention_kernel": attention["attention_kernel"]}
+        print(f"{name}: attention kernel {attention}", flush=True)
     rows = time_settings(base, data, args.settings, args.steps, args.warmup)
     ref = rows.get("bf16", {}).get("seconds")
     for setting, row in rows.items():
@@ -116,7 +146,7 @@ def bench_model(name: str, base: dict[str, Any], data, args) -> dict[str, Any]:
             + "  ".join(f"{ratio_text(r, 3)} {k}" for k, r in row["paired"].items()),
             flush=True,
         )
-    return {"settings": base, "steps": rows, "fp8_routes": fp8_routes(base, data)}
+    return {"settings": base, **attention, "steps": rows, "fp8_routes": fp8_routes(base, data)}
 
 
 def linear_rows(device: torch.device, tokens: list[int], reps: int) -> list[dict[str, Any]]:
@@ -164,6 +194,21 @@ def default_out(device: torch.device, width: float | None) -> Path:
     return RESULTS / f"step-matrix-{where}{suffix}.json"
 
 
+def _kept_models(out: Path, timed: list[str]) -> dict[str, Any]:
+    """The entries of the models in ``out`` that this run does not time (each with the command
+    that timed it)."""
+    if not out.is_file():
+        return {}
+    earlier = json.loads(out.read_text())
+    kept = {}
+    for name in MODELS:
+        if name in earlier and name not in timed:
+            kept[name] = {"command": earlier.get("command"), **earlier[name]}
+            if f"{name}_data" in earlier:
+                kept[f"{name}_data"] = earlier[f"{name}_data"]
+    return kept
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -177,6 +222,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, nargs="*", help="MLP tokens (CPU 1024; CUDA 16k)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--width", type=float, help="every model at this width (default: 1)")
+    parser.add_argument(
+        "--attention-kernel",
+        default="fastest",
+        choices=["fastest", *ATTENTION_KERNELS],
+        help="scaled_dot_product_attention's kernel in every setting of a model with attention "
+        "(fastest: the one whose bf16 step is faster here, timed first)",
+    )
+    parser.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep the models of an existing --out file that this run does not time",
+    )
     parser.add_argument("--out", type=Path, help="default benchmarks/results/step-matrix-<dev>")
     args = parser.parse_args(argv)
     if args.threads:
@@ -186,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.warmup = min(args.warmup, 1) if args.quick else args.warmup
     out = args.out or default_out(device, args.width)
     data_path = Path(args.data)
+    kept = _kept_models(out, args.models) if args.keep_models else {}
     result: dict[str, Any] = {
+        **kept,
         "benchmark": "step_matrix",
         "command": command_line(),
         "machine": machine(device),

@@ -53,6 +53,7 @@ from benchmarks.tables_speed import (
     speed_table,
     step_matrix_runs_table,
     step_matrix_table,
+    step_profile_table,
 )
 from benchmarks.tables_training import (
     ablation_table,
@@ -83,9 +84,11 @@ def commands_block() -> str:
     """Every command that wrote a committed result file, once, with the files it writes."""
     files: dict[str, list[str]] = {}
     for table in TABLES.values():
-        for f, command in zip(table.files, table.commands, strict=True):
-            if (RESULTS / f).is_file() and f not in files.setdefault(command, []):
-                files[command].append(f)
+        for f, recorded in zip(table.files, table.commands, strict=True):
+            commands = [recorded] if isinstance(recorded, str) else [c for _, c in recorded]
+            for command in commands:
+                if (RESULTS / f).is_file() and f not in files.setdefault(command, []):
+                    files[command].append(f)
     lines = [f"{c}\n    # -> {', '.join(fs)}" for c, fs in files.items() if fs]
     return "```bash\n" + "\n".join(lines) + "\n```"
 
@@ -97,7 +100,7 @@ class Table:
 
     files: tuple[str, ...]
     render: Callable[..., str]
-    commands: tuple[str, ...]
+    commands: tuple[str | tuple[tuple[str, str], ...], ...]
     text: bool = False  # the files are plain text, not JSON
 
 
@@ -153,13 +156,27 @@ STEP_MATRIX_CPU = tuple(
 """The step matrix's CPU results (``step-matrix-cpu-<model>[-w<width>].json``)."""
 
 
-def _recorded_command(name: str, default: str) -> str:
-    """The command a result file records it was written by (``default`` where it records none)."""
+def _recorded_command(name: str, default: str) -> str | tuple[tuple[str, str], ...]:
+    """The command a result file records it was written by (``default`` where it records none);
+    where some of its models kept the command of an earlier run (``--keep-models``), each
+    model's command, by model."""
     try:
-        command = json.loads((RESULTS / name).read_text()).get("command")
+        data = json.loads((RESULTS / name).read_text())
+        command = data.get("command")
     except (OSError, ValueError, AttributeError):
-        command = None
-    return command if isinstance(command, str) and command else default
+        return default
+    command = command if isinstance(command, str) and command else default
+    models = [k for k, v in data.items() if isinstance(v, dict) and "steps" in v]
+    kept = {k: data[k]["command"] for k in models if data[k].get("command")}
+    if not kept:
+        return command
+    return tuple((k, kept.get(k, command)) for k in models)
+
+
+def _written_by(command: str | tuple[tuple[str, str], ...]) -> str:
+    if isinstance(command, str):
+        return f"`{command}`"
+    return ", ".join(f"`{c}` ({label})" for label, c in command)
 
 
 STEP_MATRIX_COMMANDS = tuple(
@@ -276,6 +293,9 @@ TABLES: dict[str, Table] = {
     "kernel-ab": _table(
         "kernel-ab-cpu-amd-epyc.json", kernel_ab_table, "python -m benchmarks.kernel_ab"
     ),
+    "step-profile-cpu": _table(
+        "step-profile-cpu-amd-epyc.json", step_profile_table, "python -m benchmarks.step_profile"
+    ),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"
     ),
@@ -354,7 +374,7 @@ def render(name: str, where: Path = ROOT) -> str:
         return body
     sources = " and ".join(
         f"[`benchmarks/results/{f}`]({Path(os.path.relpath(RESULTS / f, where)).as_posix()}), "
-        f"written by `{command}`"
+        f"written by {_written_by(command)}"
         for f, command in zip(table.files, table.commands, strict=True)
     )
     return f"{body}\n\nSource: {sources}."

@@ -298,10 +298,22 @@ def _step_matrix(data: dict) -> str:
         part = data[name]
         s = part["settings"]
         steps = part["steps"]
+        notes = []
+        if "attention_kernel" in part:
+            timed = part.get("attention_kernel_seconds", {})
+            why = (
+                ", the faster bf16 step: "
+                + " against ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timed.items())
+                if timed
+                else ""
+            )
+            notes.append(f"attention kernel `{part['attention_kernel']}`{why}")
+        if part.get("command"):
+            notes.append(f"timed by `{part['command']}`")
         out += [
             "",
             f"**{name}** (width {s.get('width', 1):g}, batch {s['batch_size']}, "
-            f"{s.get('optimizer', 'sgd')}):",
+            f"{s.get('optimizer', 'sgd')}{''.join('; ' + n for n in notes)}):",
             "",
             "| training step | ms | x bf16 | x `plain` | x the step it replaces | warm-up s "
             "| compile s |",
@@ -559,4 +571,41 @@ def kernel_ab_table(data: dict) -> str:
             + "; ".join(f"{', '.join(names)} by `{cmd}`" for cmd, names in runs.items())
             + "."
         )
+    return "\n".join(lines)
+
+
+def step_profile_table(data: dict) -> str:
+    """Where each step's operator time goes, and the least step an integer backend can reach
+    (``step_profile``)."""
+    m = data["machine"]
+    lines = [
+        f"torch {m['torch']}, {m['cpu']}, {m['threads']} threads; operator self time per step "
+        "under torch.profiler, shares of its total by kind (backward pass / the rest); the last "
+        "column: the share outside the backward products and convolutions, which no integer "
+        f"backend replaces (the `int8` backend's goal: {GOAL_INT8_STEP:g}x bf16's step).",
+        "",
+        "| model | width | setting | operators ms | attention | products, backward / rest | "
+        "convolutions, backward / rest | compiled kernels | other | "
+        "least step for an integer backend |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in data["runs"]:
+        for name, p in run["profiles"].items():
+            back, rest, total = p["ms"]["backward"], p["ms"]["forward and optimizer"], p["total_ms"]
+
+            def share(kind: str, back=back, rest=rest, total=total) -> str:
+                return f"{(back[kind] + rest[kind]) / total:.0%}"
+
+            def split(kind: str, back=back, rest=rest, total=total) -> str:
+                return f"{back[kind] / total:.0%} / {rest[kind] / total:.0%}"
+
+            floor = 1 - p["backward_products_share"]
+            bound = f"{floor:.2f}x" if name == "bf16" else ""
+            if name == "bf16" and floor > GOAL_INT8_STEP:
+                bound += " (goal out of reach)"
+            lines.append(
+                f"| {run['model']} | {run['width']:g} | `{name}` | {total:.1f} | "
+                f"{share('attention')} | {split('products')} | {split('convolutions')} | "
+                f"{share('compiled kernels')} | {share('other')} | {bound} |"
+            )
     return "\n".join(lines)

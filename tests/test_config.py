@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from metagrad.training.config import ConfigError, build_config, read_config_file
 
@@ -55,3 +57,23 @@ def test_a_config_file_with_nan_or_inf_is_rejected(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(ConfigError, match=f"^{name} must be"):
             build_config({}, read_config_file(path))
+
+
+def test_the_attention_kernel_is_one_of_the_named_ones_and_math_runs_the_math_kernel() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from metagrad.training.setup import attention_kernel
+
+    with pytest.raises(ConfigError, match=r"^attention_kernel must be one of default, math"):
+        build_config({"attention_kernel": "flash"})
+    assert build_config({"attention_kernel": "math"}).attention_kernel == "math"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    outputs, names = {}, {}
+    for kernel in ("default", "math"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof, attention_kernel(kernel):
+            outputs[kernel] = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        names[kernel] = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_attention_math" in names["math"]
+    assert "aten::_scaled_dot_product_attention_math" not in names["default"]
+    torch.testing.assert_close(outputs["math"], outputs["default"])

@@ -127,7 +127,7 @@ def test_the_documented_commands_name_the_seeds_the_results_hold():
     for name, table in tables.TABLES.items():
         for file, command in zip(table.files, table.commands, strict=True):
             path = tables.RESULTS / file
-            if table.text or not path.is_file():
+            if table.text or not path.is_file() or not isinstance(command, str):
                 continue
             runs = json.loads(path.read_text()).get("runs")
             if not isinstance(runs, list) or not runs or "seed" not in runs[0]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import runner, speed, tables
+from benchmarks import runner, speed, step_matrix, tables
 from benchmarks.tables_speed import (
     kernel_ab_table,
     out_of_reach,
@@ -22,6 +22,7 @@ from benchmarks.tables_speed import (
     speed_table,
     step_matrix_runs_table,
     step_matrix_table,
+    step_profile_table,
 )
 from metagrad import kernels
 from metagrad.meta.fused import FusedMLP
@@ -200,8 +201,6 @@ def test_a_failing_setting_is_recorded_and_the_others_timed(monkeypatch):
 
 
 def test_step_matrix_files_are_named_per_cpu_and_width(monkeypatch):
-    from benchmarks import step_matrix
-
     monkeypatch.setattr(step_matrix, "cpu_model", lambda: "AMD EPYC")
     cpu = torch.device("cpu")
     assert step_matrix.default_out(cpu, None).name == "step-matrix-cpu-amd-epyc.json"
@@ -497,3 +496,74 @@ def test_kernel_ab_says_when_the_git_history_it_needs_is_missing():
 
     with pytest.raises(RuntimeError, match=r"git history of a clone.*--cases"):
         _module_at("0000000", "src/metagrad/meta/fused.py", "fused_before")
+
+
+def test_step_matrix_times_a_model_with_attention_under_its_faster_kernel_and_keeps_others(
+    tmp_path, monkeypatch
+):
+    """``--attention-kernel fastest`` times the bf16 step under each kernel first and runs every
+    setting under the faster; ``--keep-models`` keeps the other models of the file, each with the
+    command that timed it."""
+    monkeypatch.setattr(step_matrix, "ATTENTION_STEPS", 1)
+    out = tmp_path / "matrix.json"
+    earlier = {"command": "an earlier run", "vgg16": {"steps": {}}, "vgg16_data": "somewhere"}
+    out.write_text(json.dumps(earlier))
+    tiny = {"model": "gpt_char", "width": 0.25, "batch_size": 2, "optimizer": "adam"}
+    monkeypatch.setitem(step_matrix.MODELS, "gpt_char", tiny)
+    args = ["--models", "gpt_char", "--settings", "bf16", "--parts", "steps", "--steps", "1"]
+    result = step_matrix.main([*args, "--warmup", "1", "--keep-models", "--out", str(out)])
+    gpt = result["gpt_char"]
+    assert set(gpt["attention_kernel_seconds"]) == {"default", "math"}
+    faster = min(gpt["attention_kernel_seconds"], key=gpt["attention_kernel_seconds"].get)
+    assert gpt["attention_kernel"] == gpt["settings"]["attention_kernel"] == faster
+    assert result["vgg16"] == {"command": "an earlier run", "steps": {}}
+    assert result["vgg16_data"] == "somewhere"
+    assert json.loads(out.read_text())["vgg16"]["command"] == "an earlier run"
+    assert not step_matrix.has_attention({**speed.BASE, "width": 0.25}, runner.synthetic_data(2))
+    text = step_matrix_table(result | {"vgg16": {"settings": speed.BASE, "steps": {}}})
+    assert f"attention kernel `{faster}`, the faster bf16 step: default" in text
+
+
+def test_step_profile_puts_attention_and_its_backward_apart_from_the_layers_products():
+    """A Linear layer's products, forward and backward, are products; what
+    ``scaled_dot_product_attention`` runs (its math kernel: matrix products and a softmax) and
+    the backward of those operators are attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.step_profile import classify
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = torch.nn.functional.scaled_dot_product_attention(layer(q), k, v, is_causal=True)
+        out.square().sum().backward()
+    kinds: dict[tuple[str, str], set[str]] = {}
+    for phase, kind, event in classify(list(prof.events())):
+        kinds.setdefault((phase, event.name), set()).add(kind)
+    assert kinds[("forward and optimizer", "aten::addmm")] == {"products"}
+    assert kinds[("forward and optimizer", "aten::bmm")] == {"attention"}
+    assert kinds[("backward", "aten::mm")] == {"products"}  # the Linear layer's gradients
+    assert kinds[("backward", "aten::bmm")] == {"attention"}
+    assert kinds[("backward", "aten::_softmax_backward_data")] == {"attention"}
+
+
+def test_step_profile_records_each_settings_shares_and_the_table_names_the_bound(tmp_path):
+    from benchmarks import step_profile
+
+    out = tmp_path / "profile.json"
+    args = ["--models", "gpt_char", "--widths", "0.25", "--settings", "bf16", "int8 backend"]
+    record = step_profile.main([*args, "--steps", "1", "--warmup", "1", "--out", str(out)])
+    (run,) = record["runs"]
+    assert run["attention_kernel"] in ("default", "math")
+    for profile_ in run["profiles"].values():
+        total = sum(sum(kinds.values()) for kinds in profile_["ms"].values())
+        assert total == pytest.approx(profile_["total_ms"], rel=1e-3)
+        assert 0 < profile_["backward_products_share"] < 1
+    assert run["profiles"]["bf16"]["ms"]["backward"]["attention"] > 0
+    assert run["profiles"]["int8 backend"]["ms"]["backward"]["compiled kernels"] > 0
+    text = step_profile_table(json.loads(out.read_text()))
+    share = 1 - run["profiles"]["bf16"]["backward_products_share"]
+    assert "| gpt_char | 0.25 | `bf16` |" in text and f"{share:.2f}x" in text

@@ -37,7 +37,7 @@ def test_every_table_names_its_files_and_commands():
         rendered = tables.render(name)
         for f, command in zip(table.files, table.commands, strict=True):
             assert f"[`benchmarks/results/{f}`](benchmarks/results/{f})" in rendered, name
-            assert f"written by `{command}`" in rendered, name
+            assert f"written by {tables._written_by(command)}" in rendered, name
 
 
 def test_fill_rewrites_only_between_the_markers():

@@ -41,6 +41,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "kernels", "model")
 ROUTE_MODES = ("auto", "measured", "fixed")
+ATTENTION_KERNELS = ("default", "math")
 NONFINITE_POLICIES = ("stop", "skip")
 SHARD_MODES = ("ddp", "fsdp")
 FSDP_METHODS = ("plain", "metagrad")
@@ -125,6 +126,7 @@ class TrainConfig:
     amp: str = "auto"
     compile: str = "auto"
     routes: str = "auto"
+    attention_kernel: str = "default"
     threads: int = 0
     cpu_memory: str = "retain"
     nonfinite: str = "stop"
@@ -155,6 +157,7 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("routes", self.routes, ROUTE_MODES)
+        _choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _choice("cpu_memory", self.cpu_memory, CPU_MEMORY_MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _choice("shard", self.shard, SHARD_MODES)
@@ -390,6 +393,7 @@ RESUMABLE_KEYS = frozenset(
         "data",
         "compile",
         "routes",
+        "attention_kernel",
         "nonfinite",
         "dist_timeout",
     }

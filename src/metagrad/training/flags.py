@@ -91,6 +91,10 @@ def help_texts() -> dict[str, str]:
         "machine, cached in ~/.cache/metagrad; summary.json: int8_routes) or fixed (integer, "
         "except convolutions on CUDA; reproducible timing); auto: $METAGRAD_INT8_ROUTES if set, "
         "else measured",
+        "attention_kernel": "the kernel of scaled_dot_product_attention in the model's "
+        "attention layers: default (PyTorch's choice; on CPU its flash kernel) or math (matrix "
+        "products and a softmax: the same arithmetic, faster in bf16 on some CPUs at small head "
+        "sizes; docs/results.md, step profile)",
         "threads": "torch CPU threads (0: torch's default)",
         "cpu_memory": "what the process does with the CPU memory it frees (Linux, glibc): "
         "retain (kept for reuse, so that large temporaries are not page-faulted in afresh at "
@@ -109,8 +113,8 @@ def help_texts() -> dict[str, str]:
         "max_steps": "stop after this many steps in total (0: no limit)",
         "out": "run directory (metrics.jsonl, summary.json, checkpoint.pt)",
         "resume": "continue the run in --out with its saved settings (plugins included); only "
-        "epochs, max-steps, data, threads, cpu-memory, progress, compile, routes, nonfinite and "
-        "dist-timeout may be given again",
+        "epochs, max-steps, data, threads, cpu-memory, progress, compile, routes, "
+        "attention-kernel, nonfinite and dist-timeout may be given again",
         "progress": "show a progress bar",
         "plugins": "a module to import before the settings are checked, so that what it "
         "registers (formats, scale formats, transforms, presets, backends, models, "

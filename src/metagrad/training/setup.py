@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -57,6 +58,17 @@ def resolve_compile(name: str, device: torch.device) -> str:
         kernels.set_compile(False)
         return name
     return name if kernels.set_compile(True, device) else "off"
+
+
+def attention_kernel(name: str) -> AbstractContextManager[object]:
+    """The context a forward pass runs in for ``--attention-kernel``: ``math`` restricts
+    ``scaled_dot_product_attention`` to its math kernel (its backward follows the forward's
+    choice); ``default`` leaves the choice to PyTorch."""
+    if name == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 def resolve_routes(name: str) -> str:

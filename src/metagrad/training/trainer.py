@@ -53,6 +53,7 @@ from metagrad.training.run_files import (
     saved_config,
 )
 from metagrad.training.setup import (
+    attention_kernel,
     build_model,
     build_optimizer,
     resolve_amp,
@@ -125,6 +126,7 @@ class Trainer(CheckpointState):
         self.amp = resolve_amp(cfg.amp, self.device)
         self.compile = resolve_compile(cfg.compile, self.device)
         self.routes = resolve_routes(cfg.routes)
+        self.attention_kernel = cfg.attention_kernel
         self.task = task_for_model(cfg.model)
         self.data = self.task.load_data(cfg)
         self.model = build_model(cfg, self.data, self.device)
@@ -229,7 +231,10 @@ class Trainer(CheckpointState):
             self.optimizer.zero_grad(set_to_none=True)
             if self.sharded:  # rank 0's buffers, as DDP broadcasts them before each forward
                 self._sync_buffers()
-            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
+            with (
+                attention_kernel(self.attention_kernel),
+                torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)),
+            ):
                 out = self.forward(x)
             if world_size == 1:
                 loss = task.loss(out, y)
