@@ -231,10 +231,8 @@ class Trainer(CheckpointState):
             self.optimizer.zero_grad(set_to_none=True)
             if self.sharded:  # rank 0's buffers, as DDP broadcasts them before each forward
                 self._sync_buffers()
-            with (
-                attention_kernel(self.attention_kernel),
-                torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)),
-            ):
+            cast = torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp))
+            with attention_kernel(self.attention_kernel), cast:
                 out = self.forward(x)
             if world_size == 1:
                 loss = task.loss(out, y)
