@@ -50,12 +50,11 @@ import metagrad.backward.int8.linear as int8_linear
 import metagrad.backward.products as products
 import metagrad.meta.hyper as hyper
 import metagrad.quant.transformed as transformed
-from benchmarks.runner import command_line, step_batches, synthetic_data, training_step
-from benchmarks.speed import RESULTS, machine, machine_slug
+from benchmarks.runner import step_batches, synthetic_data, training_step
+from benchmarks.speed import cpu_record, machine
 from benchmarks.step_matrix import MODELS, SETTINGS
 from metagrad import kernels
 from metagrad.data.corpus import load_char_corpus
-from metagrad.machine import cpu_model
 from metagrad.stats import paired_ratio
 
 
@@ -215,13 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.out or RESULTS / f"kernel-ab-cpu-{machine_slug(cpu_model())}.json"
-    record: dict[str, Any] = {
-        "benchmark": "kernel_ab",
-        "command": command_line(),
-        "machine": machine(torch.device("cpu")),
-        "cases": _kept_cases(out, args.cases),
-    }
+    out, head = cpu_record("kernel_ab", args.out)
+    record: dict[str, Any] = {**head, "cases": _kept_cases(out, args.cases)}
     for name in args.cases:
         case = run_case(CASES[name], args.steps, args.warmup)
         record["cases"][name] = {**case, "command": record["command"]}

@@ -454,6 +454,18 @@ def machine_slug(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
 
 
+def cpu_record(benchmark: str, out: Path | None) -> tuple[Path, dict[str, Any]]:
+    """Where a CPU benchmark writes (``out``, else ``results/<benchmark>-cpu-<cpu model>.json``)
+    and the head of its record: its name, the command and the machine."""
+    path = out or RESULTS / f"{benchmark.replace('_', '-')}-cpu-{machine_slug(cpu_model())}.json"
+    head = {
+        "benchmark": benchmark,
+        "command": command_line(),
+        "machine": machine(torch.device("cpu")),
+    }
+    return path, head
+
+
 def default_out(device: torch.device) -> Path:
     """``results/speed-cpu-<cpu model>.json`` on CPU, ``results/speed-<device>.json`` else."""
     if device.type == "cpu":

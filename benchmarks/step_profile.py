@@ -35,11 +35,10 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.runner import command_line, step_batches, synthetic_data, training_step
-from benchmarks.speed import RESULTS, machine, machine_slug
+from benchmarks.runner import step_batches, synthetic_data, training_step
+from benchmarks.speed import cpu_record
 from benchmarks.step_matrix import MODELS, SETTINGS, choose_attention, has_attention
 from metagrad.data.corpus import load_char_corpus
-from metagrad.machine import cpu_model
 from metagrad.training.config import ATTENTION_KERNELS
 
 KINDS = ("attention", "products", "convolutions", "compiled kernels", "other")
@@ -147,13 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.out or RESULTS / f"step-profile-cpu-{machine_slug(cpu_model())}.json"
-    record: dict[str, Any] = {
-        "benchmark": "step_profile",
-        "command": command_line(),
-        "machine": machine(torch.device("cpu")),
-        "runs": [],
-    }
+    out, head = cpu_record("step_profile", args.out)
+    record: dict[str, Any] = {**head, "runs": []}
     for model in args.models:
         gpt = model.startswith("gpt")
         data = load_char_corpus() if gpt else synthetic_data(MODELS[model]["batch_size"] * 16)
