@@ -197,3 +197,21 @@ def test_vit_on_the_shared_cifar10_zip(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["task"] == "image"
     assert 0 <= summary["final_test_acc"] <= 100
+
+
+def test_the_gpt_trains_under_the_attention_kernel_it_is_given(tmp_path, small_text):
+    """``--attention-kernel math`` runs the attention of every forward pass, training and
+    evaluation, on the math kernel and is saved with the run; the default leaves PyTorch's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seen = {}
+    for kernel in ("default", "math"):
+        cfg = _gpt(tmp_path / kernel, data=str(small_text), epochs=1, max_steps=1)
+        cfg.attention_kernel = kernel
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            summary = train(cfg)
+        seen[kernel] = {e.name for e in prof.events()}
+        assert summary["config"]["attention_kernel"] == kernel
+    assert "aten::_scaled_dot_product_attention_math" in seen["math"]
+    assert "aten::_scaled_dot_product_attention_math" not in seen["default"]
+    assert not any("flash_attention" in name for name in seen["math"])

@@ -92,9 +92,9 @@ def help_texts() -> dict[str, str]:
         "except convolutions on CUDA; reproducible timing); auto: $METAGRAD_INT8_ROUTES if set, "
         "else measured",
         "attention_kernel": "the kernel of scaled_dot_product_attention in the model's "
-        "attention layers: default (PyTorch's choice; on CPU its flash kernel) or math (matrix "
-        "products and a softmax: the same arithmetic, faster in bf16 on some CPUs at small head "
-        "sizes; docs/results.md, step profile)",
+        "attention layers, training and evaluation: default (PyTorch's choice; on CPU its flash "
+        "kernel) or math (matrix products and a softmax: the same arithmetic, faster in bf16 on "
+        "some CPUs at small head sizes; docs/results.md, attention kernels)",
         "threads": "torch CPU threads (0: torch's default)",
         "cpu_memory": "what the process does with the CPU memory it frees (Linux, glibc): "
         "retain (kept for reuse, so that large temporaries are not page-faulted in afresh at "

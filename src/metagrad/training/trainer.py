@@ -126,7 +126,6 @@ class Trainer(CheckpointState):
         self.amp = resolve_amp(cfg.amp, self.device)
         self.compile = resolve_compile(cfg.compile, self.device)
         self.routes = resolve_routes(cfg.routes)
-        self.attention_kernel = cfg.attention_kernel
         self.task = task_for_model(cfg.model)
         self.data = self.task.load_data(cfg)
         self.model = build_model(cfg, self.data, self.device)
@@ -231,8 +230,7 @@ class Trainer(CheckpointState):
             self.optimizer.zero_grad(set_to_none=True)
             if self.sharded:  # rank 0's buffers, as DDP broadcasts them before each forward
                 self._sync_buffers()
-            cast = torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp))
-            with attention_kernel(self.attention_kernel), cast:
+            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=bool(amp)):
                 out = self.forward(x)
             if world_size == 1:
                 loss = task.loss(out, y)
@@ -349,7 +347,8 @@ class Trainer(CheckpointState):
         stopped_early = False
         try:
             while self.epoch < cfg.epochs and not stopped_early:
-                stopped_early = self._run_epoch()
+                with attention_kernel(cfg.attention_kernel):  # training and evaluation
+                    stopped_early = self._run_epoch()
         except FloatingPointError:
             # Record where the run diverged, and the diagnostics up to there; the checkpoint
             # keeps the last good epoch.
