@@ -37,6 +37,8 @@ which measure them afresh (a new route cache, unless ``--route-cache`` names one
    bf16 error to int8, the least any 8-bit route spends before its products: a layer where that
    cast exceeds 5% of the bf16 backward (so that bf16 products of the codes cannot meet the
    per-layer goal) and the integer route is measured beyond the goal is named out of reach.
+   As many rounds as the steps; each layer's measured routes against bf16 is the geometric
+   mean of the per-round ratios with its 95% interval (the per-layer goal's verdict).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from metagrad.nn.layers import quantized_weights
 from metagrad.quant.presets import MXFP4, NVFP4
 from metagrad.quant.quantize import quantize_along, quantize_codes
 from metagrad.quant.spec import QuantConfig, QuantSpec
+from metagrad.stats import paired_ratio
 from metagrad.training.config import build_config
 from metagrad.training.setup import build_model
 
@@ -131,6 +134,15 @@ def _sync(device: torch.device) -> None:
 
 def interleaved(fns: dict[str, Fn], reps: int, warmup: int, device: torch.device) -> dict:
     """Median seconds of each function, timed in turn ``reps`` times after ``warmup`` rounds."""
+    times = interleaved_times(fns, reps, warmup, device)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def interleaved_times(
+    fns: dict[str, Fn], reps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each function in each of ``reps`` rounds (one call of each in turn), after
+    ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(warmup + reps):
         for name, fn in fns.items():
@@ -140,7 +152,7 @@ def interleaved(fns: dict[str, Fn], reps: int, warmup: int, device: torch.device
             _sync(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------------- 1. steps
@@ -378,8 +390,10 @@ def linear_fns(c_in: int, c_out: int, tokens: int, device, name: str = "mlp") ->
 
 
 def layer_row(name, shape, fns, key, reps: int, warmup: int, device: torch.device) -> dict:
-    """One layer's timings (median ms) and ratios, and the routes measured for it."""
-    secs = interleaved(fns, reps, max(warmup, 1), device)
+    """One layer's timings (median ms) and ratios, the measured routes against bf16 round by
+    round (the per-layer goal's ratio, with its interval), and the routes measured for it."""
+    times = interleaved_times(fns, reps, max(warmup, 1), device)
+    secs = {k: statistics.median(ts) for k, ts in times.items()}
     routes = ROUTES.used[str(key)].to_dict()
     row = {
         "name": name,
@@ -390,6 +404,7 @@ def layer_row(name, shape, fns, key, reps: int, warmup: int, device: torch.devic
         "bf16/int8 measured routes": round(secs["bf16"] / secs[ROUTED], 3),
         "fp32/int8": round(secs["fp32"] / secs["int8"], 3),
         "floor/bf16": round(secs[FLOOR] / secs["bf16"], 3),
+        "measured routes/bf16": paired_ratio(times[ROUTED], times["bf16"]),
         "routes": routes,
     }
     print(
@@ -544,8 +559,8 @@ def run_parts(args, device, out: Path, data, data_path: Path, reps: tuple[int, i
         result["memory"] = bench_memory(device)
     if "blocks" in args.parts:
         result["blocks"] = bench_blocks(device, layer_reps, warmup)
-    if "layers" in args.parts:
-        result["layers"] = bench_layers(device, layer_reps, 1, tokens)
+    if "layers" in args.parts:  # as many rounds as the steps: each layer's ratio has an interval
+        result["layers"] = bench_layers(device, step_reps, 1, tokens)
     return result
 
 

@@ -161,8 +161,7 @@ def _layers(datas: tuple[dict, ...]) -> list[str]:
                 continue
             cells += [f"{r['ms'][k]:.1f}" if k in r["ms"] else "" for k in keys]
             cells.append(f"{r['bf16/int8']:.2f}x")
-            routed = r["ms"].get(ROUTED)
-            cells.append(f"{routed / r['ms']['bf16']:.2f}x" if routed else "")
+            cells.append(_routed_cell(r))
         rows.append("| " + " | ".join(cells) + " |")
     for data, lay in shown:
         med = lay["conv_medians"]
@@ -184,6 +183,16 @@ def _layers(datas: tuple[dict, ...]) -> list[str]:
                 f"route was measured slower than the goal: {named}."
             )
     return rows
+
+
+def _routed_cell(row: dict[str, Any]) -> str:
+    """The measured routes over bf16: with its interval and verdict against the per-layer goal
+    where the run kept each round, else the ratio of medians."""
+    paired = row.get("measured routes/bf16")
+    if paired:
+        return goal_cell(paired, 1 + PER_LAYER_SLACK)
+    routed = row["ms"].get(ROUTED)
+    return f"{routed / row['ms']['bf16']:.2f}x" if routed else ""
 
 
 FLOOR = "error cast to int8"

@@ -16,6 +16,7 @@ from torch import nn
 
 from benchmarks import runner, speed, step_matrix, tables
 from benchmarks.tables_speed import (
+    goal_cell,
     kernel_ab_table,
     out_of_reach,
     speed_goals_table,
@@ -327,8 +328,10 @@ def test_layers_name_where_no_route_meets_the_per_layer_goal(monkeypatch):
     monkeypatch.setattr(speed, "GPT_CHAR_TOKENS", 8)
     monkeypatch.setattr(speed, "BASE", {**speed.BASE, "batch_size": 2})
     before = kernels.compile_enabled()
-    result = speed.bench_layers(torch.device("cpu"), reps=1, warmup=0, tokens=[])
+    result = speed.bench_layers(torch.device("cpu"), reps=3, warmup=0, tokens=[])
     (conv,) = result["rows"]
+    paired = conv["measured routes/bf16"]  # round by round, with its interval
+    assert paired["n"] == 3 and paired["ci95"][0] <= paired["ratio"] <= paired["ci95"][1]
     assert speed.FLOOR in conv["ms"] and conv["floor/bf16"] > 0
     # timed with the kernels as training runs them, and the setting restored after
     assert result["kernels"] == ("compiled" if kernels.available("cpu")[0] else "eager")
@@ -349,6 +352,7 @@ def test_layers_name_where_no_route_meets_the_per_layer_goal(monkeypatch):
     amd = json.loads((tables.RESULTS / "speed-cpu-amd-epyc.json").read_text())
     text = speed_table({**amd, "layers": {**result, "rows": rows + result["rows"]}})
     assert "error cast to int8 ms" in text
+    assert f"| {goal_cell(paired, 1.05)} |" in text  # the goal's verdict, from the interval
     assert "the layers where no route can meet the per-layer goal" in text
     assert ": cast too slow, integer too slow" in text
 
