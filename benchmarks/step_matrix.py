@@ -103,7 +103,8 @@ ATTENTION_STEPS = 6
 
 
 def has_attention(base: dict[str, Any], data) -> bool:
-    """Whether ``base``'s model has attention layers (``scaled_dot_product_attention``)."""
+    """Whether ``base``'s model has ``nn.MultiheadAttention`` layers (which call
+    ``scaled_dot_product_attention``)."""
     model = build_model(build_config({**base, "out": "unused"}), data, torch.device("cpu"))
     return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
