@@ -49,6 +49,7 @@ from benchmarks.tables_measures import (
 )
 from benchmarks.tables_speed import (
     kernel_ab_table,
+    layer_overhead_table,
     speed_goals_table,
     speed_table,
     step_matrix_runs_table,
@@ -295,6 +296,11 @@ TABLES: dict[str, Table] = {
     ),
     "step-profile-cpu": _table(
         "step-profile-cpu-amd-epyc.json", step_profile_table, "python -m benchmarks.step_profile"
+    ),
+    "layer-overhead-cpu": _table(
+        "layer-overhead-cpu-amd-epyc.json",
+        layer_overhead_table,
+        "python -m benchmarks.layer_overhead",
     ),
     "speed-cuda": _table(
         "speed-cuda.json", speed_table, "python -m benchmarks.speed --device cuda"

@@ -618,3 +618,25 @@ def step_profile_table(data: dict) -> str:
                 f"{share('compiled kernels')} | {share('other')} | {bound} |"
             )
     return "\n".join(lines)
+
+
+def layer_overhead_table(data: dict) -> str:
+    """A quantized Linear layer's step against ``nn.Linear``'s, per layer (``layer_overhead``)."""
+    m = data["machine"]
+    lines = [
+        f"torch {m['torch']}, {m['cpu']}, {m['threads']} threads; a stack of {data['layers']} "
+        f"Linear layers of {data['features']} features, one training step (bf16 autocast, "
+        f"compiled kernels), {data['rounds']} rounds in turn with plain `nn.Linear` layers; "
+        "times per layer (medians), the extra time per layer over `nn.Linear`'s, the ratio "
+        "with its 95% interval, and the calls of compiled code per layer and step.",
+        "",
+        "| tokens | setting | bf16 us | quantized us | extra us | quantized / bf16 | "
+        "compiled calls |",
+        "|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['tokens']} | `{r['setting']}` | {r['bf16_us']:.1f} | {r['us']:.1f} | "
+            f"{r['extra_us']:.1f} | {ratio_text(r['x_bf16'])} | {r['compiled_calls']:g} |"
+        )
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from benchmarks import runner, speed, step_matrix, tables
 from benchmarks.tables_speed import (
     goal_cell,
     kernel_ab_table,
+    layer_overhead_table,
     out_of_reach,
     speed_goals_table,
     speed_table,
@@ -571,3 +572,26 @@ def test_step_profile_records_each_settings_shares_and_the_table_names_the_bound
     text = step_profile_table(json.loads(out.read_text()))
     share = 1 - run["profiles"]["bf16"]["backward_products_share"]
     assert "| gpt_char | 0.25 | `bf16` |" in text and f"{share:.2f}x" in text
+
+
+def test_layer_overhead_times_each_setting_beside_plain_layers_and_counts_compiled_calls(tmp_path):
+    from benchmarks import layer_overhead
+
+    out = tmp_path / "overhead.json"
+    args = ["--settings", "plain", "--tokens", "1", "3", "--layers", "2", "--features", "8"]
+    record = layer_overhead.main([*args, "--rounds", "3", "--warmup", "1", "--out", str(out)])
+    assert [(r["setting"], r["tokens"]) for r in record["rows"]] == [("plain", 1), ("plain", 3)]
+    for row in record["rows"]:
+        assert row["us"] > 0 and row["bf16_us"] > 0 and row["x_bf16"]["n"] == 3
+        assert row["bf16_compiled_calls"] == 0
+        assert row["compiled_calls"] >= 1 or not kernels.available("cpu")[0]
+    text = layer_overhead_table(json.loads(out.read_text()))
+    assert "| 3 | `plain` |" in text and "2 Linear layers of 8 features" in text
+
+
+def test_layer_overhead_refuses_sizes_that_time_nothing(capsys):
+    from benchmarks import layer_overhead
+
+    with pytest.raises(SystemExit):
+        layer_overhead.main(["--tokens", "0"])
+    assert "--tokens, --features and --layers must be positive" in capsys.readouterr().err
