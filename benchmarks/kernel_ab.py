@@ -14,6 +14,13 @@ results file (each case records its command). Cases:
   of the error's bf16 codes (``metagrad.backward.products.summed``).
 - ``transposed copy``: the full-width character GPT under ``rht-mxfp4``; the copy of the
   error's rows along the tokens (``metagrad.quant.transformed._contiguous``).
+- ``one call per layer, <model>, width <w>``: the character GPT and VGG-16 under ``plain`` at
+  widths 1 and 0.25; each layer's backward on its error's integer codes compiled as one kernel
+  (one call of compiled code per layer: ``metagrad.backward.simulate``) against its eager
+  reference, whose parts are compiled kernels of their own (several calls per layer), as
+  before. ``bias sums`` runs both of its steps with the layers' backward so split (``both``),
+  as when it was first measured: inside one compiled layer backward, the sums' eager
+  reference is traced and compiled with the rest.
 - ``finiteness``: full-width VGG-16 under MetaGrad (``plain``); its check that the loss and
   every gradient are finite (``metagrad.kernels.all_finite``: compiled calls of 8 tensors each).
 - ``hypernet passes``: full-width VGG-16 under MetaGrad (``plain``); the fused hypernetwork
@@ -26,6 +33,8 @@ results file (each case records its command). Cases:
 - ``int32 conversions``: full-width VGG-16 under the ``int8`` backend; its rescaling kernels
   compiled with the per-vector int32 conversion of ``metagrad.vector_casts`` against the same
   kernels compiled with inductor's own (a scalar loop where a kernel writes bf16).
+
+A case's ``both`` context, where it has one, holds for both steps.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import metagrad.backward.int8.codes as int8_codes
 import metagrad.backward.int8.conv as int8_conv
 import metagrad.backward.int8.linear as int8_linear
 import metagrad.backward.products as products
+import metagrad.backward.simulate as simulate
 import metagrad.meta.hyper as hyper
 import metagrad.quant.transformed as transformed
 from benchmarks.runner import step_batches, synthetic_data, training_step
@@ -78,6 +88,17 @@ def _eager_bias_sums() -> Iterator[None]:
 @contextmanager
 def _eager_copy() -> Iterator[None]:
     with _replaced(transformed, "_contiguous", transformed._contiguous.eager):
+        yield
+
+
+@contextmanager
+def _unfused_layers() -> Iterator[None]:
+    """Each layer's backward as its eager reference, whose parts (quantizer, dither, bias sums,
+    rescaling) are compiled kernels of their own: several calls of compiled code per layer."""
+    with (
+        _replaced(simulate, "_linear_from_codes", simulate._linear_from_codes.eager),
+        _replaced(simulate, "_conv2d_from_codes", simulate._conv2d_from_codes.eager),
+    ):
         yield
 
 
@@ -166,8 +187,23 @@ def _hypernet_before() -> Iterator[None]:
 
 
 CASES: dict[str, dict[str, Any]] = {
-    "bias sums": {"model": "gpt_char", "setting": "plain", "old": _eager_bias_sums},
+    "bias sums": {
+        "model": "gpt_char",
+        "setting": "plain",
+        "old": _eager_bias_sums,
+        "both": _unfused_layers,
+    },
     "transposed copy": {"model": "gpt_char", "setting": "rht-mxfp4", "old": _eager_copy},
+    **{
+        f"one call per layer, {model}, width {width:g}": {
+            "model": model,
+            "setting": "plain",
+            "width": width,
+            "old": _unfused_layers,
+        }
+        for model in ("gpt_char", "vgg16")
+        for width in (1.0, 0.25)
+    },
     "finiteness": {"model": "vgg16", "setting": "metagrad plain", "old": _eager_finite},
     "hypernet passes": {"model": "vgg16", "setting": "metagrad plain", "old": _hypernet_before},
     "int8 codes": {"model": "vgg16", "setting": "int8 backend", "old": _eager_int8_codes},
@@ -181,16 +217,17 @@ CASES: dict[str, dict[str, Any]] = {
 
 def run_case(case: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     """Median step seconds of new and old, and the paired ratio new/old."""
-    base = {**MODELS[case["model"]], "width": 1.0, "device": "cpu"}
+    base = {**MODELS[case["model"]], "width": case.get("width", 1.0), "device": "cpu"}
     gpt = case["model"].startswith("gpt")
     data = load_char_corpus() if gpt else synthetic_data(base["batch_size"] * (warmup + steps))
     batches = step_batches(data, base, warmup + steps)
     settings = {**base, **SETTINGS[case["setting"]]}
     runs = {"new": training_step(settings, data), "old": training_step(settings, data)}
     times: dict[str, list[float]] = {"new": [], "old": []}
+    both = case.get("both", nullcontext)
     for i, (x, y) in enumerate(batches):
         for name, step in runs.items():
-            with case["old"]() if name == "old" else nullcontext():
+            with both(), case["old"]() if name == "old" else nullcontext():
                 t0 = time.perf_counter()
                 step(x, y)
                 seconds = time.perf_counter() - t0
@@ -199,6 +236,7 @@ def run_case(case: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     return {
         "model": case["model"],
         "setting": case["setting"],
+        "width": base["width"],
         "median_seconds": {k: sorted(v)[len(v) // 2] for k, v in times.items()},
         "step_seconds": times,
         "new_over_old": paired_ratio(times["new"], times["old"]),

@@ -15,6 +15,7 @@ from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
 from metagrad.quant import transformed
 from metagrad.quant.formats import get_format
 from metagrad.quant.quantize import quantize_along, quantize_codes
+from metagrad.quant.rounding import keyed_dither
 from metagrad.quant.transformed import _guarded_rows
 from metagrad.quant.transforms import get_transform
 
@@ -144,6 +145,72 @@ def test_a_compiled_float_format_rounds_every_binade_edge_as_eager_code(compiled
     rounded = torch.compile(fmt.round, dynamic=True)
     for d in (None, dither):
         assert torch.equal(rounded(values, d), fmt.round(values, d))
+
+
+def _two_layers(kind: str, channels_last: bool, config: QuantConfig):
+    """Two quantized layers and an input for them (seeded)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+        x = torch.randn(4, 3, 12, generator=gen)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, groups=2)
+        )
+        x = torch.randn(4, 3, 9, 9, generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
+    return quantize(model, config), x.requires_grad_(True)
+
+
+def _gradients_and_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """The gradients of one bf16-autocast step, and the calls of compiled code its backward
+    made."""
+    torch.manual_seed(5)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = model(x)
+    with torch.profiler.profile() as prof:
+        y.float().square().sum().backward()
+    calls = sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())
+    return [x.grad, *(p.grad for p in model.parameters())], calls
+
+
+@pytest.mark.parametrize("kind,channels_last", [("linear", False), ("conv", False), ("conv", True)])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_layer_backward_on_integer_codes_is_one_compiled_call_with_eager_bits(
+    compiled, kind, channels_last, granularity
+):
+    """On the integer path a layer's whole backward (dither, codes, both products, bias sum)
+    runs as one call of compiled code, and gives the eager code's gradients bit for bit."""
+    config = QuantConfig(grad=QuantSpec(4, "stochastic", granularity))
+    model, x = _two_layers(kind, channels_last, config)
+    grads, calls = _gradients_and_calls(model, x)
+    with kernels.compiled(False):
+        model, x = _two_layers(kind, channels_last, config)
+        ref, eager_calls = _gradients_and_calls(model, x)
+    assert calls == 2 and eager_calls == 0  # one per quantized layer
+    for got, want in zip(grads, ref, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1001])
+def test_a_sixteen_bit_dither_compiled_by_shifts_is_the_int16_view_of_its_words(compiled, n):
+    """Compiled, 16-bit dithers come from their words by shifts (inductor's CPU code does not
+    vectorize int16 loads): the very values eager code takes from an int16 view."""
+    key = torch.tensor([123456, -98765], dtype=torch.int32)
+    like = torch.empty(n)
+    eager = keyed_dither(n, key, 16, like)
+    traced = torch.compile(lambda k, t: keyed_dither(t.numel(), k, 16, t), dynamic=True)
+    assert eager.dtype == torch.int32 and torch.equal(traced(key, like), eager)
+    config = QuantConfig(grad=QuantSpec(4, "stochastic", dither_bits=16))
+    model, x = _two_layers("linear", False, config)
+    grads, _ = _gradients_and_calls(model, x)
+    with kernels.compiled(False):
+        model, x = _two_layers("linear", False, config)
+        ref, _ = _gradients_and_calls(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref, strict=True))
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -1,7 +1,9 @@
 """The ``simulate`` backend: quantized operands, float products.
 
 Integer gradient specs with one scale per tensor, channel or sample run on the error's integer
-codes (:mod:`metagrad.backward.products`: exact in bf16, scales in float32); with
+codes (:mod:`metagrad.backward.products`: exact in bf16, scales in float32), the dither's key
+drawn first and the rest of a layer's backward one registered kernel (compiled: one call of
+compiled code per layer, the same bits as eager code); with
 ``backward_operand_bits=8`` on the same 8-bit operands as the ``int8`` backend, multiplied in
 float (its ``*_simulated`` twins, so it reproduces that backend); any other spec is emulated
 product by product (:mod:`metagrad.backward.emulated`), on the full-precision operands where an
@@ -30,13 +32,25 @@ from metagrad.backward.products import (
     float_operand,
     linear_grads,
 )
-from metagrad.quant.quantize import quantize_codes
-from metagrad.quant.spec import QuantConfig
+from metagrad.kernels import kernel
+from metagrad.quant.quantize import keyed_codes
+from metagrad.quant.rounding import spec_dither_key
+from metagrad.quant.spec import QuantConfig, QuantSpec
 
 
 def _codes_linear(e: Tensor, x: Tensor, weight: Tensor, config, mask: Mask, dtypes: DTypes):
-    codes, scale = quantize_codes(e, config.grad, -1, dtype=x.dtype)
-    scales = error_scales(scale, config.grad.granularity, 2)
+    key = spec_dither_key(e, config.grad)
+    return _linear_from_codes(e, x, weight, config.grad, key, mask, dtypes)
+
+
+@kernel(static_ints=True)
+def _linear_from_codes(
+    e: Tensor, x: Tensor, weight: Tensor, spec: QuantSpec, key, mask: Mask, dtypes: DTypes
+) -> Grads:
+    """A linear layer's gradients from its error's integer codes, after the dither's draw
+    (``key``): the quantization, both products and the bias sum, one compiled call."""
+    codes, scale = keyed_codes(e, spec, key, -1, dtype=x.dtype)
+    scales = error_scales(scale, spec.granularity, 2)
     grad_x, grad_w = linear_grads(
         codes,
         scales,
@@ -49,8 +63,17 @@ def _codes_linear(e: Tensor, x: Tensor, weight: Tensor, config, mask: Mask, dtyp
 
 
 def _codes_conv2d(e: Tensor, x: Tensor, weight: Tensor, conv, config, mask: Mask, dtypes):
-    codes, scale = quantize_codes(e, config.grad, 1, dtype=x.dtype)
-    scales = error_scales(scale, config.grad.granularity, 4)
+    key = spec_dither_key(e, config.grad)
+    return _conv2d_from_codes(e, x, weight, conv, config.grad, key, mask, dtypes)
+
+
+@kernel(static_ints=True)
+def _conv2d_from_codes(
+    e: Tensor, x: Tensor, weight: Tensor, conv, spec: QuantSpec, key, mask: Mask, dtypes
+) -> Grads:
+    """A convolution's gradients from its error's integer codes (as :func:`_linear_from_codes`)."""
+    codes, scale = keyed_codes(e, spec, key, 1, dtype=x.dtype)
+    scales = error_scales(scale, spec.granularity, 4)
     grad_x, grad_w = conv2d_grads(
         codes,
         scales,

@@ -55,6 +55,8 @@ from metagrad.quant.rounding import (
     group_dim,
     row_order,
     scale_dtype,
+    spec_dither_key,
+    spec_keyed_dither,
 )
 from metagrad.quant.scaling import scales_by_rule
 from metagrad.quant.spec import BLOCK_GRANULARITIES, QuantSpec
@@ -67,6 +69,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_ste",
     "group_dim",
+    "keyed_codes",
     "prepare_transform",
     "quantize_along",
     "quantize_codes",
@@ -115,8 +118,21 @@ def quantize_codes(
         raise ValueError(
             f"quantize_codes takes integer specs; {spec} is simulated by quantize_along"
         )
+    return keyed_codes(x, spec, spec_dither_key(x, spec, generator), channel_dim, dtype)
+
+
+def keyed_codes(
+    x: Tensor,
+    spec: QuantSpec,
+    key: Tensor | None,
+    channel_dim: int = 1,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_codes` after its random draw: ``key`` from
+    :func:`~metagrad.quant.rounding.spec_dither_key` (None: nearest rounding). The same codes
+    from the same draw; called inside a larger compiled kernel, the dither is made there."""
     keep = group_dim(x, spec.granularity, channel_dim)
-    dither = _spec_dither(x, spec, generator)
+    dither = spec_keyed_dither(x, spec, key)
     return _codes(x, dither, spec.qmax, keep, dtype or x.dtype)
 
 

@@ -6,6 +6,7 @@ the work is elementwise."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -78,6 +79,36 @@ def _hashed_words(like: Tensor, key: Tensor) -> Tensor:
     return _mix32(_mix32(index + key[0]) ^ key[1])
 
 
+def dither_key(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The key of one draw of random bytes: two int32 words drawn from ``generator`` (None:
+    PyTorch's default generator) on ``like``'s device; traced by ``torch.compile``, a function
+    of ``like`` (:mod:`metagrad.quant.draws`)."""
+    return draw_integers(like, -(2**31), 2**31 - 1, 2, generator, torch.int32)
+
+
+def keyed_dither(
+    n: int, key: Tensor, bits: int = DITHER_BITS, like: Tensor | None = None
+) -> Tensor:
+    """``n`` uniform random integers of ``bits`` bits, flat, from ``key`` (:func:`dither_key`):
+    ``uint8`` bytes, or for 16 bits signed 16-bit halves held in ``int32``
+    (:func:`~metagrad.quant.formats.dither_dtype`); four bytes (two 16-bit halves) per 32-bit
+    word of :func:`_hashed_words`. Integer arithmetic only, so a compiled kernel that takes
+    ``key`` makes the same numbers as eager code. ``like``: a tensor on ``key``'s device whose
+    sizes trace symbolically (torch.compile)."""
+    dtype = dither_dtype(bits)
+    drawn = torch.uint8 if bits == 8 else torch.int16
+    per_word = 32 // bits
+    size = ((n + per_word - 1) // per_word,)
+    base = like if like is not None else key
+    words = _hashed_words(base.new_empty(size, dtype=torch.int32), key)
+    if bits == 16 and torch.compiler.is_compiling() and sys.byteorder == "little":
+        # the halves a little-endian int16 view gives, low first, by shifts: inductor's CPU
+        # code does not vectorize a loop that loads int16
+        halves = torch.stack((words << 16 >> 16, words >> 16), -1)
+        return halves.reshape(-1)[:n]
+    return words.view(drawn)[:n].to(dtype)
+
+
 def _flat_dither(
     n: int,
     device: torch.device,
@@ -85,20 +116,11 @@ def _flat_dither(
     bits: int = DITHER_BITS,
     like: Tensor | None = None,
 ) -> Tensor:
-    """``n`` uniform random integers of ``bits`` bits, flat (``uint8`` bytes, or for 16 bits
-    signed 16-bit halves held in ``int32``: :func:`~metagrad.quant.formats.dither_dtype`): four
-    bytes (two 16-bit halves) per 32-bit word of :func:`_hashed_words`, whose key is the one
-    draw from ``generator`` (None: PyTorch's default generator). ``like``: a tensor on
-    ``device`` whose sizes trace symbolically (torch.compile), and the draw's input
-    (:mod:`metagrad.quant.draws`)."""
-    dtype = dither_dtype(bits)
-    drawn = torch.uint8 if bits == 8 else torch.int16
-    per_word = 32 // bits
-    size = ((n + per_word - 1) // per_word,)
+    """:func:`keyed_dither` of ``n`` integers of ``bits`` bits, keyed by one draw from
+    ``generator``. ``like``: a tensor on ``device`` whose sizes trace symbolically
+    (torch.compile), and the draw's input (:mod:`metagrad.quant.draws`)."""
     base = like if like is not None else torch.empty(0, device=device)
-    key = draw_integers(base, -(2**31), 2**31 - 1, 2, generator, torch.int32)
-    words = _hashed_words(base.new_empty(size, dtype=torch.int32), key)
-    return words.view(drawn)[:n].to(dtype)
+    return keyed_dither(n, dither_key(base, generator), bits, base)
 
 
 def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_BITS) -> Tensor:
@@ -110,9 +132,23 @@ def _dither(like: Tensor, generator: torch.Generator | None, bits: int = DITHER_
 
 def _spec_dither(like: Tensor, spec: QuantSpec, generator: torch.Generator | None):
     """The dither of ``spec``'s stochastic rounding for ``like`` (None: nearest rounding)."""
-    if spec.rounding != "stochastic":
+    return spec_keyed_dither(like, spec, spec_dither_key(like, spec, generator))
+
+
+def spec_dither_key(
+    like: Tensor, spec: QuantSpec, generator: torch.Generator | None = None
+) -> Tensor | None:
+    """The key of ``spec``'s dither for ``like`` (None: nearest rounding), drawn from
+    ``generator``; :func:`spec_keyed_dither` expands it."""
+    return dither_key(like, generator) if spec.rounding == "stochastic" else None
+
+
+def spec_keyed_dither(like: Tensor, spec: QuantSpec, key: Tensor | None) -> Tensor | None:
+    """``spec``'s dither for ``like`` from its key (None: none), shaped like ``like`` in its
+    logical order (as :func:`_dither`)."""
+    if key is None:
         return None
-    return _dither(like, generator, spec.dither_bits)
+    return keyed_dither(like.numel(), key, spec.dither_bits, like).view(like.shape)
 
 
 def _saturate(t: Tensor, dtype: torch.dtype) -> Tensor:
