@@ -22,7 +22,6 @@ kernels. A model with many small layers, or a small batch, pays it on every laye
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import metagrad as mg
-from benchmarks.speed import cpu_record, interleaved_times
+from benchmarks.speed import cpu_record, interleaved_times, write_record
 from benchmarks.step_matrix import SETTINGS
 from metagrad import kernels
 from metagrad.stats import paired_ratio
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         }
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
-    return record
+    return write_record(out, record)
 
 
 if __name__ == "__main__":

@@ -481,6 +481,15 @@ def cpu_record(benchmark: str, out: Path | None) -> tuple[Path, dict[str, Any]]:
     return path, head
 
 
+def write_record(out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a benchmark's record to ``out`` as JSON (its folder made if needed), say so, and
+    return it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return record
+
+
 def default_out(device: torch.device) -> Path:
     """``results/speed-cpu-<cpu model>.json`` on CPU, ``results/speed-<device>.json`` else."""
     if device.type == "cpu":

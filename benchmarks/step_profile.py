@@ -26,7 +26,6 @@ operator, so the shares describe the operators, not the step's wall time.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.runner import step_batches, synthetic_data, training_step
-from benchmarks.speed import cpu_record
+from benchmarks.speed import cpu_record, write_record
 from benchmarks.step_matrix import MODELS, SETTINGS, choose_attention, has_attention
 from metagrad.data.corpus import load_char_corpus
 from metagrad.training.config import ATTENTION_KERNELS
@@ -173,10 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"a step, backward products {result['backward_products_share']:.1%}",
                     flush=True,
                 )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
-    return record
+    return write_record(out, record)
 
 
 if __name__ == "__main__":
