@@ -14,12 +14,12 @@ results file (each case records its command). Cases:
   of the error's bf16 codes (``metagrad.backward.products.summed``).
 - ``transposed copy``: the full-width character GPT under ``rht-mxfp4``; the copy of the
   error's rows along the tokens (``metagrad.quant.transformed._contiguous``).
-- ``one call per layer, <model>, width <w>``: the character GPT and VGG-16 under ``plain`` at
-  widths 1 and 0.25; each layer's backward on its error's integer codes compiled as one kernel
-  (one call of compiled code per layer: ``metagrad.backward.simulate``) against its eager
-  reference, whose parts are compiled kernels of their own (several calls per layer), as
-  before. ``bias sums`` runs both of its steps with the layers' backward so split (``both``),
-  as when it was first measured: inside one compiled layer backward, the sums' eager
+- ``fewer calls per layer, <model>, width <w>``: the character GPT and VGG-16 under ``plain`` at
+  widths 1 and 0.25; on the error's integer codes, a linear layer's whole backward compiled as
+  one kernel, a convolution's dither, codes and bias sum as one (``metagrad.backward.simulate``),
+  against their eager references, whose parts are compiled kernels of their own (several calls
+  per layer), as before. ``bias sums`` runs both of its steps with the backward so split
+  (``both``), as when it was first measured: inside one compiled kernel, the sums' eager
   reference is traced and compiled with the rest.
 - ``finiteness``: full-width VGG-16 under MetaGrad (``plain``); its check that the loss and
   every gradient are finite (``metagrad.kernels.all_finite``: compiled calls of 8 tensors each).
@@ -97,7 +97,7 @@ def _unfused_layers() -> Iterator[None]:
     rescaling) are compiled kernels of their own: several calls of compiled code per layer."""
     with (
         _replaced(simulate, "_linear_from_codes", simulate._linear_from_codes.eager),
-        _replaced(simulate, "_conv2d_from_codes", simulate._conv2d_from_codes.eager),
+        _replaced(simulate, "_conv_codes", simulate._conv_codes.eager),
     ):
         yield
 
@@ -195,7 +195,7 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "transposed copy": {"model": "gpt_char", "setting": "rht-mxfp4", "old": _eager_copy},
     **{
-        f"one call per layer, {model}, width {width:g}": {
+        f"fewer calls per layer, {model}, width {width:g}": {
             "model": model,
             "setting": "plain",
             "width": width,

@@ -2,8 +2,8 @@
 
 Integer gradient specs with one scale per tensor, channel or sample run on the error's integer
 codes (:mod:`metagrad.backward.products`: exact in bf16, scales in float32), the dither's key
-drawn first and the rest of a layer's backward one registered kernel (compiled: one call of
-compiled code per layer, the same bits as eager code); with
+drawn first, then a linear layer's whole backward as one registered kernel (a convolution's
+codes and bias gradient: its products stay outside); compiled, the same bits as eager code; with
 ``backward_operand_bits=8`` on the same 8-bit operands as the ``int8`` backend, multiplied in
 float (its ``*_simulated`` twins, so it reproduces that backend); any other spec is emulated
 product by product (:mod:`metagrad.backward.emulated`), on the full-precision operands where an
@@ -12,6 +12,7 @@ operand spec quantizes them again (``QuantConfig.requantizes_operands``).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from metagrad.backward import emulated, int8
@@ -64,16 +65,8 @@ def _linear_from_codes(
 
 def _codes_conv2d(e: Tensor, x: Tensor, weight: Tensor, conv, config, mask: Mask, dtypes):
     key = spec_dither_key(e, config.grad)
-    return _conv2d_from_codes(e, x, weight, conv, config.grad, key, mask, dtypes)
-
-
-@kernel(static_ints=True)
-def _conv2d_from_codes(
-    e: Tensor, x: Tensor, weight: Tensor, conv, spec: QuantSpec, key, mask: Mask, dtypes
-) -> Grads:
-    """A convolution's gradients from its error's integer codes (as :func:`_linear_from_codes`)."""
-    codes, scale = keyed_codes(e, spec, key, 1, dtype=x.dtype)
-    scales = error_scales(scale, spec.granularity, 4)
+    codes, scale, grad_b = _conv_codes(e, config.grad, key, x.dtype, mask[2])
+    scales = error_scales(scale, config.grad.granularity, 4)
     grad_x, grad_w = conv2d_grads(
         codes,
         scales,
@@ -84,7 +77,19 @@ def _conv2d_from_codes(
         mask,
         dtypes[:2],
     )
-    return grad_x, grad_w, bias_grad(codes, scale, 1) if mask[2] else None
+    return grad_x, grad_w, grad_b
+
+
+@kernel
+def _conv_codes(
+    e: Tensor, spec: QuantSpec, key, dtype: torch.dtype, need_bias: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A convolution error's integer codes, scale and bias gradient, after the dither's draw
+    (``key``): one compiled call. The products stay outside it: compiled, a kernel is
+    specialized to each convolution's stride, padding and groups, and a model with many of
+    them (depthwise convolutions) would compile one per layer shape."""
+    codes, scale = keyed_codes(e, spec, key, 1, dtype=dtype)
+    return codes, scale, bias_grad(codes, scale, 1) if need_bias else None
 
 
 class Simulate(Backend):
