@@ -22,6 +22,7 @@ result files, so that prose and files cannot disagree).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -180,29 +181,35 @@ def _written_by(command: str | tuple[tuple[str, str], ...]) -> str:
     return ", ".join(f"`{c}` ({label})" for label, c in command)
 
 
-STEP_MATRIX_COMMANDS = tuple(
-    _recorded_command(
-        f,
-        "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
-        + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f)),
+def _step_matrix_commands(files: tuple[str, ...]) -> tuple:
+    """The command that wrote each step-matrix file (a repeat names its ``--out``)."""
+    return tuple(
+        _recorded_command(
+            f,
+            "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
+            + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
+            + (f" --out benchmarks/results/{f}" if "repeat" in f else ""),
+        )
+        for f in files
     )
-    for f in STEP_MATRIX_CPU
-)
+
+
+STEP_MATRIX_COMMANDS = _step_matrix_commands(STEP_MATRIX_CPU)
 STEP_MATRIX_RUNS = tuple(
     f
     for name in ("step-matrix-cpu-amd-epyc.json", "step-matrix-cpu-amd-epyc-w0.25.json")
     for f in (name, name.replace("step-matrix-cpu", "step-matrix-repeat-cpu"))
 )
 """Step-matrix runs on one CPU, each followed by its repeat (``step-matrix-repeat-cpu-*``)."""
-STEP_MATRIX_RUNS_COMMANDS = tuple(
-    _recorded_command(
-        f,
-        "python -m benchmarks.step_matrix --models vgg16 gpt_char --parts steps --threads 2"
-        + "".join(f" --width {w}" for w in re.findall(r"-w([\d.]+)\.json$", f))
-        + (f" --out benchmarks/results/{f}" if "repeat" in f else ""),
-    )
-    for f in STEP_MATRIX_RUNS
+STEP_MATRIX_RUNS_COMMANDS = _step_matrix_commands(STEP_MATRIX_RUNS)
+STEP_MATRIX_GOALS = tuple(
+    f
+    for name in STEP_MATRIX_CPU
+    for f in (name, name.replace("step-matrix-cpu", "step-matrix-repeat-cpu"))
+    if f == name or (RESULTS / f).is_file()
 )
+"""The step matrix's CPU results, each followed by its repeat where there is one."""
+STEP_MATRIX_GOALS_COMMANDS = _step_matrix_commands(STEP_MATRIX_GOALS)
 STEP_RECIPES = tuple(
     f"step-recipes{when}-cpu-amd-epyc{width}.json"
     for width in ("", "-w0.25")
@@ -286,7 +293,13 @@ TABLES: dict[str, Table] = {
     ),
     "speed-cpu": _table(SPEED_CPU, speed_table, *[SPEED] * len(SPEED_CPU)),
     "step-matrix-cpu": _table(STEP_MATRIX_CPU, step_matrix_table, *STEP_MATRIX_COMMANDS),
-    "speed-goals": _table(STEP_MATRIX_CPU, speed_goals_table, *STEP_MATRIX_COMMANDS),
+    "speed-goals": _table(
+        STEP_MATRIX_GOALS,
+        functools.partial(
+            speed_goals_table, repeats=tuple("repeat" in f for f in STEP_MATRIX_GOALS)
+        ),
+        *STEP_MATRIX_GOALS_COMMANDS,
+    ),
     "step-matrix-runs": _table(
         STEP_MATRIX_RUNS, step_matrix_runs_table, *STEP_MATRIX_RUNS_COMMANDS
     ),

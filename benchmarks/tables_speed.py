@@ -400,9 +400,10 @@ def _upper(r: dict[str, Any]) -> float:
     return r["ci95"][1] if "ci95" in r else r["ratio"]
 
 
-def speed_goals_table(*datas: dict) -> str:
+def speed_goals_table(*datas: dict, repeats: tuple[bool, ...] = ()) -> str:
     """The step-time goals on each CPU, model and width of the step matrix: each ratio with its
-    95% interval where the run has one, and whether it meets its goal."""
+    95% interval where the run has one, and whether it meets its goal. ``repeats[i]``: the
+    ``i``-th run repeats the run before it; the two are shown in one row, judged together."""
     head = (
         f"| CPU | model | width | `plain` (INT4) x bf16, goal <= {GOAL_INT4_STEP:g}x "
         f"| `int8` backend x bf16, <= {GOAL_INT8_STEP:g}x "
@@ -414,51 +415,84 @@ def speed_goals_table(*datas: dict) -> str:
         "kept every step, the ratio is the geometric mean of the per-step ratios with its 95% "
         "interval: *met* when the whole interval is within the goal, *missed* when it is all "
         "beyond, *undecided* otherwise. The interval covers one run's step-to-step noise, not "
-        "what moves between runs (docs/results.md sets each AMD EPYC run beside a repeat). "
-        "Older runs give a ratio of medians with no interval.",
+        "what moves between runs, so where a run was repeated both are shown (run; repeat) and "
+        "the goal is met or missed only where both runs say so. Older runs give a ratio of "
+        "medians with no interval.",
         "",
         head,
         "|---|---|---:|---|---|---|---|",
     ]
-    for data in datas:
-        for name, part in data.items():
+    flags = list(repeats) + [False] * (len(datas) - len(repeats))
+    runs: list[list[dict]] = []
+    for data, repeat in zip(datas, flags, strict=True):
+        if repeat and runs:
+            runs[-1].append(data)
+        else:
+            runs.append([data])
+    for group in runs:
+        first = group[0]
+        for name, part in first.items():
             if not (isinstance(part, dict) and "steps" in part):
                 continue
-            steps, settings = part["steps"], data["step_settings"]
-
-            def ratio(against: str, pick, steps=steps, settings=settings) -> dict | None:
-                found = [k for k in steps if pick(settings[k])]
-                return step_ratios(steps, found[0]).get(against) if found else None
-
-            presets = {k: step_ratios(steps, k)["plain"] for k in _presets(data, name)}
-            presets = {k: r for k, r in presets.items() if r}
-            cells = [
-                goal_cell(
-                    ratio(
-                        "bf16",
-                        lambda s: (
-                            s.get("grad_quant") == "plain"
-                            and "method" not in s
-                            and "backend" not in s
-                        ),
-                    ),
-                    GOAL_INT4_STEP,
-                ),
-                goal_cell(ratio("bf16", lambda s: s.get("backend") == "int8"), GOAL_INT8_STEP),
-                goal_cell(
-                    ratio(
-                        "plain",
-                        lambda s: s.get("method") == "metagrad" and s.get("grad_quant") == "plain",
-                    ),
-                    GOAL_METAGRAD_STEP,
-                ),
-                _presets_cell(presets, GOAL_PRESET_STEP),
-            ]
+            goals = [_goal_ratios(d, name) for d in group if name in d]
+            cells = [_runs_cell([g[i] for g in goals], goal) for i, goal in enumerate(GOALS)]
             width = part["settings"].get("width", 1)
             rows.append(
-                f"| {data['machine']['cpu']} | {name} | {width:g} | " + " | ".join(cells) + " |"
+                f"| {first['machine']['cpu']} | {name} | {width:g} | " + " | ".join(cells) + " |"
             )
     return "\n".join(rows)
+
+
+GOALS = (GOAL_INT4_STEP, GOAL_INT8_STEP, GOAL_METAGRAD_STEP, GOAL_PRESET_STEP)
+"""The goals of :func:`speed_goals_table`'s columns, in order."""
+
+
+def _goal_ratios(data: dict, name: str) -> list:
+    """The ratios the four goals judge in one run of model ``name``: ``plain`` and the ``int8``
+    backend against bf16, MetaGrad against ``plain`` (each a ratio or None), and the presets
+    against ``plain`` (a dict)."""
+    steps, settings = data[name]["steps"], data["step_settings"]
+
+    def ratio(against: str, pick) -> dict | None:
+        found = [k for k in steps if pick(settings[k])]
+        return step_ratios(steps, found[0]).get(against) if found else None
+
+    presets = {k: step_ratios(steps, k)["plain"] for k in _presets(data, name)}
+    return [
+        ratio(
+            "bf16",
+            lambda s: s.get("grad_quant") == "plain" and "method" not in s and "backend" not in s,
+        ),
+        ratio("bf16", lambda s: s.get("backend") == "int8"),
+        ratio("plain", lambda s: s.get("method") == "metagrad" and s.get("grad_quant") == "plain"),
+        {k: r for k, r in presets.items() if r},
+    ]
+
+
+def _judged(r: dict[str, Any] | None, goal: float) -> tuple[str, str, str] | None:
+    """A goal's ratio in one run as (preset named, figure, verdict): a ratio, or the presets'
+    ratios by name (the slowest named, all judged); None where not measured."""
+    if not r:
+        return None
+    if "ratio" in r:
+        return "", _figure(r, goal), _verdict([r], goal)
+    slowest = max(r, key=lambda k: r[k]["ratio"])
+    return slowest, _figure(r[slowest], goal), _verdict(list(r.values()), goal)
+
+
+def _runs_cell(found: list[dict[str, Any] | None], goal: float) -> str:
+    """One goal's cell over a run and its repeats: each run's figure (``;`` between runs), and
+    the verdict they share, ``undecided`` where they differ."""
+    judged = [_judged(r, goal) for r in found]
+    if any(j is None for j in judged):
+        return "not measured"
+    names = {name for name, _, _ in judged}
+    figures = [f"{name} {figure}".strip() for name, figure, _ in judged]
+    if len(names) == 1 and len(figures) > 1:  # the same preset is the slowest: named once
+        figures = [figures[0]] + [figure for _, figure, _ in judged[1:]]
+    verdicts = {verdict for _, _, verdict in judged}
+    verdict = verdicts.pop() if len(verdicts) == 1 else "undecided (the runs differ)"
+    return "; ".join(figures) + f", {verdict}"
 
 
 def _verdict(rs: list[dict[str, Any]], goal: float) -> str:
@@ -471,19 +505,10 @@ def _verdict(rs: list[dict[str, Any]], goal: float) -> str:
     return "met" if all(r["ci95"][1] <= goal for r in rs) else "undecided"
 
 
-def _presets_cell(presets: dict[str, dict[str, Any]], goal: float) -> str:
-    if not presets:
-        return "not measured"
-    slowest = max(presets, key=lambda k: presets[k]["ratio"])
-    return f"{slowest} {_figure(presets[slowest], goal)}, {_verdict(list(presets.values()), goal)}"
-
-
 def goal_cell(r: dict[str, Any] | None, goal: float) -> str:
     """``ratio [lo, hi], met`` (or ``missed``, ``undecided``, ``... (no interval)``) for a ratio
     ``{"ratio", "ci95"}`` against an upper-bound goal; ``not measured`` for None."""
-    if not r:
-        return "not measured"
-    return f"{_figure(r, goal)}, {_verdict([r], goal)}"
+    return _runs_cell([r], goal)
 
 
 def _figure(r: dict[str, Any], goal: float) -> str:

@@ -305,6 +305,26 @@ def test_goals_are_met_or_missed_only_where_the_interval_says_so():
     assert _cells(speed_goals_table(data), "| Some CPU |")[6].endswith("], undecided")
 
 
+def test_a_repeated_run_is_judged_with_its_run():
+    """A goal is met or missed only where the run and its repeat both say so."""
+    run, repeat = _interval_data(), _interval_data()
+    steps = repeat["vgg16"]["steps"]
+    bf16 = steps["bf16"]["step_seconds"]
+    steps["plain"] = _timed(bf16, [1.2] * 4)  # the run meets 1.15x, the repeat misses it
+    for name in ("metagrad plain", "psq"):  # the same seconds as in the run
+        steps[name] = run["vgg16"]["steps"][name]
+    text = speed_goals_table(run, repeat, repeats=(False, True))
+    cells = _cells(text, "| Some CPU | vgg16 |")
+    assert cells[3] == "1.10x [1.10, 1.10]; 1.20x [1.20, 1.20], undecided (the runs differ)"
+    assert cells[4].endswith("], undecided")  # undecided in both runs
+    # MetaGrad and psq are timed against the repeat's shorter plain step there
+    assert cells[5] == "1.36x [1.36, 1.36]; 1.25x [1.25, 1.25], undecided (the runs differ)"
+    assert cells[6] == "psq 1.27x [1.27, 1.27]; 1.16x [1.16, 1.16], met"  # psq named once
+    assert "(run; repeat)" in text
+    # without the flag, the second file is a run of its own: a row of its own
+    assert len(speed_goals_table(run, repeat).splitlines()) == len(text.splitlines()) + 1
+
+
 def test_speed_goals_table_judges_each_ratio_against_its_goal():
     data = _step_matrix_data()
     text = speed_goals_table(data)
