@@ -190,24 +190,27 @@ def bench_steps(data, device: torch.device, reps: int, warmup: int) -> dict[str,
 
 
 def error_shapes(data, device: torch.device) -> list[tuple]:
-    """Shape, strides and dtype of every error one INT4 bf16 training step quantizes."""
+    """Shape, strides, dtype and channel dim of every error one INT4 bf16 training step
+    quantizes (each draws its dither's key first: ``simulate.spec_dither_key``)."""
     from benchmarks.runner import training_step
 
     seen: list[tuple] = []
-    original = simulate.quantize_codes  # the simulate backend's error quantizer
+    original = simulate.spec_dither_key
 
-    def record(e, spec, channel_dim=1, **kwargs):
-        seen.append((tuple(e.shape), e.stride(), e.dtype, channel_dim))
-        return original(e, spec, channel_dim, **kwargs)
+    def record(e, spec, generator=None):
+        seen.append((tuple(e.shape), e.stride(), e.dtype, 1 if e.dim() == 4 else -1))
+        return original(e, spec, generator)
 
     step = training_step({**BASE, **STEPS["int4-stochastic bf16"], "device": device.type}, data)
     x = torch.randn(BASE["batch_size"], 3, 32, 32, device=device)
     y = torch.randint(0, 10, (BASE["batch_size"],), device=device)
-    simulate.quantize_codes = record
+    simulate.spec_dither_key = record
     try:
         step(x.contiguous(memory_format=torch.channels_last), y)
     finally:
-        simulate.quantize_codes = original
+        simulate.spec_dither_key = original
+    if not seen:
+        raise RuntimeError("the INT4 step quantized no error through simulate.spec_dither_key")
     return seen
 
 

@@ -159,6 +159,20 @@ def test_block_formats_are_timed_beside_a_copy_and_tabled(monkeypatch):
     assert "| - |" in earlier  # runs from before the copy into a tensor was timed
 
 
+def test_the_quantizer_part_times_every_error_a_step_quantizes(monkeypatch):
+    """The errors are found by the dither draw each one makes first (``spec_dither_key``)."""
+    from benchmarks.runner import synthetic_data
+
+    monkeypatch.setattr(speed, "BASE", {**speed.BASE, "width": 0.0625, "batch_size": 2})
+    shapes = speed.error_shapes(synthetic_data(4), torch.device("cpu"))
+    assert len(shapes) == 14  # VGG-16's 13 convolutions and its classifier
+    assert {s[3] for s in shapes} == {1, -1} and all(len(s[0]) in (2, 4) for s in shapes)
+    monkeypatch.setattr(speed, "error_shapes", lambda data, device: shapes[:2])
+    result = speed.bench_quantizer(None, torch.device("cpu"), reps=1, warmup=0, step_seconds=1.0)
+    assert result["errors"] == 2 and set(result["ms"]) == {"eager", "compiled"}
+    assert all(v > 0 for v in result["share_of_int4_bf16_step"].values())
+
+
 def test_each_part_records_the_command_that_wrote_it(monkeypatch, tmp_path):
     monkeypatch.setattr(speed, "bench_memory", lambda device: {"ratio_growth": 1.0})
     monkeypatch.setattr(speed, "bench_blocks", lambda device, reps, warmup: {"rows": []})
