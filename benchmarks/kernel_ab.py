@@ -21,6 +21,9 @@ results file (each case records its command). Cases:
   per layer), as before. ``bias sums`` runs both of its steps with the backward so split
   (``both``), as when it was first measured: inside one compiled kernel, the sums' eager
   reference is traced and compiled with the rest.
+- ``folded scales, vgg16, width <w>``: VGG-16 under ``psq`` at widths 1 and 0.25; a per-sample
+  error scale folded into a convolution's layer input before the weight-gradient product, as
+  one compiled pass (``metagrad.backward.products.folded``).
 - ``finiteness``: full-width VGG-16 under MetaGrad (``plain``); its check that the loss and
   every gradient are finite (``metagrad.kernels.all_finite``: compiled calls of 8 tensors each).
 - ``hypernet passes``: full-width VGG-16 under MetaGrad (``plain``); the fused hypernetwork
@@ -99,6 +102,12 @@ def _unfused_layers() -> Iterator[None]:
         _replaced(simulate, "_linear_from_codes", simulate._linear_from_codes.eager),
         _replaced(simulate, "_conv_codes", simulate._conv_codes.eager),
     ):
+        yield
+
+
+@contextmanager
+def _eager_fold() -> Iterator[None]:
+    with _replaced(products, "folded", products.folded.eager):
         yield
 
 
@@ -202,6 +211,15 @@ CASES: dict[str, dict[str, Any]] = {
             "old": _unfused_layers,
         }
         for model in ("gpt_char", "vgg16")
+        for width in (1.0, 0.25)
+    },
+    **{
+        f"folded scales, vgg16, width {width:g}": {
+            "model": "vgg16",
+            "setting": "psq",
+            "width": width,
+            "old": _eager_fold,
+        }
         for width in (1.0, 0.25)
     },
     "finiteness": {"model": "vgg16", "setting": "metagrad plain", "old": _eager_finite},

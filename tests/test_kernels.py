@@ -11,7 +11,7 @@ from torch import nn
 
 from metagrad import MetaGrad, QuantConfig, QuantSpec, kernels, quantize
 from metagrad.backward import simulate
-from metagrad.backward.products import bias_grad
+from metagrad.backward.products import bias_grad, folded
 from metagrad.meta.hyper import HYPERNET_FORMS, FusedMLP, create_hypernet
 from metagrad.quant import transformed
 from metagrad.quant.formats import get_format
@@ -203,6 +203,23 @@ def test_a_layer_backward_on_integer_codes_makes_fewer_compiled_calls_with_eager
         split, split_calls = _gradients_and_calls(model, x)
         assert calls == split_calls - 2 * 2  # both layers, with their bias sums
         assert all(torch.equal(a, b) for a, b in zip(grads, split, strict=True))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_folded_operand_is_one_rounding_of_its_float32_product_compiled_or_not(
+    compiled, channels_last
+):
+    """A per-sample error scale folded into a layer input: ``x * scale`` in float32, rounded to
+    bf16 once, in the input's layout, compiled as eager code computes it."""
+    x = _error(torch.bfloat16, channels_last)
+    gen = torch.Generator().manual_seed(1)
+    fold = torch.randint(8, 24, (x.shape[0], 1, 1, 1), generator=gen) / 16  # short mantissas
+    got = folded(x, fold, torch.bfloat16)
+    with kernels.compiled(False):
+        ref = folded(x, fold, torch.bfloat16)
+    exact = (x.double() * fold.double()).to(torch.bfloat16)  # exact in float32 too
+    assert torch.equal(got, ref) and torch.equal(got, exact)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @pytest.mark.parametrize("n", [1, 7, 1001])

@@ -60,13 +60,20 @@ OperandFn = Callable[[Tensor | None], Operand]
 """``fold -> Operand``: builds an operand with the error scale ``fold`` folded in (or None)."""
 
 
+@kernel
+def folded(value: Tensor, fold: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value * fold`` in the fold's precision, rounded to ``dtype``: compiled, one pass over
+    ``value`` (eager PyTorch writes its float32 copy and the product first)."""
+    return (value.to(fold.dtype) * fold).to(dtype)
+
+
 def float_operand(value: Tensor, dtype: torch.dtype) -> OperandFn:
     """An :data:`OperandFn` for a float operand: ``value * fold`` rounded to ``dtype``."""
 
     def build(fold: Tensor | None) -> Operand:
         if fold is None:
             return Operand(value.to(dtype))
-        return Operand((value.to(fold.dtype) * fold).to(dtype))
+        return Operand(folded(value, fold, dtype))
 
     return build
 
