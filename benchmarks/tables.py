@@ -195,13 +195,6 @@ def _step_matrix_commands(files: tuple[str, ...]) -> tuple:
 
 
 STEP_MATRIX_COMMANDS = _step_matrix_commands(STEP_MATRIX_CPU)
-STEP_MATRIX_RUNS = tuple(
-    f
-    for name in ("step-matrix-cpu-amd-epyc.json", "step-matrix-cpu-amd-epyc-w0.25.json")
-    for f in (name, name.replace("step-matrix-cpu", "step-matrix-repeat-cpu"))
-)
-"""Step-matrix runs on one CPU, each followed by its repeat (``step-matrix-repeat-cpu-*``)."""
-STEP_MATRIX_RUNS_COMMANDS = _step_matrix_commands(STEP_MATRIX_RUNS)
 STEP_MATRIX_GOALS = tuple(
     f
     for name in STEP_MATRIX_CPU
@@ -209,6 +202,13 @@ STEP_MATRIX_GOALS = tuple(
     if f == name or (RESULTS / f).is_file()
 )
 """The step matrix's CPU results, each followed by its repeat where there is one."""
+STEP_MATRIX_RUNS = tuple(
+    f
+    for f in STEP_MATRIX_GOALS
+    if "repeat" in f or f.replace("step-matrix-cpu", "step-matrix-repeat-cpu") in STEP_MATRIX_GOALS
+)
+"""The step-matrix runs that have a repeat, each followed by it (``step-matrix-repeat-cpu-*``)."""
+STEP_MATRIX_RUNS_COMMANDS = _step_matrix_commands(STEP_MATRIX_RUNS)
 STEP_MATRIX_GOALS_COMMANDS = _step_matrix_commands(STEP_MATRIX_GOALS)
 STEP_RECIPES = tuple(
     f"step-recipes{when}-cpu-amd-epyc{width}.json"
